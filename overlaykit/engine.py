@@ -1,0 +1,628 @@
+"""The one API over both backends: `Overlay`, with `Stat`, `Change` and `TraceEvent`.
+
+Paths are relative to the merged root (``x``, ``/x`` and ``./x`` are the same; ``.`` is the root) and are
+normalized lexically, so ``..`` can never climb out of the merged view.  Every failing operation raises
+`OSError` with the kernel's errno and the caller's path.
+
+The trace and the upper/ classification are *observed* from the layer directories on disk, before and
+after each operation, by the same code for both backends: what the lesson shows is what happened on disk,
+and the two backends can be compared on it.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import posixpath
+import stat as st
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import ondisk
+from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
+
+#: The kernel's limit on lower layers (OVL_MAX_STACK in fs/overlayfs/params.h).
+MAX_LOWERS = 500
+#: Docker's overlay2 driver stops at 128 so that its mount options fit in one page.
+DOCKER_MAX_LOWERS = 128
+
+BACKENDS = ("sim", "kernel")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The portable part of a stat result: what both backends report identically."""
+
+    kind: str
+    mode: int
+    size: int
+    nlink: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    target: str | None = None
+
+    @classmethod
+    def from_os(cls, s: os.stat_result, target: str | None = None, nlink: int | None = None) -> "Stat":
+        return cls(kind_of(s.st_mode), st.S_IMODE(s.st_mode), s.st_size,
+                   s.st_nlink if nlink is None else nlink, s.st_uid, s.st_gid, s.st_mtime_ns, target)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of upper/, classified: new, copied-up, metadata-only, whiteout or opaque."""
+
+    path: str
+    kind: str
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:<13} {self.path}{'/' if self.type == 'dir' else ''}"
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One step the filesystem took while an operation ran."""
+
+    op: str
+    kind: str
+    path: str
+    detail: str = ""
+    layers: tuple = ()
+    nbytes: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.op:<10} {self.kind:<9} {self.path or '.'}: {self.detail}"
+
+
+class Trace(list):
+    """The list of `TraceEvent`; ``str()`` gives one line each."""
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self) if self else "(no steps recorded)")
+
+
+def normpath(path: str | os.PathLike) -> str:
+    """``'/a//b/../c'`` -> ``'a/c'``; the root is ``''``.  Raises ValueError for empty or escaping paths."""
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        p = os.fsdecode(p)
+    if p == "":
+        raise ValueError("empty path: name a file or directory inside the overlay ('.' is its root)")
+    if "\0" in p:
+        raise ValueError(f"path {p!r} contains a NUL byte")
+    parts: list[str] = []
+    for part in p.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ValueError(f"path {p!r} leaves the overlay's root")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+def show(path: str) -> str:
+    return "/" + path
+
+
+class Backend:
+    """What a backend implements: one method per operation, on normalized paths (``''`` is the root).
+
+    Each raises OSError(errno, strerror, path) exactly as the kernel's system call would.
+    """
+
+    name = "?"
+
+    def __init__(self, lowers: list[str], upper: str | None, work: str | None, encoding: ondisk.Encoding):
+        self.lowers, self.upper, self.work, self.encoding = lowers, upper, work, encoding
+
+    def mount(self) -> None: raise NotImplementedError
+    def unmount(self) -> None: raise NotImplementedError
+    def read_bytes(self, p: str) -> bytes: raise NotImplementedError
+    def write_bytes(self, p: str, data: bytes, append: bool) -> None: raise NotImplementedError
+    def touch(self, p: str) -> None: raise NotImplementedError
+    def remove(self, p: str) -> None: raise NotImplementedError
+    def mkdir(self, p: str, mode: int) -> None: raise NotImplementedError
+    def rmdir(self, p: str) -> None: raise NotImplementedError
+    def rename(self, src: str, dst: str) -> None: raise NotImplementedError
+    def chmod(self, p: str, mode: int) -> None: raise NotImplementedError
+    def chown(self, p: str, uid: int, gid: int) -> None: raise NotImplementedError
+    def utime(self, p: str, times) -> None: raise NotImplementedError
+    def setxattr(self, p: str, name: str, value: bytes) -> None: raise NotImplementedError
+    def getxattr(self, p: str, name: str) -> bytes: raise NotImplementedError
+    def symlink(self, target: str, p: str) -> None: raise NotImplementedError
+    def link(self, src: str, dst: str) -> None: raise NotImplementedError
+    def truncate(self, p: str, size: int) -> None: raise NotImplementedError
+    def listdir(self, p: str) -> list[str]: raise NotImplementedError
+    def stat(self, p: str, follow: bool) -> Stat: raise NotImplementedError
+
+
+#: Why an operation copies a lower entry up, in the kernel documentation's words.
+COPY_UP_REASON = {
+    "write": "opened for write", "append": "opened for append", "truncate": "truncate",
+    "chmod": "chmod (metadata change)", "chown": "chown (metadata change)", "utime": "utimes (metadata change)",
+    "touch": "utimes (metadata change)", "setxattr": "setxattr (metadata change)", "link": "link(2) needs the inode in upper",
+    "rename": "rename of a lower entry", "mkdir": "parent of a new entry", "symlink": "parent of a new entry",
+    "remove": "parent of a whiteout", "rmdir": "parent of a whiteout",
+}
+
+
+def _choose_backend(backend: str) -> str:
+    env = os.environ.get("OVERLAYKIT_BACKEND")
+    if env:
+        if env not in BACKENDS + ("auto",):
+            raise ValueError(f"OVERLAYKIT_BACKEND={env!r}: choose sim, kernel or auto")
+        backend = env
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend={backend!r}: choose 'sim', 'kernel' or 'auto'")
+    if backend == "auto":
+        from .capabilities import capabilities
+        return "kernel" if capabilities()["kernel"].available else "sim"
+    return backend
+
+
+class Overlay:
+    """An overlay of ``lowers`` (top first, as in ``lowerdir=a:b:c``) under an optional ``upper``.
+
+    ``upper=None`` gives a read-only overlay (the kernel then needs at least two lowers).  The layer
+    directories live on disk, so you can look at upper/ with ``ls`` or the file browser at any time.
+    ``backend`` is ``"sim"`` (pure Python, no privileges), ``"kernel"`` (a real mount) or ``"auto"``;
+    the environment variable ``OVERLAYKIT_BACKEND`` overrides it for the whole process.
+    """
+
+    def __init__(self, lowers, upper=None, work=None, *, backend: str = "auto", merged=None,
+                 encoding: str | ondisk.Encoding = "auto", trace: bool = True):
+        if isinstance(lowers, (str, os.PathLike)):
+            lowers = [lowers]
+        self.lowers = tuple(Path(os.path.abspath(x)) for x in lowers)
+        self.upper = Path(os.path.abspath(upper)) if upper is not None else None
+        self.work = Path(os.path.abspath(work)) if work is not None else None
+        self.merged = Path(os.path.abspath(merged)) if merged is not None else None
+        self.backend = _choose_backend(backend)
+        self._encoding_request = encoding
+        self.encoding: ondisk.Encoding | None = None
+        self.tracing = trace
+        self.trace = Trace()
+        self._impl: Backend | None = None
+        self._layers: Layers | None = None
+        self._lower_layers: Layers | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def mounted(self) -> bool:
+        return self._impl is not None
+
+    def mount(self) -> "Overlay":
+        if self._impl is not None:
+            return self
+        from .sim import validate_config
+        validate_config(self)  # raises the kernel's errno for a bad configuration, before touching anything
+        self.encoding = self._pick_encoding()
+        roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
+        self._layers = Layers(roots, self.encoding, self.upper is not None)
+        self._lower_layers = Layers([str(x) for x in self.lowers], self.encoding, False)
+        if self.backend == "sim":
+            from .sim import SimBackend
+            impl: Backend = SimBackend(self, self._layers)
+        else:
+            from .kernel import KernelBackend
+            impl = KernelBackend(self)
+        impl.mount()
+        self._impl = impl
+        return self
+
+    def unmount(self) -> None:
+        impl, self._impl = self._impl, None
+        if impl is not None:
+            impl.unmount()
+
+    def __enter__(self) -> "Overlay":
+        return self.mount()
+
+    def __exit__(self, *exc) -> None:
+        self.unmount()
+
+    def __del__(self):
+        try:
+            self.unmount()
+        except Exception:
+            pass
+
+    def _pick_encoding(self) -> ondisk.Encoding:
+        req = self._encoding_request
+        if isinstance(req, ondisk.Encoding):
+            return req
+        ns = ondisk.default_xattr_ns()
+        if req == "kernel" or self.backend == "kernel":
+            return ondisk.Encoding("kernel", ns)
+        if req == "fallback":
+            return ondisk.Encoding("fallback", ns)
+        if req != "auto":
+            raise ValueError(f"encoding={req!r}: choose 'auto', 'kernel' or 'fallback'")
+        if self.work is None:
+            return ondisk.Encoding("kernel", ns)
+        return ondisk.probe(self.work, ns)
+
+    def _need(self) -> Backend:
+        if self._impl is None:
+            raise RuntimeError("the overlay is not mounted: use `with Overlay(...) as ov:` or call ov.mount()")
+        return self._impl
+
+    def __repr__(self) -> str:
+        lowers = ":".join(x.name for x in self.lowers)
+        up = self.upper.name if self.upper else None
+        return f"Overlay(lowers=[{lowers}], upper={up}, backend={self.backend!r}, mounted={self.mounted})"
+
+    # -- operations --------------------------------------------------------------------------------
+    def read_bytes(self, path) -> bytes:
+        p = normpath(path)
+        return self._run("read", [p], lambda b: b.read_bytes(p))
+
+    def read_text(self, path, encoding: str = "utf-8") -> str:
+        return self.read_bytes(path).decode(encoding)
+
+    def write_bytes(self, path, data: bytes, *, append: bool = False) -> None:
+        p = normpath(path)
+        data = bytes(data)
+        self._run("append" if append else "write", [p], lambda b: b.write_bytes(p, data, append))
+
+    def write_text(self, path, text: str, *, append: bool = False, encoding: str = "utf-8") -> None:
+        self.write_bytes(path, text.encode(encoding), append=append)
+
+    def touch(self, path) -> None:
+        p = normpath(path)
+        self._run("touch", [p], lambda b: b.touch(p))
+
+    def remove(self, path) -> None:
+        p = normpath(path)
+        self._run("remove", [p], lambda b: b.remove(p))
+
+    unlink = remove
+
+    def mkdir(self, path, mode: int = 0o777, *, parents: bool = False, exist_ok: bool = False) -> None:
+        p = normpath(path)
+        if parents:
+            parts = p.split("/") if p else []
+            for i in range(1, len(parts)):
+                sub = "/".join(parts[:i])
+                try:
+                    self._run("mkdir", [sub], lambda b, s=sub: b.mkdir(s, mode))
+                except FileExistsError:
+                    pass
+        try:
+            self._run("mkdir", [p], lambda b: b.mkdir(p, mode))
+        except FileExistsError:
+            if not (exist_ok or parents) or not self.stat(p).kind == "dir":
+                raise
+
+    def rmdir(self, path) -> None:
+        p = normpath(path)
+        self._run("rmdir", [p], lambda b: b.rmdir(p))
+
+    def rename(self, src, dst) -> None:
+        s, d = normpath(src), normpath(dst)
+        self._run("rename", [s, d], lambda b: b.rename(s, d))
+
+    def chmod(self, path, mode: int) -> None:
+        p = normpath(path)
+        self._run("chmod", [p], lambda b: b.chmod(p, mode))
+
+    def chown(self, path, uid: int, gid: int) -> None:
+        p = normpath(path)
+        self._run("chown", [p], lambda b: b.chown(p, uid, gid))
+
+    def utime(self, path, times=None) -> None:
+        p = normpath(path)
+        self._run("utime", [p], lambda b: b.utime(p, times))
+
+    def setxattr(self, path, name: str, value) -> None:
+        p = normpath(path)
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        self._run("setxattr", [p], lambda b: b.setxattr(p, name, value))
+
+    def getxattr(self, path, name: str) -> bytes:
+        p = normpath(path)
+        return self._run("getxattr", [p], lambda b: b.getxattr(p, name))
+
+    def symlink(self, target: str, link_path) -> None:
+        p = normpath(link_path)
+        self._run("symlink", [p], lambda b: b.symlink(os.fspath(target), p))
+
+    def link(self, existing, new) -> None:
+        s, d = normpath(existing), normpath(new)
+        self._run("link", [s, d], lambda b: b.link(s, d))
+
+    def truncate(self, path, size: int) -> None:
+        p = normpath(path)
+        self._run("truncate", [p], lambda b: b.truncate(p, size))
+
+    def listdir(self, path=".") -> list[str]:
+        p = normpath(path)
+        return sorted(self._run("listdir", [p], lambda b: b.listdir(p)))
+
+    def stat(self, path, *, follow_symlinks: bool = True) -> Stat:
+        p = normpath(path)
+        return self._run("stat", [p], lambda b: b.stat(p, follow_symlinks))
+
+    def lstat(self, path) -> Stat:
+        return self.stat(path, follow_symlinks=False)
+
+    def exists(self, path) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+                return False
+            raise
+
+    def is_dir(self, path) -> bool:
+        return self.exists(path) and self.stat(path).kind == "dir"
+
+    def walk(self, path=".") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Top-down like os.walk, sorted, not following symlinks; paths are shown relative ('.' = root)."""
+        top = normpath(path)
+        with self._quiet():
+            stack = [top]
+            while stack:
+                d = stack.pop()
+                dirs, files = [], []
+                for name in self._need().listdir(d):
+                    child = f"{d}/{name}" if d else name
+                    (dirs if self._need().stat(child, False).kind == "dir" else files).append(name)
+                dirs.sort()
+                files.sort()
+                yield (d or "."), dirs, files
+                stack.extend(f"{d}/{x}" if d else x for x in reversed(dirs))
+
+    def tree(self, path=".", *, limit: int = 200) -> str:
+        """A text tree of the merged view, entries marked with the layer that serves them."""
+        top = normpath(path)
+        lines = [(top or ".") + "/"]
+        count = 0
+        with self._quiet():
+            def visit(d: str, prefix: str) -> None:
+                nonlocal count
+                names = self._need().listdir(d)
+                for i, name in enumerate(sorted(names)):
+                    count += 1
+                    if count > limit:
+                        if count == limit + 1:
+                            lines.append(prefix + "… (more entries not shown)")
+                        return
+                    child = f"{d}/{name}" if d else name
+                    s = self._need().stat(child, False)
+                    last = i == len(names) - 1
+                    label = name + ("/" if s.kind == "dir" else "")
+                    if s.kind == "symlink":
+                        label += f" -> {s.target}"
+                    lines.append(f"{prefix}{'└── ' if last else '├── '}{label}  [{self._layer_of(child)}]")
+                    if s.kind == "dir":
+                        visit(child, prefix + ("    " if last else "│   "))
+            visit(top, "")
+        return "\n".join(lines)
+
+    # -- introspection -----------------------------------------------------------------------------
+    def layer_of(self, path) -> str | None:
+        """Which layer serves ``path`` (no symlinks followed): ``'upper'``, ``'lower[i]'`` or None."""
+        return self._layer_of(normpath(path))
+
+    def _layer_of(self, p: str) -> str | None:
+        node = self._layers_now().lookup(p)
+        if node is None:
+            return None
+        return self._layers.name(node.layer if isinstance(node, Leaf) else node.layers[0])
+
+    def layers_of(self, path) -> list[str]:
+        """Every layer that contributes to ``path`` (several for a merged directory)."""
+        node = self._layers_now().lookup(normpath(path))
+        if node is None:
+            return []
+        idx = (node.layer,) if isinstance(node, Leaf) else node.layers
+        return [self._layers.name(i) for i in idx]
+
+    def lookup_steps(self, path) -> list[tuple[str, str, str]]:
+        """The lookup of ``path`` as (component path, layer, what that layer had), top first."""
+        return self._lookup_steps(normpath(path))
+
+    def _lookup_steps(self, p: str) -> list[tuple[str, str, str]]:
+        layers = self._layers_now()
+        steps: list[tuple[str, str, str]] = []
+        node: Leaf | MergedDir | None = layers.root()
+        for name in p.split("/") if p else []:
+            if not isinstance(node, MergedDir):
+                break
+            visited: list = []
+            node = layers.child(node, name, visited)
+            sub = node.path if node is not None else ((steps[-1][0] + "/" if steps else "") + name)
+            steps.extend((sub, layers.name(i), what) for i, what in visited)
+        return steps
+
+    def upper_changes(self) -> list[Change]:
+        """Every entry in upper/, classified the way the lesson talks about them."""
+        if self.upper is None:
+            return []
+        layers = self._layers_now()
+        lowers = self._lower_layers
+        out: list[Change] = []
+
+        def visit(d: str) -> None:
+            ents = layers.entries(0, d) or {}
+            for name in sorted(ents):
+                p = f"{d}/{name}" if d else name
+                e = ents[name]
+                if e is ondisk.WHITEOUT:
+                    out.append(Change(p, "whiteout", "whiteout"))
+                    continue
+                kind = kind_of(e.st_mode)
+                if kind == "dir" and layers.is_opaque(0, p):
+                    out.append(Change(p, "opaque", kind))
+                else:
+                    out.append(Change(p, self._classify(p, e, lowers), kind))
+                if kind == "dir":
+                    visit(p)
+        visit("")
+        return out
+
+    def _classify(self, p: str, up: os.stat_result, lowers: Layers) -> str:
+        low = lowers.lookup(p) if lowers.roots else None
+        if low is None:
+            return "new"
+        if isinstance(low, MergedDir) or st.S_ISDIR(up.st_mode):
+            return "copied-up" if isinstance(low, MergedDir) == st.S_ISDIR(up.st_mode) else "new"
+        ls = low.lstat
+        if st.S_IFMT(ls.st_mode) != st.S_IFMT(up.st_mode):
+            return "new"
+        same_meta = (ls.st_mode, ls.st_uid, ls.st_gid) == (up.st_mode, up.st_uid, up.st_gid)
+        same_data = _same_content(lowers.real(low.layer, p), ls, self._layers.real(0, p), up)
+        if same_data and not same_meta:
+            return "metadata-only"
+        return "copied-up"
+
+    def _layers_now(self) -> Layers:
+        if self._layers is None:
+            raise RuntimeError("the overlay is not mounted: use `with Overlay(...) as ov:` or call ov.mount()")
+        return self._layers
+
+    # -- tracing -----------------------------------------------------------------------------------
+    class _QuietCtx:
+        def __init__(self, ov): self.ov, self.saved = ov, ov.tracing
+        def __enter__(self): self.ov.tracing = False
+        def __exit__(self, *a): self.ov.tracing = self.saved
+
+    def _quiet(self):
+        return Overlay._QuietCtx(self)
+
+    def _run(self, op: str, paths: list[str], fn):
+        impl = self._need()
+        if not self.tracing:
+            try:
+                return fn(impl)
+            finally:
+                if op not in _READ_OPS:
+                    self._layers.invalidate_upper()
+        layers = self._layers
+        before = {}
+        for p in paths:
+            steps = self._lookup_steps(p)
+            where = self._layer_of(p)
+            self.trace.append(TraceEvent(op, "lookup", p, _lookup_detail(steps, where, p),
+                                         tuple((s[1], s[2]) for s in steps if s[0] == p)))
+            if op not in _READ_OPS:
+                before[p] = self._upper_snapshot(p)
+        try:
+            result = fn(impl)
+        except OSError as e:
+            if op not in _READ_OPS:
+                layers.invalidate_upper()
+            if e.errno == errno.EXDEV:
+                self.trace.append(TraceEvent(op, "exdev", paths[0],
+                                             "directory exists in a lower layer; with redirect_dir=off the kernel "
+                                             "refuses to rename it (EXDEV) — tools like mv fall back to copy + delete"))
+            self.trace.append(TraceEvent(op, "error", paths[-1], f"[Errno {e.errno}] {errno.errorcode.get(e.errno, '?')}: {e.strerror}"))
+            raise
+        if op in _READ_OPS:
+            return result
+        layers.invalidate_upper()
+        for p in paths:
+            self._trace_changes(op, p, before[p])
+        return result
+
+    def _upper_snapshot(self, p: str) -> dict:
+        """State of upper/ along ``p``: for p and each ancestor, what upper holds there."""
+        if self.upper is None:
+            return {}
+        parts = p.split("/") if p else []
+        return {"/".join(parts[:i]): self._upper_state("/".join(parts[:i])) for i in range(len(parts) + 1)}
+
+    def _upper_state(self, p: str):
+        layers = self._layers
+        if not p:
+            return ("dir", False, None)
+        parent, _, name = p.rpartition("/")
+        ents = layers.entries(0, parent)
+        e = ents.get(name) if ents else None
+        if e is None:
+            return None
+        if e is ondisk.WHITEOUT:
+            return ("whiteout",)
+        kind = kind_of(e.st_mode)
+        return (kind, kind == "dir" and layers.is_opaque(0, p), (e.st_ino, e.st_size, e.st_mtime_ns))
+
+    def _trace_changes(self, op: str, p: str, before: dict) -> None:
+        if self.upper is None:
+            return
+        lowers = self._lower_layers
+        parents = []
+        for q in sorted(before, key=len):
+            old, new = before[q], self._upper_state(q)
+            if q != p:
+                if old is None and new is not None and new[0] == "dir" and lowers.lookup(q) is not None:
+                    parents.append(q)
+                continue
+            if parents:
+                self.trace.append(TraceEvent(op, "copy-up", parents[-1],
+                                             f"parent directories copied up first: {', '.join(show(x) for x in parents)}"))
+            low = lowers.lookup(p)
+            if new is not None and new[0] == "whiteout" and (old is None or old[0] != "whiteout"):
+                self.trace.append(TraceEvent(op, "whiteout", p, "whiteout created in upper/ to hide the lower entry"))
+            elif new is not None and new[0] == "dir" and new[1] and not (old and old[0] == "dir" and old[1]):
+                self.trace.append(TraceEvent(op, "opaque", p, "opaque directory: lower contents at this path are hidden"))
+            elif old is None and new is not None and low is not None:
+                nbytes = low.lstat.st_size if isinstance(low, Leaf) and new[0] == "file" else 0
+                reason = COPY_UP_REASON.get(op, op)
+                self.trace.append(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied from "
+                                             f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
+                                             nbytes=nbytes))
+            elif new is not None and (old is None or old[0] == "whiteout"):
+                self.trace.append(TraceEvent(op, "create", p, f"new {new[0]} in upper/"))
+            elif new is None and old is not None:
+                self.trace.append(TraceEvent(op, "remove", p, "removed from upper/"))
+
+    # -- display -----------------------------------------------------------------------------------
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        try:
+            from .diagrams import overlay_mimebundle
+        except ImportError:
+            return {"text/plain": repr(self)}
+        return overlay_mimebundle(self)
+
+
+_READ_OPS = frozenset({"read", "getxattr", "listdir", "stat"})
+
+
+def _lookup_detail(steps, where, p) -> str:
+    final = [s for s in steps if s[0] == p]
+    looked = ", ".join(f"{layer}: {what}" for _, layer, what in final) or "root"
+    if where is None:
+        return f"looked at {looked} -> not found"
+    return f"looked at {looked} -> served by {where}"
+
+
+def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
+    if st.S_ISLNK(sa.st_mode):
+        return os.readlink(a) == os.readlink(b)
+    if not st.S_ISREG(sa.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    if sa.st_size != sb.st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,352 @@
+"""The on-disk overlay format: how whiteouts and opaque directories are written, and how layers are read.
+
+The kernel marks a deleted name with a character device 0/0 and an opaque directory with the xattr
+``trusted.overlay.opaque=y`` (``user.overlay.opaque`` on ``userxattr`` mounts, which is what an
+unprivileged user gets).  A process that cannot make those (no user xattrs on its filesystem, or an
+overlay-backed home directory where a 0/0 device would itself be taken as a whiteout) uses the
+*fallback* encoding, which borrows the OCI layer-tar names: an empty file ``.wh.<name>`` for a whiteout
+and an empty file ``.wh..wh..opq`` inside an opaque directory.  `convert_tree` turns one into the other
+losslessly, so a fallback upper can still be handed to the real kernel.
+"""
+from __future__ import annotations
+
+import os
+import stat as st
+from dataclasses import dataclass
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+#: Sentinel stored in a directory index for a name that a layer whites out.
+WHITEOUT = object()
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How whiteouts and opaque directories are spelled in one layer tree.
+
+    ``kind`` is ``"kernel"`` (char 0/0 + xattrs, mountable as is) or ``"fallback"`` (``.wh.`` files).
+    ``xattr_ns`` is ``"trusted"`` (root mounts) or ``"user"`` (``userxattr`` mounts).
+    """
+
+    kind: str = "kernel"
+    xattr_ns: str = "trusted"
+
+    @property
+    def opaque_xattr(self) -> str:
+        return f"{self.xattr_ns}.overlay.opaque"
+
+    @property
+    def whiteout_xattr(self) -> str:
+        return f"{self.xattr_ns}.overlay.whiteout"
+
+    @property
+    def private_prefix(self) -> str:
+        """Xattrs with this prefix belong to overlayfs and are hidden from the merged view."""
+        return f"{self.xattr_ns}.overlay."
+
+    def describe(self) -> str:
+        if self.kind == "kernel":
+            return f"kernel format (whiteout = char device 0/0, opaque = {self.opaque_xattr}=y)"
+        return f"fallback format (whiteout = empty file {WHITEOUT_PREFIX}<name>, opaque = {OPAQUE_MARKER})"
+
+    # -- reading -------------------------------------------------------------------------------
+    def is_whiteout(self, dir_path: str, name: str) -> bool:
+        """Is ``name`` in ``dir_path`` a whiteout marker (in this encoding or the kernel's)?"""
+        if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, WHITEOUT_PREFIX + name)):
+            return True
+        try:
+            s = os.lstat(os.path.join(dir_path, name))
+        except FileNotFoundError:
+            return False
+        return is_char_whiteout(s) or (
+            st.S_ISREG(s.st_mode) and s.st_size == 0 and _xattr(dir_path, self.opaque_xattr) == b"x"
+            and _xattr(os.path.join(dir_path, name), self.whiteout_xattr) is not None)
+
+    def is_opaque(self, dir_path: str) -> bool:
+        if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, OPAQUE_MARKER)):
+            return True
+        return _xattr(dir_path, self.opaque_xattr) == b"y"
+
+    def is_marker_name(self, name: str) -> bool:
+        """Names that are encoding markers rather than entries (only the fallback has such names)."""
+        return self.kind == "fallback" and name.startswith(WHITEOUT_PREFIX)
+
+    # -- writing -------------------------------------------------------------------------------
+    def make_whiteout(self, dir_path: str, name: str) -> None:
+        if self.kind == "kernel":
+            os.mknod(os.path.join(dir_path, name), st.S_IFCHR | 0o000, 0)
+        else:
+            fd = os.open(os.path.join(dir_path, WHITEOUT_PREFIX + name), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+            os.close(fd)
+
+    def remove_whiteout(self, dir_path: str, name: str) -> None:
+        if self.kind == "fallback":
+            try:
+                os.unlink(os.path.join(dir_path, WHITEOUT_PREFIX + name))
+                return
+            except FileNotFoundError:
+                pass
+        os.unlink(os.path.join(dir_path, name))
+
+    def set_opaque(self, dir_path: str) -> None:
+        if self.kind == "kernel":
+            os.setxattr(dir_path, self.opaque_xattr, b"y", follow_symlinks=False)
+        else:
+            fd = os.open(os.path.join(dir_path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+
+
+KERNEL_ROOT = Encoding("kernel", "trusted")
+KERNEL_USER = Encoding("kernel", "user")
+FALLBACK = Encoding("fallback", "user")
+
+
+def default_xattr_ns() -> str:
+    """Root mounts use ``trusted.overlay.*``; unprivileged (``userxattr``) mounts use ``user.overlay.*``."""
+    return "trusted" if os.geteuid() == 0 else "user"
+
+
+def is_char_whiteout(s: os.stat_result) -> bool:
+    return st.S_ISCHR(s.st_mode) and s.st_rdev == 0
+
+
+def _xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def probe(workdir: str | os.PathLike, xattr_ns: str | None = None) -> Encoding:
+    """Pick the kernel encoding if this process can write it in ``workdir``'s filesystem, else the fallback.
+
+    The probe writes only inside ``workdir`` (the overlay's scratch directory) and cleans up.  A char 0/0
+    made on an overlay-backed filesystem vanishes (that overlay reads it as a whiteout), so the probe
+    checks that what it made is really there.
+    """
+    ns = xattr_ns or default_xattr_ns()
+    base = os.path.join(os.fspath(workdir), f".overlaykit-probe-{os.getpid()}")
+    os.mkdir(base)
+    try:
+        wh = os.path.join(base, "wh")
+        try:
+            os.mknod(wh, st.S_IFCHR | 0o000, 0)
+            ok = is_char_whiteout(os.lstat(wh))
+        except OSError:
+            ok = False
+        if ok:
+            try:
+                os.setxattr(base, f"{ns}.overlay.opaque", b"y")
+                ok = os.getxattr(base, f"{ns}.overlay.opaque") == b"y"
+            except OSError:
+                ok = False
+        return Encoding("kernel", ns) if ok else Encoding("fallback", ns)
+    finally:
+        for name in os.listdir(base):
+            os.unlink(os.path.join(base, name))
+        os.rmdir(base)
+
+
+def convert_tree(root: str | os.PathLike, src: Encoding, dst: Encoding) -> None:
+    """Rewrite every whiteout and opaque marker under ``root`` from ``src`` to ``dst`` encoding, in place."""
+    root = os.fspath(root)
+    if src == dst:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        names = sorted(set(dirnames) | set(filenames))
+        opaque = src.is_opaque(dirpath)
+        whiteouts = []
+        for name in names:
+            if src.is_marker_name(name):
+                if name != OPAQUE_MARKER:
+                    whiteouts.append(name[len(WHITEOUT_PREFIX):])
+                os.unlink(os.path.join(dirpath, name))
+            elif src.kind == "kernel" and src.is_whiteout(dirpath, name):
+                whiteouts.append(name)
+                os.unlink(os.path.join(dirpath, name))
+        if src.kind == "kernel" and opaque:
+            os.removexattr(dirpath, src.opaque_xattr, follow_symlinks=False)
+        if opaque:
+            dst.set_opaque(dirpath)
+        for name in whiteouts:
+            dst.make_whiteout(dirpath, name)
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))
+                       and not os.path.islink(os.path.join(dirpath, d))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a stack of layers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    """A non-directory, served by one layer."""
+
+    path: str
+    layer: int
+    lstat: os.stat_result
+
+
+@dataclass(frozen=True)
+class MergedDir:
+    """A directory; ``layers`` are the indexes of the layers whose same-named directories merge, top first."""
+
+    path: str
+    layers: tuple[int, ...]
+    opaque_stop: bool = False  # the merge stopped at an opaque directory
+
+
+class Layers:
+    """Lookup over a stack of layer directories, index 0 on top, the way ovl_lookup does it.
+
+    Directory listings are cached per layer.  Lower layers must not change while mounted (the kernel
+    calls that undefined), so their cache is kept; the upper's cache is dropped after every change.
+    """
+
+    def __init__(self, roots: list[str], encoding: Encoding, has_upper: bool):
+        self.roots = [os.fspath(r) for r in roots]
+        self.encoding = encoding
+        self.has_upper = has_upper
+        self._dirs: list[dict[str, dict | None]] = [{} for _ in self.roots]
+        self._opaque: list[dict[str, bool]] = [{} for _ in self.roots]
+
+    def name(self, index: int) -> str:
+        if self.has_upper:
+            return "upper" if index == 0 else f"lower[{index - 1}]"
+        return f"lower[{index}]"
+
+    def real(self, index: int, path: str) -> str:
+        return os.path.join(self.roots[index], path) if path else self.roots[index]
+
+    def invalidate_upper(self) -> None:
+        if self.has_upper:
+            self._dirs[0] = {}
+            self._opaque[0] = {}
+
+    def entries(self, index: int, path: str) -> dict | None:
+        """``{name: lstat | WHITEOUT}`` of one layer's directory, or None if it is not a directory there."""
+        cache = self._dirs[index]
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        real = self.real(index, path)
+        enc = self.encoding
+        result: dict | None = {}
+        try:
+            xwh = _xattr(real, enc.opaque_xattr) == b"x"
+            with os.scandir(real) as it:
+                for de in it:
+                    name = de.name
+                    if enc.kind == "fallback" and name.startswith(WHITEOUT_PREFIX):
+                        if name != OPAQUE_MARKER and len(name) > len(WHITEOUT_PREFIX):
+                            result[name[len(WHITEOUT_PREFIX):]] = WHITEOUT
+                        continue
+                    s = de.stat(follow_symlinks=False)
+                    if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
+                        result[name] = WHITEOUT
+                    elif xwh and st.S_ISREG(s.st_mode) and s.st_size == 0 and \
+                            _xattr(de.path, enc.whiteout_xattr) is not None:
+                        result[name] = WHITEOUT
+                    elif result.get(name) is not WHITEOUT:
+                        result[name] = s
+        except (NotADirectoryError, FileNotFoundError):
+            result = None
+        cache[path] = result
+        return result
+
+    def is_opaque(self, index: int, path: str) -> bool:
+        cache = self._opaque[index]
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        value = self.encoding.is_opaque(self.real(index, path))
+        cache[path] = value
+        return value
+
+    def root(self, layers: tuple[int, ...] | None = None) -> MergedDir:
+        return MergedDir("", tuple(range(len(self.roots))) if layers is None else layers)
+
+    def child(self, parent: MergedDir, name: str, visited: list | None = None) -> Leaf | MergedDir | None:
+        """Look ``name`` up in ``parent``; ``visited`` collects (layer, what was found) for the trace."""
+        path = f"{parent.path}/{name}" if parent.path else name
+        found: list[int] = []
+        for index in parent.layers:
+            ents = self.entries(index, parent.path)
+            e = ents.get(name) if ents else None
+            if e is None:
+                if visited is not None:
+                    visited.append((index, "absent"))
+                continue
+            if e is WHITEOUT:
+                if visited is not None:
+                    visited.append((index, "whiteout"))
+                break
+            if st.S_ISDIR(e.st_mode):
+                found.append(index)
+                if self.is_opaque(index, path):
+                    if visited is not None:
+                        visited.append((index, "opaque dir"))
+                    return MergedDir(path, tuple(found), True)
+                if visited is not None:
+                    visited.append((index, "dir"))
+                continue
+            if visited is not None:
+                visited.append((index, _kind_name(e.st_mode) if not found else f"{_kind_name(e.st_mode)} (hidden)"))
+            if not found:
+                return Leaf(path, index, e)
+            break
+        if found:
+            return MergedDir(path, tuple(found))
+        return None
+
+    def names(self, d: MergedDir) -> list[str]:
+        """Visible names of a merged directory: the topmost occurrence of each name decides."""
+        seen: dict[str, bool] = {}
+        for index in d.layers:
+            ents = self.entries(index, d.path)
+            if not ents:
+                continue
+            for name, e in ents.items():
+                if name not in seen:
+                    seen[name] = e is not WHITEOUT
+        return sorted(n for n, visible in seen.items() if visible)
+
+    def lookup(self, path: str) -> Leaf | MergedDir | None:
+        """Plain lookup of a normalized path, no symlinks followed."""
+        node: Leaf | MergedDir | None = self.root()
+        if not path:
+            return node
+        for name in path.split("/"):
+            if not isinstance(node, MergedDir):
+                return None
+            node = self.child(node, name)
+        return node
+
+
+def _kind_name(mode: int) -> str:
+    return KIND_OF_FMT.get(st.S_IFMT(mode), "unknown")
+
+
+KIND_OF_FMT = {
+    st.S_IFREG: "file", st.S_IFDIR: "dir", st.S_IFLNK: "symlink", st.S_IFCHR: "char",
+    st.S_IFBLK: "block", st.S_IFIFO: "fifo", st.S_IFSOCK: "socket",
+}
+
+
+def kind_of(mode: int) -> str:
+    return _kind_name(mode)
+
+
+def errno_error(code: int, path: str, path2: str | None = None) -> OSError:
+    if path2 is None:
+        return OSError(code, os.strerror(code), path)
+    return OSError(code, os.strerror(code), path, None, path2)
+
+
+__all__ = [
+    "Encoding", "KERNEL_ROOT", "KERNEL_USER", "FALLBACK", "WHITEOUT", "WHITEOUT_PREFIX", "OPAQUE_MARKER",
+    "probe", "convert_tree", "Layers", "Leaf", "MergedDir", "kind_of", "errno_error", "default_xattr_ns",
+]

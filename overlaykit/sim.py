@@ -1,0 +1,526 @@
+"""The simulated overlay: the kernel's overlayfs rules in pure Python, writing a real upper/ on disk.
+
+Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
+ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
+index=off, metacopy=off, xino=off.  Where this file and the kernel disagree, the kernel is right and
+the differential tests (tests/test_differential.py) say where.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat as st
+
+from .engine import MAX_LOWERS, Backend, Stat
+from .ondisk import WHITEOUT, Layers, Leaf, MergedDir, errno_error
+
+MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+
+
+def _err(code: int, path: str, path2: str | None = None) -> OSError:
+    return errno_error(code, path, path2)
+
+
+def validate_config(ov) -> None:
+    """Refuse a configuration exactly as mount(2) would, with the same errno."""
+    lowers = [os.fspath(x) for x in ov.lowers]
+    upper = os.fspath(ov.upper) if ov.upper else None
+    work = os.fspath(ov.work) if ov.work else None
+    if not lowers:
+        raise _err(errno.EINVAL, "lowerdir", None) from None
+    if len(lowers) > MAX_LOWERS:
+        raise OSError(errno.EINVAL, f"too many lower directories, limit is {MAX_LOWERS}", lowers[MAX_LOWERS])
+    if upper is None and len(lowers) < 2:
+        raise OSError(errno.EINVAL, "at least 2 lowerdir are needed while upperdir nonexistent", lowers[0])
+    if upper is not None and work is None:
+        raise OSError(errno.EINVAL, "missing 'workdir'", upper)
+
+    def isdir(path: str) -> None:
+        s = os.stat(path)  # raises ENOENT / ENOTDIR with the path
+        if not st.S_ISDIR(s.st_mode):
+            raise OSError(errno.EINVAL, "not a directory", path)
+
+    traps: list[str] = []
+
+    def check_overlap(path: str, what: str) -> None:
+        real = os.path.realpath(path)
+        for t in traps:
+            if real == t or real.startswith(t.rstrip("/") + "/"):
+                raise OSError(errno.ELOOP, f"overlapping {what} path", path)
+        traps.append(real)
+
+    if upper is not None:
+        isdir(upper)
+        isdir(work)
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise OSError(errno.EINVAL, "workdir and upperdir must reside under the same mount", work)
+        ru, rw = os.path.realpath(upper), os.path.realpath(work)
+        if ru == rw or rw.startswith(ru + "/") or ru.startswith(rw + "/"):
+            raise OSError(errno.EINVAL, "workdir and upperdir must be separate subtrees", work)
+        traps.extend([ru, rw])
+    for lower in lowers:
+        isdir(lower)
+        check_overlap(lower, "lowerdir")
+
+
+class SimBackend(Backend):
+    """Overlay semantics computed in Python; upper/ receives exactly what the kernel would write."""
+
+    name = "sim"
+
+    def __init__(self, ov, layers: Layers):
+        super().__init__([str(x) for x in ov.lowers], str(ov.upper) if ov.upper else None,
+                         str(ov.work) if ov.work else None, ov.encoding)
+        self.L = layers
+        self.root_user = os.geteuid() == 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def mount(self) -> None:
+        if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
+            wd = os.path.join(self.work, "work")
+            if not os.path.isdir(wd):
+                os.mkdir(wd, 0o000)
+                os.chmod(wd, 0o000)
+
+    def unmount(self) -> None:
+        pass
+
+    # -- path resolution ---------------------------------------------------------------------------
+    def _resolve(self, p: str, follow: bool):
+        """Walk ``p`` through the merged view: (parent MergedDir, name, node or None).
+
+        Symlinks are resolved inside the merged root (an absolute target starts at the merged root and
+        ``..`` stops there), as a process chrooted into merged/ would see them.
+        """
+        L = self.L
+        stack = [L.root()]
+        todo = p.split("/") if p else []
+        todo.reverse()
+        hops = 0
+        last_name = ""
+        while todo:
+            name = todo.pop()
+            last = not todo
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            parent = stack[-1]
+            node = L.child(parent, name)
+            if node is None:
+                if last:
+                    return parent, name, None
+                raise _err(errno.ENOENT, p)
+            if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
+                hops += 1
+                if hops > MAXSYMLINKS:
+                    raise _err(errno.ELOOP, p)
+                target = os.readlink(L.real(node.layer, node.path))
+                if target.startswith("/"):
+                    stack = [L.root()]
+                parts = target.split("/")
+                parts.reverse()
+                todo.extend(parts)
+                continue
+            if last:
+                return parent, name, node
+            if isinstance(node, Leaf):
+                raise _err(errno.ENOTDIR, p)
+            stack.append(node)
+            last_name = name
+        node = stack[-1]
+        parent = stack[-2] if len(stack) > 1 else None
+        return parent, node.path.rpartition("/")[2] if node.path else last_name, node
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _writable(self, p: str) -> None:
+        if self.upper is None:
+            raise _err(errno.EROFS, p)
+
+    def _may(self, node, mode: int, p: str) -> None:
+        """The permission check the kernel makes before any copy-up (root passes it)."""
+        if self.root_user or node is None:
+            return
+        real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
+        if not os.access(real, mode):
+            raise _err(errno.EACCES, p)
+
+    def _upper_path(self, path: str) -> str:
+        return os.path.join(self.upper, path) if path else self.upper
+
+    def _upper_dir(self, d: MergedDir) -> str:
+        """Make sure directory ``d`` exists in upper/, copying it and its parents up; return its real path."""
+        if d.layers and d.layers[0] == 0 or not d.path:
+            return self._upper_path(d.path)
+        parts = d.path.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            real_up = self._upper_path(sub)
+            ents = self.L.entries(0, "/".join(parts[:i - 1]))
+            e = ents.get(parts[i - 1]) if ents else None
+            if e is not None and e is not WHITEOUT and st.S_ISDIR(e.st_mode):
+                continue
+            node = self.L.lookup(sub)
+            self._copy_dir_up(node, real_up)
+        return self._upper_path(d.path)
+
+    def _copy_dir_up(self, node: MergedDir, real_up: str) -> None:
+        src = self.L.real(node.layers[0], node.path)
+        s = os.lstat(src)
+        os.mkdir(real_up, 0o700)
+        self._copy_meta(src, real_up, s)
+        self.L.invalidate_upper()
+
+    def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
+        """Owner, xattrs, mode and times, in the kernel's order (times last)."""
+        private = self.encoding.private_prefix
+        try:
+            names = os.listxattr(src, follow_symlinks=False)
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith(private) or name.startswith("trusted.overlay.") and self.root_user:
+                continue
+            try:
+                os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            except OSError:
+                pass
+        if self.root_user:
+            os.chown(dst, s.st_uid, s.st_gid, follow_symlinks=False)
+        if not st.S_ISLNK(s.st_mode):
+            os.chmod(dst, st.S_IMODE(s.st_mode))
+        os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
+
+    def _copy_up(self, node) -> str:
+        """Copy a lower entry into upper/ (parents first), returning its upper path."""
+        if isinstance(node, MergedDir):
+            return self._upper_dir(node)
+        if node.layer == 0 and self.L.has_upper:
+            return self._upper_path(node.path)
+        parent_path = node.path.rpartition("/")[0]
+        self._upper_dir(self.L.lookup(parent_path))
+        src = self.L.real(node.layer, node.path)
+        dst = self._upper_path(node.path)
+        s = node.lstat
+        mode = s.st_mode
+        if st.S_ISREG(mode):
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with open(src, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        os.write(fd, chunk)
+            finally:
+                os.close(fd)
+        elif st.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+        elif st.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
+        else:
+            os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
+        self._copy_meta(src, dst, s)
+        self.L.invalidate_upper()
+        return dst
+
+    def _clear_whiteout(self, d: MergedDir, up_dir: str, name: str) -> bool:
+        ents = self.L.entries(0, d.path)
+        if ents and ents.get(name) is WHITEOUT:
+            self.encoding.remove_whiteout(up_dir, name)
+            self.L.invalidate_upper()
+            return True
+        return False
+
+    def _lower_positive(self, parent: MergedDir, name: str) -> bool:
+        """Does a lower layer still show ``name`` under ``parent``?  Then deleting it needs a whiteout."""
+        lower = tuple(i for i in parent.layers if not (self.L.has_upper and i == 0))
+        if self.L.has_upper and parent.layers and parent.layers[0] == 0 and parent.opaque_stop and len(parent.layers) == 1:
+            return False
+        return bool(lower) and self.L.child(MergedDir(parent.path, lower), name) is not None
+
+    def _refresh(self, parent: MergedDir) -> MergedDir:
+        node = self.L.lookup(parent.path)
+        return node if isinstance(node, MergedDir) else parent
+
+    def _whiteout(self, parent: MergedDir, name: str) -> None:
+        up = self._upper_dir(parent)
+        self.encoding.make_whiteout(up, name)
+        self.L.invalidate_upper()
+
+    def _create_prep(self, parent: MergedDir, name: str, p: str) -> tuple[str, bool]:
+        """Parent copied up, any whiteout at ``name`` removed: (upper dir, whether a whiteout was there)."""
+        self._may(parent, os.W_OK | os.X_OK, p)
+        up = self._upper_dir(parent)
+        return up, self._clear_whiteout(self._refresh(parent), up, name)
+
+    # -- operations --------------------------------------------------------------------------------
+    def read_bytes(self, p: str) -> bytes:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, MergedDir):
+            raise _err(errno.EISDIR, p)
+        try:
+            with open(self.L.real(node.layer, node.path), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise _err(e.errno, p) from None
+
+    def write_bytes(self, p: str, data: bytes, append: bool) -> None:
+        parent, name, node = self._resolve(p, True)
+        if isinstance(node, MergedDir):
+            raise _err(errno.EISDIR, p)
+        self._writable(p)
+        flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+        if node is None:
+            up, _ = self._create_prep(parent, name, p)
+            real = os.path.join(up, name)
+            flags |= os.O_CREAT | os.O_EXCL
+        else:
+            self._may(node, os.W_OK, p)
+            real = self._copy_up(node)
+        fd = os.open(real, flags, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def touch(self, p: str) -> None:
+        parent, name, node = self._resolve(p, True)
+        if node is None:
+            self._writable(p)
+            up, _ = self._create_prep(parent, name, p)
+            os.close(os.open(os.path.join(up, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return
+        self.utime(p, None)
+
+    def utime(self, p: str, times) -> None:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        self._owner_or_writable(node, p, times is None)
+        os.utime(self._copy_up(node), times)
+
+    def _owner_or_writable(self, node, p: str, now: bool) -> None:
+        if self.root_user:
+            return
+        s = self._node_stat(node)
+        if s.st_uid == os.geteuid():
+            return
+        if now:
+            self._may(node, os.W_OK, p)
+            return
+        raise _err(errno.EPERM, p)
+
+    def _node_stat(self, node) -> os.stat_result:
+        if isinstance(node, Leaf):
+            return node.lstat
+        return os.lstat(self.L.real(node.layers[0], node.path))
+
+    def remove(self, p: str) -> None:
+        parent, name, node = self._resolve(p, False)
+        self._writable(p)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, MergedDir):
+            raise _err(errno.EISDIR, p)
+        self._may(parent, os.W_OK | os.X_OK, p)
+        if node.layer == 0 and self.L.has_upper:
+            os.unlink(self._upper_path(node.path))
+            self.L.invalidate_upper()
+        if self._lower_positive(parent, name):
+            self._whiteout(parent, name)
+
+    def mkdir(self, p: str, mode: int) -> None:
+        parent, name, node = self._resolve(p, False)
+        if node is not None or parent is None:
+            raise _err(errno.EEXIST, p)
+        self._writable(p)
+        up, was_whiteout = self._create_prep(parent, name, p)
+        real = os.path.join(up, name)
+        os.mkdir(real, mode)
+        if was_whiteout:
+            self.encoding.set_opaque(real)
+        self.L.invalidate_upper()
+
+    def rmdir(self, p: str) -> None:
+        if not p:
+            raise _err(errno.EBUSY, p)
+        parent, name, node = self._resolve(p, False)
+        self._writable(p)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, Leaf):
+            raise _err(errno.ENOTDIR, p)
+        if self.L.names(node):
+            raise _err(errno.ENOTEMPTY, p)
+        self._may(parent, os.W_OK | os.X_OK, p)
+        if node.layers[0] == 0 and self.L.has_upper:
+            self._remove_upper_dir(self._upper_path(node.path))
+        if self._lower_positive(parent, name):
+            self._whiteout(parent, name)
+
+    def _remove_upper_dir(self, real: str) -> None:
+        """Remove an upper directory that looks empty in the merged view (it may hold whiteouts)."""
+        for entry in os.listdir(real):
+            os.unlink(os.path.join(real, entry))
+        os.rmdir(real)
+        self.L.invalidate_upper()
+
+    def rename(self, src: str, dst: str) -> None:
+        sparent, sname, snode = self._resolve(src, False)
+        dparent, dname, dnode = self._resolve(dst, False)
+        if not src or not dst:
+            raise _err(errno.EBUSY, src, dst)
+        self._writable(src)
+        if snode is None:
+            raise _err(errno.ENOENT, src, dst)
+        s_dir = isinstance(snode, MergedDir)
+        if dnode is not None:
+            d_dir = isinstance(dnode, MergedDir)
+            if s_dir and not d_dir:
+                raise _err(errno.ENOTDIR, src, dst)
+            if d_dir and not s_dir:
+                raise _err(errno.EISDIR, src, dst)
+        if dst.startswith(src + "/"):
+            raise _err(errno.EINVAL, src, dst)
+        if src.startswith(dst + "/"):
+            raise _err(errno.ENOTEMPTY, src, dst)
+        if snode.path == getattr(dnode, "path", None):
+            return
+        has_upper = self.L.has_upper
+        if s_dir and not (has_upper and snode.layers == (0,)):
+            raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
+        if dnode is not None and isinstance(dnode, MergedDir) and self.L.names(dnode):
+            raise _err(errno.ENOTEMPTY, src, dst)
+        self._may(sparent, os.W_OK | os.X_OK, src)
+        self._may(dparent, os.W_OK | os.X_OK, dst)
+        old_opaque = s_dir and self.L.is_opaque(0, snode.path)
+        src_real = self._copy_up(snode)
+        lower_positive = self._lower_positive(sparent, sname)
+        up_d = self._upper_dir(dparent)
+        dparent = self._refresh(dparent)
+        self._clear_whiteout(dparent, up_d, dname)
+        dst_real = os.path.join(up_d, dname)
+        if isinstance(dnode, MergedDir) and dnode.layers[0] == 0:
+            self._remove_upper_dir(dst_real)
+        os.rename(src_real, dst_real)
+        self.L.invalidate_upper()
+        if lower_positive:
+            self._whiteout(self._refresh(sparent), sname)
+        if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
+            self.encoding.set_opaque(dst_real)
+            self.L.invalidate_upper()
+
+    def chmod(self, p: str, mode: int) -> None:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        if not self.root_user and self._node_stat(node).st_uid != os.geteuid():
+            raise _err(errno.EPERM, p)
+        os.chmod(self._copy_up(node), mode)
+
+    def chown(self, p: str, uid: int, gid: int) -> None:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        s = self._node_stat(node)
+        if not self.root_user and not ((uid in (-1, s.st_uid)) and s.st_uid == os.geteuid()
+                                       and (gid == -1 or gid in os.getgroups() or gid == os.getegid())):
+            raise _err(errno.EPERM, p)
+        try:
+            os.chown(self._copy_up(node), uid, gid)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+
+    def setxattr(self, p: str, name: str, value: bytes) -> None:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        if name.startswith("trusted.") and not self.root_user:
+            raise _err(errno.EPERM, p)
+        if name.startswith(self.encoding.private_prefix):
+            raise _err(errno.EOPNOTSUPP, p)
+        if not self.root_user:
+            self._may(node, os.W_OK, p)
+        try:
+            os.setxattr(self._copy_up(node), name, value, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+
+    def getxattr(self, p: str, name: str) -> bytes:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if name.startswith(self.encoding.private_prefix):
+            raise _err(errno.EOPNOTSUPP, p)
+        real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
+        try:
+            return os.getxattr(real, name, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+
+    def symlink(self, target: str, p: str) -> None:
+        parent, name, node = self._resolve(p, False)
+        if node is not None or parent is None:
+            raise _err(errno.EEXIST, p)
+        self._writable(p)
+        up, _ = self._create_prep(parent, name, p)
+        os.symlink(target, os.path.join(up, name))
+        self.L.invalidate_upper()
+
+    def link(self, src: str, dst: str) -> None:
+        _, _, snode = self._resolve(src, False)
+        if snode is None:
+            raise _err(errno.ENOENT, src, dst)
+        dparent, dname, dnode = self._resolve(dst, False)
+        if dnode is not None or dparent is None:
+            raise _err(errno.EEXIST, src, dst)
+        self._writable(src)
+        if isinstance(snode, MergedDir):
+            raise _err(errno.EPERM, src, dst)
+        src_real = self._copy_up(snode)
+        up, _ = self._create_prep(self._refresh(dparent), dname, dst)
+        os.link(src_real, os.path.join(up, dname), follow_symlinks=False)
+        self.L.invalidate_upper()
+
+    def truncate(self, p: str, size: int) -> None:
+        if size < 0:
+            raise _err(errno.EINVAL, p)
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, MergedDir):
+            raise _err(errno.EISDIR, p)
+        self._writable(p)
+        self._may(node, os.W_OK, p)
+        os.truncate(self._copy_up(node), size)
+
+    def listdir(self, p: str) -> list[str]:
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, Leaf):
+            raise _err(errno.ENOTDIR, p)
+        self._may(node, os.R_OK, p)
+        return self.L.names(node)
+
+    def stat(self, p: str, follow: bool) -> Stat:
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        if isinstance(node, Leaf):
+            s = node.lstat
+            if node.layer == 0 and self.L.has_upper:
+                s = os.lstat(self._upper_path(node.path))  # upper entries change under us
+            target = os.readlink(self.L.real(node.layer, node.path)) if st.S_ISLNK(s.st_mode) else None
+            return Stat.from_os(s, target)
+        s = os.lstat(self.L.real(node.layers[0], node.path))
+        return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
+
