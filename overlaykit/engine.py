@@ -202,8 +202,9 @@ class Overlay:
     def mount(self) -> "Overlay":
         if self._impl is not None:
             return self
-        from .sim import validate_config
-        validate_config(self)  # raises the kernel's errno for a bad configuration, before touching anything
+        if self.backend == "sim":
+            from .sim import validate_config
+            validate_config(self)  # the kernel's errno for a bad configuration, before touching anything
         self.encoding = self._pick_encoding()
         roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
         self._layers = Layers(roots, self.encoding, self.upper is not None)
@@ -222,6 +223,14 @@ class Overlay:
         impl, self._impl = self._impl, None
         if impl is not None:
             impl.unmount()
+
+    def how_to_look(self) -> str:
+        """How to see merged/ from a terminal (a kernel mount lives in a helper's private namespace)."""
+        impl = self._need()
+        if hasattr(impl, "how_to_look"):
+            return impl.how_to_look()
+        return ("The simulated overlay has no mount: look at the layer folders (ls -la upper/) "
+                "or print ov.tree() for the merged view.")
 
     def __enter__(self) -> "Overlay":
         return self.mount()
@@ -378,11 +387,18 @@ class Overlay:
                 dirs, files = [], []
                 for name in self._need().listdir(d):
                     child = f"{d}/{name}" if d else name
-                    (dirs if self._need().stat(child, False).kind == "dir" else files).append(name)
+                    (dirs if self._kind(child) == "dir" else files).append(name)
                 dirs.sort()
                 files.sort()
                 yield (d or "."), dirs, files
                 stack.extend(f"{d}/{x}" if d else x for x in reversed(dirs))
+
+    def _kind(self, p: str) -> str:
+        """Like os.walk's d_type test: a listed name that cannot be looked up counts as a non-directory."""
+        try:
+            return self._need().stat(p, False).kind
+        except FileNotFoundError:
+            return "whiteout"
 
     def tree(self, path=".", *, limit: int = 200) -> str:
         """A text tree of the merged view, entries marked with the layer that serves them."""
@@ -400,8 +416,12 @@ class Overlay:
                             lines.append(prefix + "… (more entries not shown)")
                         return
                     child = f"{d}/{name}" if d else name
-                    s = self._need().stat(child, False)
                     last = i == len(names) - 1
+                    try:
+                        s = self._need().stat(child, False)
+                    except FileNotFoundError:
+                        lines.append(f"{prefix}{'└── ' if last else '├── '}{name}  [whiteout, listed by a non-merged dir]")
+                        continue
                     label = name + ("/" if s.kind == "dir" else "")
                     if s.kind == "symlink":
                         label += f" -> {s.target}"

@@ -303,7 +303,14 @@ class Layers:
         return None
 
     def names(self, d: MergedDir) -> list[str]:
-        """Visible names of a merged directory: the topmost occurrence of each name decides."""
+        """Visible names of a merged directory: the topmost occurrence of each name decides.
+
+        A directory served by one layer alone is not merged, and the kernel reads it straight from that
+        layer (ovl_iterate on a "real" dir), whiteouts included: such a name is listed although looking
+        it up fails with ENOENT.  Whiteouts only end up there in hand-made or imported layers.
+        """
+        if len(d.layers) == 1 and d.path:
+            return sorted(self.entries(d.layers[0], d.path) or ())
         seen: dict[str, bool] = {}
         for index in d.layers:
             ents = self.entries(index, d.path)

@@ -27,7 +27,7 @@ def validate_config(ov) -> None:
     upper = os.fspath(ov.upper) if ov.upper else None
     work = os.fspath(ov.work) if ov.work else None
     if not lowers:
-        raise _err(errno.EINVAL, "lowerdir", None) from None
+        raise OSError(errno.EINVAL, "missing 'lowerdir'")
     if len(lowers) > MAX_LOWERS:
         raise OSError(errno.EINVAL, f"too many lower directories, limit is {MAX_LOWERS}", lowers[MAX_LOWERS])
     if upper is None and len(lowers) < 2:
@@ -40,15 +40,6 @@ def validate_config(ov) -> None:
         if not st.S_ISDIR(s.st_mode):
             raise OSError(errno.EINVAL, "not a directory", path)
 
-    traps: list[str] = []
-
-    def check_overlap(path: str, what: str) -> None:
-        real = os.path.realpath(path)
-        for t in traps:
-            if real == t or real.startswith(t.rstrip("/") + "/"):
-                raise OSError(errno.ELOOP, f"overlapping {what} path", path)
-        traps.append(real)
-
     if upper is not None:
         isdir(upper)
         isdir(work)
@@ -57,10 +48,24 @@ def validate_config(ov) -> None:
         ru, rw = os.path.realpath(upper), os.path.realpath(work)
         if ru == rw or rw.startswith(ru + "/") or ru.startswith(rw + "/"):
             raise OSError(errno.EINVAL, "workdir and upperdir must be separate subtrees", work)
-        traps.extend([ru, rw])
+    # The kernel sets a trap on every layer root, then refuses a layer that is one of the others or
+    # lies inside one of them (an upper inside a lower is allowed: the upper is checked first).
+    traps = [os.path.realpath(x) for x in (upper, work) if x is not None]
     for lower in lowers:
         isdir(lower)
-        check_overlap(lower, "lowerdir")
+        real = os.path.realpath(lower)
+        if real in traps:
+            raise OSError(errno.ELOOP, "conflicting lowerdir path", lower)
+        traps.append(real)
+    for lower in lowers:
+        real = os.path.realpath(lower)
+        parent = os.path.dirname(real)
+        while parent != os.path.dirname(parent):
+            if parent in traps:
+                raise OSError(errno.ELOOP, "overlapping lowerdir path", lower)
+            parent = os.path.dirname(parent)
+        if os.path.dirname(real) != real and "/" in traps:
+            raise OSError(errno.ELOOP, "overlapping lowerdir path", lower)
 
 
 class SimBackend(Backend):
@@ -166,9 +171,16 @@ class SimBackend(Backend):
             self._copy_dir_up(node, real_up)
         return self._upper_path(d.path)
 
+    def _check_mapped(self, s: os.stat_result, path: str) -> None:
+        """An unprivileged (user-namespace) mount maps only the caller's own uid and gid; the kernel
+        refuses to copy up anything owned by another id (ovl_copy_up_one: EOVERFLOW)."""
+        if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
+            raise _err(errno.EOVERFLOW, path)
+
     def _copy_dir_up(self, node: MergedDir, real_up: str) -> None:
         src = self.L.real(node.layers[0], node.path)
         s = os.lstat(src)
+        self._check_mapped(s, node.path)
         os.mkdir(real_up, 0o700)
         self._copy_meta(src, real_up, s)
         self.L.invalidate_upper()
@@ -181,8 +193,8 @@ class SimBackend(Backend):
         except OSError:
             names = []
         for name in names:
-            if name.startswith(private) or name.startswith("trusted.overlay.") and self.root_user:
-                continue
+            if name.startswith(private) and not name.startswith(private + "overlay."):
+                continue  # overlayfs's own xattrs stay behind; escaped ones (a nested overlay's) travel
             try:
                 os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
             except OSError:
@@ -201,6 +213,7 @@ class SimBackend(Backend):
             return self._upper_path(node.path)
         parent_path = node.path.rpartition("/")[0]
         self._upper_dir(self.L.lookup(parent_path))
+        self._check_mapped(node.lstat, node.path)
         src = self.L.real(node.layer, node.path)
         dst = self._upper_path(node.path)
         s = node.lstat
@@ -379,22 +392,25 @@ class SimBackend(Backend):
         if snode is None:
             raise _err(errno.ENOENT, src, dst)
         s_dir = isinstance(snode, MergedDir)
+        if dnode is not None and dnode.path.startswith(snode.path + "/"):
+            raise _err(errno.EINVAL, src, dst)  # vfs: the source may not be an ancestor of the target
+        if snode.path.startswith(dparent.path + "/" + dname + "/" if dparent.path else dname + "/"):
+            raise _err(errno.ENOTEMPTY, src, dst)  # ... nor the target an ancestor of the source
+        if dparent.path == snode.path or dparent.path.startswith(snode.path + "/"):
+            raise _err(errno.EINVAL, src, dst)
         if dnode is not None:
             d_dir = isinstance(dnode, MergedDir)
             if s_dir and not d_dir:
                 raise _err(errno.ENOTDIR, src, dst)
             if d_dir and not s_dir:
                 raise _err(errno.EISDIR, src, dst)
-        if dst.startswith(src + "/"):
-            raise _err(errno.EINVAL, src, dst)
-        if src.startswith(dst + "/"):
-            raise _err(errno.ENOTEMPTY, src, dst)
         if snode.path == getattr(dnode, "path", None):
             return
         has_upper = self.L.has_upper
         if s_dir and not (has_upper and snode.layers == (0,)):
             raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
-        if dnode is not None and isinstance(dnode, MergedDir) and self.L.names(dnode):
+        d_merge_or_lower = isinstance(dnode, MergedDir) and not (has_upper and dnode.layers == (0,))
+        if d_merge_or_lower and self.L.names(dnode):
             raise _err(errno.ENOTEMPTY, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
@@ -403,17 +419,23 @@ class SimBackend(Backend):
         lower_positive = self._lower_positive(sparent, sname)
         up_d = self._upper_dir(dparent)
         dparent = self._refresh(dparent)
+        if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
+            # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
+            # same name at the destination cannot show through; the mark stays even if the rename fails.
+            self.encoding.set_opaque(src_real)
+            self.L.invalidate_upper()
         self._clear_whiteout(dparent, up_d, dname)
         dst_real = os.path.join(up_d, dname)
-        if isinstance(dnode, MergedDir) and dnode.layers[0] == 0:
+        if d_merge_or_lower and dnode.layers[0] == 0:
             self._remove_upper_dir(dst_real)
-        os.rename(src_real, dst_real)
-        self.L.invalidate_upper()
+        try:
+            os.rename(src_real, dst_real)
+        except OSError as e:
+            raise _err(e.errno, src, dst) from None
+        finally:
+            self.L.invalidate_upper()
         if lower_positive:
             self._whiteout(self._refresh(sparent), sname)
-        if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
-            self.encoding.set_opaque(dst_real)
-            self.L.invalidate_upper()
 
     def chmod(self, p: str, mode: int) -> None:
         _, _, node = self._resolve(p, True)
@@ -445,12 +467,10 @@ class SimBackend(Backend):
         self._writable(p)
         if name.startswith("trusted.") and not self.root_user:
             raise _err(errno.EPERM, p)
-        if name.startswith(self.encoding.private_prefix):
-            raise _err(errno.EOPNOTSUPP, p)
         if not self.root_user:
             self._may(node, os.W_OK, p)
         try:
-            os.setxattr(self._copy_up(node), name, value, follow_symlinks=False)
+            os.setxattr(self._copy_up(node), self._escape(name), value, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
 
@@ -458,13 +478,17 @@ class SimBackend(Backend):
         _, _, node = self._resolve(p, True)
         if node is None:
             raise _err(errno.ENOENT, p)
-        if name.startswith(self.encoding.private_prefix):
-            raise _err(errno.EOPNOTSUPP, p)
         real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
         try:
-            return os.getxattr(real, name, follow_symlinks=False)
+            return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
+
+    def _escape(self, name: str) -> str:
+        """Xattrs in overlayfs's own namespace are stored escaped (kernel 6.7+), so a nested overlay's
+        markers never act on this one: ``trusted.overlay.X`` is kept as ``trusted.overlay.overlay.X``."""
+        private = self.encoding.private_prefix
+        return private + "overlay." + name[len(private):] if name.startswith(private) else name
 
     def symlink(self, target: str, p: str) -> None:
         parent, name, node = self._resolve(p, False)

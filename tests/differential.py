@@ -1,0 +1,211 @@
+"""Run one scenario (starting layers + operations) on a backend and describe everything observable.
+
+Two backends agree on a scenario when `run()` returns equal results: every operation's outcome (value or
+errno), the merged tree (kind, mode, size, nlink, content hash, symlink target), upper/ as stored on disk
+(whiteouts and opaque markers decoded) and its classification.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat as st
+from dataclasses import dataclass
+
+from overlaykit import Overlay
+from overlaykit.ondisk import Encoding, default_xattr_ns
+
+
+# -- layer specs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class F:
+    """A regular file."""
+    content: bytes | str = b""
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class D:
+    """A directory, optionally opaque (only meaningful in a layer that sits on others)."""
+    mode: int = 0o755
+    opaque: bool = False
+
+
+@dataclass(frozen=True)
+class L:
+    """A symlink."""
+    target: str
+
+
+@dataclass(frozen=True)
+class W:
+    """A whiteout (char 0/0)."""
+
+
+@dataclass(frozen=True)
+class H:
+    """A hardlink to another path of the same layer (listed earlier)."""
+    other: str
+
+
+def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
+    """Create ``root`` and the entries of ``spec`` (paths relative to root; parents made 0755)."""
+    os.makedirs(root, exist_ok=True)
+    for path in sorted(spec, key=lambda p: (p.count("/"), p)):
+        item = spec[path]
+        real = os.path.join(root, path)
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        if isinstance(item, F):
+            data = item.content.encode() if isinstance(item.content, str) else item.content
+            with open(real, "wb") as f:
+                f.write(data)
+            os.chmod(real, item.mode)
+        elif isinstance(item, D):
+            os.makedirs(real, exist_ok=True)
+            os.chmod(real, item.mode)
+            if item.opaque:
+                encoding.set_opaque(real)
+        elif isinstance(item, L):
+            os.symlink(item.target, real)
+        elif isinstance(item, W):
+            encoding.make_whiteout(os.path.dirname(real), os.path.basename(real))
+        elif isinstance(item, H):
+            os.link(os.path.join(root, item.other), real)
+        else:
+            raise TypeError(f"unknown layer item {item!r}")
+    # fixed times so that nothing depends on when the test ran
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames + [""]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            os.utime(p, ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
+
+
+def layer_roots(tmp: str, n_lowers: int) -> tuple[list[str], str, str]:
+    lowers = [os.path.join(tmp, f"lower{i}") for i in range(n_lowers)]
+    return lowers, os.path.join(tmp, "upper"), os.path.join(tmp, "work")
+
+
+# -- running -----------------------------------------------------------------------------------------
+def outcome(fn):
+    try:
+        value = fn()
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, str(e.errno)))
+    if isinstance(value, bytes):
+        return ("ok", hashlib.sha256(value).hexdigest()[:12])
+    if value is None or isinstance(value, (bool, int, str, list)):
+        return ("ok", value)
+    if hasattr(value, "kind"):  # Stat
+        return ("ok", portable(value))
+    return ("ok", repr(value))
+
+
+def portable(s) -> tuple:
+    return (s.kind, oct(s.mode), s.size if s.kind != "dir" else None, s.nlink, s.target)
+
+
+def apply(ov: Overlay, op: tuple):
+    name, *args = op
+    if name == "write":
+        return outcome(lambda: ov.write_bytes(args[0], args[1].encode() if isinstance(args[1], str) else args[1]))
+    if name == "append":
+        return outcome(lambda: ov.write_bytes(args[0], args[1].encode(), append=True))
+    if name == "xattr":
+        return outcome(lambda: ov.setxattr(args[0], "user.note", args[1].encode()))
+    if name == "getxattr":
+        return outcome(lambda: ov.getxattr(args[0], args[1]))
+    if name == "lstat":
+        return outcome(lambda: ov.stat(args[0], follow_symlinks=False))
+    if name == "read":
+        return outcome(lambda: ov.read_bytes(args[0]))
+    return outcome(lambda: getattr(ov, name)(*args))
+
+
+def snapshot_merged(ov: Overlay) -> dict:
+    out = {}
+    for dirpath, dirs, files in ov.walk("."):
+        for name in dirs + files:
+            p = name if dirpath == "." else f"{dirpath}/{name}"
+            try:
+                s = ov.stat(p, follow_symlinks=False)
+            except FileNotFoundError:  # a whiteout listed by a non-merged directory
+                out[p] = ("listed, ENOENT",)
+                continue
+            entry = portable(s)
+            if s.kind == "file":
+                entry += (hashlib.sha256(ov.read_bytes(p)).hexdigest()[:12],)
+            out[p] = entry
+    return out
+
+
+def snapshot_upper(ov: Overlay) -> dict:
+    """upper/ as stored, with whiteouts and opaque markers decoded (so both encodings compare)."""
+    if ov.upper is None:
+        return {}
+    enc = ov.encoding
+    out = {}
+    root = str(ov.upper)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel
+        for name in sorted(dirnames + filenames):
+            p = f"{rel}/{name}" if rel else name
+            real = os.path.join(dirpath, name)
+            if enc.is_marker_name(name):
+                if name == ".wh..wh..opq":
+                    continue
+                out[p[: -len(name)] + name[4:]] = ("whiteout",)
+                continue
+            s = os.lstat(real)
+            if enc.is_whiteout(dirpath, name):
+                out[p] = ("whiteout",)
+            elif st.S_ISDIR(s.st_mode):
+                out[p] = ("dir", oct(st.S_IMODE(s.st_mode)), enc.is_opaque(real))
+            elif st.S_ISLNK(s.st_mode):
+                out[p] = ("symlink", os.readlink(real))
+            else:
+                with open(real, "rb") as f:
+                    h = hashlib.sha256(f.read()).hexdigest()[:12]
+                out[p] = ("file", oct(st.S_IMODE(s.st_mode)), s.st_size, s.st_nlink, h)
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    return out
+
+
+def run(backend: str, tmp: str, lowers_spec: list[dict], ops: list[tuple], *, upper_spec: dict | None = None,
+        read_only: bool = False, encoding: str = "auto") -> dict:
+    """Build the layers under ``tmp``, mount on ``backend``, apply ``ops``; everything observable."""
+    enc = Encoding("kernel", default_xattr_ns())
+    lowers, upper, work = layer_roots(tmp, len(lowers_spec))
+    for root, spec in zip(lowers, lowers_spec):
+        build_layer(root, spec, enc)
+    if not read_only:
+        build_layer(upper, upper_spec or {}, enc)
+        os.makedirs(work)
+    ov = Overlay(lowers, None if read_only else upper, None if read_only else work, backend=backend,
+                 encoding=encoding)
+    with ov:
+        results = [apply(ov, op) for op in ops]
+        merged = snapshot_merged(ov)
+        changes = [(c.path, c.kind, c.type) for c in ov.upper_changes()]
+        upper_disk = snapshot_upper(ov)
+        trace = [(e.op, e.kind, e.path) for e in ov.trace if e.kind != "lookup"]
+    return {"results": results, "merged": merged, "upper": upper_disk, "changes": changes, "trace": trace}
+
+
+def diff(a: dict, b: dict) -> str:
+    """A readable account of where two runs disagree ('' when they agree)."""
+    lines = []
+    for key in ("results", "merged", "upper", "changes", "trace"):
+        if a[key] != b[key]:
+            lines.append(f"--- {key} differ")
+            if isinstance(a[key], dict):
+                for p in sorted(set(a[key]) | set(b[key])):
+                    if a[key].get(p) != b[key].get(p):
+                        lines.append(f"  {p}: sim={a[key].get(p)} kernel={b[key].get(p)}")
+            else:
+                for i, (x, y) in enumerate(zip(a[key], b[key])):
+                    if x != y:
+                        lines.append(f"  [{i}] sim={x} kernel={y}")
+                if len(a[key]) != len(b[key]):
+                    lines.append(f"  lengths sim={len(a[key])} kernel={len(b[key])}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Sim against kernel: the same starting layers and operations must give the same everything.
+
+Each named scenario is one rule of Documentation/filesystems/overlayfs.rst; the Hypothesis test then
+throws random operation sequences over random layer stacks at both backends.  Zero divergences allowed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from differential import D, F, H, L, W, diff, run
+from overlaykit import capabilities
+
+pytestmark = pytest.mark.kernel
+
+KERNEL = capabilities()["kernel"]
+needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed here: {KERNEL.reason}")
+
+LESSON_LOWER = {"in_lower.txt": F("lower\n"), "in_both.txt": F("both, lower copy\n")}
+LESSON_UPPER = {"in_upper.txt": F("upper\n"), "in_both.txt": F("both, upper copy\n")}
+
+SCENARIOS = {
+    # the lesson's experiment, each from a fresh start
+    "create a file": ([LESSON_LOWER], [("write", "new.txt", "new\n")], LESSON_UPPER),
+    "delete a lower file": ([LESSON_LOWER], [("remove", "in_lower.txt"), ("exists", "in_lower.txt")], LESSON_UPPER),
+    "modify a lower file": ([LESSON_LOWER], [("append", "in_lower.txt", "more\n"), ("read", "in_lower.txt")], LESSON_UPPER),
+    "delete an upper-only file": ([LESSON_LOWER], [("remove", "in_upper.txt")], LESSON_UPPER),
+    "delete a file in both": ([LESSON_LOWER], [("remove", "in_both.txt"), ("listdir", ".")], LESSON_UPPER),
+    # lookup across several lowers
+    "top lower hides lower below": ([{"f": F("top")}, {"f": F("bottom"), "g": F("g")}], [("read", "f"), ("listdir", ".")], {}),
+    "directories merge across three layers": (
+        [{"d/a": F("a")}, {"d/b": F("b")}, {"d/c": F("c"), "d/a": F("old a")}],
+        [("listdir", "d"), ("read", "d/a"), ("stat", "d")], {}),
+    "file above hides a directory below": ([{"x": F("file")}, {"x/inner": F("hidden")}], [("listdir", "."), ("stat", "x"), ("read", "x/inner")], {}),
+    "directory above a file below": ([{"x/in": F("in")}, {"x": F("file below")}, {"x/deep": F("deeper")}], [("listdir", "x")], {}),
+    "whiteout in a lower layer": ([{"f": W()}, {"f": F("gone"), "g": F("g")}], [("exists", "f"), ("listdir", ".")], {}),
+    "opaque dir in a lower layer": ([{"d": D(opaque=True), "d/new": F("n")}, {"d/old": F("o")}], [("listdir", "d")], {}),
+    "whiteout in upper from the start": ([{"f": F("f"), "g": F("g")}], [("listdir", ".")], {"f": W()}),
+    # copy-up triggers and what they copy
+    "copy-up on write keeps parents' metadata": (
+        [{"a": D(0o750), "a/b": D(0o700), "a/b/f": F("data", 0o600)}], [("write", "a/b/f", "new")], {}),
+    "copy-up on truncate": ([{"f": F("0123456789")}], [("truncate", "f", 3), ("read", "f")], {}),
+    "copy-up on chmod (metadata only)": ([{"f": F("same")}], [("chmod", "f", 0o600)], {}),
+    "copy-up on chown": ([{"f": F("same")}], [("chown", "f", 1234, 1234)], {}),
+    "copy-up on utime": ([{"f": F("same")}], [("utime", "f", (5, 5))], {}),
+    "copy-up on setxattr": ([{"f": F("same")}], [("xattr", "f", "hello"), ("getxattr", "f", "user.note")], {}),
+    "copy-up on link": ([{"f": F("same")}], [("link", "f", "g"), ("lstat", "f"), ("lstat", "g")], {}),
+    "copy-up of a directory on chmod": ([{"d/f": F("x")}], [("chmod", "d", 0o700), ("listdir", "d")], {}),
+    "read does not copy up": ([{"d/f": F("x")}], [("read", "d/f"), ("stat", "d/f"), ("listdir", "d")], {}),
+    "touch a lower file copies it up": ([{"f": F("x")}], [("touch", "f")], {}),
+    "touch creates": ([{"d": D()}], [("touch", "d/new")], {}),
+    # whiteouts and opaque directories
+    "rm -rf d; mkdir d gives an opaque dir": (
+        [{"d/a": F("a"), "d/sub/b": F("b")}],
+        [("remove", "d/a"), ("remove", "d/sub/b"), ("rmdir", "d/sub"), ("rmdir", "d"), ("mkdir", "d"), ("listdir", "d")], {}),
+    "rmdir of a dir that looks empty": ([{"d/a": F("a")}], [("remove", "d/a"), ("rmdir", "d"), ("exists", "d")], {}),
+    "rmdir of a non-empty merged dir": ([{"d/a": F("a")}], [("rmdir", "d")], {"d/b": F("b")}),
+    "delete a whole lower directory": ([{"d": D()}], [("rmdir", "d"), ("listdir", ".")], {}),
+    "recreate a deleted file": ([{"f": F("old")}], [("remove", "f"), ("write", "f", "new"), ("read", "f")], {}),
+    "mkdir over a lower whiteout is not opaque": ([{"d": W()}, {"d/x": F("x")}], [("mkdir", "d"), ("listdir", "d")], {}),
+    # renames
+    "rename a lower file": ([{"f": F("data")}], [("rename", "f", "g"), ("listdir", "."), ("read", "g")], {}),
+    "rename a lower directory is EXDEV": ([{"d/f": F("x")}], [("rename", "d", "e")], {}),
+    "rename a merged directory is EXDEV": ([{"d/f": F("x")}], [("rename", "d", "e")], {"d/g": F("y")}),
+    "rename an upper-only directory": ([{"x": F("x")}], [("mkdir", "n"), ("write", "n/f", "1"), ("rename", "n", "m"), ("listdir", "m")], {}),
+    "move an upper dir into a merged dir makes it opaque": (
+        [{"d/f": F("x"), "d/e/old": F("old")}], [("mkdir", "n"), ("rename", "n", "d/e2"), ("listdir", "d")], {}),
+    "rename a file over a lower file": ([{"a": F("a"), "b": F("b")}], [("rename", "a", "b"), ("read", "b"), ("listdir", ".")], {}),
+    "rename over a whiteout": ([{"a": F("a"), "b": F("b")}], [("remove", "b"), ("rename", "a", "b"), ("listdir", ".")], {}),
+    "rename errors": ([{"d/f": F("x"), "e": D(), "g": F("g")}],
+                      [("rename", "nope", "x"), ("rename", "g", "e"), ("rename", "g", "nodir/x"), ("rename", "g", "g")], {}),
+    # hardlinks split by copy-up (index=off)
+    "hardlinks split by copy-up": ([{"h1": F("shared"), "h2": H("h1")}],
+                                    [("lstat", "h1"), ("append", "h1", "+"), ("read", "h2"), ("lstat", "h1"), ("lstat", "h2")], {}),
+    # symlinks
+    "symlink is copied up as a symlink": ([{"t": F("target"), "s": L("t")}], [("chown", "s", 0, 0), ("read", "s"), ("lstat", "s")], {}),
+    "create a symlink": ([{"t": F("target")}], [("symlink", "t", "s"), ("read", "s"), ("lstat", "s")], {}),
+    "write through a symlink copies up the target": ([{"t": F("target"), "s": L("t")}], [("append", "s", "+"), ("read", "t")], {}),
+    "dangling symlink": ([{"s": L("missing")}], [("exists", "s"), ("lstat", "s"), ("read", "s")], {}),
+    # errors
+    "errors on missing paths": ([{"f": F("x")}],
+                                [("read", "nope"), ("remove", "nope"), ("rmdir", "nope"), ("listdir", "f"),
+                                 ("read", "f/x"), ("mkdir", "a/b"), ("write", "nope/x", "1")], {}),
+    "errors on kinds": ([{"d/f": F("x"), "f": F("x")}],
+                        [("remove", "d"), ("rmdir", "f"), ("read", "d"), ("write", "d", "x"), ("mkdir", "f"),
+                         ("mkdir", "d"), ("link", "d", "d2"), ("truncate", "d", 0), ("symlink", "x", "f")], {}),
+    "private overlay xattrs are hidden": ([{"d": D(opaque=True), "d/f": F("x")}, {"e": D()}],
+                                          [("getxattr", "d", "trusted.overlay.opaque"), ("listdir", "d"),
+                                           ("setxattr", "d/f", "trusted.overlay.opaque", b"y"),
+                                           ("getxattr", "d/f", "trusted.overlay.opaque"), ("listdir", "d")], {}),
+}
+
+
+def _run_both(tmp_path, lowers, ops, upper, **kw):
+    sim = run("sim", str(tmp_path / "sim"), lowers, ops, upper_spec=upper, **kw)
+    ker = run("kernel", str(tmp_path / "kernel"), lowers, ops, upper_spec=upper, **kw)
+    return sim, ker
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_scenario(tmp_path, name):
+    lowers, ops, upper = SCENARIOS[name]
+    sim, ker = _run_both(tmp_path, lowers, ops, upper)
+    assert sim == ker, f"{name}: sim and kernel disagree\n{diff(sim, ker)}"
+
+
+READ_ONLY_OPS = [("read", "f"), ("write", "f", "x"), ("write", "new", "x"), ("remove", "f"), ("remove", "nope"),
+                 ("mkdir", "f"), ("mkdir", "n"), ("rmdir", "d"), ("rmdir", "nope"), ("chmod", "f", 0o600),
+                 ("rename", "f", "g"), ("rename", "nope", "g"), ("truncate", "f", 0), ("symlink", "f", "s"),
+                 ("listdir", ".")]
+
+
+@needs_kernel
+def test_read_only_overlay(tmp_path):
+    lowers = [{"f": F("x"), "d": D()}, {"g": F("y")}]
+    sim, ker = _run_both(tmp_path, lowers, READ_ONLY_OPS, None, read_only=True)
+    assert sim == ker, diff(sim, ker)
+    assert ("err", "EROFS") in sim["results"]
+
+
+@needs_kernel
+def test_fallback_encoding_matches_kernel(tmp_path):
+    """The sim writing OCI-style marker files still makes the same decisions as the kernel."""
+    lowers, ops, upper = SCENARIOS["rm -rf d; mkdir d gives an opaque dir"]
+    sim = run("sim", str(tmp_path / "sim"), lowers, ops, encoding="fallback")
+    ker = run("kernel", str(tmp_path / "kernel"), lowers, ops)
+    assert sim == ker, diff(sim, ker)
+
+
+# -- random sequences -------------------------------------------------------------------------------
+NAMES = ["a", "b", "c"]
+paths = hs.lists(hs.sampled_from(NAMES), min_size=1, max_size=2).map("/".join)
+contents = hs.sampled_from(["", "x", "hello\n", "0123456789"])
+
+
+def _layer(draw_top: bool):
+    item = hs.one_of(
+        contents.map(F), hs.just(D()), hs.sampled_from(["a", "b", "../a", "/c", "missing"]).map(L),
+        *([hs.just(W()), hs.just(D(opaque=True))] if draw_top else []),
+    )
+    return hs.dictionaries(paths, item, max_size=5).map(_consistent)
+
+
+def _consistent(spec: dict) -> dict:
+    """Drop entries whose parent is a non-directory in the same layer (they could not exist)."""
+    out = {}
+    for p in sorted(spec, key=lambda x: x.count("/")):
+        parent = p.rpartition("/")[0]
+        if parent and (parent in out and not isinstance(out[parent], D)):
+            continue
+        out[p] = spec[p]
+    return out
+
+
+ops = hs.one_of(
+    hs.tuples(hs.just("write"), paths, contents),
+    hs.tuples(hs.just("append"), paths, contents),
+    hs.tuples(hs.just("remove"), paths),
+    hs.tuples(hs.just("mkdir"), paths),
+    hs.tuples(hs.just("rmdir"), paths),
+    hs.tuples(hs.just("rename"), paths, paths),
+    hs.tuples(hs.just("chmod"), paths, hs.sampled_from([0o600, 0o755])),
+    hs.tuples(hs.just("symlink"), hs.sampled_from(["a", "../b", "/c"]), paths),
+    hs.tuples(hs.just("link"), paths, paths),
+    hs.tuples(hs.just("truncate"), paths, hs.sampled_from([0, 3])),
+    hs.tuples(hs.just("touch"), paths),
+    hs.tuples(hs.just("xattr"), paths, hs.just("v")),
+    hs.tuples(hs.just("read"), paths),
+    hs.tuples(hs.just("listdir"), paths),
+)
+
+EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "500"))
+
+
+@needs_kernel
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(top=_layer(True), bottom=_layer(False), upper=_layer(True), sequence=hs.lists(ops, max_size=8))
+def test_random_sequences(top, bottom, upper, sequence):
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = run("sim", os.path.join(tmp, "sim"), [top, bottom], sequence, upper_spec=upper)
+        ker = run("kernel", os.path.join(tmp, "kernel"), [top, bottom], sequence, upper_spec=upper)
+    assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
