@@ -789,3 +789,535 @@ def flatten(image_or_layers, dest, *, devices: str = "skip") -> list[str]:
         ap.finish()
         warnings.extend(ap.warnings)
     return warnings
+
+
+# --------------------------------------------------------------------------------------------------
+# images
+
+
+@dataclass(frozen=True)
+class History:
+    """One build step. ``empty_layer`` steps (ENV, CMD, ...) change only the config."""
+
+    created_by: str = ""
+    empty_layer: bool = False
+    comment: str = ""
+    created: str | None = None
+    author: str | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {}
+        if self.created is not None:
+            d["created"] = self.created
+        if self.author:
+            d["author"] = self.author
+        if self.created_by:
+            d["created_by"] = self.created_by
+        if self.comment:
+            d["comment"] = self.comment
+        if self.empty_layer:
+            d["empty_layer"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "History":
+        return cls(created_by=d.get("created_by", "") or "", empty_layer=bool(d.get("empty_layer", False)),
+                   comment=d.get("comment", "") or "", created=d.get("created"), author=d.get("author"))
+
+
+@dataclass
+class ImageConfig:
+    """The runtime part of an image config (OCI ``config`` object)."""
+
+    env: list[str] = field(default_factory=list)
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    working_dir: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    stop_signal: str = ""
+
+    def to_json(self) -> dict:
+        d: dict = {}
+        if self.user:
+            d["User"] = self.user
+        if self.exposed_ports:
+            d["ExposedPorts"] = {p: {} for p in sorted(self.exposed_ports)}
+        if self.env:
+            d["Env"] = list(self.env)
+        if self.entrypoint is not None:
+            d["Entrypoint"] = list(self.entrypoint)
+        if self.cmd is not None:
+            d["Cmd"] = list(self.cmd)
+        if self.volumes:
+            d["Volumes"] = {v: {} for v in sorted(self.volumes)}
+        if self.working_dir:
+            d["WorkingDir"] = self.working_dir
+        if self.labels:
+            d["Labels"] = dict(sorted(self.labels.items()))
+        if self.stop_signal:
+            d["StopSignal"] = self.stop_signal
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "ImageConfig":
+        d = d or {}
+
+        def strlist(key):
+            v = d.get(key)
+            if v is None:
+                return None
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise LayerError(f"image config: {key} must be a list of strings")
+            return list(v)
+
+        return cls(env=strlist("Env") or [], cmd=strlist("Cmd"), entrypoint=strlist("Entrypoint"),
+                   working_dir=d.get("WorkingDir") or "", labels=dict(d.get("Labels") or {}),
+                   user=d.get("User") or "", exposed_ports=sorted(d.get("ExposedPorts") or {}),
+                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "")
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(e.split("=", 1) if "=" in e else (e, "") for e in self.env)
+
+
+@dataclass
+class Image:
+    """An ordered list of layers (base first, as in the OCI manifest) plus config and history."""
+
+    name: str
+    layers: list[Layer] = field(default_factory=list)
+    config: ImageConfig = field(default_factory=ImageConfig)
+    history: list[History] = field(default_factory=list)
+    architecture: str = "amd64"
+    os: str = "linux"
+    created: str | None = None
+
+    def config_json(self) -> dict:
+        d = {"architecture": self.architecture, "os": self.os, "config": self.config.to_json(),
+             "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in self.layers]},
+             "history": [h.to_json() for h in self.history]}
+        if self.created is not None:
+            d["created"] = self.created
+        return d
+
+    def config_bytes(self) -> bytes:
+        return json.dumps(self.config_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def id(self) -> str:
+        """Docker's image id: the digest of the config blob."""
+        return sha256_digest(self.config_bytes())
+
+    @property
+    def size(self) -> int:
+        return sum(l.size for l in self.layers)
+
+    def chain_ids(self) -> list[str]:
+        """ChainID of each layer (image-spec config.md): identifies a layer together with all below it."""
+        out: list[str] = []
+        for l in self.layers:
+            out.append(l.diff_id if not out else sha256_digest(f"{out[-1]} {l.diff_id}".encode()))
+        return out
+
+    def layer_history(self) -> list[History | None]:
+        """The history entry of each layer (non-empty entries matched in order)."""
+        hs = [h for h in self.history if not h.empty_layer]
+        return [hs[i] if i < len(hs) else None for i in range(len(self.layers))]
+
+    def with_layer(self, layer: Layer, created_by: str, *, name: str | None = None,
+                   comment: str = "", config: ImageConfig | None = None) -> "Image":
+        return Image(name or self.name, self.layers + [layer],
+                     dataclasses.replace(config or self.config),
+                     self.history + [History(created_by, False, comment)], self.architecture, self.os)
+
+    def __repr__(self):
+        return f"Image({self.name!r}, {len(self.layers)} layers, {self.size} bytes)"
+
+
+# --------------------------------------------------------------------------------------------------
+# store
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    name: str
+    size: int
+    shared_size: int
+    unique_size: int
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Like ``docker system df -v``: what the images take with sharing, and what they would without."""
+
+    shared_bytes: int      # stored once, used by two or more images
+    unshared_bytes: int    # used by exactly one image
+    saved_bytes: int       # without_sharing - stored
+    per_image: tuple[ImageUsage, ...]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.shared_bytes + self.unshared_bytes
+
+    @property
+    def without_sharing_bytes(self) -> int:
+        return self.stored_bytes + self.saved_bytes
+
+
+class Store:
+    """A content-addressed layer store: each layer's tar and its unpacked lowerdir exist once.
+
+    Layout under ``root``: ``blobs/sha256/<diff_id>`` (uncompressed tar), ``layers/<key>/`` (lowerdir),
+    ``images.json`` (names -> config + diff_ids).
+    """
+
+    def __init__(self, root, encoding=None):
+        from . import ondisk
+        self.root = Path(root)
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (self.root / "layers").mkdir(exist_ok=True)
+        self.encoding = encoding or ondisk.probe(self.root)
+        self._images: dict[str, Image] = {}
+        self._layers: dict[str, Layer] = {}
+        self._load_index()
+
+    def _blob_path(self, diff_id: str) -> Path:
+        return self.root / "blobs" / "sha256" / diff_id.split(":", 1)[1]
+
+    def _load_index(self) -> None:
+        idx = self.root / "images.json"
+        if not idx.exists():
+            return
+        for name, d in json.loads(idx.read_text()).items():
+            layers = [self._layer(diff_id) for diff_id in d["config"]["rootfs"]["diff_ids"]]
+            self._images[name] = image_from_config(name, d["config"], layers)
+
+    def _layer(self, diff_id: str) -> Layer:
+        if diff_id not in self._layers:
+            layer = Layer.from_tar(self._blob_path(diff_id), compression="none")
+            if layer.diff_id != diff_id:
+                raise LayerError(f"store blob {diff_id} is corrupt (content is {layer.diff_id})")
+            self._layers[diff_id] = layer
+        return self._layers[diff_id]
+
+    def _save_index(self) -> None:
+        data = {n: {"config": im.config_json()} for n, im in sorted(self._images.items())}
+        tmp = self.root / "images.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.root / "images.json")
+
+    def add_image(self, image: Image, name: str | None = None) -> Image:
+        if name is not None:
+            image = dataclasses.replace(image, name=name)
+        for layer in image.layers:
+            p = self._blob_path(layer.diff_id)
+            if not p.exists():
+                tmp = p.with_suffix(".tmp")
+                tmp.write_bytes(layer.tar_bytes())
+                os.replace(tmp, p)
+            self._layers.setdefault(layer.diff_id, layer)
+        self._images[image.name] = image
+        self._save_index()
+        return image
+
+    def image(self, name: str) -> Image:
+        try:
+            return self._images[name]
+        except KeyError:
+            if ":" not in name.rpartition("/")[2] and name + ":latest" in self._images:
+                return self._images[name + ":latest"]
+            raise KeyError(f"no image {name!r} in the store (have: {', '.join(sorted(self._images)) or 'none'})") from None
+
+    def images(self) -> list[Image]:
+        return [self._images[n] for n in sorted(self._images)]
+
+    def remove_image(self, name: str) -> None:
+        del self._images[name]
+        self._save_index()
+
+    def layers(self) -> list[Layer]:
+        """Every layer some image uses, each once."""
+        seen: dict[str, Layer] = {}
+        for im in self.images():
+            for l in im.layers:
+                seen.setdefault(l.diff_id, l)
+        return [seen[k] for k in sorted(seen)]
+
+    def layer_dir(self, layer: Layer, parents: Sequence[Layer] = ()) -> Path:
+        """The unpacked lowerdir of ``layer`` (unpacked on first use, then reused by every image).
+
+        ``parents`` (base first) matter only for a layer with a hardlink into an earlier layer: such a
+        lowerdir holds a copy of the target, so it is keyed by ChainID instead of diff_id.
+        """
+        own = {e.path for e in layer.entries()}
+        cross = any(e.type == "hardlink" and e.linkname not in own for e in layer.entries())
+        key = layer.diff_id
+        if cross:
+            for p in parents:
+                key = sha256_digest(f"{key} {p.diff_id}".encode())
+        d = self.root / "layers" / key.split(":", 1)[1]
+        if not d.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.root / "layers"))
+            try:
+                parent_dirs = [self.layer_dir(p, parents[:i]) for i, p in enumerate(parents)][::-1] if cross else []
+                layer.unpack(tmp / "root", self.encoding, parents=parent_dirs)
+                os.rename(tmp, d)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+        return d / "root"
+
+    def disk_usage(self) -> DiskUsage:
+        users: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for im in self.images():
+            for l in {l.diff_id: l for l in im.layers}.values():
+                users[l.diff_id] = users.get(l.diff_id, 0) + 1
+                sizes[l.diff_id] = l.size
+        shared = sum(sizes[d] for d, n in users.items() if n > 1)
+        unshared = sum(sizes[d] for d, n in users.items() if n == 1)
+        without = sum(sizes[d] * n for d, n in users.items())
+        per = []
+        for im in self.images():
+            ids = {l.diff_id for l in im.layers}
+            sh = sum(sizes[d] for d in ids if users[d] > 1)
+            un = sum(sizes[d] for d in ids if users[d] == 1)
+            per.append(ImageUsage(im.name, sh + un, sh, un))
+        return DiskUsage(shared, unshared, without - shared - unshared, tuple(per))
+
+
+def image_from_config(name: str, cfg: dict, layers: list[Layer]) -> Image:
+    """Build an Image from an OCI/Docker config document, checking it against the layers."""
+    if not isinstance(cfg, dict):
+        raise LayerError(f"image {name}: config is not a JSON object")
+    diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list):
+        raise LayerError(f"image {name}: config has no rootfs.diff_ids")
+    if len(diff_ids) != len(layers):
+        raise LayerError(f"image {name}: config lists {len(diff_ids)} diff_ids but the manifest {len(layers)} layers")
+    for i, (want, layer) in enumerate(zip(diff_ids, layers)):
+        if want != layer.diff_id:
+            raise LayerError(f"image {name}: layer {i} has diff_id {layer.diff_id}, config says {want}")
+    history = [History.from_json(h) for h in cfg.get("history") or [] if isinstance(h, dict)]
+    return Image(name, list(layers), ImageConfig.from_json(cfg.get("config")), history,
+                 cfg.get("architecture") or "amd64", cfg.get("os") or "linux", cfg.get("created"))
+
+
+# --------------------------------------------------------------------------------------------------
+# containers
+
+
+class Container:
+    """An image's layers as read-only lowers (top first) plus a fresh upper: what ``docker run`` mounts."""
+
+    def __init__(self, image: Image, store: Store, scratch_dir, backend: str = "auto"):
+        from .engine import Overlay
+        self.image, self.store = image, store
+        self.scratch = Path(scratch_dir)
+        self.upper, self.work = self.scratch / "upper", self.scratch / "work"
+        for d in (self.upper, self.work):
+            d.mkdir(parents=True, exist_ok=True)
+        lowers = [store.layer_dir(l, image.layers[:i]) for i, l in enumerate(image.layers)][::-1]
+        if not lowers:
+            empty = self.scratch / "empty"
+            empty.mkdir(exist_ok=True)
+            lowers = [empty]
+        self.lowers = lowers
+        self.overlay = Overlay(lowers=lowers, upper=self.upper, work=self.work, backend=backend,
+                               encoding=store.encoding)
+
+    def __enter__(self):
+        self.overlay.mount()
+        return self
+
+    def __exit__(self, *exc):
+        self.overlay.unmount()
+
+    def diff(self) -> list[tuple[str, str]]:
+        """``docker diff``: (flag, "/path") with A added, C changed, D deleted; sorted by path."""
+        from .ondisk import WHITEOUT, Layers, MergedDir
+        enc = self.store.encoding
+        low = Layers([str(p) for p in self.lowers], enc, has_upper=False)
+        up = Layers([str(self.upper)], enc, has_upper=False)
+        out: dict[str, str] = {}
+
+        def visit(d: str) -> None:
+            ents = up.entries(0, d) or {}
+            if d and up.is_opaque(0, d):
+                below = low.lookup(d)
+                if isinstance(below, MergedDir):
+                    for n in low.names(below):
+                        if n not in ents:
+                            out[f"{d}/{n}"] = "D"
+            for name in sorted(ents):
+                p = f"{d}/{name}" if d else name
+                e = ents[name]
+                if e is WHITEOUT:
+                    if low.lookup(p) is not None:
+                        out[p] = "D"
+                    continue
+                out[p] = "C" if low.lookup(p) is not None else "A"
+                if stat.S_ISDIR(e.st_mode):
+                    visit(p)
+
+        visit("")
+        return [(flag, "/" + p) for p, flag in sorted(out.items())]
+
+    def commit(self, created_by: str = "", name: str | None = None, *, comment: str = "",
+               config: ImageConfig | None = None, mtime: float | None = None) -> Image:
+        """The upper dir as a new layer on top of the image (the container may stay mounted)."""
+        layer = Layer.from_dir(self.upper, self.store.encoding, mtime=mtime)
+        image = self.image.with_layer(layer, created_by, name=name, comment=comment, config=config)
+        return image
+
+
+
+# --------------------------------------------------------------------------------------------------
+# inspector
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    index: int
+    created_by: str
+    diff_id: str
+    size: int                 # uncompressed tar bytes
+    content_bytes: int        # regular-file bytes in the layer
+    added: tuple[str, ...]
+    modified: tuple[str, ...]
+    removed: tuple[str, ...]  # paths this layer's whiteouts delete
+    opaque: tuple[str, ...]   # directories this layer makes opaque
+    wasted_bytes: int         # bytes of this layer hidden in the final image
+    removed_bytes: int        # bytes of lower layers this layer hides (they still ship)
+
+
+@dataclass(frozen=True)
+class WastedPath:
+    path: str
+    count: int                # versions of the path across layers (whiteouts included)
+    wasted_bytes: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """dive-like numbers for one image; opaque whiteouts are counted (dive ignores them)."""
+
+    name: str
+    layers: tuple[LayerReport, ...]
+    size: int
+    content_bytes: int
+    final_bytes: int
+    wasted_bytes: int
+    inefficiencies: tuple[WastedPath, ...]
+
+    @property
+    def efficiency(self) -> float:
+        """Bytes visible in the final root filesystem / bytes stored in all layers (1.0 = nothing wasted)."""
+        return 1.0 if self.content_bytes == 0 else self.final_bytes / self.content_bytes
+
+    @property
+    def opaque_dirs(self) -> int:
+        return sum(len(l.opaque) for l in self.layers)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "content_bytes": self.content_bytes,
+                "final_bytes": self.final_bytes, "wasted_bytes": self.wasted_bytes,
+                "efficiency": round(self.efficiency, 6), "opaque_dirs": self.opaque_dirs,
+                "layers": [dataclasses.asdict(l) | {k: list(getattr(l, k)) for k in
+                                                    ("added", "modified", "removed", "opaque")}
+                           for l in self.layers],
+                "inefficiencies": [dataclasses.asdict(w) for w in self.inefficiencies]}
+
+    def render(self, *, top: int = 10) -> str:
+        lines = [f"Image {self.name}: {len(self.layers)} layers, {human_size(self.size)}",
+                 f"{'#':>3} {'size':>10} {'added':>6} {'modif':>6} {'remov':>6} {'opaq':>5} {'wasted':>10}  created by"]
+        for l in self.layers:
+            cb = l.created_by.replace("\n", " ")
+            cb = cb if len(cb) <= 60 else cb[:57] + "..."
+            lines.append(f"{l.index:>3} {human_size(l.size):>10} {len(l.added):>6} {len(l.modified):>6} "
+                         f"{len(l.removed):>6} {len(l.opaque):>5} {human_size(l.wasted_bytes):>10}  {cb}")
+        lines.append(f"Wasted: {human_size(self.wasted_bytes)} of {human_size(self.content_bytes)} file bytes; "
+                     f"efficiency {self.efficiency:.1%}; opaque directories: {self.opaque_dirs}")
+        if self.inefficiencies:
+            lines.append(f"{'count':>5} {'wasted':>10}  path")
+            for w in self.inefficiencies[:top]:
+                lines.append(f"{w.count:>5} {human_size(w.wasted_bytes):>10}  /{w.path}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.render()
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def inspect(image: Image) -> Inspection:
+    """Per layer: what it adds, changes and removes, and which of its bytes the final image never shows."""
+    state: dict[str, tuple[int, str, int]] = {}   # visible path -> (layer index, type, size)
+    versions: list[tuple[int, str, int]] = []     # every file version: (layer, path, size)
+    counts: dict[str, int] = {}
+    removed_bytes = [0] * len(image.layers)
+    reports = []
+    history = image.layer_history()
+
+    def drop_below(prefix: str, i: int) -> None:
+        for p in [p for p in state if p.startswith(prefix)]:
+            removed_bytes[i] += state.pop(p)[2]
+
+    for i, layer in enumerate(image.layers):
+        added, modified, removed, opaque = [], [], [], []
+        entries = layer.entries()
+        for e in entries:
+            if e.type == "opaque":
+                opaque.append(e.path)
+                drop_below("" if e.path == "." else e.path + "/", i)
+        for e in entries:
+            if e.type == "whiteout":
+                counts[e.path] = counts.get(e.path, 0) + 1
+                if e.path in state:
+                    removed.append(e.path)
+                    removed_bytes[i] += state.pop(e.path)[2]
+                    drop_below(e.path + "/", i)
+        for e in entries:
+            if e.is_removal or e.path == ".":
+                continue
+            size = e.size if e.type == "file" else 0
+            old = state.get(e.path)
+            if old is None:
+                added.append(e.path)
+            elif not (old[1] == "dir" and e.type == "dir"):
+                modified.append(e.path)
+                removed_bytes[i] += old[2]
+                if old[1] == "dir":
+                    drop_below(e.path + "/", i)
+            if e.type != "dir":
+                versions.append((i, e.path, size))
+                counts[e.path] = counts.get(e.path, 0) + 1
+            state[e.path] = (i, e.type, size)
+        reports.append([i, layer, added, modified, removed, opaque])
+
+    final = {(v[0], p) for p, v in state.items()}
+    wasted_by_layer = [0] * len(image.layers)
+    wasted_by_path: dict[str, int] = {}
+    for i, p, size in versions:
+        if (i, p) not in final:
+            wasted_by_layer[i] += size
+            wasted_by_path[p] = wasted_by_path.get(p, 0) + size
+    out = []
+    for i, layer, added, modified, removed, opaque in reports:
+        h = history[i]
+        out.append(LayerReport(i, h.created_by if h else "", layer.diff_id, layer.size, layer.content_size,
+                               tuple(sorted(added)), tuple(sorted(modified)), tuple(sorted(removed)),
+                               tuple(sorted(opaque)), wasted_by_layer[i], removed_bytes[i]))
+    content = sum(s for _, _, s in versions)
+    final_bytes = sum(v[2] for v in state.values())
+    ineff = sorted((WastedPath(p, counts.get(p, 0), b) for p, b in wasted_by_path.items() if b or counts.get(p, 0) > 1),
+                   key=lambda w: (-w.wasted_bytes, w.path))
+    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff))
