@@ -205,11 +205,20 @@ def test_path_too_long():
 
 _names = st.sampled_from(["a", "b", "a/b", "a/b/c", "..", "../x", "/abs", "a/../../x", ".wh.a", "a/.wh.b",
                           ".wh..wh..opq", "a/.wh..wh..opq", ".wh.", "lnk", "lnk/x", "lnk/.wh.y", "./c", "."])
-_member = st.tuples(
+_generic = st.tuples(
     _names,
     st.sampled_from(["file", "dir", "symlink", "hardlink", "fifo", "char"]),
     st.sampled_from(["", "data", "../../sentinel", "/", "..", "a", "a/b", "/etc/passwd", "../sentinel/file"]),
 )
+# Relative escapes that would land exactly in the watched parent dir (dest/<target>/[<i>/][a/]lnk).
+# Absolute targets ("/") are covered by the explicit tests above, so a broken build cannot touch the host.
+_escape = st.tuples(st.sampled_from(["lnk", "a/lnk"]), st.just("symlink"),
+                    st.sampled_from(["../../sentinel", "../../../sentinel", "../../../../parent/sentinel"]))
+_victim = st.tuples(st.sampled_from(["lnk/x", "a/lnk/x", "lnk/file", "lnk/.wh.file", "lnk/.wh..wh..opq",
+                                     "a/lnk/.wh.file", "a/lnk/.wh..wh..opq", "h", "lnk/d"]),
+                    st.sampled_from(["file", "dir", "hardlink", "symlink"]),
+                    st.sampled_from(["", "lnk/file", "a/lnk/file", "x"]))
+_member = st.one_of(_generic, _escape, _victim)
 
 
 def _mutate(data: bytes, ops) -> bytes:
@@ -231,7 +240,7 @@ _ops = st.lists(st.tuples(st.sampled_from(["flip", "cut", "dup"]), st.integers(0
                 max_size=4)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layers=st.lists(st.tuples(st.lists(_member, max_size=6), _ops, st.booleans()), min_size=1, max_size=3))
 def test_fuzz_mutated_tars_never_escape(tmp_path, layers):
     base = Path(tempfile.mkdtemp(dir=tmp_path))
