@@ -1,0 +1,1323 @@
+"""Container images as OCI changesets: layers, images, a sharing store, containers, flatten, inspect.
+
+A layer tar is untrusted input. Every tar is parsed and validated once, in ``Layer.from_tar``; applying it
+(``flatten``, ``Layer.unpack``) resolves every parent path inside the destination, so nothing is ever
+written outside the directory the caller named. Where the image-spec describes a safe behaviour (absolute
+names are relative to the root, AUFS metadata is skipped) we follow it; everything else is a ``LayerError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import zstandard
+
+WH_PREFIX = ".wh."
+WH_META_PREFIX = ".wh..wh."
+WH_OPAQUE = ".wh..wh..opq"
+
+MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_TAR_GZIP = MEDIA_TAR + "+gzip"
+MEDIA_TAR_ZSTD = MEDIA_TAR + "+zstd"
+MEDIA_BY_COMPRESSION = {"none": MEDIA_TAR, "gzip": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
+
+#: Largest uncompressed layer accepted (decompression bombs stop here).
+MAX_LAYER_BYTES = 8 << 30
+_PATH_MAX = 4096
+_NAME_MAX = 255
+_MAX_SYMLINKS = 40
+_ID_MAX = 2**32 - 2  # 2**32-1 is (uid_t)-1, "leave unchanged" to chown(2)
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_XATTR_PAX = "SCHILY.xattr."
+
+
+class LayerError(ValueError):
+    """A layer tar (or image archive) is malformed or hostile."""
+
+
+# --------------------------------------------------------------------------------------------------
+# compression
+
+
+def detect_compression(blob: bytes) -> str:
+    if blob[:2] == b"\x1f\x8b":
+        return "gzip"
+    if blob[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
+
+
+def compress(data: bytes, compression: str) -> bytes:
+    """Deterministic compression: the same tar always gives the same blob digest."""
+    if compression == "none":
+        return data
+    if compression == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if compression == "zstd":
+        return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)
+    raise ValueError(f"unknown compression {compression!r} (expected none, gzip or zstd)")
+
+
+def decompress(blob: bytes, compression: str | None = None, *, max_size: int = MAX_LAYER_BYTES,
+               what: str = "layer") -> bytes:
+    """Decompress in bounded chunks so a small bomb cannot allocate ``max_size`` + 1 bytes."""
+    compression = compression or detect_compression(blob)
+    if compression == "none":
+        if len(blob) > max_size:
+            raise LayerError(f"{what}: {len(blob)} bytes exceeds the limit of {max_size}")
+        return blob
+    if compression == "gzip":
+        reader: io.RawIOBase = gzip.GzipFile(fileobj=io.BytesIO(blob), mode="rb")
+        errors: tuple = (OSError, EOFError, zlib.error)
+    elif compression == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True)
+        errors = (zstandard.ZstdError, OSError, EOFError)
+    else:
+        raise ValueError(f"unknown compression {compression!r}")
+    out = io.BytesIO()
+    try:
+        while True:
+            chunk = reader.read(1 << 20)
+            if not chunk:
+                break
+            if out.tell() + len(chunk) > max_size:
+                raise LayerError(f"{what}: decompressed size exceeds the limit of {max_size} bytes")
+            out.write(chunk)
+    except errors as e:
+        raise LayerError(f"{what}: corrupt {compression} stream: {e}") from None
+    return out.getvalue()
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# layer entries
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One change in a layer.
+
+    ``path`` is the path the change is about, relative to the root with no leading ``/`` or ``./``
+    ("." is the root): for a whiteout it is the removed path (``etc/.wh.motd`` -> ``etc/motd``), for an
+    opaque marker the directory (``etc/.wh..wh..opq`` -> ``etc``). ``tar_name`` gives the name in the tar.
+    type: file, dir, symlink, hardlink, char, block, fifo, whiteout, opaque.
+    """
+
+    path: str
+    type: str
+    size: int = 0
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: float = 0
+    linkname: str = ""
+    xattrs: dict = field(default_factory=dict, compare=False, hash=False)
+    devmajor: int = 0
+    devminor: int = 0
+
+    @property
+    def tar_name(self) -> str:
+        if self.type == "whiteout":
+            parent, _, base = self.path.rpartition("/")
+            return (parent + "/" if parent else "") + WH_PREFIX + base
+        if self.type == "opaque":
+            return WH_OPAQUE if self.path == "." else self.path + "/" + WH_OPAQUE
+        return self.path
+
+    @property
+    def is_removal(self) -> bool:
+        return self.type in ("whiteout", "opaque")
+
+
+_TAR_TYPES = {
+    tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file", tarfile.GNUTYPE_SPARSE: "file",
+    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+}
+
+
+def normalize_path(name: str, *, what: str = "entry") -> str:
+    """Clean a tar name into a root-relative path; reject anything that could leave the root.
+
+    Leading ``/`` is dropped, as containerd and moby do (names are relative to the layer root);
+    ``..`` components are rejected outright rather than cleaned.
+    """
+    if "\x00" in name:
+        raise LayerError(f"{what} {name!r}: NUL in name")
+    if len(name.encode("utf-8", "surrogateescape")) > _PATH_MAX:
+        raise LayerError(f"{what} {name[:60]!r}...: name longer than {_PATH_MAX} bytes")
+    parts = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise LayerError(f"{what} {name!r}: '..' component would escape the root")
+        if len(comp.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise LayerError(f"{what} {name!r}: component longer than {_NAME_MAX} bytes")
+        parts.append(comp)
+    return "/".join(parts) or "."
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0] or "."
+
+
+def _parse_tar(data: bytes) -> tuple[list[LayerEntry], dict[str, tuple[int, int]]]:
+    """Parse and validate an uncompressed layer tar.
+
+    Returns the entries in tar order and, for regular files, (offset, size) of their data in ``data``.
+    """
+    if len(data) == 0:
+        raise LayerError("layer tar is empty (not even an end-of-archive marker)")
+    entries: list[LayerEntry] = []
+    offsets: dict[str, tuple[int, int]] = {}
+    seen: dict[str, str] = {}
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:", errorlevel=2)
+    except tarfile.ReadError as e:
+        if data.count(0) == len(data):
+            return entries, offsets  # an empty tar: only end-of-archive blocks
+        raise LayerError(f"not a tar archive: {e}") from None
+    try:
+        while True:
+            try:
+                ti = tf.next()
+            except (tarfile.TarError, UnicodeError, ValueError, OverflowError) as e:
+                raise LayerError(f"malformed tar header near offset {tf.offset}: {e}") from None
+            if ti is None:
+                break
+            entry = _entry_from_tarinfo(ti, data)
+            if entry is None:
+                continue
+            cat = entry.type if entry.is_removal else "add"
+            prev = seen.get((entry.path, cat))
+            if prev is not None and not (prev == "dir" and entry.type == "dir"):
+                raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
+            seen[(entry.path, cat)] = entry.type
+            if entry.type == "file":
+                offsets[entry.path] = (ti.offset_data, ti.size)
+            entries.append(entry)
+        end = tf.offset
+    finally:
+        tf.close()
+    # tarfile stops quietly at a bad header after the first one; Go's archive/tar and we do not.
+    rest = data[end:end + tarfile.BLOCKSIZE]
+    if rest and rest.count(0) != len(rest):
+        raise LayerError(f"malformed tar header at offset {end}")
+    _check_links(entries)
+    return entries, offsets
+
+
+def _entry_from_tarinfo(ti: tarfile.TarInfo, data: bytes) -> LayerEntry | None:
+    name = ti.name
+    kind = _TAR_TYPES.get(ti.type)
+    if kind is None:
+        raise LayerError(f"entry {name!r}: unsupported tar entry type {ti.type!r}")
+    path = normalize_path(name)
+    if ti.size < 0:
+        raise LayerError(f"entry {name!r}: negative size")
+    if kind == "file" and ti.offset_data + ti.size > len(data):
+        raise LayerError(f"entry {name!r}: truncated archive (declares {ti.size} bytes, "
+                         f"{max(0, len(data) - ti.offset_data)} present)")
+    for what, v in (("uid", ti.uid), ("gid", ti.gid)):
+        if not 0 <= v <= _ID_MAX:
+            raise LayerError(f"entry {name!r}: absurd {what} {v}")
+    xattrs = {}
+    for k, v in (ti.pax_headers or {}).items():
+        if k.startswith(_XATTR_PAX):
+            xattrs[k[len(_XATTR_PAX):]] = v.encode("utf-8", "surrogateescape")
+    try:
+        mtime = float(ti.mtime)
+    except (TypeError, ValueError):
+        raise LayerError(f"entry {name!r}: bad mtime") from None
+    comps = path.split("/") if path != "." else []
+    for comp in comps[:-1]:
+        if comp.startswith(WH_PREFIX):
+            raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
+    base = comps[-1] if comps else ""
+    common = dict(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime=mtime)
+    if base.startswith(WH_PREFIX):
+        if kind not in ("file", "hardlink"):
+            raise LayerError(f"entry {name!r}: whiteout must be a regular file, not a {kind}")
+        if base == WH_OPAQUE:
+            return LayerEntry(_parent(path), "opaque", **common)
+        if base.startswith(WH_META_PREFIX):
+            return None  # AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): skipped, as moby does
+        target = base[len(WH_PREFIX):]
+        if target in ("", ".", ".."):
+            raise LayerError(f"entry {name!r}: invalid whiteout (nothing or {target!r} to remove)")
+        parent = _parent(path)
+        return LayerEntry(target if parent == "." else parent + "/" + target, "whiteout", **common)
+    if path == "." and kind != "dir":
+        raise LayerError(f"entry {name!r}: the root can only be a directory")
+    linkname = ""
+    if kind == "symlink":
+        linkname = ti.linkname
+        if "\x00" in linkname or len(linkname) > _PATH_MAX:
+            raise LayerError(f"entry {name!r}: bad symlink target")
+    elif kind == "hardlink":
+        linkname = normalize_path(ti.linkname, what=f"hardlink {name!r} ->")
+        if linkname == ".":
+            raise LayerError(f"entry {name!r}: hardlink to the root")
+        if linkname == path:
+            raise LayerError(f"entry {name!r}: hardlink to itself")
+        if any(c.startswith(WH_PREFIX) for c in linkname.split("/")):
+            raise LayerError(f"entry {name!r}: hardlink to a whiteout name")
+    size = ti.size if kind == "file" else 0
+    return LayerEntry(path, kind, size=size, linkname=linkname, xattrs=xattrs,
+                      devmajor=ti.devmajor if kind in ("char", "block") else 0,
+                      devminor=ti.devminor if kind in ("char", "block") else 0, **common)
+
+
+def _check_links(entries: list[LayerEntry]) -> None:
+    """Within one layer, no entry may sit below a non-directory of the same layer."""
+    kinds = {e.path: e.type for e in entries if not e.is_removal}
+    for e in entries:
+        if e.path == ".":
+            continue
+        p = _parent(e.path) if e.type != "opaque" else e.path
+        while p != ".":
+            k = kinds.get(p)
+            if k is not None and k not in ("dir", "symlink"):
+                raise LayerError(f"entry {e.tar_name!r}: parent {p!r} is a {k} in the same layer")
+            p = _parent(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer
+
+
+class Layer:
+    """An immutable OCI changeset, content addressed by the sha256 of its uncompressed tar (diff_id)."""
+
+    __slots__ = ("_tar", "_blob", "_compression", "_entries", "_offsets", "_diff_id", "_digest")
+
+    def __init__(self, tar: bytes, *, blob: bytes | None = None, compression: str = "none",
+                 _parsed=None):
+        self._tar = tar
+        if compression not in MEDIA_BY_COMPRESSION:
+            raise ValueError(f"unknown compression {compression!r}")
+        self._compression = compression
+        self._blob = blob
+        self._entries, self._offsets = _parsed if _parsed is not None else _parse_tar(tar)
+        self._diff_id = sha256_digest(tar)
+        self._digest: str | None = None
+
+    # -- construction
+    @classmethod
+    def from_tar(cls, data: bytes | str | os.PathLike, *, compression: str | None = None,
+                 max_size: int = MAX_LAYER_BYTES) -> "Layer":
+        """Validate a (possibly compressed) layer tar. ``compression`` None means detect from the bytes.
+
+        The blob keeps its original bytes, so ``digest`` matches the manifest that named it.
+        """
+        blob = Path(data).read_bytes() if isinstance(data, (str, os.PathLike)) else bytes(data)
+        detected = detect_compression(blob)
+        if compression is None:
+            compression = detected
+        elif compression != detected:
+            raise LayerError(f"layer declared {compression} but its bytes look like {detected}")
+        tar = decompress(blob, compression, max_size=max_size)
+        return cls(tar, blob=None if compression == "none" else blob, compression=compression)
+
+    @classmethod
+    def from_entries(cls, items: Iterable[tuple[LayerEntry, bytes | None]], *, sort: bool = True) -> "Layer":
+        """Write a deterministic tar from entries (and file contents); whiteouts come before siblings."""
+        items = list(items)
+        if sort:
+            items.sort(key=lambda it: _sort_key(it[0]))
+        return cls(_write_tar(items))
+
+    @classmethod
+    def from_dir(cls, upper_dir, encoding, *, mtime: float | None = None) -> "Layer":
+        """Turn an overlay upper dir into an OCI changeset, exactly as moby/containerd convert it.
+
+        A whiteout (char 0/0, or a ``.wh.`` marker under the fallback encoding) becomes a regular
+        ``.wh.<name>`` with mode 0600 keeping its owner and mtime; an opaque directory gets an extra
+        ``<dir>/.wh..wh..opq`` (mode of the dir, mtime 0) and loses its overlay xattr. ``mtime``
+        clamps every time for reproducible builds.
+        """
+        return cls.from_entries(_entries_from_upper(Path(upper_dir), encoding, mtime))
+
+    def with_compression(self, compression: str) -> "Layer":
+        if compression == self._compression:
+            return self
+        blob = None if compression == "none" else compress(self._tar, compression)
+        return Layer(self._tar, blob=blob, compression=compression, _parsed=(self._entries, self._offsets))
+
+    # -- identity
+    @property
+    def diff_id(self) -> str:
+        return self._diff_id
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = sha256_digest(self.blob())
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return len(self._tar)
+
+    @property
+    def compression(self) -> str:
+        return self._compression
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_BY_COMPRESSION[self._compression]
+
+    @property
+    def content_size(self) -> int:
+        """Bytes of regular-file data the layer adds (what ``du`` would roughly see)."""
+        return sum(e.size for e in self._entries if e.type == "file")
+
+    def blob(self) -> bytes:
+        if self._compression == "none":
+            return self._tar
+        if self._blob is None:
+            self._blob = compress(self._tar, self._compression)
+        return self._blob
+
+    def __eq__(self, other):
+        return isinstance(other, Layer) and other._diff_id == self._diff_id
+
+    def __hash__(self):
+        return hash(self._diff_id)
+
+    def __repr__(self):
+        return f"Layer({self._diff_id[:19]}, {len(self._entries)} entries, {self.size} bytes)"
+
+    # -- content
+    def entries(self) -> list[LayerEntry]:
+        return list(self._entries)
+
+    def tar_bytes(self) -> bytes:
+        return self._tar
+
+    def read(self, path: str) -> bytes:
+        """Data of a regular file entry."""
+        off, size = self._offsets[normalize_path(path)]
+        return self._tar[off:off + size]
+
+    def unpack(self, dest, encoding, *, parents: Sequence[os.PathLike] = (), devices: str = "skip") -> list[str]:
+        """Unpack into an overlay lowerdir ``dest`` (empty or missing).
+
+        Whiteouts become ``encoding.make_whiteout``, opaque markers ``encoding.set_opaque``.
+        A hardlink to a file of an earlier layer cannot cross lowerdirs: the file is copied from the
+        first of ``parents`` (lowerdirs, top first) that has it. Returns warnings (skipped devices/xattrs).
+        """
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        ap = _Applier(dest, devices=devices)
+        for e in self._entries:
+            if e.type == "opaque":
+                d = ap.ensure_dir(e.path)
+                encoding.set_opaque(str(d))
+        for e in self._entries:
+            if e.type == "whiteout":
+                parent = ap.ensure_dir(_parent(e.path))
+                name = e.path.rpartition("/")[2]
+                target = parent / name
+                if not os.path.lexists(target):  # the layer itself may re-add the path; keep that
+                    encoding.make_whiteout(str(parent), name)
+        for e in self._entries:
+            if not e.is_removal:
+                if e.type == "hardlink" and ap.lookup(e.linkname) is None:
+                    ap.copy_in_from(e.linkname, parents, encoding)
+                ap.add(e, self)
+        ap.finish()
+        return ap.warnings
+
+
+def _sort_key(e: LayerEntry):
+    # whiteouts before their siblings (image-spec SHOULD); "." first; then by path components
+    comps = () if e.path == "." else tuple(e.path.split("/"))
+    if e.type == "opaque":
+        return comps + ("",)
+    if e.type == "whiteout":
+        return comps[:-1] + ("\x00" + comps[-1],)
+    return comps
+
+
+def _write_tar(items: list[tuple[LayerEntry, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for e, data in items:
+            name = e.tar_name
+            ti = tarfile.TarInfo("./" if name == "." else name + ("/" if e.type == "dir" else ""))
+            ti.mode, ti.uid, ti.gid = e.mode & 0o7777, e.uid, e.gid
+            ti.mtime = int(e.mtime) if float(e.mtime).is_integer() else e.mtime
+            ti.uname = ti.gname = ""
+            if e.xattrs:
+                ti.pax_headers = {_XATTR_PAX + k: v.decode("utf-8", "surrogateescape")
+                                  for k, v in sorted(e.xattrs.items())}
+            t = e.type
+            if t in ("file", "whiteout", "opaque"):
+                ti.type = tarfile.REGTYPE
+                data = data or b""
+                if t == "file" and e.size not in (0, len(data)):
+                    raise ValueError(f"{e.path}: size {e.size} but {len(data)} bytes of data")
+                ti.size = len(data) if t == "file" else 0
+                tf.addfile(ti, io.BytesIO(data) if t == "file" else None)
+                continue
+            ti.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                       "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}[t]
+            ti.linkname = e.linkname
+            ti.devmajor, ti.devminor = e.devmajor, e.devminor
+            tf.addfile(ti)
+    return buf.getvalue()
+
+
+def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, bytes | None]]:
+    items: list[tuple[LayerEntry, bytes | None]] = []
+    first_path: dict[tuple[int, int], str] = {}
+
+    def t(st_mtime):
+        return int(st_mtime) if mtime is None else min(int(st_mtime), int(mtime))
+
+    def xattrs_of(p: Path) -> dict:
+        out = {}
+        try:
+            names = os.listxattr(p, follow_symlinks=False)
+        except OSError:
+            return out
+        for n in names:
+            if n.startswith(_OVERLAY_XATTR_PREFIXES):
+                continue
+            try:
+                out[n] = os.getxattr(p, n, follow_symlinks=False)
+            except OSError:
+                pass
+        return out
+
+    for dirpath, dirnames, filenames in os.walk(upper):
+        dirnames.sort()
+        d = Path(dirpath)
+        rel_dir = d.relative_to(upper).as_posix()
+        if rel_dir != "." and encoding.is_opaque(str(d)):
+            st = d.stat()
+            items.append((LayerEntry(rel_dir, "opaque", mode=st.st_mode & 0o777,
+                                     uid=st.st_uid, gid=st.st_gid, mtime=0), None))
+        for name in sorted(dirnames + filenames):
+            p = d / name
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if name == WH_OPAQUE:
+                continue  # fallback-encoded opaque marker: emitted with its directory above
+            st = p.lstat()
+            if encoding.is_whiteout(str(d), name):
+                target = name[len(WH_PREFIX):] if name.startswith(WH_PREFIX) else name
+                path = target if rel_dir == "." else f"{rel_dir}/{target}"
+                items.append((LayerEntry(path, "whiteout", mode=0o600, uid=st.st_uid, gid=st.st_gid,
+                                         mtime=t(st.st_mtime)), None))
+                continue
+            common = dict(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                          mtime=t(st.st_mtime), xattrs=xattrs_of(p))
+            m = st.st_mode
+            if stat.S_ISDIR(m):
+                items.append((LayerEntry(rel, "dir", **common), None))
+            elif stat.S_ISLNK(m):
+                items.append((LayerEntry(rel, "symlink", linkname=os.readlink(p), **common), None))
+            elif stat.S_ISREG(m):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in first_path:
+                    items.append((LayerEntry(rel, "hardlink", linkname=first_path[key], **common), None))
+                    continue
+                first_path[key] = rel
+                data = p.read_bytes()
+                items.append((LayerEntry(rel, "file", size=len(data), **common), data))
+            elif stat.S_ISFIFO(m):
+                items.append((LayerEntry(rel, "fifo", **common), None))
+            elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+                kind = "char" if stat.S_ISCHR(m) else "block"
+                items.append((LayerEntry(rel, kind, devmajor=os.major(st.st_rdev),
+                                         devminor=os.minor(st.st_rdev), **common), None))
+            # sockets are not representable in a tar: skipped, as tar(1) does
+    return items
+
+
+# --------------------------------------------------------------------------------------------------
+# applying changesets to a directory
+
+
+class _Applier:
+    """Writes entries below ``root`` and nowhere else.
+
+    Parent paths are resolved like securejoin/containerd's RootPath: a symlink on the way is followed
+    but clamped to ``root`` (absolute targets and ``..`` are relative to ``root``), and the last
+    component is never followed.
+    """
+
+    def __init__(self, root: Path, *, devices: str = "skip"):
+        if devices not in ("skip", "error", "create"):
+            raise ValueError("devices must be skip, error or create")
+        self.root = Path(os.path.realpath(root))
+        self.devices = devices
+        self.dir_times: dict[Path, tuple[float, float]] = {}
+        self.warnings: list[str] = []
+        self.as_root = os.geteuid() == 0
+
+    def resolve(self, rel: str, *, create: bool = False) -> Path | None:
+        """Real directory for ``rel`` inside root (None if missing and not ``create``)."""
+        todo = [] if rel == "." else rel.split("/")
+        todo.reverse()
+        stack: list[str] = []
+        links = 0
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if stack:
+                    stack.pop()
+                continue
+            cur = self.root.joinpath(*stack, comp)
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                os.mkdir(cur, 0o755)
+                stack.append(comp)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
+                target = os.readlink(cur)
+                if target.startswith("/"):
+                    stack = []
+                parts = [p for p in target.split("/") if p]
+                todo.extend(reversed(parts))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                if not create:
+                    return None
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
+            stack.append(comp)
+        return self.root.joinpath(*stack)
+
+    def ensure_dir(self, rel: str) -> Path:
+        return self.resolve(rel, create=True)
+
+    def lookup(self, rel: str) -> Path | None:
+        """The real path of ``rel`` (last component not followed), or None."""
+        if rel == ".":
+            return self.root
+        parent = self.resolve(_parent(rel))
+        if parent is None:
+            return None
+        p = parent / rel.rpartition("/")[2]
+        return p if os.path.lexists(p) else None
+
+    def remove(self, rel: str) -> None:
+        p = self.lookup(rel)
+        if p is None or p == self.root:
+            return
+        _remove_path(p)
+
+    def clear_dir(self, rel: str, keep: set[str] = frozenset()) -> None:
+        d = self.resolve(rel)
+        if d is None:
+            return
+        for name in os.listdir(d):
+            if name not in keep:
+                _remove_path(d / name)
+
+    def add(self, e: LayerEntry, layer: Layer) -> None:
+        if e.path == ".":
+            return  # the destination's own attributes belong to the caller
+        if e.type in ("char", "block"):
+            if self.devices == "error":
+                raise LayerError(f"entry {e.path!r}: device node {e.devmajor}:{e.devminor} not allowed")
+            if self.devices == "skip" or not self.as_root:
+                self.warnings.append(f"skipped {e.type} device {e.path}")
+                return
+        parent = self.ensure_dir(_parent(e.path))
+        p = parent / e.path.rpartition("/")[2]
+        existing = os.path.lexists(p)
+        if existing:
+            if e.type == "dir" and p.is_dir() and not p.is_symlink():
+                self._attrs(p, e, is_dir=True)
+                return
+            _remove_path(p)
+        t = e.type
+        if t == "dir":
+            os.mkdir(p, 0o700)
+        elif t == "file":
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(layer.read(e.path))
+        elif t == "symlink":
+            os.symlink(e.linkname, p)
+        elif t == "hardlink":
+            target = self.lookup(e.linkname)
+            if target is None:
+                raise LayerError(f"hardlink {e.path!r} -> {e.linkname!r}: target does not exist")
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise LayerError(f"hardlink {e.path!r} -> {e.linkname!r}: target is a directory")
+            os.link(target, p, follow_symlinks=False)
+            return  # a hardlink shares the target's inode: its attributes are the target's
+        elif t == "fifo":
+            os.mkfifo(p, 0o600)
+        elif t in ("char", "block"):
+            os.mknod(p, (stat.S_IFCHR if t == "char" else stat.S_IFBLK) | 0o600,
+                     os.makedev(e.devmajor, e.devminor))
+        self._attrs(p, e, is_dir=(t == "dir"))
+
+    def _attrs(self, p: Path, e: LayerEntry, *, is_dir: bool) -> None:
+        link = e.type == "symlink"
+        if self.as_root:
+            os.chown(p, e.uid, e.gid, follow_symlinks=False)
+        if not link:
+            os.chmod(p, e.mode)
+        for k, v in sorted(e.xattrs.items()):
+            if k.startswith(_OVERLAY_XATTR_PREFIXES):
+                self.warnings.append(f"dropped overlay xattr {k} on {e.path}")
+                continue
+            try:
+                os.setxattr(p, k, v, follow_symlinks=False)
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+                self.warnings.append(f"could not set xattr {k} on {e.path}: {err.strerror}")
+        times = (e.mtime, e.mtime)
+        if is_dir:
+            self.dir_times[p] = times  # set after the children are written
+        else:
+            _utime(p, times)
+
+    def copy_in_from(self, rel: str, parents: Sequence[os.PathLike], encoding) -> None:
+        """Copy ``rel`` from the first lowerdir that has it (for a hardlink into an earlier layer)."""
+        for lower in parents:
+            src = _lower_lookup([Path(lower)], rel, encoding)
+            if src is not None and not src.is_dir():
+                dst_parent = self.ensure_dir(_parent(rel))
+                shutil.copy2(src, dst_parent / rel.rpartition("/")[2], follow_symlinks=False)
+                if self.as_root:
+                    st = src.lstat()
+                    os.chown(dst_parent / rel.rpartition("/")[2], st.st_uid, st.st_gid, follow_symlinks=False)
+                return
+
+    def finish(self) -> None:
+        for p, times in sorted(self.dir_times.items(), key=lambda kv: -len(kv[0].parts)):
+            _utime(p, times)
+        self.dir_times.clear()
+
+
+def _utime(p: Path, times) -> None:
+    try:
+        os.utime(p, times, follow_symlinks=False)
+    except (OverflowError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
+            raise
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        os.unlink(p)
+
+
+def _lower_lookup(lowers: Sequence[Path], rel: str, encoding) -> Path | None:
+    """Which lowerdir (top first) provides ``rel``, honouring whiteouts and opaque dirs."""
+    comps = [] if rel == "." else rel.split("/")
+    for lower in lowers:
+        d, opaque = lower, False
+        for i, comp in enumerate(comps):
+            if encoding.is_whiteout(str(d), comp):
+                return None
+            nxt = d / comp
+            if not os.path.lexists(nxt):
+                break
+            if i == len(comps) - 1:
+                return nxt
+            if nxt.is_symlink() or not nxt.is_dir():
+                return None  # a non-directory hides everything below it
+            opaque = opaque or encoding.is_opaque(str(nxt))
+            d = nxt
+        else:
+            return d
+        if opaque:
+            return None
+    return None
+
+
+def flatten(image_or_layers, dest, *, devices: str = "skip") -> list[str]:
+    """Apply layers (base first) to ``dest`` as the image-spec says; return warnings.
+
+    Per layer: first every removal (opaque markers, then whiteouts) against the state of the layers
+    below -- so an opaque whiteout applies before the layer's own entries wherever it sits in the tar,
+    and a whiteout never removes a sibling of its own layer -- then the additions in tar order. A
+    directory over a directory only updates attributes; anything else replaces the old path.
+    """
+    layers = image_or_layers.layers if hasattr(image_or_layers, "layers") else list(image_or_layers)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    for layer in layers:
+        ap = _Applier(dest, devices=devices)
+        for e in layer.entries():
+            if e.type == "opaque":
+                ap.clear_dir(e.path)
+        for e in layer.entries():
+            if e.type == "whiteout":
+                ap.remove(e.path)
+        for e in layer.entries():
+            if e.type == "opaque":
+                ap.ensure_dir(e.path)
+            elif not e.is_removal:
+                ap.add(e, layer)
+        ap.finish()
+        warnings.extend(ap.warnings)
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------------
+# images
+
+
+@dataclass(frozen=True)
+class History:
+    """One build step. ``empty_layer`` steps (ENV, CMD, ...) change only the config."""
+
+    created_by: str = ""
+    empty_layer: bool = False
+    comment: str = ""
+    created: str | None = None
+    author: str | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {}
+        if self.created is not None:
+            d["created"] = self.created
+        if self.author:
+            d["author"] = self.author
+        if self.created_by:
+            d["created_by"] = self.created_by
+        if self.comment:
+            d["comment"] = self.comment
+        if self.empty_layer:
+            d["empty_layer"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "History":
+        return cls(created_by=d.get("created_by", "") or "", empty_layer=bool(d.get("empty_layer", False)),
+                   comment=d.get("comment", "") or "", created=d.get("created"), author=d.get("author"))
+
+
+@dataclass
+class ImageConfig:
+    """The runtime part of an image config (OCI ``config`` object)."""
+
+    env: list[str] = field(default_factory=list)
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    working_dir: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    stop_signal: str = ""
+
+    def to_json(self) -> dict:
+        d: dict = {}
+        if self.user:
+            d["User"] = self.user
+        if self.exposed_ports:
+            d["ExposedPorts"] = {p: {} for p in sorted(self.exposed_ports)}
+        if self.env:
+            d["Env"] = list(self.env)
+        if self.entrypoint is not None:
+            d["Entrypoint"] = list(self.entrypoint)
+        if self.cmd is not None:
+            d["Cmd"] = list(self.cmd)
+        if self.volumes:
+            d["Volumes"] = {v: {} for v in sorted(self.volumes)}
+        if self.working_dir:
+            d["WorkingDir"] = self.working_dir
+        if self.labels:
+            d["Labels"] = dict(sorted(self.labels.items()))
+        if self.stop_signal:
+            d["StopSignal"] = self.stop_signal
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "ImageConfig":
+        d = d or {}
+
+        def strlist(key):
+            v = d.get(key)
+            if v is None:
+                return None
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise LayerError(f"image config: {key} must be a list of strings")
+            return list(v)
+
+        return cls(env=strlist("Env") or [], cmd=strlist("Cmd"), entrypoint=strlist("Entrypoint"),
+                   working_dir=d.get("WorkingDir") or "", labels=dict(d.get("Labels") or {}),
+                   user=d.get("User") or "", exposed_ports=sorted(d.get("ExposedPorts") or {}),
+                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "")
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(e.split("=", 1) if "=" in e else (e, "") for e in self.env)
+
+
+@dataclass
+class Image:
+    """An ordered list of layers (base first, as in the OCI manifest) plus config and history."""
+
+    name: str
+    layers: list[Layer] = field(default_factory=list)
+    config: ImageConfig = field(default_factory=ImageConfig)
+    history: list[History] = field(default_factory=list)
+    architecture: str = "amd64"
+    os: str = "linux"
+    created: str | None = None
+
+    def config_json(self) -> dict:
+        d = {"architecture": self.architecture, "os": self.os, "config": self.config.to_json(),
+             "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in self.layers]},
+             "history": [h.to_json() for h in self.history]}
+        if self.created is not None:
+            d["created"] = self.created
+        return d
+
+    def config_bytes(self) -> bytes:
+        return json.dumps(self.config_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def id(self) -> str:
+        """Docker's image id: the digest of the config blob."""
+        return sha256_digest(self.config_bytes())
+
+    @property
+    def size(self) -> int:
+        return sum(l.size for l in self.layers)
+
+    def chain_ids(self) -> list[str]:
+        """ChainID of each layer (image-spec config.md): identifies a layer together with all below it."""
+        out: list[str] = []
+        for l in self.layers:
+            out.append(l.diff_id if not out else sha256_digest(f"{out[-1]} {l.diff_id}".encode()))
+        return out
+
+    def layer_history(self) -> list[History | None]:
+        """The history entry of each layer (non-empty entries matched in order)."""
+        hs = [h for h in self.history if not h.empty_layer]
+        return [hs[i] if i < len(hs) else None for i in range(len(self.layers))]
+
+    def with_layer(self, layer: Layer, created_by: str, *, name: str | None = None,
+                   comment: str = "", config: ImageConfig | None = None) -> "Image":
+        return Image(name or self.name, self.layers + [layer],
+                     dataclasses.replace(config or self.config),
+                     self.history + [History(created_by, False, comment)], self.architecture, self.os)
+
+    def __repr__(self):
+        return f"Image({self.name!r}, {len(self.layers)} layers, {self.size} bytes)"
+
+
+# --------------------------------------------------------------------------------------------------
+# store
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    name: str
+    size: int
+    shared_size: int
+    unique_size: int
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Like ``docker system df -v``: what the images take with sharing, and what they would without."""
+
+    shared_bytes: int      # stored once, used by two or more images
+    unshared_bytes: int    # used by exactly one image
+    saved_bytes: int       # without_sharing - stored
+    per_image: tuple[ImageUsage, ...]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.shared_bytes + self.unshared_bytes
+
+    @property
+    def without_sharing_bytes(self) -> int:
+        return self.stored_bytes + self.saved_bytes
+
+
+class Store:
+    """A content-addressed layer store: each layer's tar and its unpacked lowerdir exist once.
+
+    Layout under ``root``: ``blobs/sha256/<diff_id>`` (uncompressed tar), ``layers/<key>/`` (lowerdir),
+    ``images.json`` (names -> config + diff_ids).
+    """
+
+    def __init__(self, root, encoding=None):
+        from . import ondisk
+        self.root = Path(root)
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (self.root / "layers").mkdir(exist_ok=True)
+        self.encoding = encoding or ondisk.probe(self.root)
+        self._images: dict[str, Image] = {}
+        self._layers: dict[str, Layer] = {}
+        self._load_index()
+
+    def _blob_path(self, diff_id: str) -> Path:
+        return self.root / "blobs" / "sha256" / diff_id.split(":", 1)[1]
+
+    def _load_index(self) -> None:
+        idx = self.root / "images.json"
+        if not idx.exists():
+            return
+        for name, d in json.loads(idx.read_text()).items():
+            layers = [self._layer(diff_id) for diff_id in d["config"]["rootfs"]["diff_ids"]]
+            self._images[name] = image_from_config(name, d["config"], layers)
+
+    def _layer(self, diff_id: str) -> Layer:
+        if diff_id not in self._layers:
+            layer = Layer.from_tar(self._blob_path(diff_id), compression="none")
+            if layer.diff_id != diff_id:
+                raise LayerError(f"store blob {diff_id} is corrupt (content is {layer.diff_id})")
+            self._layers[diff_id] = layer
+        return self._layers[diff_id]
+
+    def _save_index(self) -> None:
+        data = {n: {"config": im.config_json()} for n, im in sorted(self._images.items())}
+        tmp = self.root / "images.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.root / "images.json")
+
+    def add_image(self, image: Image, name: str | None = None) -> Image:
+        if name is not None:
+            image = dataclasses.replace(image, name=name)
+        for layer in image.layers:
+            p = self._blob_path(layer.diff_id)
+            if not p.exists():
+                tmp = p.with_suffix(".tmp")
+                tmp.write_bytes(layer.tar_bytes())
+                os.replace(tmp, p)
+            self._layers.setdefault(layer.diff_id, layer)
+        self._images[image.name] = image
+        self._save_index()
+        return image
+
+    def image(self, name: str) -> Image:
+        try:
+            return self._images[name]
+        except KeyError:
+            if ":" not in name.rpartition("/")[2] and name + ":latest" in self._images:
+                return self._images[name + ":latest"]
+            raise KeyError(f"no image {name!r} in the store (have: {', '.join(sorted(self._images)) or 'none'})") from None
+
+    def images(self) -> list[Image]:
+        return [self._images[n] for n in sorted(self._images)]
+
+    def remove_image(self, name: str) -> None:
+        del self._images[name]
+        self._save_index()
+
+    def layers(self) -> list[Layer]:
+        """Every layer some image uses, each once."""
+        seen: dict[str, Layer] = {}
+        for im in self.images():
+            for l in im.layers:
+                seen.setdefault(l.diff_id, l)
+        return [seen[k] for k in sorted(seen)]
+
+    def layer_dir(self, layer: Layer, parents: Sequence[Layer] = ()) -> Path:
+        """The unpacked lowerdir of ``layer`` (unpacked on first use, then reused by every image).
+
+        ``parents`` (base first) matter only for a layer with a hardlink into an earlier layer: such a
+        lowerdir holds a copy of the target, so it is keyed by ChainID instead of diff_id.
+        """
+        own = {e.path for e in layer.entries()}
+        cross = any(e.type == "hardlink" and e.linkname not in own for e in layer.entries())
+        key = layer.diff_id
+        if cross:
+            for p in parents:
+                key = sha256_digest(f"{key} {p.diff_id}".encode())
+        d = self.root / "layers" / key.split(":", 1)[1]
+        if not d.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.root / "layers"))
+            try:
+                parent_dirs = [self.layer_dir(p, parents[:i]) for i, p in enumerate(parents)][::-1] if cross else []
+                layer.unpack(tmp / "root", self.encoding, parents=parent_dirs)
+                os.rename(tmp, d)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+        return d / "root"
+
+    def disk_usage(self) -> DiskUsage:
+        users: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for im in self.images():
+            for l in {l.diff_id: l for l in im.layers}.values():
+                users[l.diff_id] = users.get(l.diff_id, 0) + 1
+                sizes[l.diff_id] = l.size
+        shared = sum(sizes[d] for d, n in users.items() if n > 1)
+        unshared = sum(sizes[d] for d, n in users.items() if n == 1)
+        without = sum(sizes[d] * n for d, n in users.items())
+        per = []
+        for im in self.images():
+            ids = {l.diff_id for l in im.layers}
+            sh = sum(sizes[d] for d in ids if users[d] > 1)
+            un = sum(sizes[d] for d in ids if users[d] == 1)
+            per.append(ImageUsage(im.name, sh + un, sh, un))
+        return DiskUsage(shared, unshared, without - shared - unshared, tuple(per))
+
+
+def image_from_config(name: str, cfg: dict, layers: list[Layer]) -> Image:
+    """Build an Image from an OCI/Docker config document, checking it against the layers."""
+    if not isinstance(cfg, dict):
+        raise LayerError(f"image {name}: config is not a JSON object")
+    diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list):
+        raise LayerError(f"image {name}: config has no rootfs.diff_ids")
+    if len(diff_ids) != len(layers):
+        raise LayerError(f"image {name}: config lists {len(diff_ids)} diff_ids but the manifest {len(layers)} layers")
+    for i, (want, layer) in enumerate(zip(diff_ids, layers)):
+        if want != layer.diff_id:
+            raise LayerError(f"image {name}: layer {i} has diff_id {layer.diff_id}, config says {want}")
+    history = [History.from_json(h) for h in cfg.get("history") or [] if isinstance(h, dict)]
+    return Image(name, list(layers), ImageConfig.from_json(cfg.get("config")), history,
+                 cfg.get("architecture") or "amd64", cfg.get("os") or "linux", cfg.get("created"))
+
+
+# --------------------------------------------------------------------------------------------------
+# containers
+
+
+class Container:
+    """An image's layers as read-only lowers (top first) plus a fresh upper: what ``docker run`` mounts."""
+
+    def __init__(self, image: Image, store: Store, scratch_dir, backend: str = "auto"):
+        from .engine import Overlay
+        self.image, self.store = image, store
+        self.scratch = Path(scratch_dir)
+        self.upper, self.work = self.scratch / "upper", self.scratch / "work"
+        for d in (self.upper, self.work):
+            d.mkdir(parents=True, exist_ok=True)
+        lowers = [store.layer_dir(l, image.layers[:i]) for i, l in enumerate(image.layers)][::-1]
+        if not lowers:
+            empty = self.scratch / "empty"
+            empty.mkdir(exist_ok=True)
+            lowers = [empty]
+        self.lowers = lowers
+        self.overlay = Overlay(lowers=lowers, upper=self.upper, work=self.work, backend=backend,
+                               encoding=store.encoding)
+
+    def __enter__(self):
+        self.overlay.mount()
+        return self
+
+    def __exit__(self, *exc):
+        self.overlay.unmount()
+
+    def diff(self) -> list[tuple[str, str]]:
+        """``docker diff``: (flag, "/path") with A added, C changed, D deleted; sorted by path."""
+        from .ondisk import WHITEOUT, Layers, MergedDir
+        enc = self.store.encoding
+        low = Layers([str(p) for p in self.lowers], enc, has_upper=False)
+        up = Layers([str(self.upper)], enc, has_upper=False)
+        out: dict[str, str] = {}
+
+        def visit(d: str) -> None:
+            ents = up.entries(0, d) or {}
+            if d and up.is_opaque(0, d):
+                below = low.lookup(d)
+                if isinstance(below, MergedDir):
+                    for n in low.names(below):
+                        if n not in ents:
+                            out[f"{d}/{n}"] = "D"
+            for name in sorted(ents):
+                p = f"{d}/{name}" if d else name
+                e = ents[name]
+                if e is WHITEOUT:
+                    if low.lookup(p) is not None:
+                        out[p] = "D"
+                    continue
+                out[p] = "C" if low.lookup(p) is not None else "A"
+                if stat.S_ISDIR(e.st_mode):
+                    visit(p)
+
+        visit("")
+        return [(flag, "/" + p) for p, flag in sorted(out.items())]
+
+    def commit(self, created_by: str = "", name: str | None = None, *, comment: str = "",
+               config: ImageConfig | None = None, mtime: float | None = None) -> Image:
+        """The upper dir as a new layer on top of the image (the container may stay mounted)."""
+        layer = Layer.from_dir(self.upper, self.store.encoding, mtime=mtime)
+        image = self.image.with_layer(layer, created_by, name=name, comment=comment, config=config)
+        return image
+
+
+
+# --------------------------------------------------------------------------------------------------
+# inspector
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    index: int
+    created_by: str
+    diff_id: str
+    size: int                 # uncompressed tar bytes
+    content_bytes: int        # regular-file bytes in the layer
+    added: tuple[str, ...]
+    modified: tuple[str, ...]
+    removed: tuple[str, ...]  # paths this layer's whiteouts delete
+    opaque: tuple[str, ...]   # directories this layer makes opaque
+    wasted_bytes: int         # bytes of this layer hidden in the final image
+    removed_bytes: int        # bytes of lower layers this layer hides (they still ship)
+
+
+@dataclass(frozen=True)
+class WastedPath:
+    path: str
+    count: int                # versions of the path across layers (whiteouts included)
+    wasted_bytes: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """dive-like numbers for one image; opaque whiteouts are counted (dive ignores them)."""
+
+    name: str
+    layers: tuple[LayerReport, ...]
+    size: int
+    content_bytes: int
+    final_bytes: int
+    wasted_bytes: int
+    inefficiencies: tuple[WastedPath, ...]
+
+    @property
+    def efficiency(self) -> float:
+        """Bytes visible in the final root filesystem / bytes stored in all layers (1.0 = nothing wasted)."""
+        return 1.0 if self.content_bytes == 0 else self.final_bytes / self.content_bytes
+
+    @property
+    def opaque_dirs(self) -> int:
+        return sum(len(l.opaque) for l in self.layers)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "content_bytes": self.content_bytes,
+                "final_bytes": self.final_bytes, "wasted_bytes": self.wasted_bytes,
+                "efficiency": round(self.efficiency, 6), "opaque_dirs": self.opaque_dirs,
+                "layers": [dataclasses.asdict(l) | {k: list(getattr(l, k)) for k in
+                                                    ("added", "modified", "removed", "opaque")}
+                           for l in self.layers],
+                "inefficiencies": [dataclasses.asdict(w) for w in self.inefficiencies]}
+
+    def render(self, *, top: int = 10) -> str:
+        lines = [f"Image {self.name}: {len(self.layers)} layers, {human_size(self.size)}",
+                 f"{'#':>3} {'size':>10} {'added':>6} {'modif':>6} {'remov':>6} {'opaq':>5} {'wasted':>10}  created by"]
+        for l in self.layers:
+            cb = l.created_by.replace("\n", " ")
+            cb = cb if len(cb) <= 60 else cb[:57] + "..."
+            lines.append(f"{l.index:>3} {human_size(l.size):>10} {len(l.added):>6} {len(l.modified):>6} "
+                         f"{len(l.removed):>6} {len(l.opaque):>5} {human_size(l.wasted_bytes):>10}  {cb}")
+        lines.append(f"Wasted: {human_size(self.wasted_bytes)} of {human_size(self.content_bytes)} file bytes; "
+                     f"efficiency {self.efficiency:.1%}; opaque directories: {self.opaque_dirs}")
+        if self.inefficiencies:
+            lines.append(f"{'count':>5} {'wasted':>10}  path")
+            for w in self.inefficiencies[:top]:
+                lines.append(f"{w.count:>5} {human_size(w.wasted_bytes):>10}  /{w.path}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.render()
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def inspect(image: Image) -> Inspection:
+    """Per layer: what it adds, changes and removes, and which of its bytes the final image never shows."""
+    state: dict[str, tuple[int, str, int]] = {}   # visible path -> (layer index, type, size)
+    versions: list[tuple[int, str, int]] = []     # every file version: (layer, path, size)
+    counts: dict[str, int] = {}
+    removed_bytes = [0] * len(image.layers)
+    reports = []
+    history = image.layer_history()
+
+    def drop_below(prefix: str, i: int) -> None:
+        for p in [p for p in state if p.startswith(prefix)]:
+            removed_bytes[i] += state.pop(p)[2]
+
+    for i, layer in enumerate(image.layers):
+        added, modified, removed, opaque = [], [], [], []
+        entries = layer.entries()
+        for e in entries:
+            if e.type == "opaque":
+                opaque.append(e.path)
+                drop_below("" if e.path == "." else e.path + "/", i)
+        for e in entries:
+            if e.type == "whiteout":
+                counts[e.path] = counts.get(e.path, 0) + 1
+                if e.path in state:
+                    removed.append(e.path)
+                    removed_bytes[i] += state.pop(e.path)[2]
+                    drop_below(e.path + "/", i)
+        for e in entries:
+            if e.is_removal or e.path == ".":
+                continue
+            size = e.size if e.type == "file" else 0
+            old = state.get(e.path)
+            if old is None:
+                added.append(e.path)
+            elif not (old[1] == "dir" and e.type == "dir"):
+                modified.append(e.path)
+                removed_bytes[i] += old[2]
+                if old[1] == "dir":
+                    drop_below(e.path + "/", i)
+            if e.type != "dir":
+                versions.append((i, e.path, size))
+                counts[e.path] = counts.get(e.path, 0) + 1
+            state[e.path] = (i, e.type, size)
+        reports.append([i, layer, added, modified, removed, opaque])
+
+    final = {(v[0], p) for p, v in state.items()}
+    wasted_by_layer = [0] * len(image.layers)
+    wasted_by_path: dict[str, int] = {}
+    for i, p, size in versions:
+        if (i, p) not in final:
+            wasted_by_layer[i] += size
+            wasted_by_path[p] = wasted_by_path.get(p, 0) + size
+    out = []
+    for i, layer, added, modified, removed, opaque in reports:
+        h = history[i]
+        out.append(LayerReport(i, h.created_by if h else "", layer.diff_id, layer.size, layer.content_size,
+                               tuple(sorted(added)), tuple(sorted(modified)), tuple(sorted(removed)),
+                               tuple(sorted(opaque)), wasted_by_layer[i], removed_bytes[i]))
+    content = sum(s for _, _, s in versions)
+    final_bytes = sum(v[2] for v in state.values())
+    ineff = sorted((WastedPath(p, counts.get(p, 0), b) for p, b in wasted_by_path.items() if b or counts.get(p, 0) > 1),
+                   key=lambda w: (-w.wasted_bytes, w.path))
+    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff))

@@ -1,0 +1,410 @@
+"""Image archives on disk: ``docker save`` tars, OCI image layouts and OCI archives, in and out.
+
+Archives are untrusted: nothing is extracted; blobs are read by name, every digest and size in a
+manifest is checked, and a missing or wrong blob is a ``LayerError`` naming it. Exports are
+deterministic (sorted JSON, fixed tar metadata, reproducible gzip/zstd), so the same image always gives
+the same digests.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+from .images import (MAX_LAYER_BYTES, Image, Layer, LayerError, decompress, detect_compression, flatten,
+                     image_from_config, inspect, normalize_path, sha256_digest)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+_LAYER_MEDIA = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+_MAX_JSON = 16 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+class _Source:
+    """Files of an archive (tar) or a directory, read by normalized name and never extracted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tar: tarfile.TarFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        if path.is_dir():
+            return
+        data = path.read_bytes()
+        if detect_compression(data) != "none":
+            data = decompress(data, max_size=1 << 40, what=str(path))
+        try:
+            self._tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+            for ti in self._tar.getmembers():
+                if ti.isreg():
+                    self._members[normalize_path(ti.name, what=f"{path}: member")] = ti
+        except tarfile.TarError as e:
+            raise LayerError(f"{path}: not a readable tar archive: {e}") from None
+
+    def exists(self, name: str) -> bool:
+        name = normalize_path(name, what=f"{self.path}: reference")
+        if self._tar is None:
+            p = self.path / name
+            return p.is_file() and not p.is_symlink()
+        return name in self._members
+
+    def read(self, name: str, what: str) -> bytes:
+        name = normalize_path(name, what=f"{self.path}: {what}")
+        if self._tar is None:
+            p = self.path / name
+            if p.is_symlink() or not p.is_file():
+                raise LayerError(f"{self.path}: {what} {name} is missing")
+            return p.read_bytes()
+        ti = self._members.get(name)
+        if ti is None:
+            raise LayerError(f"{self.path}: {what} {name} is missing from the archive")
+        try:
+            f = self._tar.extractfile(ti)
+            data = f.read() if f else b""
+        except tarfile.TarError as e:
+            raise LayerError(f"{self.path}: {what} {name} is truncated: {e}") from None
+        if len(data) != ti.size:
+            raise LayerError(f"{self.path}: {what} {name} is truncated")
+        return data
+
+    def json(self, name: str, what: str):
+        data = self.read(name, what)
+        if len(data) > _MAX_JSON:
+            raise LayerError(f"{self.path}: {what} {name} is too large for a JSON document")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LayerError(f"{self.path}: {what} {name} is not valid JSON: {e}") from None
+
+    def blob(self, desc, what: str) -> bytes:
+        """A blob named by a descriptor, checked against its digest and size."""
+        if not isinstance(desc, dict):
+            raise LayerError(f"{self.path}: {what} descriptor is not an object")
+        digest = desc.get("digest")
+        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+            raise LayerError(f"{self.path}: {what} has an invalid digest {digest!r}")
+        algo, hexd = digest.split(":")
+        name = f"blobs/{algo}/{hexd}"
+        if not self.exists(name):
+            raise LayerError(f"{self.path}: {what} blob {digest} is missing")
+        data = self.read(name, f"{what} blob")
+        actual = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+        if actual != digest:
+            raise LayerError(f"{self.path}: {what} blob {digest} has the wrong digest (content is {actual})")
+        size = desc.get("size")
+        if size is not None and size != len(data):
+            raise LayerError(f"{self.path}: {what} blob {digest} has size {len(data)}, descriptor says {size}")
+        return data
+
+
+def load(path, *, max_layer_size: int = MAX_LAYER_BYTES) -> list[Image]:
+    """Read every image in a ``docker save`` tar, an OCI image layout directory or an OCI archive."""
+    path = Path(path)
+    if not path.exists():
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    src = _Source(path)
+    if src.exists("manifest.json"):
+        return _load_docker(src, max_layer_size)
+    if src.exists("index.json"):
+        return _load_oci(src, max_layer_size)
+    raise LayerError(f"{path}: neither a docker save archive (manifest.json) nor an OCI layout (index.json)")
+
+
+def _layer(data: bytes, compression: str | None, what: str, max_size: int) -> Layer:
+    try:
+        return Layer.from_tar(data, compression=compression, max_size=max_size)
+    except LayerError as e:
+        raise LayerError(f"{what}: {e}") from None
+
+
+def _load_docker(src: _Source, max_size: int) -> list[Image]:
+    manifest = src.json("manifest.json", "manifest")
+    if not isinstance(manifest, list):
+        raise LayerError(f"{src.path}: manifest.json is not a list")
+    images, cache = [], {}
+    for n, m in enumerate(manifest):
+        if not isinstance(m, dict) or not isinstance(m.get("Config"), str) or not isinstance(m.get("Layers"), list):
+            raise LayerError(f"{src.path}: manifest.json entry {n} needs Config and Layers")
+        cfg_bytes = src.read(m["Config"], "config")
+        hexname = Path(m["Config"]).name.removesuffix(".json")
+        if re.fullmatch(r"[a-f0-9]{64}", hexname) and hashlib.sha256(cfg_bytes).hexdigest() != hexname:
+            raise LayerError(f"{src.path}: config {m['Config']} has the wrong digest "
+                             f"(content is sha256:{hashlib.sha256(cfg_bytes).hexdigest()})")
+        try:
+            cfg = json.loads(cfg_bytes)
+        except ValueError as e:
+            raise LayerError(f"{src.path}: config {m['Config']} is not valid JSON: {e}") from None
+        layers = []
+        for i, lp in enumerate(m["Layers"]):
+            if not isinstance(lp, str):
+                raise LayerError(f"{src.path}: manifest.json entry {n}: layer {i} is not a path")
+            if lp not in cache:
+                cache[lp] = _layer(src.read(lp, "layer"), None, f"{src.path}: layer {lp}", max_size)
+            layers.append(cache[lp])
+        tags = [t for t in m.get("RepoTags") or [] if isinstance(t, str)]
+        name = tags[0] if tags else sha256_digest(cfg_bytes)
+        try:
+            images.append(image_from_config(name, cfg, layers))
+        except LayerError as e:
+            raise LayerError(f"{src.path}: {e}") from None
+    return images
+
+
+def _load_oci(src: _Source, max_size: int) -> list[Image]:
+    if src.exists("oci-layout"):
+        layout = src.json("oci-layout", "oci-layout")
+        if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
+            raise LayerError(f"{src.path}: oci-layout has no imageLayoutVersion")
+    index = src.json("index.json", "index")
+    images: list[Image] = []
+    _walk_index(src, index, "index.json", None, images, max_size, depth=0)
+    return images
+
+
+def _walk_index(src, index, what, name, images, max_size, depth):
+    if depth > 4:
+        raise LayerError(f"{src.path}: image indexes nested too deeply")
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise LayerError(f"{src.path}: {what} has no manifests list")
+    descs = index["manifests"]
+    if depth > 0:  # a multi-platform index: take linux/amd64 (or the only one)
+        plat = [d for d in descs if isinstance(d, dict)
+                and (d.get("platform") or {}).get("architecture") == "amd64"
+                and (d.get("platform") or {}).get("os") == "linux"]
+        descs = plat[:1] or descs[:1]
+    for i, desc in enumerate(descs):
+        if not isinstance(desc, dict):
+            raise LayerError(f"{src.path}: {what} entry {i} is not a descriptor")
+        ann = desc.get("annotations") or {}
+        nm = name or ann.get(REF_NAME) or ann.get("io.containerd.image.name") or desc.get("digest", "?")
+        mt = desc.get("mediaType")
+        data = src.blob(desc, f"manifest {i} of {what}")
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise LayerError(f"{src.path}: manifest {desc.get('digest')} is not valid JSON: {e}") from None
+        mt = mt or doc.get("mediaType")
+        if mt in (OCI_INDEX, DOCKER_LIST) or "manifests" in doc:
+            _walk_index(src, doc, f"index {desc['digest']}", nm, images, max_size, depth + 1)
+        elif mt in (OCI_MANIFEST, DOCKER_MANIFEST, None):
+            images.append(_load_manifest(src, doc, nm, max_size))
+        else:
+            raise LayerError(f"{src.path}: {what} entry {i} has unsupported media type {mt!r}")
+
+
+def _load_manifest(src: _Source, m, name: str, max_size: int) -> Image:
+    if not isinstance(m, dict) or not isinstance(m.get("layers"), list):
+        raise LayerError(f"{src.path}: manifest of {name} has no layers list")
+    cfg_bytes = src.blob(m.get("config"), f"config of {name}")
+    try:
+        cfg = json.loads(cfg_bytes)
+    except ValueError as e:
+        raise LayerError(f"{src.path}: config of {name} is not valid JSON: {e}") from None
+    layers = []
+    for i, desc in enumerate(m["layers"]):
+        mt = desc.get("mediaType") if isinstance(desc, dict) else None
+        if mt not in _LAYER_MEDIA:
+            raise LayerError(f"{src.path}: layer {i} of {name} has unsupported media type {mt!r}")
+        blob = src.blob(desc, f"layer {i} of {name}")
+        layers.append(_layer(blob, _LAYER_MEDIA[mt], f"{src.path}: layer {i} ({desc['digest']}) of {name}",
+                             max_size))
+    try:
+        return image_from_config(name, cfg, layers)
+    except LayerError as e:
+        raise LayerError(f"{src.path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _dumps(doc) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _as_list(images) -> list[Image]:
+    return [images] if isinstance(images, Image) else list(images)
+
+
+def _convert(layer: Layer, compression: str | None) -> Layer:
+    return layer if compression is None else layer.with_compression(compression)
+
+
+def oci_layout_files(images, compression: str | None = None) -> dict[str, bytes]:
+    """The files of an OCI image layout. ``compression`` None keeps each layer's own blob."""
+    files: dict[str, bytes] = {"oci-layout": _dumps({"imageLayoutVersion": "1.0.0"})}
+    manifests = []
+
+    def put(data: bytes) -> str:
+        d = sha256_digest(data)
+        files[f"blobs/sha256/{d[7:]}"] = data
+        return d
+
+    for im in _as_list(images):
+        cfg = im.config_bytes()
+        layers = [_convert(l, compression) for l in im.layers]
+        for l in layers:
+            put(l.blob())
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, "digest": put(cfg), "size": len(cfg)},
+                    "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": len(l.blob())}
+                               for l in layers]}
+        mb = _dumps(manifest)
+        manifests.append({"mediaType": OCI_MANIFEST, "digest": put(mb), "size": len(mb),
+                          "annotations": {REF_NAME: im.name}})
+    files["index.json"] = _dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
+    return files
+
+
+def docker_archive_files(images, compression: str = "none") -> dict[str, bytes]:
+    """The files of a ``docker save`` archive (modern form: manifest.json + config + layer tars)."""
+    files: dict[str, bytes] = {}
+    manifest, repositories = [], {}
+    for im in _as_list(images):
+        cfg = im.config_bytes()
+        cfg_name = sha256_digest(cfg)[7:] + ".json"
+        files[cfg_name] = cfg
+        paths = []
+        for l in im.layers:
+            l = _convert(l, compression)
+            p = l.diff_id[7:] + "/layer.tar"
+            files[p] = l.blob()
+            paths.append(p)
+        tag = docker_tag(im.name)
+        manifest.append({"Config": cfg_name, "RepoTags": [tag] if tag else None, "Layers": paths})
+        if tag and im.layers:
+            repo, _, t = tag.rpartition(":")
+            repositories.setdefault(repo, {})[t] = im.layers[-1].diff_id[7:]
+    files["manifest.json"] = _dumps(manifest)
+    if repositories:
+        files["repositories"] = _dumps(repositories)
+    return files
+
+
+def docker_tag(name: str) -> str | None:
+    """``name`` as a docker RepoTag (``repo:tag``), or None if it is a bare digest."""
+    if not name or name.startswith("sha256:"):
+        return None
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+
+def _write_dir(files: dict[str, bytes], dest: Path) -> None:
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(dest))
+    for rel, data in sorted(files.items()):
+        p = dest / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def _write_tar(files: dict[str, bytes], path: Path) -> None:
+    dirs = sorted({str(Path(r).parents[i]) for r in files for i in range(len(Path(r).parts) - 1)})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for d in dirs:
+            ti = tarfile.TarInfo(d + "/")
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+            tf.addfile(ti)
+        for rel, data in sorted(files.items()):
+            ti = tarfile.TarInfo(rel)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
+            tf.addfile(ti, io.BytesIO(data))
+    Path(path).write_bytes(buf.getvalue())
+
+
+def save_oci_layout(images, dest, *, compression: str | None = None) -> None:
+    _write_dir(oci_layout_files(images, compression), Path(dest))
+
+
+def save_oci_archive(images, path, *, compression: str | None = None) -> None:
+    _write_tar(oci_layout_files(images, compression), Path(path))
+
+
+def save_docker(images, path, *, compression: str = "none") -> None:
+    _write_tar(docker_archive_files(images, compression), Path(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# command line helpers (overlaykit/cli.py calls these)
+
+
+def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
+    """An image from an archive/layout path (``name`` picks one of several) or from a store by name."""
+    p = Path(ref)
+    if p.exists():
+        images = load(p)
+        if name is not None:
+            for im in images:
+                if im.name == name or im.name == f"{name}:latest":
+                    return im
+            raise LookupError(f"{ref}: no image named {name!r} (have: {', '.join(im.name for im in images)})")
+        if len(images) != 1:
+            raise LookupError(f"{ref} holds {len(images)} images; pick one by name: "
+                              f"{', '.join(im.name for im in images) or 'none'}")
+        return images[0]
+    if store is not None:
+        from .images import Store
+        st = store if isinstance(store, Store) else Store(store)
+        return st.image(ref)
+    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), ref)
+
+
+def cli_inspect(image: str, *, as_json: bool = False, name: str | None = None, store=None,
+                out=None, err=None) -> int:
+    """``python -m overlaykit inspect IMAGE [--json]``; returns the exit status."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        report = inspect(resolve_image(image, name=name, store=store))
+    except (OSError, LookupError, ValueError) as e:
+        print(f"overlaykit inspect: {e}", file=err)
+        return 1
+    if as_json:
+        json.dump(report.to_json(), out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        print(report.render(), file=out)
+    return 0
+
+
+def cli_export_rootfs(image: str, dest: str, *, name: str | None = None, store=None, out=None, err=None) -> int:
+    """``python -m overlaykit export-rootfs IMAGE DEST``: flatten into DEST (which must be empty or new)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        im = resolve_image(image, name=name, store=store)
+        d = Path(dest)
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(d))
+        warnings = flatten(im, d)
+    except (OSError, LookupError, ValueError) as e:
+        print(f"overlaykit export-rootfs: {e}", file=err)
+        return 1
+    for w in warnings:
+        print(f"warning: {w}", file=err)
+    print(f"{im.name}: {len(im.layers)} layers flattened into {dest}", file=out)
+    return 0
