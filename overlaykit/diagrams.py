@@ -946,6 +946,9 @@ def store(store_or_images, *, show: int = 4) -> Diagram:
         if more:
             top.node("more", f"… {more} more image{'s' if more != 1 else ''}", shape="tab",
                      style="dashed,filled", fillcolor="white")
+        row = [f"I{k}" for k in range(len(shown))] + (["more"] if more else [])
+        for a, b in zip(row, row[1:]):  # images left to right in name order
+            top.edge(a, b, style="invis")
     for k, im in enumerate(shown):
         chain = [f"I{k}"] + [layer_ids[_get(l, "diff_id")] for l in reversed(list(_get(im, "layers", [])))]
         edges.extend((a, b, {}) for a, b in zip(chain, chain[1:]))
