@@ -1,0 +1,242 @@
+"""Widgets driven from Python, without a browser: set values, click, assert state and rendered output."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from overlaykit import Overlay  # noqa: E402
+from overlaykit.widgets import LayerInspector, OverlayExplorer, PredictExercise, explain_error  # noqa: E402
+
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+
+
+@pytest.fixture
+def explorer(tmp_path):
+    for d in ("l0/etc", "l0/d", "upper", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "l0/etc/hosts").write_text("127.0.0.1\n")
+    (tmp_path / "l0/d/f").write_text("f")
+    (tmp_path / "upper/pre").write_text("in upper from the start")
+    ov = Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim")
+    ex = OverlayExplorer(ov)
+    yield ex
+    ex.close()
+    assert not ov.mounted
+
+
+def run(ex, op, path, path2="", content="", mode="644"):
+    ex.op.value, ex.path.value, ex.path2.value, ex.content.value, ex.mode.value = op, path, path2, content, mode
+    ex.apply_button.click()
+    return ex.message_text
+
+
+def test_append_copies_up_and_all_views_follow(explorer):
+    ex = explorer
+    assert run(ex, "append", "etc/hosts", content="10.0.0.1\n") == "done: append /etc/hosts"
+    assert (ex.ov.upper / "etc/hosts").read_text() == "127.0.0.1\n10.0.0.1\n"
+    t = ex.trees()
+    assert "hosts (19 B)  [copied-up]" in t["upper"]
+    assert "hosts (10 B)  [shadowed by upper]" in t["lower"]
+    assert "hosts (19 B)  [upper]" in t["merged"]
+    assert "opened for append: 10 bytes copied from lower[0]" in ex.trace_text
+    assert "10 bytes copied" in ex.trace_view.value
+    assert "etc/hosts (19 B)" in ex.diagram.value
+    assert not ex.undo_button.disabled
+
+
+def test_delete_makes_a_whiteout(explorer):
+    assert run(explorer, "delete", "d/f") == "done: delete /d/f"
+    assert "f (whiteout)  [whiteout, hides lower[0]'s entry]" in explorer.trees()["upper"]
+    assert "f (1 B)  [hidden by a whiteout in upper]" in explorer.trees()["lower"]
+    assert "whiteout created in upper/" in explorer.trace_text
+
+
+@pytest.mark.parametrize("op,path,path2,mode,message", [
+    ("write", "", "", "644", "Empty path: name a file or directory inside the overlay ('.' is its root)"),
+    ("write", "../x", "", "644", "Path '../x' leaves the overlay's root"),
+    ("rmdir", "d", "", "644", "ENOTEMPTY: the directory is not empty: remove what is inside it first (/d)"),
+    ("rename", "d", "e", "644", "EXDEV: the kernel will not rename a directory that exists in a lower layer "
+                                "(redirect_dir=off); mv copies it and deletes the original instead (/d)"),
+    ("rename", "d", "", "644", "Rename needs a new path"),
+    ("create", "etc/hosts", "", "644", "EEXIST: something with that name already exists (/etc/hosts)"),
+    ("delete", "nope", "", "644", "ENOENT: no such file or directory in the merged view (or a whiteout hides it) (/nope)"),
+    ("chmod", "etc/hosts", "", "9z", "Mode '9z' is not octal: write it like 644 or 0755"),
+])
+def test_bad_input_gives_a_message_not_a_traceback(explorer, op, path, path2, mode, message):
+    before = explorer.trees()
+    assert run(explorer, op, path, path2, mode=mode) == message
+    assert explorer.last_error == message
+    assert "Traceback" not in explorer.message.value
+    assert explorer.trees() == before
+
+
+def test_exdev_trace_is_shown(explorer):
+    run(explorer, "rename", "d", "e")
+    assert "redirect_dir=off" in explorer.trace_text and "error" in explorer.trace_text
+
+
+def test_fields_follow_the_operation(explorer):
+    ex = explorer
+    ex.op.value = "rename"
+    assert ex.path2.layout.display == "" and ex.content.layout.display == "none"
+    ex.op.value = "symlink"
+    assert ex.path2.description == "points to" and ex.path.description == "link path"
+    ex.op.value = "chmod"
+    assert ex.mode.layout.display == "" and ex.path2.layout.display == "none"
+    ex.op.value = "write"
+    assert ex.content.layout.display == "" and ex.mode.layout.display == "none"
+
+
+def test_every_operation(explorer):
+    ex = explorer
+    assert run(ex, "create", "new.txt", content="hi") == "done: create /new.txt"
+    assert run(ex, "write", "new.txt", content="bye") == "done: write /new.txt"
+    assert run(ex, "mkdir", "dir") == "done: mkdir /dir"
+    assert run(ex, "rmdir", "dir") == "done: rmdir /dir"
+    assert run(ex, "rename", "new.txt", "moved.txt") == "done: rename /new.txt -> moved.txt"
+    assert run(ex, "chmod", "etc/hosts", mode="600") == "done: chmod /etc/hosts"
+    assert run(ex, "symlink", "link", "etc/hosts") == "done: symlink /link -> etc/hosts"
+    assert ex.ov.read_text("moved.txt") == "bye" and ex.ov.stat("etc/hosts").mode == 0o600
+    assert "link -> etc/hosts  [upper]" in ex.trees()["merged"]
+    assert "hosts (10 B)  [metadata-only]" in ex.trees()["upper"]
+
+
+def test_undo_and_reset_restore_upper(explorer):
+    ex = explorer  # upper/pre existed before the explorer started: reset must keep it
+    run(ex, "delete", "pre")
+    run(ex, "delete", "d/f")
+    run(ex, "append", "etc/hosts", content="x")
+    ex.undo_button.click()
+    assert ex.message_text == "undone: append /etc/hosts"
+    assert ex.ov.read_text("etc/hosts") == "127.0.0.1\n" and not ex.ov.exists("d/f")
+    assert ex.ov.layer_of("etc/hosts") == "lower[0]"
+    ex.reset_button.click()
+    assert ex.message_text == "reset to the starting layers"
+    assert sorted(os.listdir(ex.ov.upper)) == ["pre"] and ex.ov.exists("d/f")
+    assert ex.undo_button.disabled
+    ex.undo_button.click()
+    assert ex.message_text == "nothing to undo"
+
+
+def test_undo_restores_whiteout_devices_and_opaque_dirs(explorer):
+    ex = explorer
+    run(ex, "delete", "d/f")
+    run(ex, "rmdir", "d")
+    run(ex, "mkdir", "d")  # an opaque directory replaces the lower one
+    assert "d/ (opaque)" in ex.trees()["upper"]
+    run(ex, "write", "x", content="1")
+    ex.undo_button.click()
+    assert "d/ (opaque)" in ex.trees()["upper"] and ex.ov.listdir("d") == []
+    ex.undo_button.click()
+    assert "d (whiteout)" in ex.trees()["upper"] and not ex.ov.exists("d")
+
+
+def test_without_dot_the_explorer_shows_text(explorer, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    run(explorer, "write", "etc/hosts", content="z")
+    assert "not installed" in explorer.diagram.value and "<pre>" in explorer.diagram.value
+
+
+def test_reprs_have_no_addresses(explorer):
+    text = repr(explorer) + str(explorer.trees()) + explorer.trace_text
+    assert not ADDRESS.search(text)
+    assert repr(explorer) == "OverlayExplorer(lowers=[l0], upper=upper, 0 change(s) to undo)"
+    ex = PredictExercise("Which layer serves /etc/hosts?", ["upper", "lower[0]"], answer="lower[0]")
+    assert repr(ex) == "PredictExercise('Which layer serves /etc/hosts?')"
+    assert "application/vnd.jupyter.widget-view+json" in explorer._repr_mimebundle_()
+
+
+def test_explorer_leaves_a_mounted_overlay_mounted(tmp_path):
+    for d in ("l0", "upper", "work"):
+        (tmp_path / d).mkdir()
+    with Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim") as ov:
+        OverlayExplorer(ov, diagram=False).close()
+        assert ov.mounted
+
+
+def test_predict_with_choices_and_live_answer(explorer):
+    ov = explorer.ov
+    q = PredictExercise("Which layer serves /etc/hosts?", ["upper", "lower[0]"],
+                        explanation="Nothing has written to it, so the lower layer serves it.",
+                        answer=lambda: ov.layer_of("etc/hosts"))
+    q.check_button.click()
+    assert q.feedback_text == "Choose an answer first." and q.correct is None
+    q.input.value = "upper"
+    q.check_button.click()
+    assert q.correct is False and q.feedback_text.startswith("Not quite.")
+    q.input.value = "lower[0]"
+    q.check_button.click()
+    assert q.correct is True and "the lower layer serves it" in q.feedback_text
+    run(explorer, "append", "etc/hosts", content="!")  # the live answer follows the state
+    q.check_button.click()
+    assert q.correct is False
+    q.answer_button.click()
+    assert q.feedback_text.startswith("Answer: upper.")
+
+
+def test_predict_free_answer_and_check_function():
+    q = PredictExercise("Which files appear in upper/?", answer=["etc", "etc/hosts"])
+    q.input.value = " etc/hosts,  etc "
+    q.check_button.click()
+    assert q.correct is True
+    c = PredictExercise("How many MB?", check=lambda v: (float(v) == 63, "63 MB: the base layer"), explanation="")
+    c.input.value = "12"
+    c.check_button.click()
+    assert not c.correct and "63 MB: the base layer" in c.feedback_text
+    c.input.value = "not a number"
+    c.check_button.click()
+    assert c.feedback_text.startswith("Could not check this: ") and "Traceback" not in c.feedback.value
+    with pytest.raises(ValueError):
+        PredictExercise("no way to check")
+
+
+def test_explain_error_words():
+    import errno
+    assert explain_error(OSError(errno.EROFS, "x", "a")).startswith("EROFS: the overlay is read-only")
+    assert explain_error(OSError(errno.EDOM, os.strerror(errno.EDOM), "a")) == f"EDOM: {os.strerror(errno.EDOM)} (/a)"
+
+
+# -- LayerInspector on real layers from the images API ------------------------------------------------
+
+def build_image():
+    images = pytest.importorskip("overlaykit.images")
+    E = images.LayerEntry
+    l0 = images.Layer.from_entries([(E("etc", "dir", mode=0o755), None), (E("etc/motd", "file", size=5), b"hello"),
+                                    (E("var/cache", "dir"), None), (E("var/cache/big", "file", size=1000), b"x" * 1000)])
+    l1 = images.Layer.from_entries([(E("etc", "dir", mode=0o755), None), (E("etc/motd", "file", size=3), b"bye"),
+                                    (E("etc/new", "file", size=2), b"nn"), (E("var/cache/big", "whiteout"), None)])
+    hist = [images.History("/bin/sh -c #(nop) ADD file:base in / "), images.History("/bin/sh -c cleanup")]
+    return images.Image("demo:1", [l0, l1], history=hist)
+
+
+def test_layer_inspector_marks_changes_and_filters():
+    img = build_image()
+    li = LayerInspector(img)
+    assert li.layer_choice.value == 1
+    rows = {p: c for c, p, _ in li.entries()}
+    assert rows["etc/motd"] == "modified" and rows["etc/new"] == "added" and rows["var/cache/big"] == "removed"
+    assert "- var/cache/big" in li.tree_text and "+ etc/new (2 B)" in li.tree_text
+    li.filter.value = "added"
+    assert li.tree_text == "+ etc/new (2 B)"
+    li.filter.value = "removed"
+    assert li.tree_text == "- var/cache/big"
+    li.filter.value = "all"
+    li.layer_choice.value = 0
+    assert "+ var/cache/big (1.0 kB)" in li.tree_text
+    assert "wasted" in li.summary_text and "efficiency" in li.summary_text
+    assert "RUN cleanup" in li.layer_choice.options[1][0]
+    assert not ADDRESS.search(repr(li) + li.summary_text + li.tree_text)
+
+
+def test_layer_inspector_switches_images():
+    img = build_image()
+    images = pytest.importorskip("overlaykit.images")
+    other = images.Image("one:1", img.layers[:1], history=img.history[:1])
+    li = LayerInspector([img, other])
+    li.image_choice.value = 1
+    assert len(li.layer_choice.options) == 1 and li.summary_text.startswith("one:1: 1 layers")
