@@ -43,7 +43,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 class MountError(Exception):
     """A mount step failed: errno, the kernel's own words (from the fs context log) and the path concerned."""
 
-    def __init__(self, code: int, message: str, path: str | None):
+    def __init__(self, code: int, message: str | None, path: str | None):
         super().__init__(code, message, path)
         self.code, self.message, self.path = code, message, path
 
@@ -73,10 +73,12 @@ def _fs_log(fd: int) -> list[str]:
     return out
 
 
-def _explain(fd: int, code: int, default: str) -> str:
+def _explain(fd: int) -> str | None:
+    """The kernel's last error words for this mount, where it logged them to the fs context (many checks
+    only go to the kernel log, which an unprivileged process cannot read; then None)."""
     msgs = [m[2:] if m[:2] in ("e ", "w ", "i ") else m for m in _fs_log(fd)]
-    errs = [m for m in msgs if m]
-    return errs[-1] if errs else f"{default}: {os.strerror(code)}"
+    errs = [m.removeprefix("overlay: ") for m in msgs if m]
+    return errs[-1] if errs else None
 
 
 # -- namespaces ------------------------------------------------------------------------------------
@@ -123,26 +125,29 @@ def mount_new_api(cfg: dict) -> int:
         def setstr(key: str, value: str) -> None:
             if _sys(SYS_FSCONFIG, fsfd, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0) < 0:
                 code = ctypes.get_errno()
-                raise MountError(code, _explain(fsfd, code, key), value)
+                err = MountError(code, _explain(fsfd), value)
+                err.key = key
+                raise err
 
         for lower in cfg["lowers"]:
             setstr("lowerdir+", lower)
         if cfg["upper"] is not None:
             setstr("upperdir", cfg["upper"])
+        if cfg["work"] is not None:
             setstr("workdir", cfg["work"])
         for key, value in cfg["options"]:
             if value is not None:
                 setstr(key, value)
             elif _sys(SYS_FSCONFIG, fsfd, FSCONFIG_SET_FLAG, key.encode(), None, 0) < 0:
                 code = ctypes.get_errno()
-                raise MountError(code, _explain(fsfd, code, key), None)
+                raise MountError(code, _explain(fsfd), None)
         if _sys(SYS_FSCONFIG, fsfd, FSCONFIG_CMD_CREATE, None, None, 0) < 0:
             code = ctypes.get_errno()
-            raise MountError(code, _explain(fsfd, code, "create"), None)
+            raise MountError(code, _explain(fsfd), None)
         mfd = _sys(SYS_FSMOUNT, fsfd, FSMOUNT_CLOEXEC, 0)
         if mfd < 0:
             code = ctypes.get_errno()
-            raise MountError(code, _explain(fsfd, code, "fsmount"), None)
+            raise MountError(code, _explain(fsfd), None)
     finally:
         os.close(fsfd)
     if cfg["merged"]:
@@ -164,7 +169,9 @@ def mount_legacy(cfg: dict, target: str) -> None:
     def data_for(names: list[str]) -> bytes:
         opts = ["lowerdir=" + ":".join(_escape(x) for x in names)]
         if cfg["upper"] is not None:
-            opts += ["upperdir=" + _escape(cfg["upper"]), "workdir=" + _escape(cfg["work"])]
+            opts.append("upperdir=" + _escape(cfg["upper"]))
+        if cfg["work"] is not None:
+            opts.append("workdir=" + _escape(cfg["work"]))
         opts += [k if v is None else f"{k}={v}" for k, v in cfg["options"]]
         return ",".join(opts).encode()
 
@@ -179,7 +186,7 @@ def mount_legacy(cfg: dict, target: str) -> None:
             data = data_for([format(i, "x") for i in range(len(lowers))])
         if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, data) < 0:
             code = ctypes.get_errno()
-            raise MountError(code, f"mount: {os.strerror(code)}", None)
+            raise MountError(code, None, None)
     finally:
         if linkdir:
             os.chdir("/")
@@ -197,7 +204,9 @@ def mount_and_enter(cfg: dict) -> str:
             mfd = mount_new_api(cfg)
         except MountError as e:
             # No fsopen (before 5.2), or no "lowerdir+" (before 6.8): use mount(2).
-            if e.code == errno.ENOSYS or (e.code == errno.EINVAL and "lowerdir+" in e.message):
+            unknown_key = (e.code == errno.EINVAL and getattr(e, "key", None) == "lowerdir+"
+                           and "too many" not in (e.message or ""))
+            if e.code == errno.ENOSYS or unknown_key:
                 api = "legacy"
             else:
                 raise

@@ -75,7 +75,9 @@ class Worker:
         if reply[0] == "err":
             self.stop()
             code, message, path, stage = reply[1:]
-            err = OSError(code, message, path)
+            if stage == "mount" and path is None:
+                message, path = diagnose_mount_error(self.cfg, code, message)
+            err = OSError(code, message or os.strerror(code), path)
             err.stage = stage  # which step failed: "namespace", "mount" or "capabilities"
             raise err
         info = reply[1]
@@ -218,18 +220,15 @@ class KernelBackend(Backend):
             return "The overlay is not mounted."
         pid = self.worker.pid
         who = "as root" if os.geteuid() == 0 else "as the same user that runs this notebook"
-        if self.worker.userns:
-            enter = f"nsenter -t {pid} -U -m --preserve-credentials"
-        else:
-            enter = f"nsenter -t {pid} -m"
-        where = (f"or `{enter} ls -la {self.merged}`" if self.merged else
-                 f"or `{enter} -r /proc/self/exe` is no use here: merged/ has no programs; use the /proc path")
+        look = f"`ls -la /proc/{pid}/root/`"  # the helper's root directory is the merged root
         if not self.merged:
             return (f"The overlay is mounted only inside helper process {pid} (its own mount namespace), which "
-                    f"sees it as its root directory. From a terminal, {who}: `ls -la /proc/{pid}/root/`.")
+                    f"sees it as its root directory. From a terminal, {who}: {look}")
+        enter = (f"nsenter -t {pid} -U -m --preserve-credentials" if self.worker.userns
+                 else f"nsenter -t {pid} -m")
         return (f"The overlay is mounted on {self.merged} only inside helper process {pid} (its own mount "
                 f"namespace); elsewhere that directory looks empty. From a terminal, {who}: "
-                f"`ls -la /proc/{pid}/root/` {where}.")
+                f"{look} or `{enter} ls -la {self.merged}`")
 
     # -- operations ---------------------------------------------------------------------------------
     def _do(self, op: str, paths: tuple, *args):
@@ -260,6 +259,58 @@ class KernelBackend(Backend):
     def stat(self, p, follow):
         s, target = self._do("stat", (p,), p, follow)
         return Stat.from_os(s, target)
+
+
+def diagnose_mount_error(cfg: dict, code: int, message: str | None) -> tuple[str | None, str | None]:
+    """Name the path a failed mount is about, and say why, in the kernel's own words.
+
+    The kernel logs most configuration errors only to its log (dmesg), not to the caller; the errno is
+    always the kernel's, and this re-derives the message and path with the checks of fs/overlayfs
+    (ovl_setup_trap, ovl_check_layer, ovl_get_workdir) in the kernel's order.
+    """
+    lowers, upper, work = cfg["lowers"], cfg["upper"], cfg["work"]
+
+    def ident(path):
+        try:
+            s = os.stat(path)
+            return (s.st_dev, s.st_ino)
+        except OSError:
+            return None
+
+    if code == errno.ELOOP:
+        traps = [ident(x) for x in (upper, work) if x is not None]
+        for lower in lowers:  # a layer root that is already a layer root: "conflicting"
+            i = ident(lower)
+            if i in traps:
+                return "conflicting lowerdir path", lower
+            traps.append(i)
+        for lower in lowers:  # an ancestor of a lower layer is a layer root: "overlapping"
+            real = os.path.realpath(lower)
+            while real != "/":
+                real = os.path.dirname(real)
+                if ident(real) in traps:
+                    return "overlapping lowerdir path", lower
+        return message, None
+    if code == errno.EINVAL:
+        if message:
+            return message, None
+        if upper is not None and work is None:
+            return "missing 'workdir'", upper
+        if not lowers:
+            return "missing 'lowerdir'", None
+        for x in lowers + [y for y in (upper, work) if y is not None]:
+            if not os.path.isdir(x):
+                return "not a directory", x
+        if upper is None and len(lowers) < 2:
+            return "at least 2 lowerdir are needed while upperdir nonexistent", lowers[0] if lowers else None
+        if upper is not None:
+            iu, iw = ident(upper), ident(work)
+            if iu and iw and iu[0] != iw[0]:
+                return "workdir and upperdir must reside under the same mount", work
+            ru, rw = os.path.realpath(upper), os.path.realpath(work)
+            if ru == rw or rw.startswith(ru.rstrip("/") + "/") or ru.startswith(rw.rstrip("/") + "/"):
+                return "workdir and upperdir must be separate subtrees", work
+    return message, None
 
 
 # -- can this machine mount? ---------------------------------------------------------------------------
@@ -296,7 +347,22 @@ def probe() -> tuple[bool, str]:
     except WorkerGone as e:
         return False, f"the helper process failed: {e}"
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
+
+
+def remove_tree(path: str) -> None:
+    """rm -rf that also gets through the kernel's mode-000 ``work/work`` directories."""
+    def retry(func, p, exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, onerror=retry)
+            else:
+                func(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=retry)
 
 
 def explain_failure(e: OSError, root: bool) -> str:
