@@ -294,6 +294,20 @@ def _touch(p: str) -> None:
         os.close(os.open(_abs(p), os.O_WRONLY | os.O_CREAT, 0o666))
 
 
+_USERNS = False
+
+
+def _chown(p: str, uid: int, gid: int) -> None:
+    """In our user namespace only the caller's own uid/gid are mapped, and chown to any other id fails
+    with EINVAL; outside, the same unprivileged call fails with EPERM, which is what the caller sees."""
+    try:
+        os.chown(_abs(p), uid, gid)
+    except OSError as e:
+        if _USERNS and e.errno == errno.EINVAL:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM)) from None
+        raise
+
+
 def _stat(p: str, follow: bool):
     s = os.stat(_abs(p)) if follow else os.lstat(_abs(p))
     return s, (os.readlink(_abs(p)) if st.S_ISLNK(s.st_mode) else None)
@@ -308,7 +322,7 @@ OPS = {
     "rmdir": lambda p: os.rmdir(_abs(p)),
     "rename": lambda s, d: os.rename(_abs(s), _abs(d)),
     "chmod": lambda p, mode: os.chmod(_abs(p), mode),
-    "chown": lambda p, uid, gid: os.chown(_abs(p), uid, gid),
+    "chown": _chown,
     "utime": lambda p, times: os.utime(_abs(p), times),
     "setxattr": lambda p, name, value: os.setxattr(_abs(p), name, value),
     "getxattr": lambda p, name: os.getxattr(_abs(p), name),
@@ -356,6 +370,8 @@ def main() -> None:
         stage = "capabilities"
         if cfg["userns"]:
             drop_capabilities()
+            global _USERNS
+            _USERNS = True
     except MountError as e:
         send(wfd, ("err", e.code, e.message, e.path, stage))
         return
