@@ -357,3 +357,14 @@ def test_the_unprivileged_path_runs_as_learner(tmp_path):
     skipped = re.findall(r"SKIPPED \[\d+\] [^\n]*", report)
     # Only the tests that need root to start with (this one, and a second filesystem) may skip.
     assert all("needs root" in s or "/dev/shm" in s for s in skipped), skipped
+
+
+def test_chown_to_another_user_is_eperm_unless_root(stack):
+    with overlay(stack) as ov:
+        if ROOT:
+            ov.chown("in_lower.txt", 1234, 1234)
+            assert (ov.stat("in_lower.txt").uid, ov.stat("in_lower.txt").gid) == (1234, 1234)
+        else:
+            with pytest.raises(PermissionError) as info:
+                ov.chown("in_lower.txt", 1234, -1)
+            assert (info.value.errno, info.value.filename) == (errno.EPERM, "in_lower.txt")
