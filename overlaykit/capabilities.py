@@ -1,10 +1,12 @@
-"""Which backends this machine allows, and for each one it does not, why."""
+"""Which backends this machine allows, and for each one it does not, why (`capabilities`, `doctor`)."""
 from __future__ import annotations
 
 import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
+
+CAP_SYS_ADMIN = 21
 
 
 @dataclass(frozen=True)
@@ -14,28 +16,68 @@ class BackendInfo:
     reason: str
 
 
-def _overlay_in_kernel() -> bool:
+def _read(path: str) -> str | None:
     try:
-        with open("/proc/filesystems") as f:
-            return any(line.split()[-1] == "overlay" for line in f if line.strip())
+        with open(path) as f:
+            return f.read().strip()
     except OSError:
-        return False
+        return None
+
+
+def overlay_in_kernel() -> bool:
+    """Is ``overlay`` in /proc/filesystems?  (A module not loaded yet is missing there; root can modprobe it.)"""
+    text = _read("/proc/filesystems")
+    return bool(text) and any(line.split()[-1] == "overlay" for line in text.splitlines() if line.strip())
+
+
+def _status_field(name: str) -> str | None:
+    text = _read("/proc/self/status") or ""
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cap_sys_admin() -> bool:
+    """Does this process hold CAP_SYS_ADMIN (CapEff in /proc/self/status)?"""
+    eff = _status_field("CapEff")
+    return eff is not None and bool(int(eff, 16) >> CAP_SYS_ADMIN & 1)
+
+
+def seccomp_mode() -> int:
+    """0 = no seccomp, 1 = strict, 2 = a filter (as container runtimes install)."""
+    value = _status_field("Seccomp")
+    return int(value) if value and value.isdigit() else 0
+
+
+def userns_status() -> tuple[bool, str]:
+    """May an unprivileged process create a user namespace, as far as the sysctls say?"""
+    clone = _read("/proc/sys/kernel/unprivileged_userns_clone")  # Debian/Ubuntu patch
+    if clone == "0":
+        return False, ("unprivileged user namespaces are disabled (/proc/sys/kernel/unprivileged_userns_clone "
+                       "is 0; root can set it to 1)")
+    maxns = _read("/proc/sys/user/max_user_namespaces")
+    if maxns == "0":
+        return False, "user namespaces are disabled (/proc/sys/user/max_user_namespaces is 0)"
+    apparmor = _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    if apparmor == "1":
+        return False, ("AppArmor restricts unprivileged user namespaces "
+                       "(/proc/sys/kernel/apparmor_restrict_unprivileged_userns is 1)")
+    if maxns is None and clone is None:
+        return False, "this kernel has no user namespaces (no /proc/sys/user/max_user_namespaces)"
+    return True, f"user namespaces allowed (max_user_namespaces={maxns})"
 
 
 @lru_cache(maxsize=None)
 def capabilities() -> dict[str, BackendInfo]:
     """``{"sim": BackendInfo, "kernel": BackendInfo}``; the kernel probe mounts nothing outside a private scratch."""
     sim = BackendInfo("sim", True, "pure Python: works everywhere, no privileges needed")
-    if not _overlay_in_kernel():
-        kernel = BackendInfo("kernel", False, "this kernel has no overlay filesystem (not in /proc/filesystems)")
-    else:
-        try:
-            from .kernel import probe
-            ok, reason = probe()
-        except ImportError:
-            ok, reason = False, "the kernel backend is not installed"
-        kernel = BackendInfo("kernel", ok, reason)
-    return {"sim": sim, "kernel": kernel}
+    try:
+        from .kernel import probe
+        ok, reason = probe()
+    except ImportError as e:
+        ok, reason = False, f"the kernel backend could not be loaded ({e})"
+    return {"sim": sim, "kernel": BackendInfo("kernel", ok, reason)}
 
 
 def dot_available() -> tuple[bool, str]:
@@ -43,3 +85,26 @@ def dot_available() -> tuple[bool, str]:
     if path:
         return True, f"graphviz 'dot' found at {os.path.basename(path)}"
     return False, "graphviz's 'dot' program is missing: diagrams fall back to text (apt-get install graphviz)"
+
+
+def doctor() -> str:
+    """A text report: each backend available or why not, the facts behind it, and graphviz."""
+    caps = capabilities()
+    lines = ["overlaykit doctor", ""]
+    for info in caps.values():
+        lines.append(f"  {info.name:<7} {'available' if info.available else 'NOT available'}: {info.reason}")
+    root = os.geteuid() == 0
+    ns_ok, ns_why = userns_status()
+    facts = [
+        ("running as root", "yes" if root else "no (the kernel backend then needs a user namespace)"),
+        ("overlay in /proc/filesystems", "yes" if overlay_in_kernel() else "no"),
+        ("CAP_SYS_ADMIN (CapEff)", "yes" if cap_sys_admin() else
+         ("no: a container without privileges?" if root else "no (normal for a non-root user)")),
+        ("seccomp", {0: "none", 1: "strict", 2: "filter (a container runtime's?)"}.get(seccomp_mode(), "?")),
+        ("unprivileged user namespaces", ns_why if ns_ok else f"no: {ns_why}"),
+        ("kernel", os.uname().release),
+    ]
+    lines += ["", "facts:"] + [f"  {k:<30} {v}" for k, v in facts]
+    ok, why = dot_available()
+    lines += ["", "diagrams:", f"  {'dot' :<7} {'available' if ok else 'NOT available'}: {why}"]
+    return "\n".join(lines)
