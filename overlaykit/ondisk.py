@@ -311,6 +311,10 @@ class Layers:
         """
         if len(d.layers) == 1 and d.path:
             return sorted(self.entries(d.layers[0], d.path) or ())
+        return self.visible_names(d)
+
+    def visible_names(self, d: MergedDir) -> list[str]:
+        """Names a lookup would find: what rmdir's emptiness check (ovl_check_empty_dir) counts."""
         seen: dict[str, bool] = {}
         for index in d.layers:
             ents = self.entries(index, d.path)

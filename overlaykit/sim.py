@@ -368,7 +368,7 @@ class SimBackend(Backend):
             raise _err(errno.ENOENT, p)
         if isinstance(node, Leaf):
             raise _err(errno.ENOTDIR, p)
-        if self.L.names(node):
+        if self.L.visible_names(node):
             raise _err(errno.ENOTEMPTY, p)
         self._may(parent, os.W_OK | os.X_OK, p)
         if node.layers[0] == 0 and self.L.has_upper:
@@ -410,7 +410,7 @@ class SimBackend(Backend):
         if s_dir and not (has_upper and snode.layers == (0,)):
             raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
         d_merge_or_lower = isinstance(dnode, MergedDir) and not (has_upper and dnode.layers == (0,))
-        if d_merge_or_lower and self.L.names(dnode):
+        if d_merge_or_lower and self.L.visible_names(dnode):
             raise _err(errno.ENOTEMPTY, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
