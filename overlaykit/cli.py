@@ -1,0 +1,93 @@
+"""``python -m overlaykit`` / ``overlaykit``: demo, doctor, build, inspect, export-rootfs."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+
+def _demo(args) -> int:
+    from .course import lesson_overlay, ls, merged_listing, workspace
+    steps = [
+        ("create a file", lambda ov: ov.write_text("new.txt", "created in merged/\n")),
+        ("delete in_lower.txt", lambda ov: ov.remove("in_lower.txt")),
+        ("modify in_lower.txt", lambda ov: ov.write_text("in_lower.txt", "changed\n", append=True)),
+    ]
+    with tempfile.TemporaryDirectory(prefix="overlaykit-demo-") as tmp:
+        for i, (title, step) in enumerate(steps, 1):
+            ws = workspace(f"step{i}", tmp)
+            with lesson_overlay(ws, backend=args.backend) as ov:
+                if i == 1:
+                    print(f"backend: {ov.backend}   (upper/ format: {ov.encoding.describe()})\n")
+                    print("merged/ at the start:")
+                    print(_indent(merged_listing(ov)))
+                    print()
+                print(f"== {i}. {title}  (from a fresh start)")
+                step(ov)
+                print("merged/:")
+                print(_indent(merged_listing(ov)))
+                print("upper/ on disk:")
+                print(_indent(ls(ov.upper)))
+                print("what the filesystem did:")
+                print(_indent("\n".join(str(e) for e in ov.trace if e.kind != "lookup")))
+                print()
+    return 0
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def _doctor(args) -> int:
+    from .capabilities import doctor
+    print(doctor())
+    return 0
+
+
+def _store(path: str | None):
+    from .images import Store
+    root = path or os.environ.get("OVERLAYKIT_STORE") or os.path.join(os.path.expanduser("~"), ".cache", "overlaykit", "store")
+    os.makedirs(root, exist_ok=True)
+    return Store(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="overlaykit", description="Container images, layer by layer.")
+    parser.add_argument("--store", help="image store folder (default: $OVERLAYKIT_STORE or ~/.cache/overlaykit/store)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="the lesson's lower/upper/merged experiment")
+    p.add_argument("--backend", choices=["sim", "kernel", "auto"], default="auto")
+    sub.add_parser("doctor", help="which backends this machine allows, and why not")
+    p = sub.add_parser("build", help="build a Dockerfile into the store")
+    p.add_argument("-f", "--file", default=None, help="Dockerfile (default CONTEXT/Dockerfile)")
+    p.add_argument("-t", "--tag", required=True)
+    p.add_argument("--backend", choices=["sim", "kernel", "auto"], default="auto")
+    p.add_argument("context")
+    p = sub.add_parser("inspect", help="dive-like layer report of an image archive, layout or stored image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--name", help="which image, when the archive holds several")
+    p = sub.add_parser("export-rootfs", help="flatten an image into an empty folder")
+    p.add_argument("image")
+    p.add_argument("dest")
+    p.add_argument("--name")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            return _demo(args)
+        if args.cmd == "doctor":
+            return _doctor(args)
+        if args.cmd == "inspect":
+            from .oci import cli_inspect
+            return cli_inspect(args.image, as_json=args.json, name=args.name, store=_store(args.store))
+        if args.cmd == "export-rootfs":
+            from .oci import cli_export_rootfs
+            return cli_export_rootfs(args.image, args.dest, name=args.name, store=_store(args.store))
+        if args.cmd == "build":
+            from .build import cli_build
+            return cli_build(args, _store(args.store))
+    except (OSError, ValueError) as e:
+        print(f"overlaykit {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,133 @@
+"""Small helpers that keep the notebooks' cells short: lesson workspaces and the lesson's experiment.
+
+Everything is written under one scratch folder that the caller names (by default ``_scratch/<lesson>``
+next to the notebook), and every listing prints paths relative to it, so stored outputs are the same on
+every machine.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat as st
+from pathlib import Path
+
+from .engine import Overlay
+
+#: The lesson's starting layers: lower has in_lower.txt and in_both.txt, upper has in_upper.txt and in_both.txt.
+LESSON_LOWER = {"in_lower.txt": "I live in lower/\n", "in_both.txt": "lower/'s copy of in_both.txt\n"}
+LESSON_UPPER = {"in_upper.txt": "I live in upper/\n", "in_both.txt": "upper/'s copy of in_both.txt\n"}
+
+
+def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
+    """A fresh, empty folder ``root/name`` (anything left from an earlier run is removed first)."""
+    path = Path(root) / name
+    if path.exists():
+        _rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func, p, exc):  # the kernel's work/work is mode 000
+        os.chmod(os.path.dirname(p), 0o700)
+        os.chmod(p, 0o700) if os.path.isdir(p) else None
+        func(p)
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    shutil.rmtree(path, onerror=onerror)
+
+
+def write_tree(root: str | os.PathLike, files: dict[str, str | bytes]) -> Path:
+    """Create ``root`` and the files in ``files`` (``{"etc/hostname": "box\\n"}``); a key ending in / is a directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, content in sorted(files.items()):
+        p = root / rel
+        if rel.endswith("/"):
+            p.mkdir(parents=True, exist_ok=True)
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+def lesson_dirs(ws: str | os.PathLike, *, lower: dict | None = None, upper: dict | None = None) -> dict[str, Path]:
+    """The lesson's script: ``mkdir lower upper work merged`` and the starting files."""
+    ws = Path(ws)
+    dirs = {name: ws / name for name in ("lower", "upper", "work", "merged")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    write_tree(dirs["lower"], LESSON_LOWER if lower is None else lower)
+    write_tree(dirs["upper"], LESSON_UPPER if upper is None else upper)
+    return dirs
+
+
+def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) -> Overlay:
+    """An unmounted Overlay over `lesson_dirs` (use it in a ``with`` block)."""
+    d = lesson_dirs(ws, **layers)
+    return Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
+
+
+def ls(path: str | os.PathLike, *, show_hidden: bool = True) -> str:
+    """A deterministic ``ls -l`` of one layer folder: type and mode, size or device, name (no times, no owners).
+
+    This is how a learner inspects upper/ on disk: a whiteout shows as ``c--------- 0,0``, and an opaque
+    directory carries its xattr.
+    """
+    path = Path(path)
+    lines = []
+    names = sorted(os.listdir(path))
+    if not names:
+        return "(empty)"
+    for name in names:
+        if not show_hidden and name.startswith("."):
+            continue
+        p = path / name
+        s = os.lstat(p)
+        mode = st.filemode(s.st_mode)
+        if st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
+            size = f"{os.major(s.st_rdev)},{os.minor(s.st_rdev)}"
+        elif st.S_ISDIR(s.st_mode):
+            size = "-"
+        else:
+            size = str(s.st_size)
+        extra = ""
+        if st.S_ISLNK(s.st_mode):
+            extra = f" -> {os.readlink(p)}"
+        elif st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
+            extra = "   (whiteout)"
+        elif st.S_ISDIR(s.st_mode):
+            xs = [x for x in _listxattr(p) if ".overlay." in x]
+            if xs:
+                extra = "   [" + ", ".join(f"{x}={_getxattr(p, x)}" for x in sorted(xs)) + "]"
+        lines.append(f"{mode} {size:>6} {name}{'/' if st.S_ISDIR(s.st_mode) else ''}{extra}")
+    return "\n".join(lines)
+
+
+def _listxattr(p) -> list[str]:
+    try:
+        return os.listxattr(p, follow_symlinks=False)
+    except OSError:
+        return []
+
+
+def _getxattr(p, name) -> str:
+    try:
+        return os.getxattr(p, name, follow_symlinks=False).decode(errors="replace")
+    except OSError:
+        return "?"
+
+
+def merged_listing(ov: Overlay) -> str:
+    """``ls`` of the merged view with each entry's content, like the lesson's ``cat merged/*``."""
+    lines = []
+    for name in ov.listdir("."):
+        s = ov.stat(name, follow_symlinks=False)
+        if s.kind == "file":
+            lines.append(f"{name:<14} {ov.read_text(name).rstrip()!r:<34} [{ov.layer_of(name)}]")
+        else:
+            lines.append(f"{name + ('/' if s.kind == 'dir' else ''):<14} {s.kind:<34} [{ov.layer_of(name)}]")
+    return "\n".join(lines) or "(empty)"
