@@ -100,7 +100,9 @@ def ls(path: str | os.PathLike, *, show_hidden: bool = True) -> str:
         elif st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
             extra = "   (whiteout)"
         elif st.S_ISDIR(s.st_mode):
-            xs = [x for x in _listxattr(p) if ".overlay." in x]
+            # only the marker the lesson is about; the kernel also keeps bookkeeping xattrs
+            # (origin, impure) that the simulator does not write
+            xs = [x for x in _listxattr(p) if x.endswith(".overlay.opaque")]
             if xs:
                 extra = "   [" + ", ".join(f"{x}={_getxattr(p, x)}" for x in sorted(xs)) + "]"
         lines.append(f"{mode} {size:>6} {name}{'/' if st.S_ISDIR(s.st_mode) else ''}{extra}")
