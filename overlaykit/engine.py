@@ -476,7 +476,10 @@ class Overlay:
         out: list[Change] = []
 
         def visit(d: str) -> None:
-            ents = layers.entries(0, d) or {}
+            try:
+                ents = layers.entries(0, d) or {}
+            except PermissionError:  # a directory this user may not read: its entries stay unlisted
+                return
             for name in sorted(ents):
                 p = f"{d}/{name}" if d else name
                 e = ents[name]
@@ -487,7 +490,11 @@ class Overlay:
                 if kind == "dir" and layers.is_opaque(0, p):
                     out.append(Change(p, "opaque", kind))
                 else:
-                    out.append(Change(p, self._classify(p, e, lowers), kind))
+                    try:
+                        kind_of_change = self._classify(p, e, lowers)
+                    except PermissionError:  # inside a directory this user may not search
+                        kind_of_change = "copied-up"
+                    out.append(Change(p, kind_of_change, kind))
                 if kind == "dir":
                     visit(p)
         visit("")

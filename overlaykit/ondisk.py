@@ -243,7 +243,10 @@ class Layers:
                         if name != OPAQUE_MARKER and len(name) > len(WHITEOUT_PREFIX):
                             result[name[len(WHITEOUT_PREFIX):]] = WHITEOUT
                         continue
-                    s = de.stat(follow_symlinks=False)
+                    try:
+                        s = de.stat(follow_symlinks=False)
+                    except PermissionError:  # readable but not searchable: readdir's d_type is all there is
+                        s = _dtype_stat(de)
                     if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
                         result[name] = WHITEOUT
                     elif xwh and st.S_ISREG(s.st_mode) and s.st_size == 0 and \
@@ -335,6 +338,12 @@ class Layers:
                 return None
             node = self.child(node, name)
         return node
+
+
+def _dtype_stat(de: os.DirEntry) -> os.stat_result:
+    """A stand-in stat for an entry that cannot be lstat'ed: only its type (from d_type) is known."""
+    fmt = st.S_IFDIR if de.is_dir(follow_symlinks=False) else st.S_IFLNK if de.is_symlink() else st.S_IFREG
+    return os.stat_result((fmt, de.inode(), 0, 1, -1, -1, 0, 0, 0, 0))
 
 
 def _kind_name(mode: int) -> str:

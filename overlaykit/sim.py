@@ -12,7 +12,7 @@ import os
 import stat as st
 
 from .engine import MAX_LOWERS, Backend, Stat
-from .ondisk import WHITEOUT, Layers, Leaf, MergedDir, errno_error
+from .ondisk import OPAQUE_MARKER, WHITEOUT, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
@@ -113,7 +113,12 @@ class SimBackend(Backend):
                     stack.pop()
                 continue
             parent = stack[-1]
-            node = L.child(parent, name)
+            if not self.root_user:
+                self._may(parent, os.X_OK, p)  # search permission on every directory walked through
+            try:
+                node = L.child(parent, name)
+            except PermissionError:
+                raise _err(errno.EACCES, p) from None
             if node is None:
                 if last:
                     return parent, name, None
@@ -371,9 +376,21 @@ class SimBackend(Backend):
         if self.L.visible_names(node):
             raise _err(errno.ENOTEMPTY, p)
         self._may(parent, os.W_OK | os.X_OK, p)
+        lower_positive = self._lower_positive(parent, name)
         if node.layers[0] == 0 and self.L.has_upper:
-            self._remove_upper_dir(self._upper_path(node.path))
-        if self._lower_positive(parent, name):
+            real = self._upper_path(node.path)
+            if lower_positive:  # ovl_remove_and_whiteout clears the whiteouts inside first
+                self._remove_upper_dir(real)
+            else:  # ovl_remove_upper: a plain rmdir of the upper dir; leftover whiteouts make it ENOTEMPTY
+                if self.encoding.kind == "fallback" and os.path.lexists(os.path.join(real, OPAQUE_MARKER)):
+                    os.unlink(os.path.join(real, OPAQUE_MARKER))
+                try:
+                    os.rmdir(real)
+                except OSError as e:
+                    raise _err(e.errno, p) from None
+                finally:
+                    self.L.invalidate_upper()
+        if lower_positive:
             self._whiteout(parent, name)
 
     def _remove_upper_dir(self, real: str) -> None:

@@ -122,18 +122,28 @@ def apply(ov: Overlay, op: tuple):
 
 
 def snapshot_merged(ov: Overlay) -> dict:
+    """Every path of the merged view with its portable stat (or the errno a lookup gives)."""
     out = {}
-    for dirpath, dirs, files in ov.walk("."):
-        for name in dirs + files:
-            p = name if dirpath == "." else f"{dirpath}/{name}"
+    todo = ["."]
+    while todo:
+        d = todo.pop()
+        try:
+            names = ov.listdir(d)
+        except OSError as e:
+            out[d + "/"] = ("listdir", errno.errorcode[e.errno])
+            continue
+        for name in names:
+            p = name if d == "." else f"{d}/{name}"
             try:
                 s = ov.stat(p, follow_symlinks=False)
-            except FileNotFoundError:  # a whiteout listed by a non-merged directory
-                out[p] = ("listed, ENOENT",)
+            except OSError as e:  # ENOENT: a whiteout listed by a non-merged directory; EACCES ...
+                out[p] = ("stat", errno.errorcode[e.errno])
                 continue
             entry = portable(s)
             if s.kind == "file":
-                entry += (hashlib.sha256(ov.read_bytes(p)).hexdigest()[:12],)
+                entry += (outcome(lambda: ov.read_bytes(p)),)
+            elif s.kind == "dir":
+                todo.append(p)
             out[p] = entry
     return out
 
@@ -156,7 +166,11 @@ def snapshot_upper(ov: Overlay) -> dict:
                     continue
                 out[p[: -len(name)] + name[4:]] = ("whiteout",)
                 continue
-            s = os.lstat(real)
+            try:
+                s = os.lstat(real)
+            except PermissionError:  # inside a directory this user may not search
+                out[p] = ("unreadable",)
+                continue
             if enc.is_whiteout(dirpath, name):
                 out[p] = ("whiteout",)
             elif st.S_ISDIR(s.st_mode):
