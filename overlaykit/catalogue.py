@@ -15,6 +15,7 @@ same name always produces byte-identical trees (and so identical layer digests).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import stat as stat_module
@@ -683,17 +684,26 @@ def write_entries(entries: list[Entry], dest: str | os.PathLike) -> None:
 
 
 def install_entries(fs, entries: list[Entry]) -> int:
-    """Create entries through an Overlay-like `fs` (the simulated shell's view); returns bytes written."""
-    written = 0
+    """Create entries through an Overlay-like `fs` (the simulated shell's view); returns bytes written.
+
+    Every call goes through the overlay (so copy-ups and whiteouts happen as they would for dpkg); the
+    number of calls per file is kept small because each is a full overlay lookup.
+    """
+    written, dirs, fresh = 0, set(), set()
     for e in entries:
         parent = e.path.rsplit("/", 1)[0] or "/"
-        if not fs.exists(parent):
-            fs.mkdir(parent, mode=0o755, parents=True)
+        if parent not in dirs:
+            if not fs.exists(parent):
+                fs.mkdir(parent, mode=0o755, parents=True)
+                fresh.add(parent)
+            dirs.add(parent)
         if e.kind == "dir":
-            if not fs.exists(e.path):
+            if e.path not in dirs and not fs.exists(e.path):
                 fs.mkdir(e.path, mode=e.mode, parents=True)
+                fresh.add(e.path)
+            dirs.add(e.path)
             continue
-        if _lexists(fs, e.path):
+        if parent not in fresh and _lexists(fs, e.path):
             fs.remove(e.path)
         if e.kind == "symlink":
             fs.symlink(e.target, e.path)
@@ -702,7 +712,8 @@ def install_entries(fs, entries: list[Entry]) -> int:
         else:
             data = e.content()
             fs.write_bytes(e.path, data)
-            fs.chmod(e.path, e.mode)
+            if e.mode != 0o644:
+                fs.chmod(e.path, e.mode)
             written += len(data)
     return written
 
@@ -817,3 +828,33 @@ def redis_install_entries(prefix: str = "/usr/local") -> list[Entry]:
     entries.append(Entry(f"{prefix}/bin/redis-sentinel", "symlink", target="redis-server", mode=0o777))
     return entries
 
+
+
+def base_image(name: str, store):
+    """The simulated base image `name`, generated once and then taken from the store's cache."""
+    import tempfile
+    from pathlib import Path
+    from .images import History, Image, ImageConfig, Layer
+
+    key = resolve_name(name)
+    if key is None:
+        raise KeyError(f"no simulated base image {name!r}; known: {', '.join(sorted(BASE_IMAGES))}")
+    try:
+        return store.image(key)
+    except KeyError:
+        pass
+    spec = BASE_IMAGES[key]
+    if spec.real_shell and not host_busybox_available():
+        raise FileNotFoundError(2, "busybox:host needs Debian's busybox-static (a static /bin/busybox)",
+                                HOST_BUSYBOX)
+    with tempfile.TemporaryDirectory(prefix="base-", dir=store.root) as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        write_entries(base_entries(key), root)
+        layer = Layer.from_dir(root, store.encoding, mtime=BASE_EPOCH)
+    config = ImageConfig(env=list(spec.env), cmd=list(spec.cmd))
+    history = [History(spec.created_by), History(f'/bin/sh -c #(nop)  CMD {json.dumps(list(spec.cmd))}', True)]
+    return store.add_image(Image(key, [layer], config, history))
+
+
+BASE_EPOCH = 1556236800.0  # 2019-04-26: when these releases were current; fixed for reproducible digests
