@@ -356,7 +356,7 @@ class Builder:
                                  f"(exec: \"/bin/sh\": stat /bin/sh: no such file or directory)")
             if real and self.run_mode != "sim":
                 step.mode = "kernel"
-                status, output = _run_chroot(ov.merged, argv or ["/bin/sh", "-c", ins.value], env,
+                status, output = _run_chroot(_real_root(ov), argv or ["/bin/sh", "-c", ins.value], env,
                                              cfg.working_dir or "/")
             else:
                 step.mode = "sim"
@@ -374,16 +374,7 @@ class Builder:
         self._layer_step(stage, ins, step, created_by, cfg, action)
 
     def _can_run_for_real(self, ov) -> bool:
-        if self.run_mode == "sim" or ov.backend != "kernel" or ov.merged is None:
-            return False
-        try:
-            sh = os.path.realpath(os.path.join(ov.merged, "bin/sh"))
-            if not sh.startswith(str(ov.merged)):
-                sh = os.path.join(ov.merged, os.path.relpath(sh, "/"))
-            with open(sh, "rb") as f:
-                return f.read(4) == b"\x7fELF"
-        except OSError:
-            return False
+        return self.run_mode != "sim" and _real_root(ov) is not None
 
     # ------------------------------------------------------------------ COPY / ADD
     def _copy(self, stage, ins, step, cfg, variables, stages):
@@ -665,6 +656,25 @@ def _extract(ov, data: bytes, dest: str):
             elif m.isfile():
                 ov.write_bytes(p, tf.extractfile(m).read())
                 ov.chmod(p, m.mode & 0o7777)
+
+
+def _real_root(ov) -> str | None:
+    """Where a chroot finds the merged root of a kernel overlay whose /bin/sh is a real ELF, else None.
+
+    The kernel backend keeps its mount inside a helper process's private mount namespace, with the
+    merged root as that process's root directory, so ``/proc/<pid>/root`` reaches it from outside.
+    """
+    if ov.backend != "kernel":
+        return None
+    pid = getattr(getattr(ov, "_impl", None), "pid", None)
+    if pid is None:
+        return None
+    root = f"/proc/{pid}/root"
+    try:
+        target = ov.stat("/bin/sh").kind == "file" and ov.read_bytes("/bin/sh")[:4] == b"\x7fELF"
+    except OSError:
+        return None
+    return root if target and os.access(root, os.R_OK) else None
 
 
 def _run_chroot(merged, argv, env, workdir) -> tuple[int, str]:
