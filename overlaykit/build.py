@@ -1,0 +1,818 @@
+"""A Dockerfile builder: each filesystem-changing instruction runs in a container and is committed as a layer.
+
+This is the lesson's central experiment made runnable without Docker: build the redis Dockerfile with
+eight RUN lines and with one, and compare the layers.  The mechanics follow Docker's classic builder:
+every RUN, COPY and ADD mounts the image so far as lower layers under a fresh upper directory
+(:class:`overlaykit.images.Container`), makes its changes through the overlay, and commits the upper
+as a new layer, so ``rm`` in a later step only adds whiteouts.  ENV, ARG, WORKDIR (for an existing
+directory), USER, CMD, ENTRYPOINT, LABEL, EXPOSE, VOLUME and STOPSIGNAL change only the config and add a
+history entry with ``empty_layer``, exactly as ``docker history`` shows them.
+
+RUN executes for real (overlay mount + chroot into the merged root) when the overlay uses the kernel
+backend and the image's ``/bin/sh`` is a real ELF binary (e.g. ``FROM busybox:host``, built from the
+OS's busybox-static); otherwise the simulated shell of :mod:`overlaykit.shell` runs it.  The Dockerfile
+is parsed by ``dockerfile-parse``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import posixpath
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dockerfile_parse import DockerfileParser
+
+from . import catalogue
+from .images import Container, History, Image, ImageConfig, Store, human_size, inspect
+from .shell import Shell
+
+BUILD_EPOCH = 1556668800.0
+"""All layer mtimes are clamped to this instant (2019-05-01), so a rebuild gives the same digests."""
+
+CONFIG_INSTRUCTIONS = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "VOLUME", "STOPSIGNAL"}
+LAYER_INSTRUCTIONS = {"RUN", "COPY", "ADD"}
+SUPPORTED = CONFIG_INSTRUCTIONS | LAYER_INSTRUCTIONS | {"FROM", "WORKDIR"}
+
+
+class BuildError(Exception):
+    """A build step failed; the message names the Dockerfile line and instruction."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int  # 1-based line of the Dockerfile where the instruction starts
+    name: str  # upper case
+    value: str  # the arguments, continuations joined
+    original: str
+
+
+@dataclass
+class Step:
+    """What one instruction did: reported to `progress` and kept in the build log."""
+
+    number: int
+    total: int
+    instruction: Instruction
+    stage: str
+    layer_size: int | None = None  # uncompressed tar bytes of the new layer; None for config-only steps
+    output: str = ""
+    seconds: float = 0.0
+    mode: str = ""  # "sim", "kernel", "config"
+
+    def describe(self) -> str:
+        text = f"{self.instruction.name} {self.instruction.value}".replace("\n", " ")
+        return f"Step {self.number}/{self.total} : {text}"
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with their line numbers, parsed by dockerfile-parse.
+
+    BuildKit drops comment lines and blank lines *inside* continuations; dockerfile-parse ends the
+    instruction there instead, so those lines are removed first (keeping line numbers right).
+    """
+    lines = text.splitlines()
+    cleaned, continuing = [], False
+    for line in lines:
+        stripped = line.strip()
+        if continuing and (stripped.startswith("#") or not stripped):
+            cleaned.append(None)  # dropped, like BuildKit
+            continue
+        cleaned.append(line)
+        continuing = stripped.endswith("\\") and not stripped.startswith("#")
+    kept = [(i + 1, l) for i, l in enumerate(cleaned) if l is not None]
+    parser = DockerfileParser(fileobj=io.BytesIO("\n".join(l for _, l in kept).encode() + b"\n"))
+    out = []
+    for item in parser.structure:
+        name = item["instruction"].upper()
+        if name == "COMMENT":
+            continue
+        out.append(Instruction(kept[item["startline"]][0], name, item["value"].strip(),
+                               item["content"].strip()))
+    return out
+
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    """Dockerfile variable substitution ($VAR, ${VAR}, ${VAR:-default}, ${VAR:+alt}; \\$ stays literal)."""
+    def repl(m):
+        if m.start() > 0 and text[m.start() - 1] == "\\":
+            return m.group(0)
+        name = m.group(1) or m.group(4)
+        value = variables.get(name, "")
+        if m.group(2) == "-":
+            return value or m.group(3)
+        if m.group(2) == "+":
+            return m.group(3) if value else ""
+        return value
+    return _VAR.sub(repl, text).replace("\\$", "$")
+
+
+def _json_or_shell(value: str) -> list[str] | None:
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
+            return parsed
+    return None
+
+
+def _pairs(value: str, line: int, name: str) -> list[tuple[str, str]]:
+    """`K=V K2="v 2"` or the legacy `K V with spaces` form of ENV / LABEL / ARG."""
+    words = shlex.split(value, posix=True)
+    if not words:
+        raise BuildError(f"line {line}: {name} needs arguments")
+    if "=" not in words[0]:
+        if name == "ARG":
+            return [(words[0], None)]
+        key, _, rest = value.partition(" ")
+        return [(key, " ".join(shlex.split(rest.strip())) if rest.strip() else "")]
+    out = []
+    for w in words:
+        if "=" not in w:
+            if name == "ARG":
+                out.append((w, None))
+                continue
+            raise BuildError(f"line {line}: {name}: expected KEY=VALUE, got {w!r}")
+        k, _, v = w.partition("=")
+        out.append((k, v))
+    return out
+
+
+def _flags(value: str) -> tuple[dict[str, str], list[str]]:
+    words = shlex.split(value, posix=True)
+    flags = {}
+    while words and words[0].startswith("--"):
+        k, _, v = words.pop(0)[2:].partition("=")
+        flags[k] = v
+    return flags, words
+
+
+class _Stage:
+    def __init__(self, name: str, image: Image, index: int):
+        self.name, self.image, self.index = name, image, index
+        self.args: dict[str, str] = {}
+        self.cmd_set = False
+
+
+class Builder:
+    """Runs one Dockerfile; `build()` is the convenient entry point."""
+
+    def __init__(self, store: Store, context_dir, *, backend: str = "auto", progress=None,
+                 build_args: dict[str, str] | None = None, run_mode: str = "auto"):
+        self.store = store
+        self.context = Path(context_dir).resolve() if context_dir is not None else None
+        self.backend = backend
+        self.progress = progress
+        self.build_args = dict(build_args or {})
+        self.run_mode = run_mode  # "auto", "sim" (always simulate) or "real" (fail if RUN cannot run for real)
+        self.steps: list[Step] = []
+        self._scratch_root = Path(store.root) / "build-scratch"
+
+    # ------------------------------------------------------------------ driver
+    def build(self, text: str, tag: str) -> Image:
+        instructions = parse_dockerfile(text)
+        for ins in instructions:
+            if ins.name not in SUPPORTED:
+                raise BuildError(f"line {ins.line}: unsupported instruction {ins.name} "
+                                 f"(supported: {', '.join(sorted(SUPPORTED))})")
+        if not any(i.name == "FROM" for i in instructions):
+            raise BuildError("no FROM instruction: a Dockerfile must start with FROM (after ARGs)")
+        total = len(instructions)
+        stages: dict[str, _Stage] = {}
+        stage: _Stage | None = None
+        global_args: dict[str, str] = {}
+        self._scratch_root.mkdir(parents=True, exist_ok=True)
+        for number, ins in enumerate(instructions, 1):
+            step = Step(number, total, ins, stage.name if stage else "")
+            started = time.monotonic()
+            if self.progress:
+                self.progress("start", step)
+            if ins.name == "FROM":
+                stage = self._from(ins, stages, global_args, len(stages))
+                stages[stage.name] = stage
+                stages[str(stage.index)] = stage
+                step.stage, step.mode = stage.name, "config"
+            elif stage is None:
+                if ins.name != "ARG":
+                    raise BuildError(f"line {ins.line}: {ins.name} before the first FROM (only ARG may come first)")
+                for k, v in _pairs(ins.value, ins.line, "ARG"):
+                    global_args[k] = self.build_args.get(k, v or "")
+                step.mode = "config"
+            else:
+                self._step(stage, ins, step, stages, global_args)
+            step.seconds = time.monotonic() - started
+            self.steps.append(step)
+            if self.progress:
+                self.progress("done", step)
+        image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history))
+        return self.store.add_image(image)
+
+    def _from(self, ins, stages, global_args, index) -> _Stage:
+        words = substitute(ins.value, global_args).split()
+        flags = [w for w in words if w.startswith("--")]
+        words = [w for w in words if not w.startswith("--")]
+        if flags and not all(f.startswith("--platform") for f in flags):
+            raise BuildError(f"line {ins.line}: FROM: unsupported flag {flags[0]}")
+        if len(words) == 3 and words[1].upper() == "AS":
+            ref, name = words[0], words[2].lower()
+        elif len(words) == 1:
+            ref, name = words[0], str(index)
+        else:
+            raise BuildError(f"line {ins.line}: FROM expects 'image' or 'image AS name', got {ins.value!r}")
+        if ref == "scratch":
+            image = Image(ref, [], ImageConfig(), [])
+        elif ref.lower() in stages:
+            image = stages[ref.lower()].image
+        else:
+            try:
+                image = self.store.image(ref)
+            except KeyError:
+                if catalogue.resolve_name(ref) is None:
+                    raise BuildError(f"line {ins.line}: FROM {ref}: no such image in the store, and not a "
+                                     f"simulated base ({', '.join(sorted(catalogue.BASE_IMAGES))})") from None
+                image = catalogue.base_image(ref, self.store)
+        stage = _Stage(name, image, index)
+        return stage
+
+    # ------------------------------------------------------------------ one instruction
+    def _variables(self, stage: _Stage) -> dict[str, str]:
+        return {**stage.args, **stage.image.config.env_dict()}
+
+    def _config_step(self, stage: _Stage, created_by: str, config: ImageConfig):
+        stage.image = Image(stage.image.name, list(stage.image.layers), config,
+                            stage.image.history + [History(created_by, True)])
+
+    def _step(self, stage: _Stage, ins: Instruction, step: Step, stages, global_args):
+        import dataclasses
+        cfg = dataclasses.replace(stage.image.config, env=list(stage.image.config.env),
+                                  labels=dict(stage.image.config.labels),
+                                  exposed_ports=list(stage.image.config.exposed_ports),
+                                  volumes=list(stage.image.config.volumes))
+        variables = self._variables(stage)
+        nop = "/bin/sh -c #(nop) "
+        name, value = ins.name, ins.value
+        step.mode = "config"
+        if name == "ARG":
+            for k, v in _pairs(value, ins.line, "ARG"):
+                default = global_args.get(k, "") if v is None else substitute(v, variables)
+                stage.args[k] = self.build_args.get(k, default)
+            self._config_step(stage, f"{nop} ARG {value}", cfg)
+        elif name == "ENV":
+            env = cfg.env_dict()
+            for k, v in _pairs(value, ins.line, "ENV"):
+                env[k] = substitute(v, {**variables, **env})
+            cfg.env = [f"{k}={v}" for k, v in env.items()]
+            self._config_step(stage, f"{nop} ENV " + " ".join(f"{k}={v}" for k, v in _pairs(value, ins.line, "ENV")),
+                              cfg)
+        elif name == "LABEL":
+            for k, v in _pairs(value, ins.line, "LABEL"):
+                cfg.labels[substitute(k, variables)] = substitute(v, variables)
+            self._config_step(stage, f"{nop} LABEL {value}", cfg)
+        elif name == "EXPOSE":
+            for port in substitute(value, variables).split():
+                cfg.exposed_ports = sorted(set(cfg.exposed_ports) | {port if "/" in port else port + "/tcp"})
+            self._config_step(stage, f"{nop} EXPOSE {value}", cfg)
+        elif name == "VOLUME":
+            vols = _json_or_shell(value) or substitute(value, variables).split()
+            cfg.volumes = sorted(set(cfg.volumes) | set(vols))
+            self._config_step(stage, f"{nop} VOLUME {json.dumps(vols)}", cfg)
+        elif name == "STOPSIGNAL":
+            cfg.stop_signal = substitute(value, variables)
+            self._config_step(stage, f"{nop} STOPSIGNAL {cfg.stop_signal}", cfg)
+        elif name == "USER":
+            cfg.user = substitute(value, variables)
+            self._config_step(stage, f"{nop} USER {cfg.user}", cfg)
+        elif name in ("CMD", "ENTRYPOINT"):
+            argv = _json_or_shell(value)
+            if argv is None:
+                argv = ["/bin/sh", "-c", value]
+            if name == "CMD":
+                cfg.cmd = argv
+            else:
+                cfg.entrypoint = argv
+                if not stage.cmd_set:  # Docker: ENTRYPOINT resets a CMD inherited from the base image
+                    cfg.cmd = None
+            stage.cmd_set = stage.cmd_set or name == "CMD"
+            self._config_step(stage, f"{nop} {name} {json.dumps(argv)}", cfg)
+        elif name == "WORKDIR":
+            path = posixpath.normpath(posixpath.join(cfg.working_dir or "/", substitute(value, variables)))
+            cfg.working_dir = path
+            self._layer_step(stage, ins, step, f"{nop} WORKDIR {path}", cfg,
+                             lambda c: None if c.overlay.exists(path) else c.overlay.mkdir(path, mode=0o755, parents=True),
+                             only_if_changed=True)
+        elif name == "RUN":
+            self._run(stage, ins, step, cfg, variables)
+        elif name in ("COPY", "ADD"):
+            self._copy(stage, ins, step, cfg, variables, stages)
+
+    def _layer_step(self, stage, ins, step, created_by, cfg, action, only_if_changed=False):
+        """Run `action(overlay)` in a container of the stage's image and commit the upper as a layer."""
+        scratch = Path(tempfile.mkdtemp(prefix="step-", dir=self._scratch_root))
+        try:
+            container = Container(stage.image, self.store, scratch, backend=self.backend)
+            container.overlay.tracing = False  # a build does thousands of operations; nobody reads the trace
+            with container:
+                step.mode = step.mode if step.mode not in ("", "config") else container.overlay.backend
+                action(container)
+            if only_if_changed and not any(scratch.joinpath("upper").iterdir()):
+                self._config_step(stage, created_by, cfg)
+                step.mode = "config"
+                return
+            new = container.commit(created_by, config=cfg, mtime=BUILD_EPOCH)
+            stage.image = Image(stage.image.name, new.layers, new.config, new.history)
+            step.layer_size = new.layers[-1].size
+        finally:
+            _rmtree(scratch)
+
+    # ------------------------------------------------------------------ RUN
+    def _run(self, stage, ins, step, cfg, variables):
+        argv = _json_or_shell(ins.value)
+        created_by = f"/bin/sh -c {ins.value}" if argv is None else ins.value
+        env = {**stage.args, **cfg.env_dict()}
+
+        def action(container):
+            ov = container.overlay
+            real = self._can_run_for_real(ov)
+            if self.run_mode == "real" and not real:
+                raise BuildError(f"line {ins.line}: RUN cannot run for real here (needs the kernel backend and "
+                                 f"a real /bin/sh in the image)")
+            if argv is None and not _lexists(ov, "/bin/sh"):
+                raise BuildError(f"line {ins.line}: RUN {ins.value}: the image has no /bin/sh "
+                                 f"(exec: \"/bin/sh\": stat /bin/sh: no such file or directory)")
+            if real and self.run_mode != "sim":
+                step.mode = "kernel"
+                status, output = _run_chroot(_real_root(ov), argv or ["/bin/sh", "-c", ins.value], env,
+                                             cfg.working_dir or "/")
+            else:
+                step.mode = "sim"
+                shell = Shell(ov, env=env, cwd=cfg.working_dir or "/")
+                if cfg.working_dir and not ov.exists(cfg.working_dir):
+                    ov.mkdir(cfg.working_dir, mode=0o755, parents=True)
+                result = shell.run(ins.value) if argv is None else shell.run_argv(argv)
+                status, output = result.status, result.output
+            step.output = output
+            if status != 0:
+                shown = ins.value if argv is None else json.dumps(argv)
+                raise BuildError(f"line {ins.line}: RUN {shown}\n{output.rstrip()}\n"
+                                 f"returned a non-zero code: {status}")
+
+        self._layer_step(stage, ins, step, created_by, cfg, action)
+
+    def _can_run_for_real(self, ov) -> bool:
+        return self.run_mode != "sim" and _real_root(ov) is not None
+
+    # ------------------------------------------------------------------ COPY / ADD
+    def _copy(self, stage, ins, step, cfg, variables, stages):
+        flags, words = _flags(ins.value)
+        json_form = _json_or_shell(ins.value[ins.value.find("["):]) if "[" in ins.value else None
+        if json_form is not None:
+            words = json_form
+        words = [substitute(w, variables) for w in words]
+        if len(words) < 2:
+            raise BuildError(f"line {ins.line}: {ins.name} needs at least one source and a destination")
+        *sources, dest = words
+        unknown = set(flags) - {"from", "chown", "chmod"}
+        if unknown:
+            raise BuildError(f"line {ins.line}: {ins.name}: unsupported flag --{sorted(unknown)[0]}")
+        if "from" in flags and ins.name == "ADD":
+            raise BuildError(f"line {ins.line}: ADD does not support --from (use COPY)")
+        workdir = cfg.working_dir or "/"
+        dest_abs = posixpath.normpath(posixpath.join(workdir, dest))
+        dest_is_dir = dest.endswith("/") or len(sources) > 1
+        chown = flags.get("chown")
+        chmod = int(flags["chmod"], 8) if flags.get("chmod") else None
+        created_by = f"/bin/sh -c #(nop) {ins.name} {ins.value}"
+
+        source_stage = None
+        if "from" in flags:
+            ref = flags["from"].lower()
+            if ref in stages:
+                source_stage = stages[ref].image
+            else:
+                try:
+                    source_stage = self.store.image(flags["from"])
+                except KeyError:
+                    raise BuildError(f"line {ins.line}: COPY --from={flags['from']}: no such stage or image") from None
+        elif self.context is None:
+            raise BuildError(f"line {ins.line}: {ins.name} needs a build context directory")
+
+        def action(container):
+            ov = container.overlay
+            if source_stage is not None:
+                scratch = Path(tempfile.mkdtemp(prefix="from-", dir=self._scratch_root))
+                try:
+                    src_container = Container(source_stage, self.store, scratch, backend="sim")
+                    src_container.overlay.tracing = False
+                    with src_container:
+                        src = _OverlaySource(src_container.overlay)
+                        self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod, False)
+                finally:
+                    _rmtree(scratch)
+            else:
+                src = _ContextSource(self.context, ins.line)
+                self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod,
+                                   ins.name == "ADD")
+
+        self._layer_step(stage, ins, step, created_by, cfg, action)
+
+    def _copy_sources(self, ins, src, sources, ov, dest, dest_is_dir, chown, chmod, add):
+        matched = []
+        for pattern in sources:
+            if add and re.match(r"https?://", pattern):
+                if pattern not in catalogue.DOWNLOADS:
+                    raise BuildError(f"line {ins.line}: ADD {pattern}: the simulated network does not know this URL")
+                target = posixpath.join(dest, posixpath.basename(pattern)) if dest_is_dir else dest
+                _ensure_dir(ov, posixpath.dirname(target))
+                ov.write_bytes(target, catalogue.download_bytes(pattern))
+                ov.chmod(target, 0o600)  # like Docker: remote ADD files are 0600
+                continue
+            found = src.glob(pattern)
+            if not found:
+                raise BuildError(f"line {ins.line}: {ins.name} failed: no source files were specified "
+                                 f"matching {pattern!r}")
+            matched += found
+        if len(matched) > 1 and not dest_is_dir and not any(src.is_dir(m) for m in matched):
+            raise BuildError(f"line {ins.line}: When using {ins.name} with more than one source file, "
+                             f"the destination must be a directory and end with a /")
+        uid, gid = _owner(ov, chown) if chown else (None, None)
+        for m in matched:
+            if src.is_dir(m):
+                _ensure_dir(ov, dest)
+                for rel, kind, mode, data, target in src.walk(m):
+                    self._put(ov, posixpath.join(dest, rel) if rel else dest, kind, mode, data, target, uid, gid, chmod)
+            elif add and _is_tar(src.read(m)):
+                _ensure_dir(ov, dest)
+                _extract(ov, src.read(m), dest)
+            else:
+                target = posixpath.join(dest, posixpath.basename(m)) if dest_is_dir or _isdir(ov, dest) else dest
+                _ensure_dir(ov, posixpath.dirname(target))
+                kind, mode, data, link = src.entry(m)
+                self._put(ov, target, kind, mode, data, link, uid, gid, chmod)
+
+    @staticmethod
+    def _put(ov, path, kind, mode, data, target, uid, gid, chmod):
+        if kind == "dir":
+            if not _isdir(ov, path):
+                ov.mkdir(path, mode=mode, parents=True)
+        else:
+            if _lexists(ov, path) and not _isdir(ov, path):
+                ov.remove(path)
+            if kind == "symlink":
+                ov.symlink(target, path)
+                return
+            ov.write_bytes(path, data)
+            ov.chmod(path, chmod if chmod is not None else mode)
+        if uid is not None:
+            ov.chown(path, uid, gid)
+
+
+class _ContextSource:
+    """Files of the build context; nothing outside it can be named (like Docker's 'forbidden path')."""
+
+    def __init__(self, root: Path, line: int):
+        self.root, self.line = root, line
+
+    def _real(self, rel: str) -> Path:
+        p = (self.root / rel.lstrip("/")).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise BuildError(f"line {self.line}: forbidden path outside the build context: {rel}")
+        return p
+
+    def glob(self, pattern: str) -> list[str]:
+        norm = posixpath.normpath(pattern.lstrip("/")) if pattern not in ("", ".", "/") else "."
+        if norm.startswith(".."):
+            raise BuildError(f"line {self.line}: forbidden path outside the build context: {pattern}")
+        if not any(c in norm for c in "*?["):
+            return [norm] if os.path.lexists(self._real(norm)) else []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for n in sorted(dirnames + filenames):
+                rel = os.path.relpath(os.path.join(dirpath, n), self.root)
+                if fnmatch.fnmatchcase(rel, norm):
+                    out.append(rel)
+        return sorted(out)
+
+    def is_dir(self, rel) -> bool:
+        return self._real(rel).is_dir()
+
+    def read(self, rel) -> bytes:
+        p = self._real(rel)
+        return p.read_bytes() if p.is_file() else b""
+
+    def entry(self, rel):
+        p = self.root / rel
+        if p.is_symlink():
+            return "symlink", 0o777, b"", os.readlink(p)
+        st = self._real(rel).stat()
+        return "file", st.st_mode & 0o7777, self._real(rel).read_bytes(), None
+
+    def walk(self, rel):
+        top = self._real(rel)
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            d = os.path.relpath(dirpath, top)
+            d = "" if d == "." else d
+            yield d, "dir", os.stat(dirpath).st_mode & 0o7777, b"", None
+            for n in sorted(filenames):
+                p = os.path.join(dirpath, n)
+                r = posixpath.join(d, n) if d else n
+                if os.path.islink(p):
+                    yield r, "symlink", 0o777, b"", os.readlink(p)
+                else:
+                    yield r, "file", os.stat(p).st_mode & 0o7777, Path(p).read_bytes(), None
+            for n in sorted(dirnames):
+                p = os.path.join(dirpath, n)
+                if os.path.islink(p):
+                    yield posixpath.join(d, n) if d else n, "symlink", 0o777, b"", os.readlink(p)
+
+
+class _OverlaySource:
+    """Files of an earlier stage, read through its (simulated) overlay."""
+
+    def __init__(self, ov):
+        self.ov = ov
+
+    def glob(self, pattern):
+        p = posixpath.normpath("/" + pattern)
+        if not any(c in p for c in "*?["):
+            return [p] if _lexists(self.ov, p) else []
+        parent = posixpath.dirname(p)
+        try:
+            names = self.ov.listdir(parent)
+        except OSError:
+            return []
+        return [posixpath.join(parent, n) for n in names if fnmatch.fnmatchcase(n, posixpath.basename(p))]
+
+    def is_dir(self, p):
+        return _isdir(self.ov, p)
+
+    def read(self, p):
+        return self.ov.read_bytes(p)
+
+    def entry(self, p):
+        st = self.ov.stat(p, follow_symlinks=False)
+        if st.kind == "symlink":
+            return "symlink", 0o777, b"", st.target
+        return "file", st.mode, self.ov.read_bytes(p), None
+
+    def walk(self, top):
+        for dirpath, dirnames, filenames in self.ov.walk(top):
+            rel = posixpath.relpath("/" + dirpath.lstrip("/"), "/" + top.lstrip("/"))
+            rel = "" if rel == "." else rel
+            yield rel, "dir", self.ov.stat(dirpath).mode, b"", None
+            links = [d for d in dirnames if self.ov.stat(posixpath.join(dirpath, d), follow_symlinks=False).kind == "symlink"]
+            for n in filenames + links:
+                p = posixpath.join(dirpath, n)
+                kind, mode, data, target = self.entry(p)
+                yield posixpath.join(rel, n) if rel else n, kind, mode, data, target
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _lexists(ov, p) -> bool:
+    try:
+        ov.stat(p, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def _isdir(ov, p) -> bool:
+    try:
+        return ov.stat(p).kind == "dir"
+    except OSError:
+        return False
+
+
+def _ensure_dir(ov, p):
+    if p and not _isdir(ov, p):
+        ov.mkdir(p, mode=0o755, parents=True)
+
+
+def _owner(ov, spec: str) -> tuple[int, int]:
+    user, _, group = spec.partition(":")
+
+    def lookup(path, name):
+        if name.isdigit():
+            return int(name)
+        try:
+            for line in ov.read_text(path).splitlines():
+                f = line.split(":")
+                if f[0] == name:
+                    return int(f[2])
+        except OSError:
+            pass
+        raise BuildError(f"unable to find user or group {name!r} in {path}")
+
+    uid = lookup("/etc/passwd", user)
+    gid = lookup("/etc/group", group) if group else uid
+    return uid, gid
+
+
+def _is_tar(data: bytes) -> bool:
+    if not data:
+        return False
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+            tf.next()
+        return True
+    except (tarfile.TarError, EOFError, OSError):
+        return False
+
+
+def _extract(ov, data: bytes, dest: str):
+    """ADD's auto-extraction: through the overlay, refusing members that would leave `dest`."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+        for m in tf.getmembers():
+            parts = [p for p in m.name.split("/") if p not in ("", ".")]
+            if ".." in parts:
+                raise BuildError(f"ADD: archive member {m.name!r} would escape {dest}")
+            if not parts:
+                continue
+            p = posixpath.join(dest, *parts)
+            _ensure_dir(ov, posixpath.dirname(p))
+            if m.isdir():
+                _ensure_dir(ov, p)
+            elif m.issym():
+                if _lexists(ov, p):
+                    ov.remove(p)
+                ov.symlink(m.linkname, p)
+            elif m.isfile():
+                ov.write_bytes(p, tf.extractfile(m).read())
+                ov.chmod(p, m.mode & 0o7777)
+
+
+def _real_root(ov) -> str | None:
+    """Where a chroot finds the merged root of a kernel overlay whose /bin/sh is a real ELF, else None.
+
+    The kernel backend keeps its mount inside a helper process's private mount namespace, with the
+    merged root as that process's root directory, so ``/proc/<pid>/root`` reaches it from outside.
+    """
+    if ov.backend != "kernel":
+        return None
+    pid = getattr(getattr(ov, "_impl", None), "pid", None)
+    if pid is None:
+        return None
+    root = f"/proc/{pid}/root"
+    try:
+        target = ov.stat("/bin/sh").kind == "file" and ov.read_bytes("/bin/sh")[:4] == b"\x7fELF"
+    except OSError:
+        return None
+    return root if target and os.access(root, os.R_OK) else None
+
+
+def _run_chroot(merged, argv, env, workdir) -> tuple[int, str]:
+    """RUN for real: the merged root of a kernel overlay as the root directory (root only)."""
+    def enter():
+        os.chroot(merged)
+        os.chdir(workdir if os.path.isdir(workdir) else "/")
+
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", **env}
+    proc = subprocess.run(argv, env=env, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=600)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def _rmtree(p: Path):
+    import shutil
+    shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- API
+
+def build(dockerfile, context_dir, store: Store, tag: str, *, backend: str = "auto", progress=None,
+          build_args: dict[str, str] | None = None, run_mode: str = "auto") -> Image:
+    """Build a Dockerfile (a path, or its text) with `context_dir` as context; the image is stored as `tag`.
+
+    `progress(event, step)` is called with event "start" and "done" for every instruction; a "done" step
+    carries the new layer's size (None for config-only instructions).
+    """
+    text = _read_dockerfile(dockerfile)
+    builder = Builder(store, context_dir, backend=backend, progress=progress, build_args=build_args,
+                      run_mode=run_mode)
+    return builder.build(text, tag)
+
+
+def _read_dockerfile(dockerfile) -> str:
+    if isinstance(dockerfile, Path) or (isinstance(dockerfile, str) and "\n" not in dockerfile
+                                         and os.path.exists(dockerfile)):
+        return Path(dockerfile).read_text()
+    if isinstance(dockerfile, str) and "\n" in dockerfile:
+        return dockerfile
+    raise FileNotFoundError(2, "no such Dockerfile", str(dockerfile))
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    index: int
+    created_by: str
+    size: int
+    wasted: int
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """Per-layer sizes, total size and wasted bytes of an image, all measured from its layers."""
+
+    name: str
+    rows: tuple[LayerRow, ...]
+    total_size: int
+    wasted_bytes: int
+    final_bytes: int
+    efficiency: float
+
+    def table(self) -> str:
+        lines = [f"{self.name}", f"{'#':>3} {'size':>10} {'wasted':>10}  created by"]
+        for r in self.rows:
+            cb = r.created_by.replace("/bin/sh -c #(nop) ", "").replace("/bin/sh -c ", "RUN ")
+            cb = cb if len(cb) <= 58 else cb[:55] + "..."
+            lines.append(f"{r.index:>3} {human_size(r.size):>10} {human_size(r.wasted):>10}  {cb}")
+        lines.append(f"total {human_size(self.total_size)}, wasted {human_size(self.wasted_bytes)}, "
+                     f"efficiency {self.efficiency:.1%}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+
+def report(image: Image) -> BuildReport:
+    ins = inspect(image)
+    rows = tuple(LayerRow(l.index, l.created_by, l.size, l.wasted_bytes) for l in ins.layers)
+    return BuildReport(image.name, rows, image.size, ins.wasted_bytes, ins.final_bytes, ins.efficiency)
+
+
+def compare(*images: Image) -> str:
+    """Side-by-side summary: layers, total size and wasted bytes of each image."""
+    reps = [report(im) for im in images]
+    width = max(len(r.name) for r in reps)
+    lines = [f"{'image':<{width}} {'layers':>6} {'total size':>11} {'wasted':>10} {'efficiency':>10}"]
+    for r in reps:
+        lines.append(f"{r.name:<{width}} {len(r.rows):>6} {human_size(r.total_size):>11} "
+                     f"{human_size(r.wasted_bytes):>10} {r.efficiency:>10.1%}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+
+class TextProgress:
+    """Plain-text progress for terminals and notebooks alike: one line per step, dots for long steps."""
+
+    def __init__(self, stream=None, verbose: bool = False):
+        self.stream = stream or sys.stdout
+        self.verbose = verbose
+
+    def __call__(self, event, step: Step):
+        if event == "start":
+            print(step.describe(), file=self.stream, flush=True)
+        elif event == "done":
+            if self.verbose and step.output:
+                for line in step.output.rstrip().splitlines():
+                    print(f" | {line}", file=self.stream)
+            size = "no layer (config only)" if step.layer_size is None else f"layer {human_size(step.layer_size)}"
+            how = f" [{step.mode}]" if step.mode and step.mode != "config" else ""
+            print(f" ---> {size}{how}", file=self.stream, flush=True)
+
+
+def cli_build(argv: list[str]) -> int:
+    """`python -m overlaykit build -f Dockerfile CONTEXT -t NAME [--store DIR] [--build-arg K=V] [--sim]`."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="overlaykit build", description="Build a Dockerfile into overlaykit's store")
+    ap.add_argument("context", help="build context directory")
+    ap.add_argument("-f", "--file", help="Dockerfile (default: CONTEXT/Dockerfile)")
+    ap.add_argument("-t", "--tag", required=True, help="name of the image")
+    ap.add_argument("--store", default=os.environ.get("OVERLAYKIT_STORE", ".overlaykit-store"),
+                    help="store directory (default: $OVERLAYKIT_STORE or .overlaykit-store)")
+    ap.add_argument("--build-arg", action="append", default=[], metavar="K=V")
+    ap.add_argument("--backend", default="auto", choices=["auto", "sim", "kernel"])
+    ap.add_argument("--sim", action="store_true", help="always run RUN in the simulated shell")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show each step's output")
+    args = ap.parse_args(argv)
+    dockerfile = args.file or os.path.join(args.context, "Dockerfile")
+    store = Store(args.store)
+    build_args = dict(a.split("=", 1) if "=" in a else (a, os.environ.get(a, "")) for a in args.build_arg)
+    try:
+        image = build(dockerfile, args.context, store, args.tag, backend=args.backend,
+                      progress=TextProgress(verbose=args.verbose), build_args=build_args,
+                      run_mode="sim" if args.sim else "auto")
+    except (BuildError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report(image).table())
+    print(f"Successfully tagged {image.name}")
+    return 0
