@@ -168,3 +168,15 @@ def make_xattr_whiteout(dir_path: str | os.PathLike, name: str, xattr_ns: str | 
     os.setxattr(p, f"{ns}.overlay.whiteout", b"", follow_symlinks=False)
     os.setxattr(d, f"{ns}.overlay.opaque", b"x", follow_symlinks=False)
     return p
+
+
+def report(ov: Overlay, *, since: int = 0, lowers: bool = True) -> str:
+    """The lesson's after-each-step look: merged/, upper/ (and the lowers) on disk, and the trace."""
+    sections = [("merged/", merged_listing(ov)), (f"{ov.upper.name}/ on disk", ls(ov.upper, recursive=True))
+                if ov.upper is not None else ("upper", "(none: a read-only overlay)")]
+    if lowers:
+        for k, low in enumerate(ov.lowers):
+            sections.append((f"{low.name}/ on disk (lower[{k}], read-only)", ls(low, recursive=True)))
+    sections.append(("what the filesystem did", trace(ov, since=since)))
+    return "\n".join(f"{title}\n" + "\n".join("    " + line for line in body.splitlines())
+                     for title, body in sections)

@@ -96,3 +96,24 @@ def test_merged_listing_names_the_serving_layer(tmp_path):
         lines = course.merged_listing(ov).splitlines()
     assert [(x.split()[0], x.split()[-1]) for x in lines] == [
         ("d/", "[upper]"), ("in_both.txt", "[upper]"), ("in_lower.txt", "[lower[0]]"), ("in_upper.txt", "[upper]")]
+
+
+def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
+    with course.lesson_overlay(tmp_path, backend="sim") as ov:
+        ov.write_text("in_lower.txt", "changed\n", append=True)
+        text = course.report(ov)
+    assert text.splitlines() == [
+        "merged/",
+        "    in_both.txt    \"upper/'s copy of in_both.txt\"     [upper]",
+        "    in_lower.txt   'I live in lower/\\nchanged'        [upper]",
+        "    in_upper.txt   'I live in upper/'                 [upper]",
+        "upper/ on disk",
+        "    -rw-r--r--     29 in_both.txt",
+        "    -rw-r--r--     25 in_lower.txt",
+        "    -rw-r--r--     17 in_upper.txt",
+        "lower/ on disk (lower[0], read-only)",
+        "    -rw-r--r--     29 in_both.txt",
+        "    -rw-r--r--     17 in_lower.txt",
+        "what the filesystem did",
+        "    append     copy-up   in_lower.txt: opened for append: 17 bytes copied from lower[0]",
+    ]
