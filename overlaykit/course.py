@@ -152,7 +152,7 @@ def merged_listing(ov: Overlay) -> str:
 def trace(ov: Overlay, *, since: int = 0, lookups: bool = False) -> str:
     """What the filesystem did, one line per step (``ov.trace[since:]``); lookups left out unless asked."""
     lines = [str(e) for e in ov.trace[since:] if lookups or e.kind != "lookup"]
-    return "\n".join(lines) or "(nothing: no layer changed)"
+    return "\n".join(lines) or "(no copy-up, no whiteout, nothing created or removed)"
 
 
 def make_xattr_whiteout(dir_path: str | os.PathLike, name: str, xattr_ns: str | None = None) -> Path:

@@ -80,13 +80,13 @@ def test_make_xattr_whiteout_is_read_as_a_whiteout(tmp_path):
 
 def test_trace_leaves_lookups_out_and_starts_where_asked(tmp_path):
     with course.lesson_overlay(tmp_path, backend="sim") as ov:
-        assert course.trace(ov) == "(nothing: no layer changed)"
+        assert course.trace(ov) == "(no copy-up, no whiteout, nothing created or removed)"
         ov.remove("in_lower.txt")
         n = len(ov.trace)
         ov.write_text("in_upper.txt", "x", append=True)
         assert course.trace(ov).splitlines() == [
             "remove     whiteout  in_lower.txt: whiteout created in upper/ to hide the lower entry"]
-        assert course.trace(ov, since=n) == "(nothing: no layer changed)"
+        assert course.trace(ov, since=n) == "(no copy-up, no whiteout, nothing created or removed)"
         assert course.trace(ov, lookups=True).splitlines()[0].startswith("remove     lookup    in_lower.txt")
 
 
