@@ -180,3 +180,12 @@ def report(ov: Overlay, *, since: int = 0, lowers: bool = True) -> str:
     sections.append(("what the filesystem did", trace(ov, since=since)))
     return "\n".join(f"{title}\n" + "\n".join("    " + line for line in body.splitlines())
                      for title, body in sections)
+
+
+def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
+    """``ov.how_to_look()`` with the folders written relative to ``relative_to`` (the notebook's folder).
+
+    The command still names the helper's PID, which changes on every run.
+    """
+    base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
+    return ov.how_to_look().replace(base, "")

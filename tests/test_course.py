@@ -117,3 +117,14 @@ def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
         "what the filesystem did",
         "    append     copy-up   in_lower.txt: opened for append: 17 bytes copied from lower[0]",
     ]
+
+
+def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
+    with course.lesson_overlay(tmp_path / "ws", backend="sim") as ov:
+        assert course.how_to_look(ov, tmp_path) == ov.how_to_look()  # the simulator names no folder
+
+    class Mounted:  # what a kernel mount says: a PID and absolute paths
+        def how_to_look(self):
+            return f"mounted on {tmp_path}/ws/merged only inside helper process 42: ls {tmp_path}/ws/merged"
+    assert course.how_to_look(Mounted(), tmp_path) == \
+        "mounted on ws/merged only inside helper process 42: ls ws/merged"
