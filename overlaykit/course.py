@@ -11,6 +11,7 @@ import shutil
 import stat as st
 from pathlib import Path
 
+from . import ondisk
 from .engine import Overlay
 
 #: The lesson's starting layers: lower has in_lower.txt and in_both.txt, upper has in_upper.txt and in_both.txt.
@@ -71,42 +72,55 @@ def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) ->
     return Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
 
 
-def ls(path: str | os.PathLike, *, show_hidden: bool = True) -> str:
+def ls(path: str | os.PathLike, *, show_hidden: bool = True, recursive: bool = False) -> str:
     """A deterministic ``ls -l`` of one layer folder: type and mode, size or device, name (no times, no owners).
 
-    This is how a learner inspects upper/ on disk: a whiteout shows as ``c--------- 0,0``, and an opaque
-    directory carries its xattr.
+    This is how a learner inspects upper/ on disk: a whiteout shows as ``c--------- 0,0``, an opaque
+    directory carries its xattr, and the other two whiteout spellings are named too (a zero-size file
+    with an ``overlay.whiteout`` xattr, and the OCI ``.wh.`` marker files).  ``recursive`` lists the
+    whole tree, names relative to ``path``.
     """
     path = Path(path)
-    lines = []
-    names = sorted(os.listdir(path))
-    if not names:
-        return "(empty)"
-    for name in names:
-        if not show_hidden and name.startswith("."):
-            continue
-        p = path / name
-        s = os.lstat(p)
-        mode = st.filemode(s.st_mode)
-        if st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
-            size = f"{os.major(s.st_rdev)},{os.minor(s.st_rdev)}"
-        elif st.S_ISDIR(s.st_mode):
-            size = "-"
-        else:
-            size = str(s.st_size)
-        extra = ""
-        if st.S_ISLNK(s.st_mode):
-            extra = f" -> {os.readlink(p)}"
-        elif st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
-            extra = "   (whiteout)"
-        elif st.S_ISDIR(s.st_mode):
-            # only the marker the lesson is about; the kernel also keeps bookkeeping xattrs
-            # (origin, impure) that the simulator does not write
-            xs = [x for x in _listxattr(p) if x.endswith(".overlay.opaque")]
-            if xs:
-                extra = "   [" + ", ".join(f"{x}={_getxattr(p, x)}" for x in sorted(xs)) + "]"
-        lines.append(f"{mode} {size:>6} {name}{'/' if st.S_ISDIR(s.st_mode) else ''}{extra}")
-    return "\n".join(lines)
+    lines: list[str] = []
+
+    def visit(d: Path, prefix: str) -> None:
+        for name in sorted(os.listdir(d)):
+            if not show_hidden and name.startswith("."):
+                continue
+            p = d / name
+            s = os.lstat(p)
+            lines.append(_ls_line(p, prefix + name, s))
+            if recursive and st.S_ISDIR(s.st_mode):
+                visit(p, prefix + name + "/")
+
+    visit(path, "")
+    return "\n".join(lines) or "(empty)"
+
+
+def _ls_line(p: Path, shown: str, s: os.stat_result) -> str:
+    mode = st.filemode(s.st_mode)
+    if st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode):
+        size = f"{os.major(s.st_rdev)},{os.minor(s.st_rdev)}"
+    elif st.S_ISDIR(s.st_mode):
+        size = "-"
+    else:
+        size = str(s.st_size)
+    extra = ""
+    if st.S_ISLNK(s.st_mode):
+        extra = f" -> {os.readlink(p)}"
+    elif st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
+        extra = "   (whiteout)"
+    elif st.S_ISDIR(s.st_mode) or st.S_ISREG(s.st_mode):
+        # only the markers the lesson is about; the kernel also keeps bookkeeping xattrs
+        # (origin, impure) that the simulator does not write
+        xs = [x for x in _listxattr(p) if x.endswith((".overlay.opaque", ".overlay.whiteout"))]
+        if xs:
+            extra = "   [" + ", ".join(f"{x}={_getxattr(p, x)}" for x in sorted(xs)) + "]"
+        if st.S_ISREG(s.st_mode) and p.name == ondisk.OPAQUE_MARKER:
+            extra += "   (OCI opaque marker)"
+        elif st.S_ISREG(s.st_mode) and p.name.startswith(ondisk.WHITEOUT_PREFIX):
+            extra += f"   (OCI whiteout of {p.name[len(ondisk.WHITEOUT_PREFIX):]})"
+    return f"{mode} {size:>6} {shown}{'/' if st.S_ISDIR(s.st_mode) else ''}{extra}"
 
 
 def _listxattr(p) -> list[str]:
@@ -133,3 +147,45 @@ def merged_listing(ov: Overlay) -> str:
         else:
             lines.append(f"{name + ('/' if s.kind == 'dir' else ''):<14} {s.kind:<34} [{ov.layer_of(name)}]")
     return "\n".join(lines) or "(empty)"
+
+
+def trace(ov: Overlay, *, since: int = 0, lookups: bool = False) -> str:
+    """What the filesystem did, one line per step (``ov.trace[since:]``); lookups left out unless asked."""
+    lines = [str(e) for e in ov.trace[since:] if lookups or e.kind != "lookup"]
+    return "\n".join(lines) or "(no copy-up, no whiteout, nothing created or removed)"
+
+
+def make_xattr_whiteout(dir_path: str | os.PathLike, name: str, xattr_ns: str | None = None) -> Path:
+    """Write the kernel's second whiteout spelling: an empty file ``name`` with ``<ns>.overlay.whiteout``,
+    in a directory marked ``<ns>.overlay.opaque=x`` ("look for xattr whiteouts here").
+
+    overlayfs reads this form but never writes it; layer tools and nested overlays do.
+    """
+    ns = xattr_ns or ondisk.default_xattr_ns()
+    d = Path(dir_path)
+    p = d / name
+    p.touch(exist_ok=False)
+    os.setxattr(p, f"{ns}.overlay.whiteout", b"", follow_symlinks=False)
+    os.setxattr(d, f"{ns}.overlay.opaque", b"x", follow_symlinks=False)
+    return p
+
+
+def report(ov: Overlay, *, since: int = 0, lowers: bool = True) -> str:
+    """The lesson's after-each-step look: merged/, upper/ (and the lowers) on disk, and the trace."""
+    sections = [("merged/", merged_listing(ov)), (f"{ov.upper.name}/ on disk", ls(ov.upper, recursive=True))
+                if ov.upper is not None else ("upper", "(none: a read-only overlay)")]
+    if lowers:
+        for k, low in enumerate(ov.lowers):
+            sections.append((f"{low.name}/ on disk (lower[{k}], read-only)", ls(low, recursive=True)))
+    sections.append(("what the filesystem did", trace(ov, since=since)))
+    return "\n".join(f"{title}\n" + "\n".join("    " + line for line in body.splitlines())
+                     for title, body in sections)
+
+
+def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
+    """``ov.how_to_look()`` with the folders written relative to ``relative_to`` (the notebook's folder).
+
+    The command still names the helper's PID, which changes on every run.
+    """
+    base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
+    return ov.how_to_look().replace(base, "")

@@ -1,0 +1,130 @@
+"""The notebook helpers: what they print is what learners read, so it must be right and stable."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from overlaykit import course, ondisk
+from overlaykit.engine import Overlay
+
+
+def test_workspace_starts_empty_even_after_a_run(tmp_path):
+    ws = course.workspace("03", tmp_path)
+    (ws / "left-over").write_text("x")
+    (ws / "work" / "work").mkdir(parents=True)
+    os.chmod(ws / "work" / "work", 0)
+    ws2 = course.workspace("03", tmp_path)
+    assert ws2 == ws and os.listdir(ws2) == []
+
+
+def test_lesson_dirs_make_the_lessons_layers(tmp_path):
+    d = course.lesson_dirs(tmp_path)
+    assert sorted(os.listdir(d["lower"])) == ["in_both.txt", "in_lower.txt"]
+    assert sorted(os.listdir(d["upper"])) == ["in_both.txt", "in_upper.txt"]
+    assert os.listdir(d["work"]) == [] and os.listdir(d["merged"]) == []
+
+
+def test_ls_marks_each_whiteout_spelling_and_recurses(tmp_path):
+    root = course.write_tree(tmp_path / "t", {"d/f": "abc", ".wh.gone": "", "d/.wh..wh..opq": "", "e/": ""})
+    os.symlink("d/f", root / "link")
+    listing = course.ls(root, recursive=True).splitlines()
+    assert listing == [
+        "-rw-r--r--      0 .wh.gone   (OCI whiteout of gone)",
+        "drwxr-xr-x      - d/",
+        "-rw-r--r--      0 d/.wh..wh..opq   (OCI opaque marker)",
+        "-rw-r--r--      3 d/f",
+        "drwxr-xr-x      - e/",
+        "lrwxrwxrwx      3 link -> d/f",
+    ]
+    top = course.ls(root).splitlines()
+    assert [x.split()[2] for x in top] == [".wh.gone", "d/", "e/", "link"]
+    assert course.ls(root, show_hidden=False).splitlines()[0].endswith(" d/")
+
+
+def test_ls_of_an_empty_folder(tmp_path):
+    assert course.ls(tmp_path) == "(empty)"
+
+
+def test_ls_shows_kernel_whiteouts_and_overlay_xattrs(tmp_path):
+    d = tmp_path / "up"
+    d.mkdir()
+    try:
+        os.mknod(d / "gone", stat.S_IFCHR, 0)
+        os.setxattr(d, "user.overlay.opaque", b"y")
+    except OSError as e:
+        pytest.skip(f"this filesystem cannot hold the kernel's format here: {e}")
+    sub = d / "x"
+    sub.mkdir()
+    os.setxattr(sub, "user.other", b"not shown")
+    assert course.ls(d) == "c---------    0,0 gone   (whiteout)\ndrwxr-xr-x      - x/"
+    assert course.ls(tmp_path) == "drwxr-xr-x      - up/   [user.overlay.opaque=y]"
+
+
+def test_make_xattr_whiteout_is_read_as_a_whiteout(tmp_path):
+    d = tmp_path / "etc"
+    d.mkdir()
+    try:
+        p = course.make_xattr_whiteout(d, "motd", "user")
+    except OSError as e:
+        pytest.skip(f"no user xattrs on this filesystem: {e}")
+    assert p.stat().st_size == 0
+    assert os.getxattr(d, "user.overlay.opaque") == b"x"
+    enc = ondisk.Encoding("kernel", "user")
+    assert enc.is_whiteout(str(d), "motd") and not enc.is_opaque(str(d))
+    assert course.ls(d) == "-rw-r--r--      0 motd   [user.overlay.whiteout=]"
+    with pytest.raises(FileExistsError):
+        course.make_xattr_whiteout(d, "motd", "user")
+
+
+def test_trace_leaves_lookups_out_and_starts_where_asked(tmp_path):
+    with course.lesson_overlay(tmp_path, backend="sim") as ov:
+        assert course.trace(ov) == "(no copy-up, no whiteout, nothing created or removed)"
+        ov.remove("in_lower.txt")
+        n = len(ov.trace)
+        ov.write_text("in_upper.txt", "x", append=True)
+        assert course.trace(ov).splitlines() == [
+            "remove     whiteout  in_lower.txt: whiteout created in upper/ to hide the lower entry"]
+        assert course.trace(ov, since=n) == "(no copy-up, no whiteout, nothing created or removed)"
+        assert course.trace(ov, lookups=True).splitlines()[0].startswith("remove     lookup    in_lower.txt")
+
+
+def test_merged_listing_names_the_serving_layer(tmp_path):
+    with course.lesson_overlay(tmp_path, backend="sim") as ov:
+        ov.mkdir("d")
+        lines = course.merged_listing(ov).splitlines()
+    assert [(x.split()[0], x.split()[-1]) for x in lines] == [
+        ("d/", "[upper]"), ("in_both.txt", "[upper]"), ("in_lower.txt", "[lower[0]]"), ("in_upper.txt", "[upper]")]
+
+
+def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
+    with course.lesson_overlay(tmp_path, backend="sim") as ov:
+        ov.write_text("in_lower.txt", "changed\n", append=True)
+        text = course.report(ov)
+    assert text.splitlines() == [
+        "merged/",
+        "    in_both.txt    \"upper/'s copy of in_both.txt\"     [upper]",
+        "    in_lower.txt   'I live in lower/\\nchanged'        [upper]",
+        "    in_upper.txt   'I live in upper/'                 [upper]",
+        "upper/ on disk",
+        "    -rw-r--r--     29 in_both.txt",
+        "    -rw-r--r--     25 in_lower.txt",
+        "    -rw-r--r--     17 in_upper.txt",
+        "lower/ on disk (lower[0], read-only)",
+        "    -rw-r--r--     29 in_both.txt",
+        "    -rw-r--r--     17 in_lower.txt",
+        "what the filesystem did",
+        "    append     copy-up   in_lower.txt: opened for append: 17 bytes copied from lower[0]",
+    ]
+
+
+def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
+    with course.lesson_overlay(tmp_path / "ws", backend="sim") as ov:
+        assert course.how_to_look(ov, tmp_path) == ov.how_to_look()  # the simulator names no folder
+
+    class Mounted:  # what a kernel mount says: a PID and absolute paths
+        def how_to_look(self):
+            return f"mounted on {tmp_path}/ws/merged only inside helper process 42: ls {tmp_path}/ws/merged"
+    assert course.how_to_look(Mounted(), tmp_path) == \
+        "mounted on ws/merged only inside helper process 42: ls ws/merged"
