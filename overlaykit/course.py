@@ -189,3 +189,129 @@ def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
     """
     base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
     return ov.how_to_look().replace(base, "")
+
+# --------------------------------------------------------------------------------------------------
+# Images (lessons 01, 02, 06, 07, 09): small deterministic layers and docker-like listings of them.
+
+
+def layer_from_files(files: dict[str, str | bytes | int], *, removed=(), opaque=()):
+    """A layer owned by root with every time 0, so its diff_id is the same on every machine and for every user.
+
+    ``files`` maps a path to its content (str or bytes) or to a size (int: that many pseudo-random-looking
+    but deterministic bytes); a key ending in ``/`` is a directory. ``removed`` paths become ``.wh.``
+    whiteouts, ``opaque`` directories get a ``.wh..wh..opq`` marker. Parent directories are added as tar does.
+    """
+    import hashlib
+    from .images import Layer, LayerEntry
+
+    items: dict[tuple[str, str], tuple] = {}
+
+    def add_parents(path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            items.setdefault((d, "dir"), (LayerEntry(d, "dir", mode=0o755), None))
+
+    for rel, content in files.items():
+        rel = rel.strip("/") if not rel.endswith("/") else rel.strip("/") + "/"
+        if rel.endswith("/"):
+            add_parents(rel.rstrip("/") + "/x")
+            continue
+        if isinstance(content, int):
+            seed = hashlib.sha256(rel.encode()).digest()
+            content = (seed * (content // len(seed) + 1))[:content]
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        add_parents(rel)
+        mode = 0o755 if "/bin/" in "/" + rel else 0o644
+        items[(rel, "file")] = (LayerEntry(rel, "file", size=len(data), mode=mode), data)
+    for rel in removed:
+        rel = rel.strip("/")
+        add_parents(rel)
+        items[(rel, "whiteout")] = (LayerEntry(rel, "whiteout", mode=0o600), None)
+    for rel in opaque:
+        rel = rel.strip("/")
+        add_parents(rel + "/x")
+        items[(rel, "opaque")] = (LayerEntry(rel, "opaque", mode=0o755), None)
+    return Layer.from_entries(items.values())
+
+
+def image_from_layers(name: str, steps, *, cmd=None, env=()):
+    """An Image from ``[(created_by, layer_or_None), ...]`` in build order; None is a config-only step."""
+    from .images import History, Image, ImageConfig
+
+    layers, history = [], []
+    for created_by, layer in steps:
+        history.append(History(created_by, empty_layer=layer is None))
+        if layer is not None:
+            layers.append(layer)
+    return Image(name, layers, ImageConfig(env=list(env), cmd=list(cmd) if cmd else None), history)
+
+
+def history(image) -> str:
+    """``docker history`` of an image: newest step first, with each step's layer size and empty_layer flag."""
+    from .diagrams import created_by_text, human_size
+
+    layers = iter(image.layers)
+    rows = []
+    for h in image.history:
+        layer = None if h.empty_layer else next(layers, None)
+        size = human_size(layer.size) if layer is not None else "0 B"
+        ident = layer.diff_id[7:19] if layer is not None else "-"
+        cb = created_by_text(h.created_by)
+        rows.append((ident, size, str(h.empty_layer).lower(), cb if len(cb) <= 60 else cb[:57] + "..."))
+    rows.reverse()
+    head = ("LAYER (diff_id)", "SIZE", "EMPTY_LAYER", "CREATED BY")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}"  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+
+
+def tar_listing(layer, *, limit: int | None = 40) -> str:
+    """``tar tv`` of a layer in tar order: type and mode, size, name as stored (``.wh.`` markers included).
+
+    Owners and times are left out, as in `ls`: they are not what the lesson is about.
+    """
+    import stat as _st
+    from .images import LayerEntry  # noqa: F401  (type of the entries)
+
+    kinds = {"file": _st.S_IFREG, "dir": _st.S_IFDIR, "symlink": _st.S_IFLNK, "hardlink": _st.S_IFREG,
+             "char": _st.S_IFCHR, "block": _st.S_IFBLK, "fifo": _st.S_IFIFO,
+             "whiteout": _st.S_IFREG, "opaque": _st.S_IFREG}
+    entries = layer.entries()
+    lines = []
+    for e in entries[:limit] if limit else entries:
+        mode = _st.filemode(kinds[e.type] | e.mode)
+        if e.type == "hardlink":
+            mode = "h" + mode[1:]
+        name = "./" if e.path == "." else e.tar_name + ("/" if e.type == "dir" else "")
+        extra = {"symlink": f" -> {e.linkname}", "hardlink": f" link to {e.linkname}",
+                 "whiteout": "   (whiteout: deletes " + e.path + ")",
+                 "opaque": "   (opaque: hides what lower layers have in " + e.path + "/)"}.get(e.type, "")
+        lines.append(f"{mode} {e.size:>9} {name}{extra}")
+    if limit and len(entries) > limit:
+        lines.append(f"... +{len(entries) - limit} more entries")
+    return "\n".join(lines) or "(empty layer)"
+
+
+def tree(root: str | os.PathLike, *, limit: int | None = 40) -> str:
+    """Every path under a plain directory (e.g. a flattened root filesystem), sorted, with file sizes."""
+    root = Path(root)
+    lines = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        d = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = d / name
+            rel = p.relative_to(root).as_posix()
+            s = os.lstat(p)
+            if st.S_ISDIR(s.st_mode):
+                lines.append(rel + "/")
+            elif st.S_ISLNK(s.st_mode):
+                lines.append(f"{rel} -> {os.readlink(p)}")
+            else:
+                lines.append(f"{rel} ({s.st_size} B)")
+    lines.sort()
+    total = len(lines)
+    if limit and total > limit:
+        lines = lines[:limit] + [f"... +{total - limit} more"]
+    return "\n".join(lines) or "(empty)"
