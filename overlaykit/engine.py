@@ -119,6 +119,7 @@ class Backend:
     """
 
     name = "?"
+    keeps_cache_fresh = False  # True when the backend refreshes the shared Layers cache itself
 
     def __init__(self, lowers: list[str], upper: str | None, work: str | None, encoding: ondisk.Encoding):
         self.lowers, self.upper, self.work, self.encoding = lowers, upper, work, encoding
@@ -536,7 +537,7 @@ class Overlay:
                 return fn(impl)
             finally:
                 if op not in _READ_OPS:
-                    self._layers.invalidate_upper()
+                    self._invalidate(impl)
         layers = self._layers
         before = {}
         for p in paths:
@@ -550,7 +551,7 @@ class Overlay:
             result = fn(impl)
         except OSError as e:
             if op not in _READ_OPS:
-                layers.invalidate_upper()
+                self._invalidate(impl)
             if e.errno == errno.EXDEV:
                 self.trace.append(TraceEvent(op, "exdev", paths[0],
                                              "directory exists in a lower layer; with redirect_dir=off the kernel "
@@ -559,10 +560,14 @@ class Overlay:
             raise
         if op in _READ_OPS:
             return result
-        layers.invalidate_upper()
+        self._invalidate(impl)
         for p in paths:
             self._trace_changes(op, p, before[p])
         return result
+
+    def _invalidate(self, impl: Backend) -> None:
+        if not impl.keeps_cache_fresh:
+            self._layers.invalidate_upper()
 
     def _upper_snapshot(self, p: str) -> dict:
         """State of upper/ along ``p``: for p and each ancestor, what upper holds there."""

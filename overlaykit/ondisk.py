@@ -224,6 +224,45 @@ class Layers:
             self._dirs[0] = {}
             self._opaque[0] = {}
 
+    def refresh_upper(self, path: str, subtree: bool = False) -> None:
+        """Bring the cached upper listing up to date for one changed entry (and, for a directory that
+        appeared, vanished or moved, everything cached below it) instead of dropping the whole cache."""
+        if not self.has_upper or not path:
+            self.invalidate_upper()
+            return
+        dirs, opaque = self._dirs[0], self._opaque[0]
+        if subtree:
+            prefix = path + "/"
+            for cache in (dirs, opaque):
+                for key in [k for k in cache if k == path or k.startswith(prefix)]:
+                    del cache[key]
+        else:
+            opaque.pop(path, None)
+        parent, _, name = path.rpartition("/")
+        ents = dirs.get(parent, False)
+        if ents is False:
+            return
+        if ents is None:  # the parent was not a directory in upper when cached
+            del dirs[parent]
+            return
+        real = os.path.join(self.roots[0], path)
+        entry = None
+        try:
+            s = os.lstat(real)
+            entry = WHITEOUT if is_char_whiteout(s) else s
+        except FileNotFoundError:
+            pass
+        except NotADirectoryError:
+            del dirs[parent]
+            return
+        if entry is None and self.encoding.kind == "fallback" and \
+                os.path.lexists(os.path.join(self.roots[0], parent, WHITEOUT_PREFIX + name)):
+            entry = WHITEOUT
+        if entry is None:
+            ents.pop(name, None)
+        else:
+            ents[name] = entry
+
     def entries(self, index: int, path: str) -> dict | None:
         """``{name: lstat | WHITEOUT}`` of one layer's directory, or None if it is not a directory there."""
         cache = self._dirs[index]

@@ -17,6 +17,10 @@ from .ondisk import OPAQUE_MARKER, WHITEOUT, Layers, Leaf, MergedDir, errno_erro
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
 
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
 def _err(code: int, path: str, path2: str | None = None) -> OSError:
     return errno_error(code, path, path2)
 
@@ -72,6 +76,7 @@ class SimBackend(Backend):
     """Overlay semantics computed in Python; upper/ receives exactly what the kernel would write."""
 
     name = "sim"
+    keeps_cache_fresh = True  # every change refreshes the cached upper listings it touched
 
     def __init__(self, ov, layers: Layers):
         super().__init__([str(x) for x in ov.lowers], str(ov.upper) if ov.upper else None,
@@ -188,7 +193,7 @@ class SimBackend(Backend):
         self._check_mapped(s, node.path)
         os.mkdir(real_up, 0o700)
         self._copy_meta(src, real_up, s)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(node.path, subtree=True)
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -238,14 +243,14 @@ class SimBackend(Backend):
         else:
             os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
         self._copy_meta(src, dst, s)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(node.path)
         return dst
 
     def _clear_whiteout(self, d: MergedDir, up_dir: str, name: str) -> bool:
         ents = self.L.entries(0, d.path)
         if ents and ents.get(name) is WHITEOUT:
             self.encoding.remove_whiteout(up_dir, name)
-            self.L.invalidate_upper()
+            self.L.refresh_upper(_join(d.path, name), subtree=True)
             return True
         return False
 
@@ -263,7 +268,7 @@ class SimBackend(Backend):
     def _whiteout(self, parent: MergedDir, name: str) -> None:
         up = self._upper_dir(parent)
         self.encoding.make_whiteout(up, name)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
     def _create_prep(self, parent: MergedDir, name: str, p: str) -> tuple[str, bool]:
         """Parent copied up, any whiteout at ``name`` removed: (upper dir, whether a whiteout was there)."""
@@ -293,10 +298,12 @@ class SimBackend(Backend):
         if node is None:
             up, _ = self._create_prep(parent, name, p)
             real = os.path.join(up, name)
+            rel = _join(parent.path, name)
             flags |= os.O_CREAT | os.O_EXCL
         else:
             self._may(node, os.W_OK, p)
             real = self._copy_up(node)
+            rel = node.path
         fd = os.open(real, flags, 0o666)
         try:
             view = memoryview(data)
@@ -304,6 +311,7 @@ class SimBackend(Backend):
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
+            self.L.refresh_upper(rel)
 
     def touch(self, p: str) -> None:
         parent, name, node = self._resolve(p, True)
@@ -311,6 +319,7 @@ class SimBackend(Backend):
             self._writable(p)
             up, _ = self._create_prep(parent, name, p)
             os.close(os.open(os.path.join(up, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            self.L.refresh_upper(_join(parent.path, name))
             return
         self.utime(p, None)
 
@@ -321,6 +330,7 @@ class SimBackend(Backend):
         self._writable(p)
         self._owner_or_writable(node, p, times is None)
         os.utime(self._copy_up(node), times)
+        self.L.refresh_upper(node.path)
 
     def _owner_or_writable(self, node, p: str, now: bool) -> None:
         if self.root_user:
@@ -348,7 +358,7 @@ class SimBackend(Backend):
         self._may(parent, os.W_OK | os.X_OK, p)
         if node.layer == 0 and self.L.has_upper:
             os.unlink(self._upper_path(node.path))
-            self.L.invalidate_upper()
+            self.L.refresh_upper(node.path)
         if self._lower_positive(parent, name):
             self._whiteout(parent, name)
 
@@ -362,7 +372,7 @@ class SimBackend(Backend):
         os.mkdir(real, mode)
         if was_whiteout:
             self.encoding.set_opaque(real)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
     def rmdir(self, p: str) -> None:
         if not p:
@@ -380,7 +390,7 @@ class SimBackend(Backend):
         if node.layers[0] == 0 and self.L.has_upper:
             real = self._upper_path(node.path)
             if lower_positive:  # ovl_remove_and_whiteout clears the whiteouts inside first
-                self._remove_upper_dir(real)
+                self._remove_upper_dir(node.path)
             else:  # ovl_remove_upper: a plain rmdir of the upper dir; leftover whiteouts make it ENOTEMPTY
                 if self.encoding.kind == "fallback" and os.path.lexists(os.path.join(real, OPAQUE_MARKER)):
                     os.unlink(os.path.join(real, OPAQUE_MARKER))
@@ -389,16 +399,17 @@ class SimBackend(Backend):
                 except OSError as e:
                     raise _err(e.errno, p) from None
                 finally:
-                    self.L.invalidate_upper()
+                    self.L.refresh_upper(node.path, subtree=True)
         if lower_positive:
             self._whiteout(parent, name)
 
-    def _remove_upper_dir(self, real: str) -> None:
+    def _remove_upper_dir(self, path: str) -> None:
         """Remove an upper directory that looks empty in the merged view (it may hold whiteouts)."""
+        real = self._upper_path(path)
         for entry in os.listdir(real):
             os.unlink(os.path.join(real, entry))
         os.rmdir(real)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(path, subtree=True)
 
     def rename(self, src: str, dst: str) -> None:
         sparent, sname, snode = self._resolve(src, False)
@@ -440,17 +451,19 @@ class SimBackend(Backend):
             # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
             # same name at the destination cannot show through; the mark stays even if the rename fails.
             self.encoding.set_opaque(src_real)
-            self.L.invalidate_upper()
+            self.L.refresh_upper(snode.path, subtree=True)
         self._clear_whiteout(dparent, up_d, dname)
         dst_real = os.path.join(up_d, dname)
+        dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:
-            self._remove_upper_dir(dst_real)
+            self._remove_upper_dir(dst_path)
         try:
             os.rename(src_real, dst_real)
         except OSError as e:
             raise _err(e.errno, src, dst) from None
         finally:
-            self.L.invalidate_upper()
+            self.L.refresh_upper(snode.path, subtree=True)
+            self.L.refresh_upper(dst_path, subtree=True)
         if lower_positive:
             self._whiteout(self._refresh(sparent), sname)
 
@@ -462,6 +475,7 @@ class SimBackend(Backend):
         if not self.root_user and self._node_stat(node).st_uid != os.geteuid():
             raise _err(errno.EPERM, p)
         os.chmod(self._copy_up(node), mode)
+        self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
     def chown(self, p: str, uid: int, gid: int) -> None:
         _, _, node = self._resolve(p, True)
@@ -476,6 +490,8 @@ class SimBackend(Backend):
             os.chown(self._copy_up(node), uid, gid)
         except OSError as e:
             raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
 
     def setxattr(self, p: str, name: str, value: bytes) -> None:
         _, _, node = self._resolve(p, True)
@@ -490,6 +506,8 @@ class SimBackend(Backend):
             os.setxattr(self._copy_up(node), self._escape(name), value, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
 
     def getxattr(self, p: str, name: str) -> bytes:
         _, _, node = self._resolve(p, True)
@@ -514,7 +532,7 @@ class SimBackend(Backend):
         self._writable(p)
         up, _ = self._create_prep(parent, name, p)
         os.symlink(target, os.path.join(up, name))
-        self.L.invalidate_upper()
+        self.L.refresh_upper(_join(parent.path, name))
 
     def link(self, src: str, dst: str) -> None:
         _, _, snode = self._resolve(src, False)
@@ -529,7 +547,8 @@ class SimBackend(Backend):
         src_real = self._copy_up(snode)
         up, _ = self._create_prep(self._refresh(dparent), dname, dst)
         os.link(src_real, os.path.join(up, dname), follow_symlinks=False)
-        self.L.invalidate_upper()
+        self.L.refresh_upper(snode.path)
+        self.L.refresh_upper(_join(dparent.path, dname))
 
     def truncate(self, p: str, size: int) -> None:
         if size < 0:
@@ -542,6 +561,7 @@ class SimBackend(Backend):
         self._writable(p)
         self._may(node, os.W_OK, p)
         os.truncate(self._copy_up(node), size)
+        self.L.refresh_upper(node.path)
 
     def listdir(self, p: str) -> list[str]:
         _, _, node = self._resolve(p, True)
