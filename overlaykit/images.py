@@ -486,6 +486,17 @@ def _write_tar(items: list[tuple[LayerEntry, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
+def _owner_uid(st) -> int:
+    """Files of an unprivileged builder belong to root in the layer, as rootless engines map them
+    (podman/buildah: the invoking user is uid 0 inside): the same build gives the same layer for anyone."""
+    euid = os.geteuid()
+    return 0 if euid != 0 and st.st_uid == euid else st.st_uid
+
+
+def _owner_gid(st) -> int:
+    return 0 if os.geteuid() != 0 and st.st_gid == os.getegid() else st.st_gid
+
+
 def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, bytes | None]]:
     items: list[tuple[LayerEntry, bytes | None]] = []
     first_path: dict[tuple[int, int], str] = {}
@@ -515,7 +526,7 @@ def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, 
         if rel_dir != "." and encoding.is_opaque(str(d)):
             st = d.stat()
             items.append((LayerEntry(rel_dir, "opaque", mode=st.st_mode & 0o777,
-                                     uid=st.st_uid, gid=st.st_gid, mtime=0), None))
+                                     uid=_owner_uid(st), gid=_owner_gid(st), mtime=0), None))
         for name in sorted(dirnames + filenames):
             p = d / name
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
@@ -525,10 +536,10 @@ def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, 
             if encoding.is_whiteout(str(d), name):
                 target = name[len(WH_PREFIX):] if name.startswith(WH_PREFIX) else name
                 path = target if rel_dir == "." else f"{rel_dir}/{target}"
-                items.append((LayerEntry(path, "whiteout", mode=0o600, uid=st.st_uid, gid=st.st_gid,
+                items.append((LayerEntry(path, "whiteout", mode=0o600, uid=_owner_uid(st), gid=_owner_gid(st),
                                          mtime=t(st.st_mtime)), None))
                 continue
-            common = dict(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+            common = dict(mode=stat.S_IMODE(st.st_mode), uid=_owner_uid(st), gid=_owner_gid(st),
                           mtime=t(st.st_mtime), xattrs=xattrs_of(p))
             m = st.st_mode
             if stat.S_ISDIR(m):
