@@ -1,0 +1,103 @@
+"""End to end: a learner opens the overlay lesson in JupyterLab, runs it, and deletes a lower file with the explorer.
+
+Only this test exercises the real round trip: JupyterLab's front end, ipywidgets' comms, the kernel running
+overlaykit, and the widgets' HTML and SVG drawn by a browser. Unit tests click the widgets without a browser.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ARTIFACTS, REPO
+
+pytestmark = pytest.mark.browser
+
+LESSON = "03-union-mounts-and-overlayfs.ipynb"
+FALLBACK = "browser-test-explorer.ipynb"  # tests/browser/explorer.ipynb, until the lesson exists
+TARGET = "in_lower.txt"                   # a file that only the lower layer has (overlaykit.course.LESSON_LOWER)
+
+# The kernel state, read through JupyterLab's own model (expose_app_in_browser): code cells not yet run
+# or still running, and error outputs.
+NOTEBOOK_STATE_JS = """() => {
+    const panel = window.jupyterapp.shell.currentWidget;
+    const cells = Array.from(panel.content.model.cells);
+    const code = cells.filter(c => c.type === 'code' && c.sharedModel.getSource().trim());
+    const errors = [];
+    for (const c of code) {
+        for (let i = 0; i < c.outputs.length; i++) {
+            const o = c.outputs.get(i).toJSON();
+            if (o.output_type === 'error') errors.push(`${o.ename}: ${o.evalue}`);
+        }
+    }
+    return {pending: code.filter(c => c.executionCount === null).length, errors,
+            busy: panel.sessionContext.session?.kernel?.status !== 'idle'};
+}"""
+
+
+def svg_texts(html: str) -> list[str]:
+    return [re.sub(r"\s+", " ", t).strip() for t in re.findall(r"<text\b[^>]*>([^<]*)</text>", html)]
+
+
+def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    notebook = LESSON if (lab_server.root / LESSON).exists() else FALLBACK
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "browser-overlay-explorer.png"
+    try:
+        page.goto(lab_server.lab_url(notebook))
+        expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=30_000)
+
+        # Run > Run All Cells, as a learner would.
+        page.locator("#jp-menu-panel").get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        page.wait_for_function(f"({NOTEBOOK_STATE_JS})().pending === 0 && !({NOTEBOOK_STATE_JS})().busy",
+                               timeout=60_000, polling=200)
+        state = page.evaluate(NOTEBOOK_STATE_JS)
+        assert state["errors"] == [], f"{notebook} raised errors in the browser: {state['errors']}"
+
+        # The first explorer whose lower layer holds the target: the widget box holding the operation
+        # dropdown, the Apply button and the upper/ tree.
+        explorer = (page.locator(".jp-OutputArea-output .widget-vbox")
+                    .filter(has=page.locator("select"))
+                    .filter(has=page.get_by_role("button", name="Apply"))
+                    .filter(has=page.locator("pre.overlaykit-upper"))
+                    .filter(has=page.locator("pre.overlaykit-lower", has_text=TARGET))
+                    .first)
+        explorer.scroll_into_view_if_needed()
+        expect(explorer).to_be_visible()
+        upper = explorer.locator("pre.overlaykit-upper")
+        merged = explorer.locator("pre.overlaykit-merged")
+        diagram = explorer.locator("svg").last
+        expect(upper).not_to_contain_text(TARGET)
+        expect(merged).to_contain_text(TARGET)
+        svg_before = diagram.evaluate("e => e.outerHTML")
+        assert f"{TARGET} (whiteout)" not in svg_texts(svg_before)
+
+        explorer.locator("select").select_option(label="delete")
+        path = explorer.locator(".widget-text", has=page.locator("label", has_text=re.compile(r"^path$"))) \
+                       .locator("input")
+        path.click()
+        path.press_sequentially(TARGET)
+        explorer.get_by_role("button", name="Apply").click()
+
+        # upper/ now holds a whiteout for the file, merged/ no longer shows it, and the diagram was redrawn.
+        expect(explorer).to_contain_text(f"done: delete /{TARGET}", timeout=20_000)
+        expect(upper).to_contain_text(f"{TARGET} (whiteout)")
+        expect(merged).not_to_contain_text(TARGET)
+        svg_after = diagram.evaluate("e => e.outerHTML")
+        assert svg_after != svg_before, "the stack diagram was not redrawn"
+        texts = svg_texts(svg_after)
+        assert f"{TARGET} (whiteout)" in texts, texts
+        assert "hidden by a whiteout in upper" in texts, texts
+        explorer.screenshot(path=str(shot))
+        page.screenshot(path=str(ARTIFACTS / "browser-overlay-lesson.png"))
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))
+        raise
+    assert Path(shot).stat().st_size > 0
