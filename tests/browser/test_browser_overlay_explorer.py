@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, REPO
-
-pytestmark = pytest.mark.browser
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"   # gitignored
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 LESSON = "03-union-mounts-and-overlayfs.ipynb"
 FALLBACK = "browser-test-explorer.ipynb"  # tests/browser/explorer.ipynb, until the lesson exists
