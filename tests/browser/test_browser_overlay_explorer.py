@@ -33,8 +33,14 @@ NOTEBOOK_STATE_JS = """() => {
         }
     }
     return {pending: code.filter(c => c.executionCount === null).length, errors,
-            busy: panel.sessionContext.session?.kernel?.status !== 'idle'};
+            running: code.filter(c => c.executionState === 'running').length,
+            idle: panel.sessionContext.session?.kernel?.status === 'idle'};
 }"""
+# Run All is over when every code cell has run, or an error stopped it (JupyterLab then unqueues the rest).
+RUN_OVER_JS = f"""() => {{
+    const s = ({NOTEBOOK_STATE_JS})();
+    return (s.pending === 0 || s.errors.length > 0) && s.running === 0 && s.idle;
+}}"""
 
 
 def svg_texts(html: str) -> list[str]:
@@ -45,6 +51,11 @@ def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
     from playwright.sync_api import expect
 
     page = browser_page
+
+    def menu(top: str, item: str) -> None:
+        page.locator("#jp-menu-panel").get_by_role("menuitem", name=top, exact=True).click()
+        page.get_by_role("menuitem", name=item, exact=True).click()
+
     notebook = LESSON if (lab_server.root / LESSON).exists() else FALLBACK
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "browser-overlay-explorer.png"
@@ -53,22 +64,34 @@ def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
         expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=30_000)
         expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=30_000)
 
-        # Run > Run All Cells, as a learner would.
-        page.locator("#jp-menu-panel").get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-        page.wait_for_function(f"({NOTEBOOK_STATE_JS})().pending === 0 && !({NOTEBOOK_STATE_JS})().busy",
-                               timeout=60_000, polling=200)
+        # Edit > Clear Outputs of All Cells (so that the stored outputs and execution counts cannot pass for
+        # this run's), then Run > Run All Cells, as a learner would.
+        menu("Edit", "Clear Outputs of All Cells")
+        page.wait_for_function(f"({NOTEBOOK_STATE_JS})().pending > 0", timeout=10_000)
+        menu("Run", "Run All Cells")
+        page.wait_for_function(RUN_OVER_JS, timeout=90_000, polling=200)
         state = page.evaluate(NOTEBOOK_STATE_JS)
         assert state["errors"] == [], f"{notebook} raised errors in the browser: {state['errors']}"
+        assert state["pending"] == 0, f"{state['pending']} code cells of {notebook} did not run"
 
-        # The first explorer whose lower layer holds the target: the widget box holding the operation
-        # dropdown, the Apply button and the upper/ tree.
-        explorer = (page.locator(".jp-OutputArea-output .widget-vbox")
+        # The first cell that makes an explorer, and in its output the widget box that holds the operation
+        # dropdown, the Apply button, and upper/ and lower trees (the lower one with the target in it).
+        cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text="OverlayExplorer(")).first
+        explorer = (cell.locator(".jp-OutputArea-output .widget-vbox")
                     .filter(has=page.locator("select"))
                     .filter(has=page.get_by_role("button", name="Apply"))
                     .filter(has=page.locator("pre.overlaykit-upper"))
                     .filter(has=page.locator("pre.overlaykit-lower", has_text=TARGET))
                     .first)
+        cell.scroll_into_view_if_needed()
+        if explorer.count() == 0:
+            # The lesson's last cell closes the explorer (it must unmount on the kernel backend), so after
+            # Run All its output is empty: the learner runs the explorer's cell again (Ctrl+Enter).
+            print("the explorer was closed by a later cell: running its cell again")
+            cell.locator(".jp-InputPrompt").click()
+            page.keyboard.press("Control+Enter")
+            page.wait_for_function(RUN_OVER_JS, timeout=30_000, polling=200)
+            assert page.evaluate(NOTEBOOK_STATE_JS)["errors"] == []
         explorer.scroll_into_view_if_needed()
         expect(explorer).to_be_visible()
         upper = explorer.locator("pre.overlaykit-upper")
