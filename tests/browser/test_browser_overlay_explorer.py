@@ -43,11 +43,13 @@ RUN_OVER_JS = f"""() => {{
 }}"""
 
 
-def svg_texts(html: str) -> list[str]:
-    return [re.sub(r"\s+", " ", t).strip() for t in re.findall(r"<text\b[^>]*>([^<]*)</text>", html)]
+def svg_texts(svg) -> list[str]:
+    """The labels of a graphviz SVG in the page: one string per <text> element."""
+    return svg.evaluate("e => Array.from(e.querySelectorAll('text'), t => t.textContent.replace(/\\s+/g, ' ').trim())")
 
 
-def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
+def test_delete_a_lower_file_in_the_explorer(chromium_path, browser_page, lab_server):
+    # chromium_path first: without a browser the test skips before starting a lab server
     from playwright.sync_api import expect
 
     page = browser_page
@@ -100,7 +102,7 @@ def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
         expect(upper).not_to_contain_text(TARGET)
         expect(merged).to_contain_text(TARGET)
         svg_before = diagram.evaluate("e => e.outerHTML")
-        assert f"{TARGET} (whiteout)" not in svg_texts(svg_before)
+        assert f"{TARGET} (whiteout)" not in svg_texts(diagram)
 
         explorer.locator("select").select_option(label="delete")
         path = explorer.locator(".widget-text", has=page.locator("label", has_text=re.compile(r"^path$"))) \
@@ -113,9 +115,9 @@ def test_delete_a_lower_file_in_the_explorer(lab_server, browser_page):
         expect(explorer).to_contain_text(f"done: delete /{TARGET}", timeout=20_000)
         expect(upper).to_contain_text(f"{TARGET} (whiteout)")
         expect(merged).not_to_contain_text(TARGET)
-        svg_after = diagram.evaluate("e => e.outerHTML")
-        assert svg_after != svg_before, "the stack diagram was not redrawn"
-        texts = svg_texts(svg_after)
+        expect(diagram).to_contain_text(f"{TARGET} (whiteout)")  # the diagram comes last in the refresh
+        assert diagram.evaluate("e => e.outerHTML") != svg_before, "the stack diagram was not redrawn"
+        texts = svg_texts(diagram)
         assert f"{TARGET} (whiteout)" in texts, texts
         assert "hidden by a whiteout in upper" in texts, texts
         explorer.screenshot(path=str(shot))
