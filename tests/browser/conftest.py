@@ -124,7 +124,6 @@ def lab_server(tmp_path) -> LabServer:
         shutil.copytree(REPO / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_scratch"))
     else:
         root.mkdir()
-    shutil.copy(Path(__file__).with_name("explorer.ipynb"), root / "browser-test-explorer.ipynb")
 
     home = tmp_path / "jupyter"
     settings = home / "lab-settings"

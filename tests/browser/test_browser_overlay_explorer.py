@@ -7,7 +7,6 @@ overlaykit, and the widgets' HTML and SVG drawn by a browser. Unit tests click t
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ ARTIFACTS = REPO / "test-artifacts"   # gitignored
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 LESSON = "03-union-mounts-and-overlayfs.ipynb"
-FALLBACK = "browser-test-explorer.ipynb"  # tests/browser/explorer.ipynb, until the lesson exists
 TARGET = "in_lower.txt"                   # a file that only the lower layer has (overlaykit.course.LESSON_LOWER)
 
 # The kernel state, read through JupyterLab's own model (expose_app_in_browser): code cells not yet run
@@ -59,14 +57,10 @@ def test_delete_a_lower_file_in_the_explorer(chromium_path, browser_page, lab_se
         page.locator("#jp-menu-panel").get_by_role("menuitem", name=top, exact=True).click()
         page.get_by_role("menuitem", name=item, exact=True).click()
 
-    lesson_03 = sorted(p.name for p in lab_server.root.glob("03-*.ipynb"))
-    if LESSON in lesson_03:
-        notebook = LESSON
-    elif lesson_03:
-        pytest.fail(f"lesson 03 is now {lesson_03}, not {LESSON}: update LESSON in {Path(__file__).name}")
-    else:  # only until the lesson lands
-        notebook = FALLBACK
-        warnings.warn(f"notebooks/{LESSON} does not exist: testing the explorer in {FALLBACK} instead")
+    notebook = LESSON
+    if not (lab_server.root / notebook).exists():
+        found = sorted(p.name for p in lab_server.root.glob("03-*.ipynb"))
+        pytest.fail(f"notebooks/{LESSON} is missing (lesson 03 now: {found or 'none'}); update LESSON", pytrace=False)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "browser-overlay-explorer.png"
     try:
