@@ -796,15 +796,16 @@ def cli_build(argv: list[str]) -> int:
     ap.add_argument("context", help="build context directory")
     ap.add_argument("-f", "--file", help="Dockerfile (default: CONTEXT/Dockerfile)")
     ap.add_argument("-t", "--tag", required=True, help="name of the image")
-    ap.add_argument("--store", default=os.environ.get("OVERLAYKIT_STORE", ".overlaykit-store"),
-                    help="store directory (default: $OVERLAYKIT_STORE or .overlaykit-store)")
+    ap.add_argument("--store", default=None,
+                    help="store directory (default: $OVERLAYKIT_STORE or ~/.cache/overlaykit/store)")
     ap.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     ap.add_argument("--backend", default="auto", choices=["auto", "sim", "kernel"])
     ap.add_argument("--sim", action="store_true", help="always run RUN in the simulated shell")
     ap.add_argument("-v", "--verbose", action="store_true", help="show each step's output")
     args = ap.parse_args(argv)
     dockerfile = args.file or os.path.join(args.context, "Dockerfile")
-    store = Store(args.store)
+    from .images import default_store_root
+    store = Store(args.store or default_store_root())
     build_args = dict(a.split("=", 1) if "=" in a else (a, os.environ.get(a, "")) for a in args.build_arg)
     try:
         image = build(dockerfile, args.context, store, args.tag, backend=args.backend,

@@ -46,10 +46,8 @@ def _doctor(args) -> int:
 
 
 def _store(path: str | None):
-    from .images import Store
-    root = path or os.environ.get("OVERLAYKIT_STORE") or os.path.join(os.path.expanduser("~"), ".cache", "overlaykit", "store")
-    os.makedirs(root, exist_ok=True)
-    return Store(root)
+    from .images import Store, default_store_root
+    return Store(path or default_store_root())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the lesson's lower/upper/merged experiment")
     p.add_argument("--backend", choices=["sim", "kernel", "auto"], default="auto")
     sub.add_parser("doctor", help="which backends this machine allows, and why not")
-    p = sub.add_parser("build", help="build a Dockerfile into the store")
-    p.add_argument("-f", "--file", default=None, help="Dockerfile (default CONTEXT/Dockerfile)")
-    p.add_argument("-t", "--tag", required=True)
-    p.add_argument("--backend", choices=["sim", "kernel", "auto"], default="auto")
-    p.add_argument("context")
+    sub.add_parser("build", add_help=False, help="build a Dockerfile into the store (see: build --help)")
     p = sub.add_parser("inspect", help="dive-like layer report of an image archive, layout or stored image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
@@ -72,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image")
     p.add_argument("dest")
     p.add_argument("--name")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "build" in argv:  # the builder has its own options (docker build's): hand it the rest as is
+        i = argv.index("build")
+        top = parser.parse_args(argv[:i] + ["doctor"])
+        from .build import cli_build
+        return cli_build(argv[i + 1:] + (["--store", top.store] if top.store else []))
     args = parser.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -84,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export-rootfs":
             from .oci import cli_export_rootfs
             return cli_export_rootfs(args.image, args.dest, name=args.name, store=_store(args.store))
-        if args.cmd == "build":
-            from .build import cli_build
-            return cli_build(args, _store(args.store))
     except (OSError, ValueError) as e:
         print(f"overlaykit {args.cmd}: {e}", file=sys.stderr)
         return 1

@@ -486,6 +486,13 @@ def _write_tar(items: list[tuple[LayerEntry, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
+def default_store_root() -> str:
+    """Where the CLI keeps images between commands: $OVERLAYKIT_STORE or ~/.cache/overlaykit/store."""
+    root = os.environ.get("OVERLAYKIT_STORE") or os.path.join(os.path.expanduser("~"), ".cache", "overlaykit", "store")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
 def _owner_uid(st) -> int:
     """Files of an unprivileged builder belong to root in the layer, as rootless engines map them
     (podman/buildah: the invoking user is uid 0 inside): the same build gives the same layer for anyone."""
