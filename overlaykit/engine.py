@@ -56,9 +56,11 @@ class Change:
     path: str
     kind: str
     type: str
+    hides: str | None = None  # the lower layer whose entry at this path the upper one hides
 
     def __str__(self) -> str:
-        return f"{self.kind:<13} {self.path}{'/' if self.type == 'dir' else ''}"
+        text = f"{self.kind:<13} {self.path}{'/' if self.type == 'dir' else ''}"
+        return text + (f"  (hides {self.hides}'s {self.path})" if self.hides and self.kind != "whiteout" else "")
 
 
 @dataclass(frozen=True)
@@ -484,29 +486,37 @@ class Overlay:
             for name in sorted(ents):
                 p = f"{d}/{name}" if d else name
                 e = ents[name]
+                try:
+                    low = lowers.lookup(p) if lowers.roots else None
+                except PermissionError:
+                    low = None
+                hides = None if low is None else lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])
                 if e is ondisk.WHITEOUT:
-                    out.append(Change(p, "whiteout", "whiteout"))
+                    out.append(Change(p, "whiteout", "whiteout", hides))
                     continue
                 kind = kind_of(e.st_mode)
                 if kind == "dir" and layers.is_opaque(0, p):
-                    out.append(Change(p, "opaque", kind))
+                    out.append(Change(p, "opaque", kind, hides))
                 else:
                     try:
                         kind_of_change = self._classify(p, e, lowers)
                     except PermissionError:  # inside a directory this user may not search
                         kind_of_change = "copied-up"
-                    out.append(Change(p, kind_of_change, kind))
+                    out.append(Change(p, kind_of_change, kind, hides))
                 if kind == "dir":
                     visit(p)
         visit("")
         return out
 
     def _classify(self, p: str, up: os.stat_result, lowers: Layers) -> str:
+        """Copied-up entries carry the kernel's origin xattr; without it an upper entry is new, even when it
+        hides a lower one (like the lesson's in_both.txt, put there by hand)."""
+        origin = _has_xattr(self._layers.real(0, p), self.encoding.private_prefix + "origin")
         low = lowers.lookup(p) if lowers.roots else None
-        if low is None:
+        if origin is False or (origin is None and low is None):
             return "new"
-        if isinstance(low, MergedDir) or st.S_ISDIR(up.st_mode):
-            return "copied-up" if isinstance(low, MergedDir) == st.S_ISDIR(up.st_mode) else "new"
+        if low is None or isinstance(low, MergedDir) or st.S_ISDIR(up.st_mode):
+            return "copied-up"
         ls = low.lstat
         if st.S_IFMT(ls.st_mode) != st.S_IFMT(up.st_mode):
             return "new"
@@ -540,6 +550,7 @@ class Overlay:
                     self._invalidate(impl)
         layers = self._layers
         before = {}
+        moved = layers.lookup(paths[0]) if op == "rename" else None
         for p in paths:
             steps = self._lookup_steps(p)
             where = self._layer_of(p)
@@ -561,6 +572,11 @@ class Overlay:
         if op in _READ_OPS:
             return result
         self._invalidate(impl)
+        if isinstance(moved, Leaf) and layers.name(moved.layer) != "upper":
+            self.trace.append(TraceEvent(op, "copy-up", paths[0], f"rename of a lower entry: "
+                                         f"{moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0} bytes "
+                                         f"copied from {layers.name(moved.layer)}, then renamed to {show(paths[1])}",
+                                         nbytes=moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0))
         for p in paths:
             self._trace_changes(op, p, before[p])
         return result
@@ -638,6 +654,17 @@ def _lookup_detail(steps, where, p) -> str:
     if where is None:
         return f"looked at {looked} -> not found"
     return f"looked at {looked} -> served by {where}"
+
+
+def _has_xattr(path: str, name: str) -> bool | None:
+    """True/False, or None where this filesystem keeps no xattrs at all (then nothing can be told)."""
+    try:
+        os.getxattr(path, name, follow_symlinks=False)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return False
+        return None
 
 
 def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:

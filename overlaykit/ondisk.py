@@ -270,6 +270,13 @@ class Layers:
             return cache[path]
         except KeyError:
             pass
+        if path:  # reachable only through real directories of this layer, never through a symlink in it
+            parent, _, name = path.rpartition("/")
+            pents = self.entries(index, parent)
+            e = pents.get(name) if pents else None
+            if e is None or e is WHITEOUT or not st.S_ISDIR(e.st_mode):
+                cache[path] = None
+                return None
         real = self.real(index, path)
         enc = self.encoding
         result: dict | None = {}

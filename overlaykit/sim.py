@@ -83,6 +83,7 @@ class SimBackend(Backend):
                          str(ov.work) if ov.work else None, ov.encoding)
         self.L = layers
         self.root_user = os.geteuid() == 0
+        self._origins_seen: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -128,6 +129,8 @@ class SimBackend(Backend):
                 if last:
                     return parent, name, None
                 raise _err(errno.ENOENT, p)
+            if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
+                self._note_origin(node.path)
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
                 hops += 1
                 if hops > MAXSYMLINKS:
@@ -150,6 +153,24 @@ class SimBackend(Backend):
         return parent, node.path.rpartition("/")[2] if node.path else last_name, node
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _note_origin(self, path: str) -> None:
+        """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
+        merge dir, e.g. made by hand), so that its inode number can stay constant."""
+        if path in self._origins_seen:
+            return
+        self._origins_seen.add(path)
+        real = self._upper_path(path)
+        name = self.encoding.private_prefix + "origin"
+        try:
+            os.getxattr(real, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                try:
+                    os.setxattr(real, name, b"", follow_symlinks=False)
+                except OSError:
+                    pass
+
+
     def _writable(self, p: str) -> None:
         if self.upper is None:
             raise _err(errno.EROFS, p)
@@ -211,6 +232,16 @@ class SimBackend(Backend):
                 pass
         if self.root_user:
             os.chown(dst, s.st_uid, s.st_gid, follow_symlinks=False)
+        # Like ovl_copy_up_one: mark the copy with an origin xattr.  An empty value is the kernel's own
+        # spelling of "copied up, origin unknown" (ovl_get_fh), which it writes when it cannot encode a
+        # file handle; the kernel reads it back without complaint.
+        # With index=off the kernel records no origin for a hard-linked lower file (it could not keep the
+        # links' inode numbers consistent anyway).
+        if st.S_ISDIR(s.st_mode) or s.st_nlink == 1:
+            try:
+                os.setxattr(dst, self.encoding.private_prefix + "origin", b"", follow_symlinks=False)
+            except OSError:
+                pass  # no xattrs here (some fallback filesystems): upper_changes() then guesses
         if not st.S_ISLNK(s.st_mode):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
