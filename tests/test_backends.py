@@ -1,0 +1,274 @@
+"""The shared backend suite: every backend must pass every test here (PyFilesystem-style).
+
+The differential tests say the backends agree; these say what they must agree *on*.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat as st
+
+import pytest
+
+from overlaykit import MAX_LOWERS, Overlay, capabilities
+from overlaykit.course import LESSON_LOWER, LESSON_UPPER, write_tree
+from overlaykit.ondisk import FALLBACK, Encoding, convert_tree, default_xattr_ns
+
+KERNEL = capabilities()["kernel"]
+BACKENDS = ["sim", pytest.param("kernel", marks=[
+    pytest.mark.kernel, pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed: {KERNEL.reason}")])]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def lesson_dirs(tmp_path, lower=None, upper=None):
+    for d in ("lower", "upper", "work"):
+        (tmp_path / d).mkdir()
+    write_tree(tmp_path / "lower", LESSON_LOWER if lower is None else lower)
+    write_tree(tmp_path / "upper", LESSON_UPPER if upper is None else upper)
+
+
+def lesson(tmp_path, backend, *, encoding="auto", **kw):
+    lesson_dirs(tmp_path, **kw)
+    return Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend=backend, encoding=encoding)
+
+
+def errno_of(fn) -> str:
+    with pytest.raises(OSError) as info:
+        fn()
+    return errno.errorcode[info.value.errno]
+
+
+# -- the lesson's experiment ------------------------------------------------------------------------
+def test_merged_view_prefers_upper(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        assert ov.backend == backend
+        assert ov.listdir() == ["in_both.txt", "in_lower.txt", "in_upper.txt"]
+        assert ov.read_text("in_both.txt") == LESSON_UPPER["in_both.txt"]
+        assert ov.layer_of("in_both.txt") == "upper" and ov.layer_of("in_lower.txt") == "lower[0]"
+        assert ov.layer_of("nope") is None
+
+
+def test_create_goes_to_upper(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.write_text("new.txt", "hi")
+        assert (tmp_path / "upper" / "new.txt").read_text() == "hi"
+        assert not (tmp_path / "lower" / "new.txt").exists()
+        assert [(c.path, c.kind) for c in ov.upper_changes() if c.path == "new.txt"] == [("new.txt", "new")]
+
+
+def test_delete_lower_file_leaves_a_whiteout(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.remove("in_lower.txt")
+        assert not ov.exists("in_lower.txt")
+        s = os.lstat(tmp_path / "upper" / "in_lower.txt")
+        assert st.S_ISCHR(s.st_mode) and s.st_rdev == 0
+        assert (tmp_path / "lower" / "in_lower.txt").read_text() == LESSON_LOWER["in_lower.txt"]
+        assert [e.kind for e in ov.trace if e.op == "remove"] == ["lookup", "whiteout"]
+
+
+def test_delete_upper_only_file_leaves_nothing(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.remove("in_upper.txt")
+        assert not os.path.lexists(tmp_path / "upper" / "in_upper.txt")
+
+
+def test_modify_lower_file_copies_it_up(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.write_text("in_lower.txt", "more\n", append=True)
+        assert ov.read_text("in_lower.txt") == LESSON_LOWER["in_lower.txt"] + "more\n"
+        assert (tmp_path / "lower" / "in_lower.txt").read_text() == LESSON_LOWER["in_lower.txt"]
+        (copy,) = [e for e in ov.trace if e.kind == "copy-up"]
+        assert copy.nbytes == len(LESSON_LOWER["in_lower.txt"]) and "append" in copy.detail
+        assert {c.path: c.kind for c in ov.upper_changes()}["in_lower.txt"] == "copied-up"
+
+
+def test_metadata_change_is_classified(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.chmod("in_lower.txt", 0o600)
+        assert {c.path: c.kind for c in ov.upper_changes()}["in_lower.txt"] == "metadata-only"
+        assert ov.stat("in_lower.txt").mode == 0o600
+
+
+def test_upper_file_that_hides_a_lower_one_is_new_not_copied(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        (change,) = [c for c in ov.upper_changes() if c.path == "in_both.txt"]
+        assert (change.kind, change.hides) == ("new", "lower[0]")
+
+
+def test_copy_up_creates_parents_with_their_metadata(tmp_path, backend):
+    lesson_dirs(tmp_path, lower={"a/b/f": "x"}, upper={})
+    os.chmod(tmp_path / "lower" / "a", 0o750)
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend=backend) as ov:
+        ov.write_text("a/b/f", "y")
+        assert st.S_IMODE(os.stat(tmp_path / "upper" / "a").st_mode) == 0o750
+        assert any(e.kind == "copy-up" and "parent" in e.detail for e in ov.trace)
+
+
+def test_rm_rf_then_mkdir_is_opaque(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"d/a": "1", "d/b": "2"}, upper={}) as ov:
+        ov.remove("d/a")
+        ov.remove("d/b")
+        ov.rmdir("d")
+        ov.mkdir("d")
+        assert ov.listdir("d") == []
+        assert ov.encoding.is_opaque(str(tmp_path / "upper" / "d"))
+        assert {c.path: c.kind for c in ov.upper_changes()}["d"] == "opaque"
+
+
+def test_rename_lower_dir_is_exdev_and_traced(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"d/a": "1"}, upper={}) as ov:
+        assert errno_of(lambda: ov.rename("d", "e")) == "EXDEV"
+        assert any(e.kind == "exdev" for e in ov.trace)
+        ov.rename("d/a", "d/b")
+        assert ov.listdir("d") == ["b"]
+
+
+def test_hardlinks_split_by_copy_up(tmp_path, backend):
+    (tmp_path / "lower").mkdir()
+    (tmp_path / "lower" / "h1").write_text("shared")
+    os.link(tmp_path / "lower" / "h1", tmp_path / "lower" / "h2")
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend=backend) as ov:
+        ov.write_text("h1", "changed")
+        assert ov.read_text("h2") == "shared"
+        assert ov.stat("h1").nlink == 1
+
+
+def test_symlinks_stay_inside_the_merged_root(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"etc/passwd": "inside\n"}, upper={}) as ov:
+        ov.symlink("/etc/passwd", "abs")
+        ov.symlink("../../../../etc/passwd", "rel")
+        assert ov.read_text("abs") == "inside\n"
+        assert ov.read_text("rel") == "inside\n"
+
+
+def test_errors_carry_errno_and_path(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        with pytest.raises(FileNotFoundError) as info:
+            ov.read_text("missing/file")
+        assert info.value.filename == "missing/file"
+        assert errno_of(lambda: ov.mkdir("in_lower.txt")) == "EEXIST"
+        assert errno_of(lambda: ov.listdir("in_lower.txt")) == "ENOTDIR"
+        assert errno_of(lambda: ov.rmdir("in_lower.txt")) == "ENOTDIR"
+        assert errno_of(lambda: ov.remove(".")) == "EISDIR"
+
+
+def test_paths_are_relative_to_the_merged_root(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        assert ov.read_text("/in_upper.txt") == ov.read_text("./in_upper.txt") == ov.read_text("in_upper.txt")
+        with pytest.raises(ValueError, match="leaves the overlay's root"):
+            ov.read_text("../secret")
+        with pytest.raises(ValueError, match="empty path"):
+            ov.stat("")
+
+
+def test_walk_and_tree(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"d/x": "1", "e": "2"}, upper={"d/y": "3"}) as ov:
+        assert list(ov.walk()) == [(".", ["d"], ["e"]), ("d", [], ["x", "y"])]
+        tree = ov.tree()
+        assert "x  [lower[0]]" in tree and "y  [upper]" in tree
+
+
+def test_read_only_overlay(tmp_path, backend):
+    for i in (0, 1):
+        write_tree(tmp_path / f"l{i}", {f"f{i}": "x"})
+    with Overlay([tmp_path / "l0", tmp_path / "l1"], backend=backend) as ov:
+        assert ov.listdir() == ["f0", "f1"]
+        assert errno_of(lambda: ov.write_text("f0", "y")) == "EROFS"
+        assert errno_of(lambda: ov.mkdir("n")) == "EROFS"
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing lower", "ENOENT"), ("same dir twice", "ELOOP"), ("lower inside upper", "ELOOP"),
+    ("upper is work", "EINVAL"), ("work inside upper", "EINVAL"), ("upper without work", "EINVAL"),
+    ("read-only with one lower", "EINVAL"), ("lower is a file", "EINVAL"),
+])
+def test_bad_configurations_are_refused_like_mount(tmp_path, backend, case, expected):
+    for d in ("l", "u", "w", "u/inner"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "file").write_text("x")
+    t = tmp_path
+    args = {
+        "missing lower": ([t / "nope"], t / "u", t / "w"),
+        "same dir twice": ([t / "l", t / "l"], t / "u", t / "w"),
+        "lower inside upper": ([t / "u" / "inner"], t / "u", t / "w"),
+        "upper is work": ([t / "l"], t / "u", t / "u"),
+        "work inside upper": ([t / "l"], t / "u", t / "u" / "inner"),
+        "upper without work": ([t / "l"], t / "u", None),
+        "read-only with one lower": ([t / "l"], None, None),
+        "lower is a file": ([t / "file"], t / "u", t / "w"),
+    }[case]
+    assert errno_of(lambda: Overlay(*args, backend=backend).mount()) == expected
+
+
+def test_layer_limit(tmp_path, backend):
+    lowers = []
+    for i in range(MAX_LOWERS + 1):
+        d = tmp_path / f"l{i:03}"
+        d.mkdir()
+        lowers.append(d)
+    (lowers[-2] / "deep").write_text("bottom")
+    (tmp_path / "u").mkdir()
+    (tmp_path / "w").mkdir()
+    with Overlay(lowers[:MAX_LOWERS], tmp_path / "u", tmp_path / "w", backend=backend) as ov:
+        assert ov.read_text("deep") == "bottom"
+        assert ov.layer_of("deep") == f"lower[{MAX_LOWERS - 1}]"
+    assert errno_of(lambda: Overlay(lowers, tmp_path / "u", tmp_path / "w", backend=backend).mount()) == "EINVAL"
+
+
+def test_operations_need_a_mount(tmp_path, backend):
+    ov = lesson(tmp_path, backend)
+    with pytest.raises(RuntimeError, match="not mounted"):
+        ov.listdir()
+
+
+# -- on-disk format: what the sim writes, the kernel reads -------------------------------------------
+def _scenario(ov):
+    ov.write_text("new.txt", "n")
+    ov.remove("in_lower.txt")
+    ov.write_text("in_both.txt", "+", append=True)
+    ov.remove("d/a")
+    ov.rmdir("d")
+    ov.mkdir("d")
+    ov.write_text("d/fresh", "f")
+
+
+def _merged(ov):
+    return {p: ov.read_text(p) if ov.stat(p).kind == "file" else "<dir>"
+            for d, dirs, files in ov.walk() for p in [(n if d == "." else f"{d}/{n}") for n in dirs + files]}
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed: {KERNEL.reason}")
+@pytest.mark.parametrize("encoding", ["kernel", "fallback"])
+def test_kernel_mounts_what_the_sim_wrote(tmp_path, encoding):
+    lower = dict(LESSON_LOWER, **{"d/a": "1"})
+    with lesson(tmp_path, "sim", lower=lower, encoding=encoding) as ov:
+        _scenario(ov)
+        expected = _merged(ov)
+    assert "in_lower.txt" not in expected and expected["d/fresh"] == "f"
+    if encoding == "fallback":
+        assert (tmp_path / "upper" / ".wh.in_lower.txt").exists()
+        convert_tree(tmp_path / "upper", FALLBACK, Encoding("kernel", default_xattr_ns()))
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend="kernel") as kov:
+        assert _merged(kov) == expected
+
+
+def test_fallback_encoding_round_trips(tmp_path):
+    """fallback -> kernel -> fallback gives the same upper/ back (the conversion loses nothing)."""
+    with lesson(tmp_path, "sim", lower=dict(LESSON_LOWER, **{"d/a": "1"}), encoding="fallback") as ov:
+        _scenario(ov)
+        before = _merged(ov)
+    listing = sorted(os.listdir(tmp_path / "upper"))
+    kernel = Encoding("kernel", default_xattr_ns())
+    convert_tree(tmp_path / "upper", FALLBACK, kernel)
+    assert not any(n.startswith(".wh.") for n in os.listdir(tmp_path / "upper"))
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend="sim", encoding=kernel) as ov2:
+        assert _merged(ov2) == before
+    convert_tree(tmp_path / "upper", kernel, FALLBACK)
+    assert sorted(os.listdir(tmp_path / "upper")) == listing
