@@ -72,6 +72,23 @@ def validate_config(ov) -> None:
             raise OSError(errno.ELOOP, "overlapping lowerdir path", lower)
 
 
+class _parent_times_kept:
+    """ovl_copy_up_one restores the upper parent's timestamps after a copy-up ("best effort"): making
+    room for a copied-up child does not count as a change of the directory."""
+
+    def __init__(self, path: str):
+        self.parent = os.path.dirname(path)
+
+    def __enter__(self):
+        self.before = os.stat(self.parent)
+
+    def __exit__(self, *exc):
+        try:
+            os.utime(self.parent, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
+        except OSError:
+            pass
+
+
 class SimBackend(Backend):
     """Overlay semantics computed in Python; upper/ receives exactly what the kernel would write."""
 
@@ -212,8 +229,9 @@ class SimBackend(Backend):
         src = self.L.real(node.layers[0], node.path)
         s = os.lstat(src)
         self._check_mapped(s, node.path)
-        os.mkdir(real_up, 0o700)
-        self._copy_meta(src, real_up, s)
+        with _parent_times_kept(real_up):
+            os.mkdir(real_up, 0o700)
+            self._copy_meta(src, real_up, s)
         self.L.refresh_upper(node.path, subtree=True)
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
@@ -258,6 +276,12 @@ class SimBackend(Backend):
         src = self.L.real(node.layer, node.path)
         dst = self._upper_path(node.path)
         s = node.lstat
+        with _parent_times_kept(dst):
+            self._copy_leaf(src, dst, s)
+        self.L.refresh_upper(node.path)
+        return dst
+
+    def _copy_leaf(self, src: str, dst: str, s: os.stat_result) -> None:
         mode = s.st_mode
         if st.S_ISREG(mode):
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -274,8 +298,6 @@ class SimBackend(Backend):
         else:
             os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
         self._copy_meta(src, dst, s)
-        self.L.refresh_upper(node.path)
-        return dst
 
     def _clear_whiteout(self, d: MergedDir, up_dir: str, name: str) -> bool:
         ents = self.L.entries(0, d.path)

@@ -16,6 +16,9 @@ from overlaykit import Overlay
 from overlaykit.ondisk import Encoding, default_xattr_ns
 
 
+FIXED_TIME = 1_000_000_000  # every entry of a built layer gets this mtime (ns)
+
+
 # -- layer specs ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class F:
@@ -77,7 +80,7 @@ def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames + dirnames + [""]:
             p = os.path.join(dirpath, name) if name else dirpath
-            os.utime(p, ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
+            os.utime(p, ns=(FIXED_TIME, FIXED_TIME), follow_symlinks=False)
 
 
 def layer_roots(tmp: str, n_lowers: int) -> tuple[list[str], str, str]:
@@ -173,8 +176,8 @@ def snapshot_upper(ov: Overlay) -> dict:
                 continue
             if enc.is_whiteout(dirpath, name):
                 out[p] = ("whiteout",)
-            elif st.S_ISDIR(s.st_mode):
-                out[p] = ("dir", oct(st.S_IMODE(s.st_mode)), enc.is_opaque(real))
+            elif st.S_ISDIR(s.st_mode):  # plus: did it keep the fixed time of the layers (copy-up restores it)?
+                out[p] = ("dir", oct(st.S_IMODE(s.st_mode)), enc.is_opaque(real), s.st_mtime_ns == FIXED_TIME)
             elif st.S_ISLNK(s.st_mode):
                 out[p] = ("symlink", os.readlink(real))
             else:
