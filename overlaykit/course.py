@@ -275,13 +275,13 @@ def tar_listing(layer, *, limit: int | None = 40, kinds=None) -> str:
     import stat as _st
     from .images import LayerEntry  # noqa: F401  (type of the entries)
 
-    kinds = {"file": _st.S_IFREG, "dir": _st.S_IFDIR, "symlink": _st.S_IFLNK, "hardlink": _st.S_IFREG,
+    types = {"file": _st.S_IFREG, "dir": _st.S_IFDIR, "symlink": _st.S_IFLNK, "hardlink": _st.S_IFREG,
              "char": _st.S_IFCHR, "block": _st.S_IFBLK, "fifo": _st.S_IFIFO,
              "whiteout": _st.S_IFREG, "opaque": _st.S_IFREG}
     entries = [e for e in layer.entries() if kinds is None or e.type in kinds]
     lines = []
     for e in entries[:limit] if limit else entries:
-        mode = _st.filemode(kinds[e.type] | e.mode)
+        mode = _st.filemode(types[e.type] | e.mode)
         if e.type == "hardlink":
             mode = "h" + mode[1:]
         name = "./" if e.path == "." else e.tar_name + ("/" if e.type == "dir" else "")
