@@ -266,21 +266,22 @@ def history(image) -> str:
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
-def tar_listing(layer, *, limit: int | None = 40) -> str:
+def tar_listing(layer, *, limit: int | None = 40, kinds=None) -> str:
     """``tar tv`` of a layer in tar order: type and mode, size, name as stored (``.wh.`` markers included).
 
-    Owners and times are left out, as in `ls`: they are not what the lesson is about.
+    Owners and times are left out, as in `ls`: they are not what the lesson is about. ``kinds`` keeps only
+    entries of those types (e.g. ``("whiteout", "opaque")`` for what a layer deletes).
     """
     import stat as _st
     from .images import LayerEntry  # noqa: F401  (type of the entries)
 
-    kinds = {"file": _st.S_IFREG, "dir": _st.S_IFDIR, "symlink": _st.S_IFLNK, "hardlink": _st.S_IFREG,
+    types = {"file": _st.S_IFREG, "dir": _st.S_IFDIR, "symlink": _st.S_IFLNK, "hardlink": _st.S_IFREG,
              "char": _st.S_IFCHR, "block": _st.S_IFBLK, "fifo": _st.S_IFIFO,
              "whiteout": _st.S_IFREG, "opaque": _st.S_IFREG}
-    entries = layer.entries()
+    entries = [e for e in layer.entries() if kinds is None or e.type in kinds]
     lines = []
     for e in entries[:limit] if limit else entries:
-        mode = _st.filemode(kinds[e.type] | e.mode)
+        mode = _st.filemode(types[e.type] | e.mode)
         if e.type == "hardlink":
             mode = "h" + mode[1:]
         name = "./" if e.path == "." else e.tar_name + ("/" if e.type == "dir" else "")
@@ -315,3 +316,34 @@ def tree(root: str | os.PathLike, *, limit: int | None = 40) -> str:
     if limit and total > limit:
         lines = lines[:limit] + [f"... +{total - limit} more"]
     return "\n".join(lines) or "(empty)"
+
+
+def example(name: str) -> Path:
+    """A file or folder of the examples that ship with overlaykit (the lesson's Dockerfiles, ``hello/``)."""
+    from importlib import resources
+    return Path(str(resources.files("overlaykit") / "examples" / name))
+
+
+def build(dockerfile, context, store, tag: str, *, log: bool = True, width: int = 100, **options):
+    """`overlaykit.build.build`, printing one line per step and what it made, like ``docker build``.
+
+    Unlike `build.TextProgress` the log does not say which backend ran the step, so it reads the same
+    on every machine. ``dockerfile`` is a path or the Dockerfile's text.
+    """
+    from .build import build as run_build
+    from .diagrams import human_size
+
+    def progress(event, step):
+        if event == "start":
+            text = step.describe()
+            print(text if len(text) <= width else text[:width - 3] + "...")
+        elif step.instruction.name == "FROM":
+            ref = step.instruction.value.split()[0]
+            print(" ---> starts empty: no base layers" if ref == "scratch" else f" ---> starts from the layers of {ref}")
+        elif step.layer_size is None:
+            print(" ---> no layer (config only)")
+        else:
+            print(f" ---> new layer, {human_size(step.layer_size)}")
+
+    return run_build(dockerfile, context, store, tag, progress=progress if log else None, **options)
+

@@ -41,3 +41,22 @@ def test_tar_listing_cuts_long_layers():
     layer = course.layer_from_files({f"f{i:02}": "x" for i in range(12)})
     text = course.tar_listing(layer, limit=5)
     assert text.splitlines()[-1] == "... +7 more entries" and len(text.splitlines()) == 6
+
+
+def test_tar_listing_can_show_only_removals():
+    top = course.layer_from_files({"var/cache/z": "z"}, removed=["etc/a"], opaque=["var/cache"])
+    lines = course.tar_listing(top, kinds=("whiteout", "opaque")).splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("etc/.wh.a   (whiteout: deletes etc/a)")
+    assert "var/cache/.wh..wh..opq" in lines[1]
+
+
+def test_build_log_reads_the_same_on_every_backend(tmp_path, capsys):
+    from overlaykit.images import Store
+    image = course.build(course.example("hello-scratch.Dockerfile"), course.example("hello"),
+                         Store(tmp_path / "store"), "hello")
+    assert image.config.cmd == ["/hello"]
+    assert capsys.readouterr().out.splitlines() == [
+        "Step 1/3 : FROM scratch", " ---> starts empty: no base layers",
+        "Step 2/3 : COPY hello /", " ---> new layer, 10.2 kB",
+        'Step 3/3 : CMD ["/hello"]', " ---> no layer (config only)"]
