@@ -94,7 +94,8 @@ def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
 
 def untar(archive: Path, dest: Path) -> Path:
     with tarfile.open(archive) as tf:
-        tf.extractall(dest, filter="data")
+        # filter= arrived in 3.11.4 (Debian bookworm has 3.11.2); these archives come from buildah here
+        tf.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return dest
 
 
