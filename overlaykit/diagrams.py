@@ -509,8 +509,8 @@ def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tup
     """
     fill = COLORS["lower" if lane.name.startswith("lower") else lane.name]
     what = _LANE_TITLE.get(lane.name, "read-only layer")
-    head = (_font("merged/", 11, bold=True) if lane.name == "merged" else
-            _font(lane.name, 11, bold=True) + _font(": " + _short(lane.label or lane.dirname + "/", width), 11))
+    # one span per line: browsers measure fonts differently from dot, so spans side by side drift apart
+    head = _font("merged/" if lane.name == "merged" else _short(lane.title, 2 * width), 11, bold=True)
     rows = [f'<TR><TD COLSPAN="2" ALIGN="LEFT" CELLPADDING="4">{head}<BR ALIGN="LEFT"/>'
             f'{_font(what, 9, "#475569")}<BR ALIGN="LEFT"/></TD></TR>']
     if not shown:

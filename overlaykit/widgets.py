@@ -220,9 +220,10 @@ class OverlayExplorer:
         self.reset_button = W.Button(description="Reset", icon="refresh",
                                      tooltip="back to the layers as they were when the explorer started")
         self.message = W.HTML()
-        self.lower_tree = W.HTML()
-        self.upper_tree = W.HTML()
-        self.merged_tree = W.HTML()
+        # each tree scrolls sideways inside its column instead of running into the next one
+        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
         self.diagram = W.HTML()
         self.trace_view = W.HTML()
 

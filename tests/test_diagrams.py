@@ -88,7 +88,7 @@ def test_stack_dot_draws_lanes_links_and_hiding_edges(ov):
     src = d.source
     for title in ("merged/ — what processes see", "upper: upper/ — writable layer", "lower[1]: l1/ — read-only layer"):
         assert title in d.text
-    assert "<B>lower[1]</B>" in src and ": l1/" in src and "read-only layer" in src
+    assert "<B>lower[1]: l1/</B>" in src and "read-only layer" in src
     assert "lowerdir=l0:l1,upperdir=upper,workdir=work" in src
     rows = lane_rows(src)
     # the whiteout in upper points, dashed, at lower[0]'s etc/hosts, which it hides (port n<k>: the row's note)
@@ -146,7 +146,7 @@ def test_lanes_are_labelled_by_index_and_the_callers_names(tmp_path):
         plain = D.stack(o)
     assert "lower[0]: layer 3 (RUN apt-get install -y curl) — read-only layer" in d.text
     assert "lower[0]: a/ — read-only layer" in plain.text and "lower[1]: b/ — read-only layer" in d.text
-    assert ": layer 3 (RUN apt-get install -y curl)" in d.source
+    assert "lower[0]: layer 3 (RUN apt-get install -y curl)</B>" in d.source
     o.layer_names = ["layer 2 · sha256:1111", None, "layer 0 · sha256:3333"]  # aligned with o.lowers
     t = D.stack(o).text
     assert "lower[0]: layer 2 · sha256:1111 —" in t and "lower[1]: b/ —" in t and "lower[2]: layer 0 · sha256:3333 —" in t
