@@ -223,6 +223,18 @@ class Lane:
     name: str      # merged, upper, lower[0], ..., work
     dirname: str   # basename of the directory
     entries: tuple[Entry, ...]
+    label: str = ""  # what the lane is called next to its index: a caller's name, or the directory
+
+    @property
+    def title(self) -> str:
+        """``lower[0]: layer 1 · sha256:…`` (index first: it is what layer_of() and the notes say)."""
+        return self.name if self.name == "merged" else f"{self.name}: {self.label or self.dirname + '/'}"
+
+
+def path_key(p: str) -> tuple[str, ...]:
+    """Sort key for depth-first path order: a directory, then everything under it, then its next sibling
+    (plain string order would put ``app.txt`` between ``app`` and ``app/bin``)."""
+    return tuple(p.split("/"))
 
 
 def _layers_of(ov) -> ondisk.Layers:
@@ -388,20 +400,50 @@ def _work_entries(ov, top_only: bool = True) -> list[Entry]:
     return out
 
 
-def stack_lanes(ov, path: str = ".") -> list[Lane]:
-    """The stack as lanes, top first: merged, upper, lower[0] ... lower[n-1], work."""
+def _lane_labels(ov, names) -> dict[str, str]:
+    """Lane name -> label: the caller's ``names``, else the overlay's own ``layer_names`` (a mapping by lane
+    name, or a sequence aligned with ``ov.lowers``), else the directory's basename, made unique with its
+    parent's name where several share it (a store's lowerdirs are all ``<diff_id>/root``)."""
+    dirs = {"upper": ov.upper, "work": ov.work} if ov.upper is not None else {}
+    dirs.update({f"lower[{k}]": low for k, low in enumerate(ov.lowers)})
+    dirs = {k: v for k, v in dirs.items() if v is not None}
+    labels: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for d in dirs.values():
+        counts[d.name] = counts.get(d.name, 0) + 1
+    for key, d in dirs.items():
+        parent = d.parent.name
+        labels[key] = (f"{parent[:12]}{'…' if len(parent) > 12 else ''}/{d.name}/"
+                       if counts[d.name] > 1 and parent else f"{d.name}/")
+    own = getattr(ov, "layer_names", None)
+    if own:
+        if hasattr(own, "items"):
+            labels.update({str(k): str(v) for k, v in own.items() if v})
+        else:
+            labels.update({f"lower[{k}]": str(v) for k, v in enumerate(own) if v})
+    labels.update({str(k): str(v) for k, v in (names or {}).items() if v})
+    return labels
+
+
+def stack_lanes(ov, path: str = ".", *, names: dict[str, str] | None = None) -> list[Lane]:
+    """The stack as lanes, top first: merged, upper, lower[0] ... lower[n-1], work; entries in path order."""
     from .engine import normpath
     top = normpath(path)
     L = _layers_of(ov)
-    lanes = [Lane("m", "merged", ov.merged.name if ov.merged else "merged", tuple(_merged_entries(L, top)))]
+    labels = _lane_labels(ov, names)
+
+    def lane(key: str, name: str, dirname: str, entries: list[Entry]) -> Lane:
+        return Lane(key, name, dirname, tuple(sorted(entries, key=lambda e: path_key(e.path))),
+                    labels.get(name, ""))
+    lanes = [lane("m", "merged", ov.merged.name if ov.merged else "merged", _merged_entries(L, top))]
     if ov.upper is not None:
         kinds = _upper_kinds(ov, L)
-        lanes.append(Lane("u", "upper", ov.upper.name, tuple(_layer_entries(L, 0, top, kinds))))
+        lanes.append(lane("u", "upper", ov.upper.name, _layer_entries(L, 0, top, kinds)))
     off = 1 if ov.upper is not None else 0
     for k, low in enumerate(ov.lowers):
-        lanes.append(Lane(f"l{k}", f"lower[{k}]", low.name, tuple(_layer_entries(L, k + off, top, None))))
+        lanes.append(lane(f"l{k}", f"lower[{k}]", low.name, _layer_entries(L, k + off, top, None)))
     if ov.work is not None:
-        lanes.append(Lane("w", "work", ov.work.name, tuple(_work_entries(ov))))
+        lanes.append(lane("w", "work", ov.work.name, _work_entries(ov)))
     return lanes
 
 
@@ -420,7 +462,11 @@ def _lane_title(lane: Lane) -> str:
     what = _LANE_TITLE.get(lane.name, "read-only layer")
     if lane.name == "merged":
         return f"merged/ — {what}"
-    return f"{lane.name}: {lane.dirname}/ — {what}"
+    return f"{lane.title} — {what}"
+
+
+def _merged_note(e: Entry) -> str:
+    return f"from {e.status}" + (f" (merged {e.by})" if e.by and "+" in e.by else "")
 
 
 def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT) -> str:
@@ -428,88 +474,125 @@ def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT) -> str
     for lane in lanes:
         lines.append(_lane_title(lane))
         shown, more = _cut(list(lane.entries), limit)
-        rows = []
-        for e in shown:
-            if lane.name == "merged":
-                note = f"from {e.status}" + (f" (merged {e.by})" if e.by and "+" in e.by else "")
-            else:
-                note = e.note()
-            rows.append((e.label(), note))
+        rows = [(e.label(), _merged_note(e) if lane.name == "merged" else e.note()) for e in shown]
         lines.extend(_table(rows))
         if more:
             lines.append(f"  +{more} more")
     return "\n".join(lines)
 
 
-def stack(ov, path: str = ".", *, limit: int | None = LIMIT) -> Diagram:
-    """Merged, upper, lowers and work as stacked lanes; each merged entry points at the layer serving it.
+_HIDES = "#b91c1c"
+_SERVES = "#1d4ed8"
 
-    A whiteout is drawn in red with a dashed edge to the entry it hides; an opaque directory is a shaded
-    box with a dashed edge to the lower directory whose contents it hides; hidden lower entries are grey.
-    ``path`` narrows every lane to one subtree.
+
+def _font(text: str, size: int | None = None, color: str | None = None, bold: bool = False) -> str:
+    t = html.escape(text, quote=False)
+    if not t:
+        return " "  # graphviz refuses an empty <FONT></FONT>
+    if bold:
+        t = f"<B>{t}</B>"
+    attrs = (f' POINT-SIZE="{size}"' if size else "") + (f' COLOR="{color}"' if color else "")
+    return f"<FONT{attrs}>{t}</FONT>" if attrs else t
+
+
+def _note(lane: Lane, e: Entry) -> str:
+    if lane.name == "merged":
+        return f"merged: {e.by}" if e.by and "+" in e.by else f"from {e.status}"
+    return "" if lane.name == "work" else e.note()
+
+
+def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tuple[int, int] = (0, 0)) -> str:
+    """A lane as one HTML-table node: a title row, then one row per entry in path order.
+
+    Ports: ``e<n>`` is the entry's name cell (merged links arrive on its west side), ``n<n>`` the note cell
+    (merged links leave from it; "hides" edges run between note cells on the east side).
     """
-    lanes = stack_lanes(ov, path)
+    fill = COLORS["lower" if lane.name.startswith("lower") else lane.name]
+    what = _LANE_TITLE.get(lane.name, "read-only layer")
+    # one span per line: browsers measure fonts differently from dot, so spans side by side drift apart
+    head = _font("merged/" if lane.name == "merged" else _short(lane.title, 2 * width), 11, bold=True)
+    rows = [f'<TR><TD COLSPAN="2" ALIGN="LEFT" CELLPADDING="4">{head}<BR ALIGN="LEFT"/>'
+            f'{_font(what, 9, "#475569")}<BR ALIGN="LEFT"/></TD></TR>']
+    if not shown:
+        w = f' WIDTH="{cols[0] + cols[1] + 3}"' if cols[0] else ""
+        rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT" BGCOLOR="white" BORDER="1" STYLE="dashed" COLOR="#6b7280"{w}>'
+                    f'{_font("(empty)", 10, "#6b7280")}</TD></TR>')
+    for n, e in enumerate(shown):
+        cell, color, note_color, style = "white", "#475569", "#334155", ""
+        if e.kind == "whiteout":
+            cell, color, note_color, style = COLORS["whiteout"], _HIDES, _HIDES, ' STYLE="dashed"'
+        elif e.opaque:
+            cell, color = COLORS["opaque"], "#111827"
+        elif e.hidden:
+            cell, color, note_color, style = COLORS["hidden"], "#9ca3af", "#6b7280", ' STYLE="dashed"'
+        text_color = "#6b7280" if e.hidden else None
+        border = "2" if e.opaque else "1"
+        w0 = f' WIDTH="{cols[0]}"' if cols[0] else ""
+        w1 = f' WIDTH="{cols[1]}"' if cols[1] else ""
+        rows.append(f'<TR><TD PORT="e{n}" ALIGN="LEFT" BGCOLOR="{cell}" BORDER="{border}" COLOR="{color}"{style}{w0}>'
+                    f'{_font(_short(e.label(), width), 10, text_color)}</TD>'
+                    f'<TD PORT="n{n}" ALIGN="LEFT"{w1}>{_font(_short(_note(lane, e), width), 9, note_color)}</TD></TR>')
+    if more:
+        rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT">{_font(f"+{more} more", 9, "#475569")}</TD></TR>')
+    return (f'<<TABLE BORDER="1" STYLE="rounded" COLOR="#94a3b8" BGCOLOR="{fill}" CELLBORDER="0" '
+            f'CELLSPACING="3" CELLPADDING="2">{"".join(rows)}</TABLE>>')
+
+
+def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, str] | None = None,
+          width: int = 44) -> Diagram:
+    """Merged on the left, the layers stacked on the right (upper, lower[0] ... top first, then work).
+
+    Each lane lists its entries in path order (a directory, then what is under it).  Every merged entry
+    has an arrow to the layer entry serving it; a whiteout (red, dashed) and an opaque directory (bold,
+    shaded) have a dashed red "hides" arrow to the lower entry they hide; hidden lower entries are grey.
+    ``path`` narrows every lane to one subtree; ``names`` labels lanes (``{"lower[0]": "layer 3 (RUN
+    apt-get …)"}``), else an overlay's ``layer_names``, else the directory names are used.
+    """
+    lanes = stack_lanes(ov, path, names=names)
     header = mount_line(ov)
     text = stack_text(lanes, header, limit)
     n_merged = len(lanes[0].entries)
     title = (f"overlay stack: {len(ov.lowers)} lower layer{'s' if len(ov.lowers) != 1 else ''}"
              f"{', upper' if ov.upper is not None else ' (read-only)'}; {n_merged} entries in merged/")
-    g = _digraph("overlay", header)
+    g = _digraph("overlay", header, rankdir="LR")
     if g is None:
         return Diagram(title, None, text)
-    ids: dict[tuple[str, str], str] = {}
-    anchors = []
+    g.attr(ranksep="1.1", nodesep="0.3")
+    g.attr("node", shape="plain", style="", margin="0")
+    ports: dict[tuple[str, str], int] = {}
+    cut = {lane.key: _cut(list(lane.entries), limit) for lane in lanes}
+    # one width for the layer column's cells (an estimate from the text), so its lanes line up
+    layer_entries = [(lane, e) for lane in lanes[1:] for e in cut[lane.key][0]]
+    cols = (max([6 * len(_short(e.label(), width)) + 8 for _, e in layer_entries], default=0),
+            max([5 * len(_short(_note(lane, e), width)) + 8 for lane, e in layer_entries], default=0))
     for lane in lanes:
-        shown, more = _cut(list(lane.entries), limit)
-        fill = COLORS["lower" if lane.name.startswith("lower") else lane.name]
-        with g.subgraph(name=f"cluster_{lane.key}") as c:
-            c.attr(label=_lane_title(lane), style="rounded,filled", fillcolor=fill, color="#94a3b8",
-                   labeljust="l", rank="same")
-            if not shown:
-                c.node(f"{lane.key}_empty", "(empty)", style="dashed", fontcolor="#6b7280", fillcolor="white")
-                anchors.append(f"{lane.key}_empty")
-            for n, e in enumerate(shown):
-                nid = f"{lane.key}_{n}"
-                ids[(lane.key, e.path)] = nid
-                attrs = {}
-                if e.kind == "whiteout":
-                    attrs = dict(fillcolor=COLORS["whiteout"], style="dashed,filled", color="#b91c1c")
-                elif e.opaque:
-                    attrs = dict(fillcolor=COLORS["opaque"], style="filled,bold", shape="box")
-                elif e.hidden:
-                    attrs = dict(fillcolor=COLORS["hidden"], style="rounded,dashed,filled", fontcolor="#6b7280",
-                                 color="#9ca3af")
-                elif e.kind == "dir":
-                    attrs = dict(shape="folder", style="filled")
-                label = e.label()
-                sub = e.note() if lane.name not in ("merged", "work") else ""
-                if sub:
-                    label += "\n" + sub
-                c.node(nid, label, **attrs)
-                if n == 0:
-                    anchors.append(nid)
-            if more:
-                c.node(f"{lane.key}_more", f"+{more} more", shape="plaintext", style="", fillcolor="")
-            row = [f"{lane.key}_{n}" for n in range(len(shown))] + ([f"{lane.key}_more"] if more else [])
-            for a, b in zip(row, row[1:]):  # keep each lane in path order, left to right
-                c.edge(a, b, style="invis")
-    for a, b in zip(anchors, anchors[1:]):
-        g.edge(a, b, style="invis")
+        shown, more = cut[lane.key]
+        ports.update({(lane.key, e.path): n for n, e in enumerate(shown)})
+        g.node(lane.key, _lane_table(lane, shown, more, width, cols if lane.name != "merged" else (0, 0)))
+    right = [lane.key for lane in lanes[1:]]
+    with g.subgraph() as col:  # the layers in one column, top to bottom as they stack
+        col.attr(rank="same")
+        for a, b in zip(right, right[1:]):
+            col.edge(a, b, style="invis")
+    if right:
+        g.edge("m", right[0], style="invis")
     key_of = {lane.name: lane.key for lane in lanes}
     for lane in lanes:
         for e in lane.entries:
-            src = ids.get((lane.key, e.path))
-            if src is None:
+            n = ports.get((lane.key, e.path))
+            if n is None:
                 continue
             if lane.name == "merged":
-                dst = ids.get((key_of.get(e.status, ""), e.path))
-                if dst:
-                    g.edge(src, dst, color="#1d4ed8")
+                dst_key = key_of.get(e.status, "")
+                dst = ports.get((dst_key, e.path))
+                if dst is not None:
+                    g.edge(f"m:n{n}:e", f"{dst_key}:e{dst}:w", color=_SERVES)
             elif (e.kind == "whiteout" or e.opaque) and e.hides:
-                dst = ids.get((key_of[e.hides], e.path))
-                if dst:
-                    g.edge(src, dst, style="dashed", color="#b91c1c",
-                           label="hides" if e.kind == "whiteout" else "hides contents", constraint="false")
+                dst_key = key_of[e.hides]
+                dst = ports.get((dst_key, e.path))
+                if dst is not None:
+                    g.edge(f"{lane.key}:n{n}:e", f"{dst_key}:n{dst}:e", style="dashed", color=_HIDES,
+                           tooltip="hides" if e.kind == "whiteout" else "hides contents", constraint="false")
     return Diagram(title, g.source, text)
 
 

@@ -56,7 +56,9 @@ def explain_error(exc: BaseException) -> str:
 
 
 def _pre(text: str, cls: str = "") -> str:
-    return f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3">{html.escape(text)}</pre>'
+    # white-space:pre keeps long notes on one line (the notebook's CSS would wrap them mid-word)
+    return (f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3;white-space:pre;'
+            f'overflow-x:auto">{html.escape(text)}</pre>')
 
 
 def _message_html(text: str, kind: str) -> str:
@@ -218,9 +220,10 @@ class OverlayExplorer:
         self.reset_button = W.Button(description="Reset", icon="refresh",
                                      tooltip="back to the layers as they were when the explorer started")
         self.message = W.HTML()
-        self.lower_tree = W.HTML()
-        self.upper_tree = W.HTML()
-        self.merged_tree = W.HTML()
+        # each tree scrolls sideways inside its column instead of running into the next one
+        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
         self.diagram = W.HTML()
         self.trace_view = W.HTML()
 
@@ -237,6 +240,7 @@ class OverlayExplorer:
                         column("merged/", self.merged_tree)])
         self.widget = W.VBox([form, trees, W.HTML("<b>what the filesystem did</b>"), self.trace_view,
                               self.diagram])
+        self.widget.add_class("overlaykit-explorer")  # a stable hook for CSS and browser tests
         self._fields()
         self._refresh()
 
@@ -380,7 +384,7 @@ class OverlayExplorer:
         """{"lower": ..., "upper": ..., "merged": ...} as the widget shows them (plain text)."""
         lanes = stack_lanes(self.ov)
         by = {lane.name: lane for lane in lanes}
-        lowers = [f"{lane.name} ({lane.dirname}/)\n" + lane_tree(lane) for lane in lanes if lane.name.startswith("lower")]
+        lowers = [f"{lane.title}\n" + lane_tree(lane) for lane in lanes if lane.name.startswith("lower")]
         return {"lower": "\n\n".join(lowers),
                 "upper": lane_tree(by["upper"]) if "upper" in by else "(no upper: read-only overlay)",
                 "merged": lane_tree(by["merged"])}
@@ -466,6 +470,7 @@ class LayerInspector:
         self.filter.observe(lambda _c: self._guard(self._refresh), names="value")
         self.widget = W.VBox([W.HBox([self.image_choice, self.layer_choice]), self.filter, self.message,
                               self.summary, W.HBox([self.layers_table, self.tree])])
+        self.widget.add_class("overlaykit-layer-inspector")
         self._image_changed()
 
     def _repr_mimebundle_(self, **kwargs):
@@ -611,6 +616,7 @@ class PredictExercise:
         self.answer_button.on_click(lambda _b: self._guard(self._show_answer))
         self.widget = W.VBox([self.question, self.input, W.HBox([self.check_button, self.answer_button]),
                               self.feedback])
+        self.widget.add_class("overlaykit-predict")
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

@@ -1,6 +1,7 @@
 """Diagrams: drawn from the live state, deterministic, and readable even where graphviz's dot is missing."""
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -73,20 +74,107 @@ def test_stack_lanes_mark_origin_whiteouts_and_opaque(ov):
     assert low0["etc/hosts"].note() == "hidden by a whiteout in upper"
 
 
+def lane_rows(src: str) -> dict[str, list[str]]:
+    """{lane node id: [entry label of row 0, row 1, ...]} read back from the stack's DOT."""
+    out = {}
+    for m in re.finditer(r"^\t(\w+) \[label=<(.*)>\]$", src, re.M):
+        out[m.group(1)] = [html.unescape(t) for t in
+                           re.findall(r'<TD PORT="e\d+"[^>]*>(?:<FONT[^>]*>)?([^<]*)', m.group(2))]
+    return out
+
+
 def test_stack_dot_draws_lanes_links_and_hiding_edges(ov):
-    src = D.stack(ov).source
+    d = D.stack(ov)
+    src = d.source
     for title in ("merged/ — what processes see", "upper: upper/ — writable layer", "lower[1]: l1/ — read-only layer"):
-        assert title in src
+        assert title in d.text
+    assert "<B>lower[1]: l1/</B>" in src and "read-only layer" in src
     assert "lowerdir=l0:l1,upperdir=upper,workdir=work" in src
-    # the whiteout in upper points, dashed, at lower[0]'s etc/hosts, which it hides
-    up = {m.group(2): m.group(1) for m in re.finditer(r'\t(u_\d+) \[label="([^"\\\n]*)', src)}
-    l0 = {m.group(2): m.group(1) for m in re.finditer(r'\t(l0_\d+) \[label="([^"\\\n]*)', src)}
-    wh = up["etc/hosts (whiteout)"]
-    hosts0 = next(v for k, v in l0.items() if k.startswith("etc/hosts"))
-    assert re.search(rf"{wh} -> {hosts0} \[[^]]*label=hides[^]]*style=dashed", src)
-    assert re.search(rf"{up['usr/lib/ (opaque)']} -> l1_\d+ \[[^]]*hides contents", src)
-    # each merged entry is linked to the node serving it
-    assert src.count("color=\"#1d4ed8\"") == len(lane(D.stack_lanes(ov), "merged").entries)
+    rows = lane_rows(src)
+    # the whiteout in upper points, dashed, at lower[0]'s etc/hosts, which it hides (port n<k>: the row's note)
+    wh = rows["u"].index("etc/hosts (whiteout)")
+    hosts0 = next(k for k, lbl in enumerate(rows["l0"]) if lbl.startswith("etc/hosts"))
+    assert re.search(rf"\tu:n{wh}:e -> l0:n{hosts0}:e \[[^]]*style=dashed[^]]*tooltip=hides\]", src)
+    opq, lib1 = rows["u"].index("usr/lib/ (opaque)"), rows["l1"].index("usr/lib/")
+    assert re.search(rf"\tu:n{opq}:e -> l1:n{lib1}:e \[[^]]*hides contents", src)
+    # each merged entry is linked from its row to the row serving it, in the layer it names
+    lanes = D.stack_lanes(ov)
+    merged = lane(lanes, "merged").entries
+    key = {x.name: x.key for x in lanes}
+    for k, e in enumerate(merged):
+        dst = [x.path for x in lane(lanes, e.status).entries].index(e.path)
+        assert f"\tm:n{k}:e -> {key[e.status]}:e{dst}:w [color=\"#1d4ed8\"]" in src
+    assert src.count('color="#1d4ed8"') == len(merged)
+    # the layers share one column (rank), top to bottom as they stack
+    assert re.search(r"\{\n\t\trank=same\n\t\tu -> l0 \[style=invis\]\n\t\tl0 -> l1 \[style=invis\]\n"
+                     r"\t\tl1 -> w \[style=invis\]\n\t\}", src)
+
+
+def nested(tmp_path, names=("a", "b", "c")):
+    """Three lowers in the shape of lesson 03: etc/ merged from all three, bin/ only in the bottom one."""
+    a, b, c = (tmp_path / n for n in names)
+    for d, files in ((a, {"etc/os-release": "a"}), (b, {"etc/os-release": "b", "etc/hosts": "b"}),
+                     (c, {"etc/hosts": "c", "bin/sh": "sh", "app.txt": "x", "app/run": "r"})):
+        for rel, text in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+    for n in ("upper", "work"):
+        (tmp_path / n).mkdir()
+    return Overlay([a, b, c], tmp_path / "upper", tmp_path / "work", backend="sim")
+
+
+def test_every_lane_is_in_path_order_a_directory_then_its_children(tmp_path):
+    o = nested(tmp_path)
+    with o:
+        lanes = D.stack_lanes(o)
+        src = D.stack(o).source
+    merged = [e.path for e in lane(lanes, "merged").entries]
+    # "app.txt" sorts before "app/" as a string ('.' < '/'), but a tree lists app/ and its children together
+    assert merged == ["app", "app/run", "app.txt", "bin", "bin/sh", "etc", "etc/hosts", "etc/os-release"]
+    assert [e.path for e in lane(lanes, "lower[2]").entries] == ["app", "app/run", "app.txt", "bin", "bin/sh",
+                                                                "etc", "etc/hosts"]
+    rows = lane_rows(src)
+    assert rows["m"] == [e.label() for e in lane(lanes, "merged").entries]
+    assert rows["l2"] == [e.label() for e in lane(lanes, "lower[2]").entries]
+    assert D.path_key("app/run") < D.path_key("app.txt") < D.path_key("bin")
+
+
+def test_lanes_are_labelled_by_index_and_the_callers_names(tmp_path):
+    o = nested(tmp_path)
+    with o:
+        d = D.stack(o, names={"lower[0]": "layer 3 (RUN apt-get install -y curl)"})
+        plain = D.stack(o)
+    assert "lower[0]: layer 3 (RUN apt-get install -y curl) — read-only layer" in d.text
+    assert "lower[0]: a/ — read-only layer" in plain.text and "lower[1]: b/ — read-only layer" in d.text
+    assert "lower[0]: layer 3 (RUN apt-get install -y curl)</B>" in d.source
+    o.layer_names = ["layer 2 · sha256:1111", None, "layer 0 · sha256:3333"]  # aligned with o.lowers
+    t = D.stack(o).text
+    assert "lower[0]: layer 2 · sha256:1111 —" in t and "lower[1]: b/ —" in t and "lower[2]: layer 0 · sha256:3333 —" in t
+    o.layer_names = {"lower[1]": "the middle one"}
+    assert "lower[1]: the middle one —" in D.stack(o).text
+    assert "lower[1]: mine —" in D.stack(o, names={"lower[1]": "mine"}).text  # the caller's names win
+
+
+def test_lowerdirs_sharing_a_basename_are_told_apart_by_their_parent(tmp_path):
+    # a store keeps each layer as layers/<diff_id hex>/root: every lowerdir is called "root"
+    dirs = ["layers/" + "ab" * 32 + "/root", "layers/" + "cd" * 32 + "/root", "layers/" + "ef" * 32 + "/root"]
+    o = nested(tmp_path, dirs)
+    t = D.stack(o).text
+    assert f"lower[0]: {'ab' * 6}…/root/ —" in t and f"lower[2]: {'ef' * 6}…/root/ —" in t
+    assert "upper: upper/ —" in t
+
+
+@needs_dot
+def test_stack_of_a_nested_tree_stays_readable_in_width(tmp_path):
+    o = nested(tmp_path)
+    with o:
+        o.mkdir("etc/conf.d")
+        for k in range(12):  # more entries than a lane shows
+            o.write_text(f"etc/conf.d/file-{k:02}.conf", "x" * k)
+        o.remove("etc/hosts")
+        svg = D.stack(o).svg()
+    width = float(re.search(r'<svg width="(\d+)pt"', svg).group(1))
+    assert width <= 1200, width
 
 
 def test_stack_is_deterministic_and_summarised(ov, tmp_path):

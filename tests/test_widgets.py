@@ -240,3 +240,20 @@ def test_layer_inspector_switches_images():
     li = LayerInspector([img, other])
     li.image_choice.value = 1
     assert len(li.layer_choice.options) == 1 and li.summary_text.startswith("one:1: 1 layers")
+
+
+def test_widgets_carry_stable_css_classes(explorer):
+    # browser tests and the course's CSS find the widgets by these classes, not by their layout
+    assert "overlaykit-explorer" in explorer.widget._dom_classes
+    assert "overlaykit-predict" in PredictExercise("?", answer="x").widget._dom_classes
+    inspector = LayerInspector(build_image())
+    assert "overlaykit-layer-inspector" in inspector.widget._dom_classes
+
+
+def test_trees_keep_long_notes_on_one_line(explorer):
+    # a browser must not wrap "…hides l / ower[0]'s entry": the trees are pre-formatted and scroll instead
+    run(explorer, "delete", "d/f")
+    for view in (explorer.lower_tree, explorer.upper_tree, explorer.merged_tree, explorer.trace_view):
+        style = re.search(r'<pre class="overlaykit-\w+" style="([^"]*)"', view.value).group(1)
+        assert "white-space:pre;" in style and "overflow-x:auto" in style
+    assert "hides lower[0]&#x27;s entry]" in explorer.upper_tree.value

@@ -78,24 +78,13 @@ def test_delete_a_lower_file_in_the_explorer(chromium_path, browser_page, lab_se
         assert state["errors"] == [], f"{notebook} raised errors in the browser: {state['errors']}"
         assert state["pending"] == 0, f"{state['pending']} code cells of {notebook} did not run"
 
-        # The first cell that makes an explorer, and in its output the widget box that holds the operation
-        # dropdown, the Apply button, and upper/ and lower trees (the lower one with the target in it).
+        # The first cell that makes an explorer, and in its output the explorer's box (its stable CSS class),
+        # still live after Run All: no later cell closes it.
         cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text="OverlayExplorer(")).first
-        explorer = (cell.locator(".jp-OutputArea-output .widget-vbox")
-                    .filter(has=page.locator("select"))
-                    .filter(has=page.get_by_role("button", name="Apply"))
-                    .filter(has=page.locator("pre.overlaykit-upper"))
-                    .filter(has=page.locator("pre.overlaykit-lower", has_text=TARGET))
-                    .first)
+        explorer = cell.locator(".jp-OutputArea-output .overlaykit-explorer").first
         cell.scroll_into_view_if_needed()
-        if explorer.count() == 0:
-            # The lesson's last cell closes the explorer (it must unmount on the kernel backend), so after
-            # Run All its output is empty: the learner runs the explorer's cell again (Ctrl+Enter).
-            print("the explorer was closed by a later cell: running its cell again")
-            cell.locator(".jp-InputPrompt").click()
-            page.keyboard.press("Control+Enter")
-            page.wait_for_function(RUN_OVER_JS, timeout=30_000, polling=200)
-            assert page.evaluate(NOTEBOOK_STATE_JS)["errors"] == []
+        expect(explorer).to_have_count(1, timeout=10_000)
+        expect(explorer.locator("pre.overlaykit-lower")).to_contain_text(TARGET)
         explorer.scroll_into_view_if_needed()
         expect(explorer).to_be_visible()
         upper = explorer.locator("pre.overlaykit-upper")
@@ -110,6 +99,7 @@ def test_delete_a_lower_file_in_the_explorer(chromium_path, browser_page, lab_se
         path = explorer.locator(".widget-text", has=page.locator("label", has_text=re.compile(r"^path$"))) \
                        .locator("input")
         path.click()
+        path.press("Control+a")           # the lesson's next cell drove this explorer: replace what it typed
         path.press_sequentially(TARGET)
         explorer.get_by_role("button", name="Apply").click()
 
