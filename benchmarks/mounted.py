@@ -42,12 +42,14 @@ def umount(merged: str) -> None:
         raise OSError(code, os.strerror(code), merged)
 
 
-def timed(fn, reps: int) -> list[float]:
+def timed(fn, reps: int, budget: float | None = None) -> list[float]:
     out = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)
+        if budget is not None and sum(out) > budget:
+            break
     return out
 
 

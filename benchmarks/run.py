@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -100,13 +101,27 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def timed(fn, reps: int) -> list[float]:
+def timed(fn, reps: int, budget: float | None = None) -> list[float]:
+    """Times of ``reps`` runs of ``fn``; fewer (at least one) when they would take over ``budget`` seconds."""
     out = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)
+        if budget is not None and sum(out) > budget:
+            break
     return out
+
+
+def walk_with_cap(ov, cap: float) -> tuple[int, float, bool]:
+    """Walk the whole merged tree, stopping after ``cap`` seconds: (entries seen, seconds, complete?)."""
+    n = 0
+    t = time.perf_counter()
+    for _, dirs, files in ov.walk("."):
+        n += len(dirs) + len(files)
+        if time.perf_counter() - t > cap:
+            return n, time.perf_counter() - t, False
+    return n, time.perf_counter() - t, True
 
 
 def child_env() -> dict:
@@ -197,17 +212,21 @@ def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kern
                     pass
 
         sim = {"cold_per_lookup": cold,
-               "stat_existing": timed(stat_existing, args.reps), "stat_missing": timed(stat_missing, args.reps),
-               "listdir": {d: {"n": len(ov.listdir(d or ".")), "t": timed(lambda: ov.listdir(d or "."), args.reps)}
+               "stat_existing": timed(stat_existing, args.reps, args.budget),
+               "stat_missing": timed(stat_missing, args.reps, args.budget),
+               "listdir": {d: {"n": len(ov.listdir(d or ".")),
+                               "t": timed(lambda: ov.listdir(d or "."), args.reps, args.budget)}
                            for d in listdirs}}
-
-        def walk():
-            n = 0
-            for _, dirs, files in ov.walk("."):
-                n += len(dirs) + len(files)
-            return n
-        sim["walk_entries"] = walk()
-        sim["walk"] = timed(walk, args.walk_reps)
+        # a full walk (the first one is timed too: it is as warm as the stats above made it)
+        walks, complete = [], True
+        for _ in range(args.walk_reps):
+            n, secs, complete = walk_with_cap(ov, args.walk_cap)
+            walks.append(secs)
+            if not complete or sum(walks) > args.budget:
+                break
+        sim["walk_entries"] = n
+        sim["walk_complete"] = complete
+        sim["walk"] = walks
     finally:
         ov.unmount()
     raw["sim"] = sim
@@ -227,7 +246,14 @@ def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kern
         raw["kernel"] = kern
     if kern and kern["found"] != len(existing):
         print(f"  warning: the kernel finds {kern['found']} of {len(existing)} existing + {len(missing)} missing paths")
-    if kern and kern["walk_entries"] != sim["walk_entries"]:
+    total_entries = kern["walk_entries"] if kern else len(stack.files) + len(stack.dirs) - 1
+    if not sim["walk_complete"]:
+        # a walk stopped at the cap: its time for the whole tree, estimated at the same rate
+        sim["walk"] = [sim["walk"][0] * total_entries / max(1, sim["walk_entries"])]
+        print(f"  note: the sim's walk was stopped after {args.walk_cap:g} s ({sim['walk_entries']} of "
+              f"{total_entries} entries); its time is extrapolated")
+        sim["walk_entries"] = total_entries
+    elif kern and kern["walk_entries"] != sim["walk_entries"]:
         print(f"  warning: walk entries differ: sim {sim['walk_entries']}, kernel {kern['walk_entries']}")
 
     def per(xs, n):
@@ -249,10 +275,11 @@ def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kern
         else:
             res.figure(label, s, "s")
     label = f"full walk ({sim['walk_entries']} entries, {tag})"
+    note = "" if sim["walk_complete"] else f"sim time extrapolated from a walk stopped after {args.walk_cap:g} s"
     if kern:
-        res.compare(label, median(sim["walk"]), median(kern["walk"]), "s", 2.0)
+        res.compare(label, median(sim["walk"]), median(kern["walk"]), "s", 2.0, note=note)
     else:
-        res.figure(label, median(sim["walk"]), "s")
+        res.figure(label, median(sim["walk"]), "s", note=note)
     if not keep:
         shutil.rmtree(root)
     return stack
@@ -266,16 +293,13 @@ import overlaykit
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ov = overlaykit.Overlay({stack.lowers!r}, backend="sim", trace=False)
 with ov:
-    n = sum(len(d) + len(f) for _, d, f in ov.walk("."))
-    for top, dirs, files in ov.walk("."):
-        for f in files:
-            ov.stat((top + "/" + f) if top != "." else f)
+    n = sum(len(d) + len(f) for _, d, f in ov.walk("."))  # lists every dir and stats every entry
 print(json.dumps({{"base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "entries": n}}))
 """
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                     env=child_env()).stdout)
     res.raw["memory"] = out
-    res.figure(f"peak RSS, sim walk + stat of every entry ({tag})", round(out["peak_kib"] * 1024 / 1e6), "MB", 500,
+    res.figure(f"peak RSS, sim full walk ({tag})", round(out["peak_kib"] * 1024 / 1e6), "MB", 500,
                note=f"{out['entries']} entries; interpreter + import alone: {out['base_kib'] * 1024 / 1e6:.0f} MB")
 
 
@@ -307,10 +331,9 @@ def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
         state.setdefault("flatten", []).append(t2 - t1)
         state["image"] = im
 
-    for _ in range(args.image_reps):
-        import_flatten()
+    timed(import_flatten, args.image_reps, args.budget)
     im = state.pop("image")
-    ins_t = timed(lambda: inspect(im), args.image_reps)
+    ins_t = timed(lambda: inspect(im), args.image_reps, args.budget)
     ins = inspect(im)
     flat_files = sum(len(f) for _, _, f in os.walk(rootfs))
     del im
@@ -330,7 +353,7 @@ def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
         for layer in manifest[0]["Layers"]:
             subprocess.run(["tar", "-xf", os.path.join(tarx, "archive", layer), "-C", tarx + "/rootfs"], check=True)
 
-    tar_t = timed(tar_apply, args.image_reps)
+    tar_t = timed(tar_apply, args.image_reps, args.budget)
     shutil.rmtree(tarx, ignore_errors=True)
     shutil.rmtree(rootfs, ignore_errors=True)
     os.unlink(archive)
@@ -484,10 +507,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a run of about a minute")
     ap.add_argument("--files", type=ints, help="files per stack (default 10000,100000; quick 10000)")
     ap.add_argument("--layers", type=ints, help="layers per stack (default 1,16,128,500; quick 1,16,128)")
-    ap.add_argument("--big", help="FILES,LAYERS of the stack for memory and images (default 100000,128)")
+    ap.add_argument("--big", help="FILES,LAYERS of the stack whose memory is measured (default 100000,128)")
+    ap.add_argument("--image", help="FILES,LAYERS of the stack saved as an image (default 100000,128; "
+                                    "quick 10000,16)")
     ap.add_argument("--lookups", type=int, help="existing and missing paths looked up (default 2000)")
     ap.add_argument("--reps", type=int, help="repetitions of each timed loop (default 5; quick 3)")
     ap.add_argument("--walk-reps", type=int, help="repetitions of full walks (default 3)")
+    ap.add_argument("--budget", type=float, help="seconds after which a timed loop is not repeated (default 20; "
+                                                 "quick 5)")
+    ap.add_argument("--walk-cap", type=float, help="seconds after which a sim walk is stopped and its time "
+                                                   "extrapolated (default 60; quick 10)")
     ap.add_argument("--copy-sizes", type=parse_sizes, help="file sizes for copy-up (default 1K,64K,1M,16M,256M)")
     ap.add_argument("--copy-reps", type=int, help="repetitions of each copy-up (default 5; quick 3)")
     ap.add_argument("--image-reps", type=int, help="repetitions of import/flatten/inspect (default 3; quick 1)")
@@ -501,16 +530,21 @@ def main(argv=None) -> int:
     q = args.quick
     args.files = args.files or ([10000] if q else [10000, 100000])
     args.layers = args.layers or ([1, 16, 128] if q else [1, 16, 128, 500])
-    big = ints(args.big) if args.big else ([100000, 128])
+    big = ints(args.big) if args.big else [100000, 128]
+    image_size = ints(args.image) if args.image else ([10000, 16] if q else [100000, 128])
     args.lookups = args.lookups or (1000 if q else 2000)
     args.reps = args.reps or (3 if q else 5)
     args.walk_reps = args.walk_reps or (2 if q else 3)
+    args.budget = args.budget or (5.0 if q else 20.0)
+    args.walk_cap = args.walk_cap or (10.0 if q else 60.0)
     args.copy_sizes = args.copy_sizes or ([KiB, MiB, 16 * MiB] if q else [KiB, 64 * KiB, MiB, 16 * MiB, 256 * MiB])
     args.copy_reps = args.copy_reps or (3 if q else 5)
     args.image_reps = args.image_reps or (1 if q else 3)
     args.build_reps = args.build_reps or (1 if q else 3)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
+    # a terminated run still removes its scratch directory (the mounts die with their child process)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     try:
         import overlaykit  # noqa: F401
     except Exception as e:
@@ -528,28 +562,34 @@ def main(argv=None) -> int:
     try:
         if "import" not in skip:
             bench_import(res, 5 if q else 10)
-        big_stack = None
+        wanted = {}  # stacks kept for later sections: (files, layers) -> Stack
+        if "memory" not in skip:
+            wanted[tuple(big)] = None
+        if "images" not in skip:
+            wanted[tuple(image_size)] = None
         if "stacks" not in skip:
             for n in args.files:
                 for L in args.layers:
-                    keep = [n, L] == big and not ({"memory", "images"} <= skip)
-                    s = bench_stack(res, args, n, L, base, kernel_ok, keep)
-                    if keep:
-                        big_stack = s
-        if not ({"memory", "images"} <= skip):
-            tag = f"{big[0] // 1000}k files, {big[1]} layers"
-            if big_stack is None:
-                root = os.path.join(base, "big-stack")
+                    s = bench_stack(res, args, n, L, base, kernel_ok, (n, L) in wanted)
+                    if (n, L) in wanted:
+                        wanted[(n, L)] = s
+        for (n, L), s in wanted.items():
+            if s is None:
+                root = os.path.join(base, f"stack-{n}-{L}")
                 os.mkdir(root)
                 from overlaykit.ondisk import default_xattr_ns
                 t = time.perf_counter()
-                big_stack = make_stack(root, big[1], big[0], opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
-                print(f"stack {tag}: {big_stack.describe()} (generated in {time.perf_counter() - t:.1f} s)")
-            if "memory" not in skip:
-                bench_memory(res, big_stack, tag)
-            if "images" not in skip:
-                bench_images(res, args, big_stack, tag, base)
-            shutil.rmtree(big_stack.root)
+                wanted[(n, L)] = s = make_stack(root, L, n, opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
+                print(f"stack {n // 1000}k files, {L} layers: {s.describe()} "
+                      f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
+        if "memory" not in skip:
+            bench_memory(res, wanted[tuple(big)], f"{big[0] // 1000}k files, {big[1]} layers")
+        if "images" not in skip:
+            bench_images(res, args, wanted[tuple(image_size)],
+                         f"{image_size[0] // 1000}k files, {image_size[1]} layers", base)
+        for s in wanted.values():
+            shutil.rmtree(s.root, ignore_errors=True)
+        wanted.clear()
         if "copyup" not in skip:
             bench_copyup(res, args, base, kernel_ok)
         if "build" not in skip:
