@@ -97,6 +97,10 @@ def fmt(v: float, unit: str) -> str:
     return f"{v:g} {unit}"
 
 
+def files_tag(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 
@@ -179,7 +183,7 @@ def sim_overlay(stack, scratch: str):
 
 
 def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kernel_ok: bool, keep: bool):
-    tag = f"{n_files // 1000}k files, {n_layers} layers"
+    tag = f"{files_tag(n_files)} files, {n_layers} layers"
     root = os.path.join(base, f"stack-{n_files}-{n_layers}")
     os.mkdir(root)
     t = time.perf_counter()
@@ -287,14 +291,19 @@ def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kern
 
 def bench_memory(res: Results, stack, tag: str) -> None:
     print(f"memory: the sim fully walking the {tag} stack (fresh process)", flush=True)
+    # VmHWM, the peak RSS of this process's own memory: ru_maxrss would also count the parent's pages
+    # that the child held between fork and exec.
     code = f"""
-import json, resource, sys
+import json, sys
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
 import overlaykit
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 ov = overlaykit.Overlay({stack.lowers!r}, backend="sim", trace=False)
 with ov:
     n = sum(len(d) + len(f) for _, d, f in ov.walk("."))  # lists every dir and stats every entry
-print(json.dumps({{"base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "entries": n}}))
+print(json.dumps({{"base_kib": base, "peak_kib": hwm(), "entries": n}}))
 """
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                     env=child_env()).stdout)
@@ -555,7 +564,11 @@ def main(argv=None) -> int:
           f"real overlay mounts: {'yes' if kernel_ok else 'no'} ({why})", flush=True)
     need = max(args.files + [big[0]]) * 3000 * 2 + 2 * max(args.copy_sizes) * (args.copy_reps + 1)
     tmp = pick_tmp(args.tmp, need)
-    base = tempfile.mkdtemp(prefix="overlaykit-bench-", dir=tmp)
+    try:
+        base = tempfile.mkdtemp(prefix="overlaykit-bench-", dir=tmp)
+    except OSError as e:
+        print(f"cannot create a scratch directory in {tmp}: {e}", file=sys.stderr)
+        return 2
     print(f"scratch: {base}", flush=True)
     res = Results()
     started = time.perf_counter()
@@ -580,13 +593,13 @@ def main(argv=None) -> int:
                 from overlaykit.ondisk import default_xattr_ns
                 t = time.perf_counter()
                 wanted[(n, L)] = s = make_stack(root, L, n, opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
-                print(f"stack {n // 1000}k files, {L} layers: {s.describe()} "
+                print(f"stack {files_tag(n)} files, {L} layers: {s.describe()} "
                       f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
         if "memory" not in skip:
-            bench_memory(res, wanted[tuple(big)], f"{big[0] // 1000}k files, {big[1]} layers")
+            bench_memory(res, wanted[tuple(big)], f"{files_tag(big[0])} files, {big[1]} layers")
         if "images" not in skip:
             bench_images(res, args, wanted[tuple(image_size)],
-                         f"{image_size[0] // 1000}k files, {image_size[1]} layers", base)
+                         f"{files_tag(image_size[0])} files, {image_size[1]} layers", base)
         for s in wanted.values():
             shutil.rmtree(s.root, ignore_errors=True)
         wanted.clear()
