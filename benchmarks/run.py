@@ -614,7 +614,9 @@ def main(argv=None) -> int:
             bench_copyup(res, args, base, kernel_ok)
         if "build" not in skip:
             bench_redis(res, args, base)
-        if "notebooks" not in skip:
+        if "notebooks" not in skip and q:
+            res.skipped("execute every notebook (nbconvert)", "not in a --quick run")
+        elif "notebooks" not in skip:
             bench_notebooks(res, args, base, kernel_ok)
     finally:
         from overlaykit.kernel import remove_tree
