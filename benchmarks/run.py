@@ -1,6 +1,6 @@
 """Benchmarks: the simulator at real-image scale, side by side with the kernel, in one run.
 
-    python benchmarks/run.py            # the full run (a few minutes on 2 cores)
+    python benchmarks/run.py            # the full run (about 12 minutes on 2 cores)
     python benchmarks/run.py --quick    # about a minute
 
 Every figure is the median of several runs; each comparison prints ``sim / reference`` as a ratio.  The
