@@ -219,6 +219,8 @@ class Layers:
         self._root = MergedDir("", tuple(range(len(self.roots))))
         self._nodes: dict[str, Leaf | MergedDir | None] = {"": self._root}
         self._names: dict[str, list[str]] = {}
+        #: Whatever a backend derives from lookups (resolved paths, stat results); dropped with the rest.
+        self.memo: dict = {}
 
     def name(self, index: int) -> str:
         if self.has_upper:
@@ -235,6 +237,7 @@ class Layers:
             self._root = MergedDir("", tuple(range(len(self.roots))))
             self._nodes = {"": self._root}
             self._names = {}
+            self.memo = {}
 
     def refresh_upper(self, path: str, subtree: bool = False) -> None:
         """Bring the cached upper listing up to date for one changed entry (and, for a directory that
