@@ -234,10 +234,18 @@ class Layers:
         if self.has_upper:
             self._dirs[0] = {}
             self._opaque[0] = {}
-            self._root = MergedDir("", tuple(range(len(self.roots))))
-            self._nodes = {"": self._root}
-            self._names = {}
-            self.memo = {}
+            self._drop_derived()
+
+    def _drop_derived(self) -> None:
+        """Forget cached lookups, merged listings and backend memos (lower listings stay: they never change).
+
+        Any change in upper/ can change the lookup of a path below it, or through a symlink anywhere, so
+        all of them go; the next lookups rebuild them from the per-layer listings, still cached.
+        """
+        self._root = MergedDir("", tuple(range(len(self.roots))))
+        self._nodes = {"": self._root}
+        self._names = {}
+        self.memo = {}
 
     def refresh_upper(self, path: str, subtree: bool = False) -> None:
         """Bring the cached upper listing up to date for one changed entry (and, for a directory that
@@ -245,6 +253,7 @@ class Layers:
         if not self.has_upper or not path:
             self.invalidate_upper()
             return
+        self._drop_derived()
         dirs, opaque = self._dirs[0], self._opaque[0]
         if subtree:
             prefix = path + "/"
