@@ -93,6 +93,9 @@ def normpath(path: str | os.PathLike) -> str:
     p = os.fspath(path)
     if not isinstance(p, str):
         p = os.fsdecode(p)
+    q = f"/{p}/"
+    if p and "//" not in q and "/./" not in q and "/../" not in q and "\0" not in p:
+        return p  # already normal: the common case, checked in C
     if p == "":
         raise ValueError("empty path: name a file or directory inside the overlay ('.' is its root)")
     if "\0" in p:

@@ -204,12 +204,23 @@ class Layers:
     calls that undefined), so their cache is kept; the upper's cache is dropped after every change.
     """
 
+    #: Bound on cached lookups (an image has well under this many paths; missing names could grow it).
+    MAX_CACHED = 1_000_000
+
     def __init__(self, roots: list[str], encoding: Encoding, has_upper: bool):
         self.roots = [os.fspath(r) for r in roots]
         self.encoding = encoding
         self.has_upper = has_upper
         self._dirs: list[dict[str, dict | None]] = [{} for _ in self.roots]
         self._opaque: list[dict[str, bool]] = [{} for _ in self.roots]
+        # The dentry cache: path -> the node a lookup from the root gives (None = negative entry), and
+        # the merged listing of each looked-up directory.  Only lookups through these canonical nodes
+        # are cached; like the per-layer listings, both are dropped whenever upper/ changes.
+        self._root = MergedDir("", tuple(range(len(self.roots))))
+        self._nodes: dict[str, Leaf | MergedDir | None] = {"": self._root}
+        self._names: dict[str, list[str]] = {}
+        #: Whatever a backend derives from lookups (resolved paths, stat results); dropped with the rest.
+        self.memo: dict = {}
 
     def name(self, index: int) -> str:
         if self.has_upper:
@@ -223,6 +234,18 @@ class Layers:
         if self.has_upper:
             self._dirs[0] = {}
             self._opaque[0] = {}
+            self._drop_derived()
+
+    def _drop_derived(self) -> None:
+        """Forget cached lookups, merged listings and backend memos (lower listings stay: they never change).
+
+        Any change in upper/ can change the lookup of a path below it, or through a symlink anywhere, so
+        all of them go; the next lookups rebuild them from the per-layer listings, still cached.
+        """
+        self._root = MergedDir("", tuple(range(len(self.roots))))
+        self._nodes = {"": self._root}
+        self._names = {}
+        self.memo = {}
 
     def refresh_upper(self, path: str, subtree: bool = False) -> None:
         """Bring the cached upper listing up to date for one changed entry (and, for a directory that
@@ -230,6 +253,7 @@ class Layers:
         if not self.has_upper or not path:
             self.invalidate_upper()
             return
+        self._drop_derived()
         dirs, opaque = self._dirs[0], self._opaque[0]
         if subtree:
             prefix = path + "/"
@@ -316,11 +340,28 @@ class Layers:
         return value
 
     def root(self, layers: tuple[int, ...] | None = None) -> MergedDir:
-        return MergedDir("", tuple(range(len(self.roots))) if layers is None else layers)
+        return self._root if layers is None else MergedDir("", layers)
 
     def child(self, parent: MergedDir, name: str, visited: list | None = None) -> Leaf | MergedDir | None:
         """Look ``name`` up in ``parent``; ``visited`` collects (layer, what was found) for the trace."""
         path = f"{parent.path}/{name}" if parent.path else name
+        if visited is None:
+            nodes = self._nodes
+            if nodes.get(parent.path) is parent:  # a canonical parent: the answer can be cached
+                try:
+                    return nodes[path]
+                except KeyError:
+                    pass
+                if len(nodes) > self.MAX_CACHED:  # many lookups of missing names: start afresh
+                    nodes.clear()
+                    nodes[""] = self._root
+                    if parent.path:
+                        return self._child(parent, name, path, None)
+                node = nodes[path] = self._child(parent, name, path, None)
+                return node
+        return self._child(parent, name, path, visited)
+
+    def _child(self, parent: MergedDir, name: str, path: str, visited: list | None) -> Leaf | MergedDir | None:
         found: list[int] = []
         for index in parent.layers:
             ents = self.entries(index, parent.path)
@@ -358,9 +399,19 @@ class Layers:
         layer (ovl_iterate on a "real" dir), whiteouts included: such a name is listed although looking
         it up fails with ENOENT.  Whiteouts only end up there in hand-made or imported layers.
         """
+        canonical = self._nodes.get(d.path) is d
+        if canonical:
+            cached = self._names.get(d.path)
+            if cached is not None:
+                return list(cached)
         if len(d.layers) == 1 and d.path:
-            return sorted(self.entries(d.layers[0], d.path) or ())
-        return self.visible_names(d)
+            names = sorted(self.entries(d.layers[0], d.path) or ())
+        else:
+            names = self.visible_names(d)
+        if canonical:
+            self._names[d.path] = names
+            return list(names)
+        return names
 
     def visible_names(self, d: MergedDir) -> list[str]:
         """Names a lookup would find: what rmdir's emptiness check (ovl_check_empty_dir) counts."""

@@ -118,8 +118,26 @@ class SimBackend(Backend):
         """Walk ``p`` through the merged view: (parent MergedDir, name, node or None).
 
         Symlinks are resolved inside the merged root (an absolute target starts at the merged root and
-        ``..`` stops there), as a process chrooted into merged/ would see them.
+        ``..`` stops there), as a process chrooted into merged/ would see them.  Results (and errnos) are
+        memoized in ``Layers.memo``, which is dropped whenever upper/ changes.
         """
+        memo = self.L.memo
+        key = (p, follow)
+        hit = memo.get(key)
+        if hit is not None:
+            if type(hit) is int:
+                raise _err(hit, p)
+            return hit
+        if len(memo) > self.L.MAX_CACHED:
+            memo.clear()
+        try:
+            hit = memo[key] = self._resolve_walk(p, follow)
+        except OSError as e:
+            memo[key] = e.errno
+            raise
+        return hit
+
+    def _resolve_walk(self, p: str, follow: bool):
         L = self.L
         stack = [L.root()]
         todo = p.split("/") if p else []
@@ -626,9 +644,20 @@ class SimBackend(Backend):
         return self.L.names(node)
 
     def stat(self, p: str, follow: bool) -> Stat:
+        memo = self.L.memo
+        key = ("stat", p, follow)
+        cached = memo.get(key)
+        if cached is not None:
+            return cached
         _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
+        result = self._stat(node)
+        if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0):
+            memo[key] = result  # lower layers do not change while mounted; upper entries may
+        return result
+
+    def _stat(self, node) -> Stat:
         if isinstance(node, Leaf):
             s = node.lstat
             if node.layer == 0 and self.L.has_upper:

@@ -1,0 +1,640 @@
+"""Benchmarks: the simulator at real-image scale, side by side with the kernel, in one run.
+
+    python benchmarks/run.py            # the full run (about 12 minutes on 2 cores)
+    python benchmarks/run.py --quick    # about a minute
+
+Every figure is the median of several runs; each comparison prints ``sim / reference`` as a ratio.  The
+workloads are generated into a temporary directory that is removed at the end (on tmpfs where there is
+room: layers on a slow disk would measure the disk).  Real overlay mounts are made only inside a child
+process's private mount namespace (benchmarks/mounted.py), so none can be left behind.  The script exits
+non-zero only when it cannot run at all; a missed target is reported, not an error.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+from stacks import make_stack, sample_paths  # noqa: E402
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+class Results:
+    """What was measured; rows of the final table and the raw figures for --json."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.raw: dict = {}
+
+    def compare(self, what: str, sim: float, ref: float, unit: str, target: float | None = None,
+                ref_name: str = "kernel", note: str = "") -> None:
+        ratio = sim / ref if ref else float("inf")
+        met = None if target is None else ratio <= target
+        self.rows.append(dict(what=what, sim=sim, ref=ref, unit=unit, ratio=ratio, target=target, met=met,
+                              ref_name=ref_name, note=note))
+        tgt = "" if target is None else f"  target <= {target:g}x: {'met' if met else 'MISSED'}"
+        print(f"  {what:<48} sim {fmt(sim, unit):>11}  {ref_name} {fmt(ref, unit):>11}  ratio {ratio:7.2f}x{tgt}",
+              flush=True)
+
+    def figure(self, what: str, value: float, unit: str, limit: float | None = None, note: str = "") -> None:
+        met = None if limit is None else value <= limit
+        self.rows.append(dict(what=what, sim=value, ref=None, unit=unit, ratio=None, target=limit, met=met,
+                              ref_name="", note=note))
+        tgt = "" if limit is None else f"  target < {fmt(limit, unit)}: {'met' if met else 'MISSED'}"
+        print(f"  {what:<48} {fmt(value, unit):>11}{tgt}" + (f"  ({note})" if note else ""), flush=True)
+
+    def skipped(self, what: str, why: str) -> None:
+        self.rows.append(dict(what=what, sim=None, ref=None, unit="", ratio=None, target=None, met=None,
+                              ref_name="", note=f"skipped: {why}"))
+        print(f"  {what:<48} skipped: {why}", flush=True)
+
+    def summary(self) -> str:
+        lines = ["| what | sim | reference | ratio | target | met? | notes |",
+                 "| --- | ---: | ---: | ---: | --- | --- | --- |"]
+        for r in self.rows:
+            sim = "" if r["sim"] is None else fmt(r["sim"], r["unit"])
+            ref = "" if r["ref"] is None else f"{fmt(r['ref'], r['unit'])} ({r['ref_name']})"
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+            if r["target"] is None:
+                tgt = ""
+            elif r["ratio"] is None:
+                tgt = f"< {fmt(r['target'], r['unit'])}"
+            else:
+                tgt = f"<= {r['target']:g}x"
+            met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            lines.append(f"| {r['what']} | {sim} | {ref} | {ratio} | {tgt} | {met} | {r['note']} |")
+        return "\n".join(lines)
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        if v < 1e-3:
+            return f"{v * 1e6:.2f} µs"
+        if v < 1:
+            return f"{v * 1e3:.2f} ms"
+        return f"{v:.2f} s"
+    if unit == "B":
+        for u in ("B", "KiB", "MiB", "GiB"):
+            if v < 1024 or u == "GiB":
+                return f"{v:.0f} {u}" if u == "B" else f"{v:.1f} {u}"
+            v /= 1024
+    return f"{v:g} {unit}"
+
+
+def files_tag(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn, reps: int, budget: float | None = None) -> list[float]:
+    """Times of ``reps`` runs of ``fn``; fewer (at least one) when they would take over ``budget`` seconds."""
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+        if budget is not None and sum(out) > budget:
+            break
+    return out
+
+
+def walk_with_cap(ov, cap: float) -> tuple[int, float, bool]:
+    """Walk the whole merged tree, stopping after ``cap`` seconds: (entries seen, seconds, complete?)."""
+    n = 0
+    t = time.perf_counter()
+    for _, dirs, files in ov.walk("."):
+        n += len(dirs) + len(files)
+        if time.perf_counter() - t > cap:
+            return n, time.perf_counter() - t, False
+    return n, time.perf_counter() - t, True
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("OVERLAYKIT_BACKEND", None)
+    return env
+
+
+def run_mounted(job: dict) -> dict:
+    """Run a job in benchmarks/mounted.py (a private mount namespace); raises RuntimeError if it fails."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "mounted.py")], input=json.dumps(job),
+                       capture_output=True, text=True, env=child_env(), timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}")
+    return json.loads(p.stdout)
+
+
+def kernel_available() -> tuple[bool, str]:
+    from overlaykit.kernel import probe
+    return probe()
+
+
+# -- workloads ---------------------------------------------------------------------------------------
+
+def bench_import(res: Results, reps: int) -> None:
+    print("import overlaykit (fresh interpreter each time)", flush=True)
+    code = ("import sys, time; t = time.perf_counter(); import overlaykit; t = time.perf_counter() - t; "
+            "heavy = sorted(m for m in ('graphviz', 'ipywidgets', 'IPython', 'numpy') if m in sys.modules); "
+            "print(t, ','.join(heavy))")
+    times, heavy = [], set()
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(),
+                             check=True).stdout.split()
+        times.append(float(out[0]))
+        if len(out) > 1:
+            heavy.update(out[1].split(","))
+    res.raw["import"] = times
+    note = ("graphviz/ipywidgets not loaded" if not heavy & {"graphviz", "ipywidgets"}
+            else f"loaded: {', '.join(sorted(heavy))}")
+    res.figure("`import overlaykit`", median(times), "s", 0.3, note)
+    if heavy & {"graphviz", "ipywidgets"}:
+        res.rows[-1]["met"] = False
+
+
+def sim_overlay(stack, scratch: str):
+    """A read-only sim overlay of the stack (one layer alone needs an upper, as for the kernel)."""
+    from overlaykit import Overlay
+    if len(stack.lowers) == 1:
+        up, wk = os.path.join(scratch, "sim-upper"), os.path.join(scratch, "sim-work")
+        os.makedirs(up, exist_ok=True)
+        os.makedirs(wk, exist_ok=True)
+        return Overlay(stack.lowers, up, wk, backend="sim", trace=False), (up, wk)
+    return Overlay(stack.lowers, backend="sim", trace=False), (None, None)
+
+
+def bench_stack(res: Results, args, n_files: int, n_layers: int, base: str, kernel_ok: bool, keep: bool):
+    tag = f"{files_tag(n_files)} files, {n_layers} layers"
+    root = os.path.join(base, f"stack-{n_files}-{n_layers}")
+    os.mkdir(root)
+    t = time.perf_counter()
+    from overlaykit.ondisk import default_xattr_ns
+    stack = make_stack(root, n_layers, n_files, opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
+    print(f"stack {tag}: {stack.describe()} (generated in {time.perf_counter() - t:.1f} s)", flush=True)
+    existing, missing = sample_paths(stack, args.lookups)
+    listdirs = ["", *stack.big_dirs]
+    raw = res.raw.setdefault("stacks", {}).setdefault(tag, {})
+
+    # sim: a fresh overlay; the first pass is its cold cache, then warm medians like the kernel's
+    ov, (up, wk) = sim_overlay(stack, root)
+    ov.mount()
+    try:
+        t = time.perf_counter()
+        found = sum(ov.exists(p) for p in existing + missing)
+        cold = (time.perf_counter() - t) / (len(existing) + len(missing))
+        if found != len(existing):
+            print(f"  warning: the sim finds {found} of {len(existing)} existing + {len(missing)} missing paths")
+
+        def stat_existing():
+            for p in existing:
+                ov.stat(p)
+
+        def stat_missing():
+            for p in missing:
+                try:
+                    ov.stat(p)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+
+        sim = {"cold_per_lookup": cold,
+               "stat_existing": timed(stat_existing, args.reps, args.budget),
+               "stat_missing": timed(stat_missing, args.reps, args.budget),
+               "listdir": {d: {"n": len(ov.listdir(d or ".")),
+                               "t": timed(lambda: ov.listdir(d or "."), args.reps, args.budget)}
+                           for d in listdirs}}
+        # full walks: a first one fills the caches (timed, shown apart), as the kernel side's first walk
+        # fills its dentry cache; the medians are of the walks after it
+        n, first, complete = walk_with_cap(ov, args.walk_cap)
+        sim["first_walk"] = first
+        walks = [first]
+        if complete:
+            walks = []
+            for _ in range(args.walk_reps):
+                n, secs, complete = walk_with_cap(ov, args.walk_cap)
+                walks.append(secs)
+                if not complete or sum(walks) > args.budget:
+                    break
+        sim["walk_entries"] = n
+        sim["walk_complete"] = complete
+        sim["walk"] = walks
+    finally:
+        ov.unmount()
+    raw["sim"] = sim
+
+    kern = None
+    if kernel_ok:
+        merged = os.path.join(root, "merged")
+        os.mkdir(merged)
+        job = dict(kind="lookups", lowers=stack.lowers, merged=merged, existing=existing, missing=missing,
+                   listdirs=listdirs, reps=args.reps, walk_reps=args.walk_reps)
+        if up:
+            job.update(upper=up, work=wk)
+        try:
+            kern = run_mounted(job)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"  kernel side failed: {e}")
+        raw["kernel"] = kern
+    if kern and kern["found"] != len(existing):
+        print(f"  warning: the kernel finds {kern['found']} of {len(existing)} existing + {len(missing)} missing paths")
+    total_entries = kern["walk_entries"] if kern else len(stack.files) + len(stack.dirs) - 1
+    if not sim["walk_complete"]:
+        # a walk stopped at the cap: its time for the whole tree, estimated at the same rate
+        sim["walk"] = [sim["walk"][0] * total_entries / max(1, sim["walk_entries"])]
+        print(f"  note: the sim's walk was stopped after {args.walk_cap:g} s ({sim['walk_entries']} of "
+              f"{total_entries} entries); its time is extrapolated")
+        sim["walk_entries"] = total_entries
+    elif kern and kern["walk_entries"] != sim["walk_entries"]:
+        print(f"  warning: walk entries differ: sim {sim['walk_entries']}, kernel {kern['walk_entries']}")
+
+    def per(xs, n):
+        return median(xs) / n
+
+    cmp = [("stat, existing paths", "stat_existing", len(existing)), ("stat, missing paths", "stat_missing", len(missing))]
+    for label, key, n in cmp:
+        s = per(sim[key], n)
+        if kern:
+            res.compare(f"{label} ({tag})", s, per(kern[key], n), "s", 2.0, note="per lookup")
+        else:
+            res.figure(f"{label} ({tag})", s, "s", note="per lookup; no kernel here")
+    res.figure(f"first lookup, cold cache ({tag})", cold, "s", note="sim, per lookup, mixed existing/missing")
+    for d in listdirs:
+        label = f"listdir /{d} ({sim['listdir'][d]['n']} entries, {tag})"
+        s = median(sim["listdir"][d]["t"])
+        if kern:
+            res.compare(label, s, median(kern["listdir"][d]["t"]), "s", 2.0)
+        else:
+            res.figure(label, s, "s")
+    if sim["walk_complete"]:
+        res.figure(f"first walk, filling the caches ({tag})", sim["first_walk"], "s", note="sim")
+    label = f"full walk ({sim['walk_entries']} entries, {tag})"
+    note = "" if sim["walk_complete"] else f"sim time extrapolated from a walk stopped after {args.walk_cap:g} s"
+    if kern:
+        res.compare(label, median(sim["walk"]), median(kern["walk"]), "s", 2.0, note=note)
+    else:
+        res.figure(label, median(sim["walk"]), "s", note=note)
+    if not keep:
+        shutil.rmtree(root)
+    return stack
+
+
+def bench_memory(res: Results, stack, tag: str) -> None:
+    print(f"memory: the sim fully walking the {tag} stack (fresh process)", flush=True)
+    # VmHWM, the peak RSS of this process's own memory: ru_maxrss would also count the parent's pages
+    # that the child held between fork and exec.
+    code = f"""
+import json, sys
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+import overlaykit
+base = hwm()
+ov = overlaykit.Overlay({stack.lowers!r}, backend="sim", trace=False)
+with ov:
+    n = sum(len(d) + len(f) for _, d, f in ov.walk("."))  # lists every dir and stats every entry
+print(json.dumps({{"base_kib": base, "peak_kib": hwm(), "entries": n}}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=child_env()).stdout)
+    res.raw["memory"] = out
+    res.figure(f"peak RSS, sim full walk ({tag})", round(out["peak_kib"] * 1024 / 1e6), "MB", 500,
+               note=f"{out['entries']} entries; interpreter + import alone: {out['base_kib'] * 1024 / 1e6:.0f} MB")
+
+
+def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
+    from overlaykit import oci
+    from overlaykit.images import History, Image, Layer, flatten, inspect
+    from overlaykit.ondisk import Encoding, default_xattr_ns
+    print(f"images: docker-save archive of the {tag} stack", flush=True)
+    enc = Encoding("kernel", default_xattr_ns())
+    t = time.perf_counter()
+    layers = [Layer.from_dir(d, enc, mtime=0) for d in reversed(stack.lowers)]
+    image = Image("bench/stack:latest", layers, history=[History(f"layer {i}", False, "") for i in range(len(layers))])
+    archive = os.path.join(base, "image.tar")
+    oci.save_docker(image, archive)
+    del layers, image
+    print(f"  archive of {os.path.getsize(archive) / MiB:.0f} MiB written in {time.perf_counter() - t:.1f} s", flush=True)
+    rootfs = os.path.join(base, "rootfs")
+    state = {}
+
+    def import_flatten():
+        shutil.rmtree(rootfs, ignore_errors=True)
+        gc.collect()
+        t0 = time.perf_counter()
+        (im,) = oci.load(archive)
+        t1 = time.perf_counter()
+        flatten(im, rootfs)
+        t2 = time.perf_counter()
+        state.setdefault("import", []).append(t1 - t0)
+        state.setdefault("flatten", []).append(t2 - t1)
+        state["image"] = im
+
+    timed(import_flatten, args.image_reps, args.budget)
+    im = state.pop("image")
+    ins_t = timed(lambda: inspect(im), args.image_reps, args.budget)
+    ins = inspect(im)
+    flat_files = sum(len(f) for _, _, f in os.walk(rootfs))
+    del im
+    state.pop("image", None)
+    gc.collect()
+
+    # the reference: tar -x of the archive, then of each layer in order, into one directory
+    tarx = os.path.join(base, "tarx")
+
+    def tar_apply():
+        shutil.rmtree(tarx, ignore_errors=True)
+        os.makedirs(tarx + "/archive")
+        os.makedirs(tarx + "/rootfs")
+        subprocess.run(["tar", "-xf", archive, "-C", tarx + "/archive"], check=True)
+        with open(tarx + "/archive/manifest.json") as f:
+            manifest = json.load(f)
+        for layer in manifest[0]["Layers"]:
+            subprocess.run(["tar", "-xf", os.path.join(tarx, "archive", layer), "-C", tarx + "/rootfs"], check=True)
+
+    tar_t = timed(tar_apply, args.image_reps, args.budget)
+    shutil.rmtree(tarx, ignore_errors=True)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    os.unlink(archive)
+    res.raw["images"] = dict(state, inspect=ins_t, tar=tar_t, wasted=ins.wasted_bytes, final=ins.final_bytes)
+    imp, fl = median(state["import"]), median(state["flatten"])
+    res.figure(f"import docker-save archive ({tag})", imp, "s", note="oci.load: read + parse every layer tar")
+    res.figure(f"flatten ({tag})", fl, "s", note=f"{flat_files} files in the rootfs")
+    res.compare(f"import + flatten vs tar -x of archive and layers ({tag})", median(
+        [a + b for a, b in zip(state["import"], state["flatten"])]), median(tar_t), "s", 2.0, ref_name="tar -x",
+        note="tar -x does not apply whiteouts")
+    res.figure(f"inspect ({tag})", median(ins_t), "s",
+               note=f"wasted {ins.wasted_bytes / MiB:.1f} MiB of {ins.content_bytes / MiB:.1f} MiB; "
+                    f"efficiency {ins.efficiency:.1%}")
+
+
+def bench_copyup(res: Results, args, base: str, kernel_ok: bool) -> None:
+    from overlaykit import Overlay
+    from overlaykit.kernel import remove_tree
+    print("copy-up: one layer, a fresh upper each time", flush=True)
+    root = os.path.join(base, "copyup")
+    lower = os.path.join(root, "lower")
+    os.makedirs(lower)
+    chunk = bytes(range(256)) * 4096
+    cases = []
+    for size in args.copy_sizes:
+        name = f"f-{size}"
+        with open(os.path.join(lower, name), "wb") as f:
+            left = size
+            while left:
+                n = min(left, len(chunk))
+                f.write(chunk[:n])
+                left -= n
+        cases.append(dict(name=f"append-{size}", path=name, op="append", size=size))
+    for size in (args.copy_sizes[0], args.copy_sizes[-1]):
+        cases.append(dict(name=f"chmod-{size}", path=f"f-{size}", op="chmod", size=size))
+    sim = {}
+    for case in cases:
+        times, copied = [], []
+        for r in range(args.copy_reps):
+            up, wk = os.path.join(root, f"su-{case['name']}-{r}"), os.path.join(root, f"sw-{case['name']}-{r}")
+            os.mkdir(up)
+            os.mkdir(wk)
+            with Overlay([lower], up, wk, backend="sim", trace=False) as ov:
+                t = time.perf_counter()
+                if case["op"] == "append":
+                    ov.write_bytes(case["path"], b"x", append=True)
+                else:
+                    ov.chmod(case["path"], 0o600)
+                times.append(time.perf_counter() - t)
+            copied.append(os.lstat(os.path.join(up, case["path"])).st_size)
+            remove_tree(up)
+            remove_tree(wk)
+        sim[case["name"]] = {"t": times, "bytes": copied}
+    kern = None
+    if kernel_ok:
+        scratch = os.path.join(root, "kernel")
+        os.mkdir(scratch)
+        try:
+            kern = run_mounted(dict(kind="copyup", lower=lower, scratch=scratch, cases=cases, reps=args.copy_reps))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"  kernel side failed: {e}")
+        remove_tree(scratch)
+    res.raw["copyup"] = {"sim": sim, "kernel": kern}
+    for case in cases:
+        what = ("modify (append 1 byte)" if case["op"] == "append" else "chmod (metadata only)") + \
+            f", file of {fmt(case['size'], 'B')}"
+        s = sim[case["name"]]
+        note = f"copied {fmt(max(s['bytes']), 'B')}"
+        if kern:
+            note += f" (kernel {fmt(max(kern[case['name']]['bytes']), 'B')})"
+            res.compare(what, median(s["t"]), median(kern[case["name"]]["t"]), "s", note=note)
+        else:
+            res.figure(what, median(s["t"]), "s", note=note)
+    remove_tree(root)
+
+
+def bench_redis(res: Results, args, base: str) -> None:
+    try:
+        from overlaykit import build as builder
+        from overlaykit.images import Store
+    except ImportError:
+        res.skipped("build the lesson's redis Dockerfiles", "overlaykit.build is not on this branch yet")
+        return
+    examples = os.path.join(REPO, "overlaykit", "examples")
+    for name in ("redis-eight-runs", "redis-one-run"):
+        dockerfile = os.path.join(examples, f"{name}.Dockerfile")
+        if not os.path.exists(dockerfile):
+            res.skipped(f"build {name}.Dockerfile", "the Dockerfile is missing")
+            continue
+        times = []
+        for r in range(args.build_reps):
+            store_dir = os.path.join(base, f"store-{name}-{r}")
+            t = time.perf_counter()
+            im = builder.build(dockerfile, examples, Store(store_dir), f"bench/{name}", backend="sim",
+                               run_mode="sim")
+            times.append(time.perf_counter() - t)
+            shutil.rmtree(store_dir, ignore_errors=True)
+        res.figure(f"build {name}.Dockerfile (sim backend, simulated shell)", median(times), "s",
+                   note=f"{len(im.layers)} layers, {im.size / MiB:.1f} MiB")
+
+
+def bench_notebooks(res: Results, args, base: str, kernel_ok: bool) -> None:
+    """The whole course executed by nbconvert, on a copy of notebooks/ in the scratch directory."""
+    nbdir = os.path.join(REPO, "notebooks")
+    nbs = sorted(f for f in os.listdir(nbdir) if f.endswith(".ipynb")) if os.path.isdir(nbdir) else []
+    if not nbs:
+        res.skipped("execute every notebook (nbconvert)", "no notebooks/*.ipynb yet")
+        return
+    print(f"the course: {len(nbs)} notebooks executed with nbconvert", flush=True)
+    for backend in ("sim", "kernel") if kernel_ok else ("sim",):
+        copy = os.path.join(base, f"notebooks-{backend}")
+        shutil.copytree(nbdir, copy)
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                            "--inplace", "--ExecutePreprocessor.timeout=600", *nbs], cwd=copy,
+                           capture_output=True, text=True, env=dict(child_env(), OVERLAYKIT_BACKEND=backend))
+        elapsed = time.perf_counter() - t
+        what = f"execute all {len(nbs)} notebooks (nbconvert, {backend} backend)"
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["?"])[-1]
+            res.skipped(what, f"nbconvert failed: {last[:200]}")
+        else:
+            res.figure(what, elapsed, "s", note="one run, includes starting a Jupyter kernel per notebook")
+        from overlaykit.kernel import remove_tree
+        remove_tree(copy)
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def parse_sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        mult = {"K": KiB, "M": MiB, "G": 1 << 30}.get(part[-1:], 1)
+        out.append(int(part.rstrip("KMG")) * mult)
+    return out
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def pick_tmp(requested: str | None, need: int) -> str:
+    if requested:
+        return requested
+    shm = "/dev/shm"
+    try:
+        s = os.statvfs(shm)
+        if os.access(shm, os.W_OK) and s.f_bavail * s.f_frsize > need:
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a run of about a minute")
+    ap.add_argument("--files", type=ints, help="files per stack (default 10000,100000; quick 10000)")
+    ap.add_argument("--layers", type=ints, help="layers per stack (default 1,16,128,500; quick 1,16,128)")
+    ap.add_argument("--big", help="FILES,LAYERS of the stack whose memory is measured (default 100000,128)")
+    ap.add_argument("--image", help="FILES,LAYERS of the stack saved as an image (default 100000,128; "
+                                    "quick 10000,16)")
+    ap.add_argument("--lookups", type=int, help="existing and missing paths looked up (default 2000)")
+    ap.add_argument("--reps", type=int, help="repetitions of each timed loop (default 5; quick 3)")
+    ap.add_argument("--walk-reps", type=int, help="repetitions of full walks (default 3)")
+    ap.add_argument("--budget", type=float, help="seconds after which a timed loop is not repeated (default 20; "
+                                                 "quick 5)")
+    ap.add_argument("--walk-cap", type=float, help="seconds after which a sim walk is stopped and its time "
+                                                   "extrapolated (default 60; quick 10)")
+    ap.add_argument("--copy-sizes", type=parse_sizes, help="file sizes for copy-up (default 1K,64K,1M,16M,256M)")
+    ap.add_argument("--copy-reps", type=int, help="repetitions of each copy-up (default 5; quick 3)")
+    ap.add_argument("--image-reps", type=int, help="repetitions of import/flatten/inspect (default 3; quick 1)")
+    ap.add_argument("--build-reps", type=int, help="repetitions of each Dockerfile build (default 3; quick 1)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: import,stacks,memory,images,"
+                                               "copyup,build,notebooks")
+    ap.add_argument("--no-kernel", action="store_true", help="measure the sim only")
+    ap.add_argument("--tmp", help="scratch directory (default /dev/shm when it has room, else the temp dir)")
+    ap.add_argument("--json", help="write every raw figure to this file")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.files = args.files or ([10000] if q else [10000, 100000])
+    args.layers = args.layers or ([1, 16, 128] if q else [1, 16, 128, 500])
+    big = ints(args.big) if args.big else [100000, 128]
+    image_size = ints(args.image) if args.image else ([10000, 16] if q else [100000, 128])
+    args.lookups = args.lookups or (1000 if q else 2000)
+    args.reps = args.reps or (3 if q else 5)
+    args.walk_reps = args.walk_reps or (2 if q else 3)
+    args.budget = args.budget or (5.0 if q else 20.0)
+    args.walk_cap = args.walk_cap or (10.0 if q else 60.0)
+    args.copy_sizes = args.copy_sizes or ([KiB, MiB, 16 * MiB] if q else [KiB, 64 * KiB, MiB, 16 * MiB, 256 * MiB])
+    args.copy_reps = args.copy_reps or (3 if q else 5)
+    args.image_reps = args.image_reps or (1 if q else 3)
+    args.build_reps = args.build_reps or (1 if q else 3)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+    # a terminated run still removes its scratch directory (the mounts die with their child process)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    try:
+        import overlaykit  # noqa: F401
+    except Exception as e:
+        print(f"cannot import overlaykit from {REPO}: {e}", file=sys.stderr)
+        return 2
+    kernel_ok, why = (False, "--no-kernel") if args.no_kernel else kernel_available()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, kernel {os.uname().release}; "
+          f"real overlay mounts: {'yes' if kernel_ok else 'no'} ({why})", flush=True)
+    need = max(args.files + [big[0]]) * 3000 * 2 + 2 * max(args.copy_sizes) * (args.copy_reps + 1)
+    tmp = pick_tmp(args.tmp, need)
+    try:
+        base = tempfile.mkdtemp(prefix="overlaykit-bench-", dir=tmp)
+    except OSError as e:
+        print(f"cannot create a scratch directory in {tmp}: {e}", file=sys.stderr)
+        return 2
+    print(f"scratch: {base}", flush=True)
+    res = Results()
+    started = time.perf_counter()
+    try:
+        if "import" not in skip:
+            bench_import(res, 5 if q else 10)
+        wanted = {}  # stacks kept for later sections: (files, layers) -> Stack
+        if "memory" not in skip:
+            wanted[tuple(big)] = None
+        if "images" not in skip:
+            wanted[tuple(image_size)] = None
+        if "stacks" not in skip:
+            for n in args.files:
+                for L in args.layers:
+                    s = bench_stack(res, args, n, L, base, kernel_ok, (n, L) in wanted)
+                    if (n, L) in wanted:
+                        wanted[(n, L)] = s
+        for (n, L), s in wanted.items():
+            if s is None:
+                root = os.path.join(base, f"stack-{n}-{L}")
+                os.mkdir(root)
+                from overlaykit.ondisk import default_xattr_ns
+                t = time.perf_counter()
+                wanted[(n, L)] = s = make_stack(root, L, n, opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
+                print(f"stack {files_tag(n)} files, {L} layers: {s.describe()} "
+                      f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
+        if "memory" not in skip:
+            bench_memory(res, wanted[tuple(big)], f"{files_tag(big[0])} files, {big[1]} layers")
+        if "images" not in skip:
+            bench_images(res, args, wanted[tuple(image_size)],
+                         f"{files_tag(image_size[0])} files, {image_size[1]} layers", base)
+        for s in wanted.values():
+            shutil.rmtree(s.root, ignore_errors=True)
+        wanted.clear()
+        if "copyup" not in skip:
+            bench_copyup(res, args, base, kernel_ok)
+        if "build" not in skip:
+            bench_redis(res, args, base)
+        if "notebooks" not in skip and q:
+            res.skipped("execute every notebook (nbconvert)", "not in a --quick run")
+        elif "notebooks" not in skip:
+            bench_notebooks(res, args, base, kernel_ok)
+    finally:
+        from overlaykit.kernel import remove_tree
+        remove_tree(base)
+    print(f"\nSummary (medians; ratio = sim / reference; {time.perf_counter() - started:.0f} s in all)\n")
+    print(res.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": res.rows, "raw": res.raw}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
