@@ -1145,6 +1145,9 @@ class Container:
         self.lowers = lowers
         self.overlay = Overlay(lowers=lowers, upper=self.upper, work=self.work, backend=backend,
                                encoding=store.encoding)
+        # diagrams label each lane with the layer it holds (top first, like the lowers)
+        self.overlay.layer_names = [f"layer {i} · {layer.diff_id[7:19]}"
+                                    for i, layer in reversed(list(enumerate(image.layers)))] or ["empty"]
 
     def __enter__(self):
         self.overlay.mount()
