@@ -1304,8 +1304,10 @@ def inspect(image: Image) -> Inspection:
                 counts[e.path] = counts.get(e.path, 0) + 1
                 if e.path in state:
                     removed.append(e.path)
-                    removed_bytes[i] += state.pop(e.path)[2]
-                    drop_below(e.path + "/", i)
+                    gone = state.pop(e.path)
+                    removed_bytes[i] += gone[2]
+                    if gone[1] == "dir":  # only a directory has entries below it (scanning for them is O(n))
+                        drop_below(e.path + "/", i)
         for e in entries:
             if e.is_removal or e.path == ".":
                 continue
