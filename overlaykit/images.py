@@ -396,6 +396,11 @@ class Layer:
             self._blob = compress(self._tar, self._compression)
         return self._blob
 
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """A notebook shows the layer as its diagram (text where graphviz is missing)."""
+        from .diagrams import layer_mimebundle
+        return layer_mimebundle(self)
+
     def __eq__(self, other):
         return isinstance(other, Layer) and other._diff_id == self._diff_id
 
@@ -931,6 +936,11 @@ class Image:
     @property
     def size(self) -> int:
         return sum(l.size for l in self.layers)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """A notebook shows the image as its diagram (text where graphviz is missing)."""
+        from .diagrams import image_mimebundle
+        return image_mimebundle(self)
 
     def chain_ids(self) -> list[str]:
         """ChainID of each layer (image-spec config.md): identifies a layer together with all below it."""

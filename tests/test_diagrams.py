@@ -410,3 +410,16 @@ def test_pictures_render(ov, tmp_path):
               D.store([service(k) for k in range(5)])):
         out = d.save(tmp_path / "x.png")
         assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_and_image_display_as_diagrams():
+    """Issue 4: a Layer or Image alone in a cell shows its diagram, with a short deterministic text."""
+    from overlaykit import course
+    layer = course.layer_from_files({"etc/hosts": "x"})
+    image = course.image_from_layers("demo", [("COPY hosts /etc/", layer)])
+    for obj in (layer, image):
+        bundle = obj._repr_mimebundle_()
+        assert "text/plain" in bundle and "0x" not in bundle["text/plain"]
+        assert bundle == obj._repr_mimebundle_()
+        if "image/svg+xml" in bundle:
+            assert "<svg" in bundle["image/svg+xml"]
