@@ -43,6 +43,7 @@ def umount(merged: str) -> None:
 
 
 def timed(fn, reps: int, budget: float | None = None) -> list[float]:
+    """Times of ``reps`` runs of ``fn``; fewer (at least one) when they would take over ``budget`` seconds."""
     out = []
     for _ in range(reps):
         t = time.perf_counter()

@@ -28,6 +28,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
+from mounted import timed  # noqa: E402  (the same timing loop on both sides)
 from stacks import make_stack, sample_paths  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -103,18 +104,6 @@ def files_tag(n: int) -> str:
 
 def median(xs) -> float:
     return statistics.median(xs)
-
-
-def timed(fn, reps: int, budget: float | None = None) -> list[float]:
-    """Times of ``reps`` runs of ``fn``; fewer (at least one) when they would take over ``budget`` seconds."""
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-        if budget is not None and sum(out) > budget:
-            break
-    return out
 
 
 def walk_with_cap(ov, cap: float) -> tuple[int, float, bool]:

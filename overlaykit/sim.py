@@ -62,14 +62,11 @@ def validate_config(ov) -> None:
             raise OSError(errno.ELOOP, "conflicting lowerdir path", lower)
         traps.append(real)
     for lower in lowers:
-        real = os.path.realpath(lower)
-        parent = os.path.dirname(real)
-        while parent != os.path.dirname(parent):
+        child = os.path.realpath(lower)
+        while (parent := os.path.dirname(child)) != child:  # every ancestor, up to and including /
             if parent in traps:
                 raise OSError(errno.ELOOP, "overlapping lowerdir path", lower)
-            parent = os.path.dirname(parent)
-        if os.path.dirname(real) != real and "/" in traps:
-            raise OSError(errno.ELOOP, "overlapping lowerdir path", lower)
+            child = parent
 
 
 class _parent_times_kept:
