@@ -11,7 +11,6 @@ and the two backends can be compared on it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import posixpath
 import stat as st
@@ -448,14 +447,6 @@ class Overlay:
             return None
         return self._layers.name(node.layer if isinstance(node, Leaf) else node.layers[0])
 
-    def layers_of(self, path) -> list[str]:
-        """Every layer that contributes to ``path`` (several for a merged directory)."""
-        node = self._layers_now().lookup(normpath(path))
-        if node is None:
-            return []
-        idx = (node.layer,) if isinstance(node, Leaf) else node.layers
-        return [self._layers.name(i) for i in idx]
-
     def lookup_steps(self, path) -> list[tuple[str, str, str]]:
         """The lookup of ``path`` as (component path, layer, what that layer had), top first."""
         return self._lookup_steps(normpath(path))
@@ -684,7 +675,3 @@ def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> boo
                 return False
             if not x:
                 return True
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
