@@ -8,9 +8,11 @@ legacy mount(2) string, chroots into the merged root (so no symlink leads out of
 operations over its stdin/stdout.  The mount exists only in this process's namespace: when the process
 ends, for whatever reason, the namespace and the mount end with it.
 
-Frames are a 4-byte big-endian length and a pickle, both ways.  The parent sends the configuration,
-the worker answers ``("ok", info)`` or ``("err", errno, message, path, stage)``; then each request
-``(op, args)`` gets ``("ok", result)`` or ``("err", errno)``.  EOF on stdin ends the worker.
+Frames are a 12-byte header (big-endian body length and request id) and a pickle, both ways; a reply
+carries the id of its request, so the parent can drop the late reply of a call it abandoned (Ctrl-C).
+The parent sends the configuration (id 0), the worker answers ``("ok", info)`` or ``("err", errno,
+message, path, stage)``; then each request ``(op, args)`` gets ``("ok", result)``, ``("err", errno)``
+or, for a request it cannot serve, ``("exc", exception name, message)``.  EOF on stdin ends the worker.
 """
 from __future__ import annotations
 
@@ -247,17 +249,22 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
+_HEAD = struct.Struct(">IQ")  # body length, request id
+
+
 def recv(fd: int):
-    head = _read_exact(fd, 4)
+    """The next frame as (request id, body bytes), or None at EOF."""
+    head = _read_exact(fd, _HEAD.size)
     if head is None:
         return None
-    body = _read_exact(fd, struct.unpack(">I", head)[0])
-    return None if body is None else pickle.loads(body)
+    n, rid = _HEAD.unpack(head)
+    body = _read_exact(fd, n)
+    return None if body is None else (rid, body)
 
 
-def send(fd: int, obj) -> None:
+def send(fd: int, rid: int, obj) -> None:
     body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(struct.pack(">I", len(body)) + body)
+    view = memoryview(_HEAD.pack(len(body), rid) + body)
     while view:
         view = view[os.write(fd, view):]
 
@@ -334,16 +341,45 @@ OPS = {
 }
 
 
+def answer(msg):
+    """The reply to one request.  Never raises: a request this helper cannot serve (unknown operation,
+    wrong arguments, a malformed message) gets an error reply, and the helper keeps serving."""
+    try:
+        if not (isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[0], str)
+                and isinstance(msg[1], tuple)):
+            raise ValueError(f"malformed request {msg!r:.80}")
+        op, args = msg
+        fn = OPS.get(op)
+        if fn is None:
+            raise ValueError(f"unknown operation {op!r}")
+        return ("ok", fn(*args))
+    except OSError as e:
+        return ("err", e.errno or errno.EIO)
+    except Exception as e:
+        return ("exc", type(e).__name__, str(e))
+
+
 def serve(rfd: int, wfd: int) -> None:
     while True:
-        msg = recv(rfd)
-        if msg is None or msg[0] == "exit":
+        frame = recv(rfd)
+        if frame is None:
             return
-        op, args = msg
+        rid, body = frame
         try:
-            send(wfd, ("ok", OPS[op](*args)))
-        except OSError as e:
-            send(wfd, ("err", e.errno))
+            msg = pickle.loads(body)
+        except Exception as e:
+            msg = None
+            reply = ("exc", "ValueError", f"a request that could not be read: {e}")
+        else:
+            if isinstance(msg, tuple) and msg[:1] == ("exit",):
+                return
+            reply = answer(msg)
+        try:
+            send(wfd, rid, reply)
+        except BrokenPipeError:
+            return  # the parent closed its end: it is gone or stopping us
+        except Exception as e:  # a result that cannot be pickled
+            send(wfd, rid, ("exc", "ValueError", f"the reply could not be sent: {e}"))
 
 
 def main() -> None:
@@ -355,9 +391,10 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
-    cfg = recv(rfd)
-    if cfg is None:
+    frame = recv(rfd)
+    if frame is None:
         return
+    cfg = pickle.loads(frame[1])
     if cfg.get("pdeathsig"):
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != cfg["parent"]:  # the parent died before prctl took effect
@@ -373,12 +410,12 @@ def main() -> None:
             global _USERNS
             _USERNS = True
     except MountError as e:
-        send(wfd, ("err", e.code, e.message, e.path, stage))
+        send(wfd, 0, ("err", e.code, e.message, e.path, stage))
         return
     except OSError as e:
-        send(wfd, ("err", e.errno, f"{stage}: {e.strerror}", e.filename, stage))
+        send(wfd, 0, ("err", e.errno, f"{stage}: {e.strerror}", e.filename, stage))
         return
-    send(wfd, ("ok", {"pid": os.getpid(), "api": api, "scratch": cfg.get("scratch")}))
+    send(wfd, 0, ("ok", {"pid": os.getpid(), "api": api, "scratch": cfg.get("scratch")}))
     serve(rfd, wfd)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from . import ondisk
+from . import arguments, ondisk
 from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
 
 #: The kernel's limit on lower layers (OVL_MAX_STACK in fs/overlayfs/params.h).
@@ -202,7 +202,8 @@ class Overlay:
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
     def mounted(self) -> bool:
-        return self._impl is not None
+        """True while mounted; False after unmount, or once the kernel backend's helper has ended."""
+        return self._impl is not None and getattr(self._impl, "alive", True)
 
     def mount(self) -> "Overlay":
         if self._impl is not None:
@@ -284,7 +285,7 @@ class Overlay:
 
     def write_bytes(self, path, data: bytes, *, append: bool = False) -> None:
         p = normpath(path)
-        data = bytes(data)
+        data = arguments.data(data)
         self._run("append" if append else "write", [p], lambda b: b.write_bytes(p, data, append))
 
     def write_text(self, path, text: str, *, append: bool = False, encoding: str = "utf-8") -> None:
@@ -302,6 +303,7 @@ class Overlay:
 
     def mkdir(self, path, mode: int = 0o777, *, parents: bool = False, exist_ok: bool = False) -> None:
         p = normpath(path)
+        mode = arguments.mode(mode)
         if parents:
             parts = p.split("/") if p else []
             for i in range(1, len(parts)):
@@ -326,28 +328,33 @@ class Overlay:
 
     def chmod(self, path, mode: int) -> None:
         p = normpath(path)
+        mode = arguments.mode(mode)
         self._run("chmod", [p], lambda b: b.chmod(p, mode))
 
     def chown(self, path, uid: int, gid: int) -> None:
         p = normpath(path)
+        uid, gid = arguments.owner(uid, gid)
         self._run("chown", [p], lambda b: b.chown(p, uid, gid))
 
     def utime(self, path, times=None) -> None:
         p = normpath(path)
+        times = arguments.times(times)
         self._run("utime", [p], lambda b: b.utime(p, times))
 
     def setxattr(self, path, name: str, value) -> None:
         p = normpath(path)
-        value = value.encode() if isinstance(value, str) else bytes(value)
+        name, value = arguments.xattr_name(name), arguments.xattr_value(value)
         self._run("setxattr", [p], lambda b: b.setxattr(p, name, value))
 
     def getxattr(self, path, name: str) -> bytes:
         p = normpath(path)
+        name = arguments.xattr_name(name)
         return self._run("getxattr", [p], lambda b: b.getxattr(p, name))
 
     def symlink(self, target: str, link_path) -> None:
         p = normpath(link_path)
-        self._run("symlink", [p], lambda b: b.symlink(os.fspath(target), p))
+        target = arguments.link_target(target)
+        self._run("symlink", [p], lambda b: b.symlink(target, p))
 
     def link(self, existing, new) -> None:
         s, d = normpath(existing), normpath(new)
@@ -355,6 +362,7 @@ class Overlay:
 
     def truncate(self, path, size: int) -> None:
         p = normpath(path)
+        size = arguments.size(p, size)
         self._run("truncate", [p], lambda b: b.truncate(p, size))
 
     def listdir(self, path=".") -> list[str]:

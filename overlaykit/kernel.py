@@ -11,6 +11,7 @@ import atexit
 import errno
 import os
 import pickle
+import select
 import shutil
 import signal
 import struct
@@ -35,12 +36,81 @@ _live_lock = threading.Lock()
 _handlers_installed = False
 
 
-class WorkerGone(RuntimeError):
-    """The helper process ended (it was killed, or the overlay was unmounted)."""
+class WorkerGone(ConnectionError):
+    """The helper process ended (it was killed, or the overlay was unmounted): errno ENOTCONN, as a dead
+    FUSE mount answers.  An OSError, so code that handles filesystem errors handles this one too."""
+
+    def __init__(self, message: str = "the overlay's helper process has ended, and the mount with it: "
+                                      "mount again"):
+        super().__init__(errno.ENOTCONN, message)
+
+
+#: Operations that change nothing: an interrupt abandons them at once (their late reply is discarded).
+#: Every other operation, once sent, runs to its end in the helper and the interrupt is raised after
+#: its reply, so that after Ctrl-C a change is either wholly made (it was sent) or not made at all.
+_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat"})
+#: Frame header: body length and the request id the frame belongs to (0 for the start-up exchange).
+_HEAD = struct.Struct(">IQ")
+_CHUNK = 1 << 20
+
+#: Fault injection for the tests: called with "send" (before a request goes out), "sent" (after) and
+#: "reply" (after each chunk of a reply arrives).
+_test_hook = None
+
+
+class _Abandoned(Exception):
+    """An interrupted call left the protocol at a point the reader can resume from."""
+
+
+class _DeferInterrupt:
+    """While a request and its reply cross the pipes, SIGINT only sets a flag; the caller turns it into
+    KeyboardInterrupt at a point where the byte stream is in step.  (A KeyboardInterrupt raised between
+    an ``os.read`` and storing its result would lose bytes and put every later reply out of step.)
+    Only the main thread receives KeyboardInterrupt, so elsewhere this does nothing."""
+
+    def __init__(self):
+        self.hit = False
+        self.frame = None
+        self.old = None
+        self.active = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.old = signal.signal(signal.SIGINT, self._flag)
+                self.active = True
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def _flag(self, signum, frame):
+        self.hit, self.frame = True, frame
+
+    def __exit__(self, et, ev, tb):
+        if self.active:
+            signal.signal(signal.SIGINT, self.old if self.old is not None else signal.default_int_handler)
+        if self.hit and et is None:
+            self.replay()
+
+    def replay(self):
+        """Deliver the deferred SIGINT to whoever handled it before (usually: raise KeyboardInterrupt)."""
+        self.hit = False
+        old = self.old
+        if callable(old):
+            old(signal.SIGINT, self.frame)
+        elif old != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 class Worker:
-    """One helper process holding one overlay mount; `call` runs an operation in it."""
+    """One helper process holding one overlay mount; `call` runs an operation in it.
+
+    Every request carries an id and every reply the id of its request.  A call interrupted by SIGINT
+    (Ctrl-C, Jupyter's "interrupt kernel") leaves its reply to be read and discarded by the next call,
+    even when it stopped in the middle of a large reply, so each call gets its own answer.  Should the
+    stream ever be in an unknown state (an unexpected exception while a frame crossed), the next call
+    restarts the helper on the same layers first: the mount keeps no state of its own beyond upper/.
+    """
 
     def __init__(self, lowers: list[str], upper: str | None, work: str | None, merged: str | None = None, *,
                  userns: bool | None = None, legacy: bool = False, options=DEFAULT_OPTIONS):
@@ -56,16 +126,27 @@ class Worker:
         self.pid: int | None = None
         self.api: str | None = None
         self.scratch: str | None = None
+        self.restarts = 0
         self._lock = threading.Lock()
+        self._reset_stream()
+
+    def _reset_stream(self) -> None:
+        self._next_id = 1
+        self._head = bytearray()     # a frame header read in part
+        self._skip = 0               # bytes of an abandoned reply's body still to discard
+        self._abandoned: set[int] = set()  # ids whose replies are discarded when they come
+        self._desynced = False
 
     def start(self) -> "Worker":
         env = dict(os.environ)
         env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._reset_stream()
         self.proc = subprocess.Popen([sys.executable, "-m", "overlaykit._nsworker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        _widen_pipe(self.proc.stdout.fileno())
         try:
-            self._send(self.cfg)
-            reply = self._recv()
+            self._send(0, self.cfg)
+            reply = self._recv_plain()
         except BaseException:
             self.stop()
             raise
@@ -87,20 +168,46 @@ class Worker:
         _install_handlers()
         return self
 
+    @property
+    def alive(self) -> bool:
+        proc = self.proc
+        return proc is not None and proc.poll() is None
+
     def call(self, op: str, *args):
-        """Run ``op`` in the helper: its result, or ``("err", errno)`` for the caller to turn into OSError."""
+        """Run ``op`` in the helper: ``("ok", result)``, ``("err", errno)`` or ``("exc", type, message)``."""
         with self._lock:
             if self.proc is None:
-                raise WorkerGone("the overlay is not mounted any more")
+                raise WorkerGone("the overlay's helper process has ended (or the overlay was unmounted): "
+                                 "mount again")
+            if self._desynced:
+                self.restart()
+            body = pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL)
+            rid, self._next_id = self._next_id, self._next_id + 1
             try:
-                self._send((op, args))
-                reply = self._recv()
-            except (BrokenPipeError, OSError):
-                reply = None
-            if reply is None:
+                with _DeferInterrupt() as guard:
+                    _hook("send")
+                    if guard.hit:  # interrupted before anything was sent: nothing happened
+                        guard.replay()
+                    self._send(rid, body, pickled=True)
+                    _hook("sent")
+                    reply = self._recv(rid, guard if op in _ABANDONABLE else None)
+            except _Abandoned:
+                raise KeyboardInterrupt from None
+            except (BrokenPipeError, ConnectionError, EOFError):
                 self._reap()
-                raise WorkerGone("the overlay's helper process has ended, and the mount with it: mount again")
+                raise WorkerGone() from None
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                self._desynced = True  # a frame was cut at an unknown point: restart before the next call
+                raise
             return reply
+
+    def restart(self) -> None:
+        """Start a new helper on the same layers (the old one is stopped first)."""
+        self.stop()
+        self.restarts += 1
+        self.start()
 
     def stop(self) -> None:
         with _live_lock:
@@ -111,17 +218,20 @@ class Worker:
         try:
             if proc.poll() is None:
                 try:
-                    self._send_to(proc, ("exit",))
+                    self._send_to(proc, 0, pickle.dumps(("exit",)))
                 except OSError:
                     pass
             proc.stdin.close()
+            # Unread replies (of interrupted calls) must not keep the helper blocked on a full pipe.
+            proc.stdout.close()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         finally:
-            proc.stdout.close()
+            if not proc.stdout.closed:
+                proc.stdout.close()
             if self.scratch:  # the legacy mount's mount point: an empty directory out here
                 try:
                     os.rmdir(self.scratch)
@@ -133,25 +243,101 @@ class Worker:
         if proc is not None and proc.poll() is not None:
             self.stop()
 
-    # -- framing: 4-byte big-endian length + pickle ---------------------------------------------------
-    def _send(self, obj) -> None:
-        self._send_to(self.proc, obj)
+    # -- framing: 12-byte header (length, request id) + pickle -----------------------------------------
+    def _send(self, rid: int, obj, pickled: bool = False) -> None:
+        self._send_to(self.proc, rid, obj if pickled else pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
     @staticmethod
-    def _send_to(proc, obj) -> None:
-        body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        proc.stdin.write(struct.pack(">I", len(body)) + body)
-        proc.stdin.flush()
+    def _send_to(proc, rid: int, body: bytes) -> None:
+        fd = proc.stdin.fileno()
+        view = memoryview(_HEAD.pack(len(body), rid))
+        while view:
+            view = view[os.write(fd, view):]
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]):]
 
-    def _recv(self):
-        head = self.proc.stdout.read(4)
-        if len(head) < 4:
+    def _recv_plain(self):
+        """The start-up reply (id 0), or None when the helper ended first."""
+        try:
+            return self._recv(0, None)
+        except (ConnectionError, EOFError):
             return None
-        (n,) = struct.unpack(">I", head)
-        body = self.proc.stdout.read(n)
-        if len(body) < n:
-            return None
-        return pickle.loads(body)
+
+    def _recv(self, rid: int, guard: _DeferInterrupt | None):
+        """The reply to request ``rid``; replies to abandoned requests are read and dropped on the way.
+        With a ``guard``, a SIGINT abandons the wait at a resumable point (raises `_Abandoned`)."""
+        fd = self.proc.stdout.fileno()
+
+        def wait() -> None:
+            # Wake up now and then to see the interrupt flag: os.read itself is restarted after a signal.
+            if guard is None:
+                return
+            while True:
+                if guard.hit:
+                    abandon()
+                if not guard.active or select.select([fd], [], [], 0.05)[0]:
+                    return
+
+        def abandon() -> None:
+            self._abandoned.add(rid)
+            raise _Abandoned
+
+        while True:
+            while self._skip:
+                wait()
+                chunk = os.read(fd, min(self._skip, _CHUNK))
+                if not chunk:
+                    raise EOFError
+                self._skip -= len(chunk)
+            while len(self._head) < _HEAD.size:
+                wait()
+                chunk = os.read(fd, _HEAD.size - len(self._head))
+                if not chunk:
+                    raise EOFError
+                self._head += chunk
+            n, got_id = _HEAD.unpack(self._head)
+            self._head = bytearray()
+            if got_id in self._abandoned:
+                self._abandoned.discard(got_id)
+                self._skip = n
+                continue
+            if got_id != rid:
+                raise ProtocolError(f"reply {got_id} to a request never made (waiting for {rid})")
+            body = bytearray(n)
+            view = memoryview(body)
+            got = 0
+            while got < n:
+                if guard is not None and guard.hit:
+                    self._skip = n - got  # our own reply, cut: the rest is dropped by the next call
+                    raise _Abandoned
+                wait_for_data = guard is not None and guard.active
+                if wait_for_data and not select.select([fd], [], [], 0.05)[0]:
+                    continue
+                k = os.readv(fd, [view[got:got + _CHUNK]])
+                if not k:
+                    raise EOFError
+                got += k
+                _hook("reply")
+            return pickle.loads(body)
+
+
+class ProtocolError(Exception):
+    """A reply that matches no request: the stream is out of step (the helper is restarted)."""
+
+
+def _hook(stage: str) -> None:
+    if _test_hook is not None:
+        _test_hook(stage)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Fewer, larger reads for big replies (1 MiB is the unprivileged maximum by default)."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _CHUNK)
+    except OSError:
+        pass
 
 
 def stop_all() -> None:
@@ -186,6 +372,10 @@ def _install_handlers() -> None:
                 signal.signal(signal.SIGTERM, _on_sigterm)
         except (ValueError, OSError):
             pass
+
+
+#: Exceptions the helper may report that mean the same here (what ``os`` raises for a bad argument).
+_PASSED_ON = {"TypeError": TypeError, "ValueError": ValueError, "OverflowError": OverflowError}
 
 
 class KernelBackend(Backend):
@@ -233,11 +423,20 @@ class KernelBackend(Backend):
     # -- operations ---------------------------------------------------------------------------------
     def _do(self, op: str, paths: tuple, *args):
         if self.worker is None:
-            raise WorkerGone("the overlay is not mounted")
+            raise WorkerGone("the overlay is not mounted (its helper process was stopped)")
         reply = self.worker.call(op, *args)
         if reply[0] == "err":
             raise errno_error(reply[1], *paths)
+        if reply[0] == "exc":  # the helper could not serve the request (and kept running)
+            kind, message = reply[1], reply[2]
+            if kind in _PASSED_ON:
+                raise _PASSED_ON[kind](message)
+            raise OSError(errno.EINVAL, f"the overlay helper could not run {op}: {kind}: {message}", *paths[:1])
         return reply[1]
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None and self.worker.alive
 
     def read_bytes(self, p): return self._do("read_bytes", (p,), p)
     def write_bytes(self, p, data, append): self._do("write_bytes", (p,), p, data, append)
