@@ -159,17 +159,32 @@ COPY_UP_REASON = {
 }
 
 
+class BackendUnavailable(RuntimeError):
+    """An explicitly chosen backend that this machine cannot give; the message says why (capabilities())."""
+
+
 def _choose_backend(backend: str) -> str:
-    env = os.environ.get("OVERLAYKIT_BACKEND")
-    if env:
-        if env not in BACKENDS + ("auto",):
-            raise ValueError(f"OVERLAYKIT_BACKEND={env!r}: choose sim, kernel or auto")
-        backend = env
+    """An explicit ``"sim"`` or ``"kernel"`` is honoured; ``OVERLAYKIT_BACKEND`` decides what ``"auto"``
+    means (so a whole process can be pinned to sim without overriding a cell that asks for the kernel)."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r}: choose 'sim', 'kernel' or 'auto'")
     if backend == "auto":
+        env = os.environ.get("OVERLAYKIT_BACKEND") or "auto"
+        if env not in BACKENDS + ("auto",):
+            raise ValueError(f"OVERLAYKIT_BACKEND={env!r}: choose sim, kernel or auto")
+        backend = env
+        if backend == "auto":
+            from .capabilities import capabilities
+            return "kernel" if capabilities()["kernel"].available else "sim"
+        how = f"OVERLAYKIT_BACKEND={env} (what backend='auto' means in this process)"
+    else:
+        how = f"backend={backend!r}"
+    if backend == "kernel":
         from .capabilities import capabilities
-        return "kernel" if capabilities()["kernel"].available else "sim"
+        info = capabilities()["kernel"]
+        if not info.available:
+            raise BackendUnavailable(f"{how} asks for the kernel backend, which this machine cannot give: "
+                                     f"{info.reason}")
     return backend
 
 
@@ -178,8 +193,10 @@ class Overlay:
 
     ``upper=None`` gives a read-only overlay (the kernel then needs at least two lowers).  The layer
     directories live on disk, so you can look at upper/ with ``ls`` or the file browser at any time.
-    ``backend`` is ``"sim"`` (pure Python, no privileges), ``"kernel"`` (a real mount) or ``"auto"``;
-    the environment variable ``OVERLAYKIT_BACKEND`` overrides it for the whole process.
+    ``backend`` is ``"sim"`` (pure Python, no privileges), ``"kernel"`` (a real mount) or ``"auto"``
+    (the default: the kernel where this machine allows it).  The environment variable
+    ``OVERLAYKIT_BACKEND`` says what ``"auto"`` means for the whole process; an explicit choice is
+    honoured, or fails with `BackendUnavailable` saying why this machine cannot give it.
     """
 
     def __init__(self, lowers, upper=None, work=None, *, backend: str = "auto", merged=None,
