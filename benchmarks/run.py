@@ -308,6 +308,48 @@ print(json.dumps({{"base_kib": base, "peak_kib": hwm(), "entries": n}}))
                note=f"{out['entries']} entries; interpreter + import alone: {out['base_kib'] * 1024 / 1e6:.0f} MB")
 
 
+def bench_trace_memory(res: Results, ops: int, base: str) -> None:
+    print(f"memory: {ops} traced operations on one overlay (fresh process)", flush=True)
+    # RSS (not the peak) before and after: what a long-lived notebook kernel keeps.
+    code = f"""
+import gc, json, os, tempfile
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+import overlaykit
+t = tempfile.mkdtemp(dir={base!r})
+for d in ("lower", "upper", "work"):
+    os.mkdir(os.path.join(t, d))
+for i in range(8):
+    with open(os.path.join(t, "lower", f"f{{i}}"), "w") as f:
+        f.write("x")
+ov = overlaykit.Overlay([os.path.join(t, "lower")], os.path.join(t, "upper"), os.path.join(t, "work"),
+                        backend="sim", trace=True)
+with ov:
+    ov.stat("f0"); ov.read_bytes("f0"); ov.listdir(".")  # caches warm before the first figure
+    gc.collect()
+    before = rss()
+    for i in range({ops} // 4):  # reads only: a write costs milliseconds, and records as many events
+        name = f"f{{i % 8}}"
+        ov.stat(name)
+        ov.read_bytes(name)
+        ov.exists("missing")
+        ov.listdir(".")
+    gc.collect()
+    after = rss()
+    print(json.dumps({{"before_kib": before, "after_kib": after, "events": len(ov.trace),
+                       "kept": ov.trace.kept}}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=child_env()).stdout)
+    res.raw["trace_memory"] = out
+    grown = (out["after_kib"] - out["before_kib"]) * 1024 / 1e6
+    limit = 64
+    res.figure(f"RSS growth, {ops} traced operations", round(grown, 1), "MB", limit,
+               note=f"ratio to target {grown / limit:.2f}x; {out['events']} events recorded, "
+                    f"{out['kept']} kept in the ring")
+
+
 def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
     from overlaykit import oci
     from overlaykit.images import History, Image, Layer, flatten, inspect
@@ -535,6 +577,8 @@ def main(argv=None) -> int:
     ap.add_argument("--build-reps", type=int, help="repetitions of each Dockerfile build (default 3; quick 1)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: import,stacks,memory,images,"
                                                "copyup,build,notebooks")
+    ap.add_argument("--trace-ops", type=int, help="operations for the traced-memory figure (default 200000; "
+                                                   "quick 50000)")
     ap.add_argument("--no-kernel", action="store_true", help="measure the sim only")
     ap.add_argument("--tmp", help="scratch directory (default /dev/shm when it has room, else the temp dir)")
     ap.add_argument("--json", help="write every raw figure to this file")
@@ -553,6 +597,7 @@ def main(argv=None) -> int:
     args.copy_reps = args.copy_reps or (3 if q else 5)
     args.image_reps = args.image_reps or (1 if q else 3)
     args.build_reps = args.build_reps or (1 if q else 3)
+    args.trace_ops = args.trace_ops or (50000 if q else 200000)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     # a terminated run still removes its scratch directory (the mounts die with their child process)
@@ -600,6 +645,7 @@ def main(argv=None) -> int:
                       f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
         if "memory" not in skip:
             bench_memory(res, wanted[tuple(big)], f"{files_tag(big[0])} files, {big[1]} layers")
+            bench_trace_memory(res, args.trace_ops, base)
         if "images" not in skip:
             bench_images(res, args, wanted[tuple(image_size)],
                          f"{files_tag(image_size[0])} files, {image_size[1]} layers", base)

@@ -11,11 +11,15 @@ and the two backends can be compared on it.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import posixpath
 import stat as st
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from itertools import islice
 from typing import Iterator
 
 from . import arguments, ondisk
@@ -77,14 +81,87 @@ class TraceEvent:
         return f"{self.op:<10} {self.kind:<9} {self.path or '.'}: {self.detail}"
 
 
-class Trace(list):
-    """The list of `TraceEvent`; ``str()`` gives one line each."""
+#: How many recent events `Overlay.trace` keeps: a long-lived notebook kernel must not grow without bound.
+TRACE_LIMIT = 2000
+
+
+class Trace:
+    """`TraceEvent`s, one line each in ``str()``; a ring of the last ``limit`` (None: unbounded).
+
+    Positions are absolute, as in a list that was never cut: ``len()`` counts every event recorded, and
+    ``n = len(ov.trace)`` before an operation then ``ov.trace[n:]`` after it gives that operation's events
+    however long the session.  Events older than the ring's reach are counted in ``dropped``: a slice
+    leaves them out, an index raises IndexError, iteration yields the ``kept`` ones.
+    """
+
+    def __init__(self, events=(), *, limit: int | None = None):
+        self._events: deque[TraceEvent] = deque(maxlen=limit)
+        self.dropped = 0
+        self.extend(events)
+
+    @property
+    def limit(self) -> int | None:
+        return self._events.maxlen
+
+    @property
+    def kept(self) -> int:
+        return len(self._events)
+
+    def append(self, event: TraceEvent) -> None:
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
+        self._events.append(event)
+
+    def extend(self, events) -> None:
+        for e in events:
+            self.append(e)
+
+    def clear(self) -> None:
+        self._events.clear()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self.dropped + len(self._events)
+
+    def __bool__(self) -> bool:
+        return bool(self._events)
+
+    def __iter__(self):
+        return iter(list(self._events))  # a copy: operations may record while a caller iterates
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            r = range(len(self))[key]
+            if r.step == 1:
+                lo, hi = max(r.start, self.dropped) - self.dropped, max(r.stop, self.dropped) - self.dropped
+                return Trace(islice(self._events, lo, max(lo, hi)))
+            return Trace(self._events[i - self.dropped] for i in r if i >= self.dropped)
+        i = operator.index(key)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("trace index out of range")
+        if i < self.dropped:
+            raise IndexError(f"trace event {i} was dropped: the trace keeps the last {self.limit} events")
+        return self._events[i - self.dropped]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Trace, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
 
     def __str__(self) -> str:
-        return "\n".join(str(e) for e in self)
+        lines = [str(e) for e in self._events]
+        if self.dropped:
+            lines.insert(0, f"({self.dropped} earlier events dropped: the trace keeps the last {self.limit}; "
+                            f"use ov.last_events() or `with ov.recording() as steps:`)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Trace({list(self._events)!r}" + (f", dropped={self.dropped})" if self.dropped else ")")
 
     def _repr_pretty_(self, p, cycle):
-        p.text(str(self) if self else "(no steps recorded)")
+        p.text(str(self) if self or self.dropped else "(no steps recorded)")
 
 
 def normpath(path: str | os.PathLike) -> str:
@@ -211,7 +288,9 @@ class Overlay:
         self._encoding_request = encoding
         self.encoding: ondisk.Encoding | None = None
         self.tracing = trace
-        self.trace = Trace()
+        self.trace = Trace(limit=TRACE_LIMIT)  # the recent events; see last_events() and recording()
+        self._last: list[TraceEvent] = []
+        self._recorders: list[Trace] = []
         self._impl: Backend | None = None
         self._layers: Layers | None = None
         self._lower_layers: Layers | None = None
@@ -559,6 +638,30 @@ class Overlay:
     def _quiet(self):
         return Overlay._QuietCtx(self)
 
+    def last_events(self) -> Trace:
+        """The events of the last traced operation (empty before the first)."""
+        return Trace(self._last)
+
+    @contextmanager
+    def recording(self):
+        """``with ov.recording() as steps:`` -- every event of the block, however many, in ``steps``
+        (tracing is on inside the block, even for an overlay made with ``trace=False``)."""
+        steps = Trace()
+        saved = self.tracing
+        self.tracing = True
+        self._recorders.append(steps)
+        try:
+            yield steps
+        finally:
+            self._recorders.remove(steps)
+            self.tracing = saved
+
+    def _record(self, event: TraceEvent) -> None:
+        self.trace.append(event)
+        self._last.append(event)
+        for steps in self._recorders:
+            steps.append(event)
+
     def _run(self, op: str, paths: list[str], fn):
         impl = self._need()
         if not self.tracing:
@@ -568,37 +671,67 @@ class Overlay:
                 if op not in _READ_OPS:
                     self._invalidate(impl)
         layers = self._layers
-        before = {}
-        moved = layers.lookup(paths[0]) if op == "rename" else None
+        self._last = []
+        before: dict[str, dict | None] = {}
+        # The observer reads the layer directories with this process's rights; the kernel uses the
+        # mounter's.  Whatever it cannot read shortens the trace, never changes the operation's outcome.
+        moved = self._observe(op, paths[0], lambda: layers.lookup(paths[0])) if op == "rename" else None
         for p in paths:
-            steps = self._lookup_steps(p)
-            where = self._layer_of(p)
-            self.trace.append(TraceEvent(op, "lookup", p, _lookup_detail(steps, where, p),
-                                         tuple((s[1], s[2]) for s in steps if s[0] == p)))
+            self._observe(op, p, lambda: self._trace_lookup(op, p))
             if op not in _READ_OPS:
-                before[p] = self._upper_snapshot(p)
+                before[p] = self._observe(op, p, lambda: self._upper_snapshot(p))
         try:
             result = fn(impl)
         except OSError as e:
             if op not in _READ_OPS:
                 self._invalidate(impl)
             if e.errno == errno.EXDEV:
-                self.trace.append(TraceEvent(op, "exdev", paths[0],
-                                             "directory exists in a lower layer; with redirect_dir=off the kernel "
-                                             "refuses to rename it (EXDEV) — tools like mv fall back to copy + delete"))
-            self.trace.append(TraceEvent(op, "error", paths[-1], f"[Errno {e.errno}] {errno.errorcode.get(e.errno, '?')}: {e.strerror}"))
+                self._record(TraceEvent(op, "exdev", paths[0],
+                                        "directory exists in a lower layer; with redirect_dir=off the kernel "
+                                        "refuses to rename it (EXDEV) — tools like mv fall back to copy + delete"))
+            self._record(TraceEvent(op, "error", paths[-1], f"[Errno {e.errno}] {errno.errorcode.get(e.errno, '?')}: {e.strerror}"))
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt after the kernel backend's helper made the change
+            if op not in _READ_OPS:
+                self._invalidate(impl)
             raise
         if op in _READ_OPS:
             return result
         self._invalidate(impl)
         if isinstance(moved, Leaf) and layers.name(moved.layer) != "upper":
-            self.trace.append(TraceEvent(op, "copy-up", paths[0], f"rename of a lower entry: "
-                                         f"{moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0} bytes "
-                                         f"copied from {layers.name(moved.layer)}, then renamed to {show(paths[1])}",
-                                         nbytes=moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0))
+            self._record(TraceEvent(op, "copy-up", paths[0], f"rename of a lower entry: "
+                                    f"{moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0} bytes "
+                                    f"copied from {layers.name(moved.layer)}, then renamed to {show(paths[1])}",
+                                    nbytes=moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0))
         for p in paths:
-            self._trace_changes(op, p, before[p])
+            if before[p] is not None:
+                self._observe(op, p, lambda: self._trace_changes(op, p, before[p]))
         return result
+
+    def _trace_lookup(self, op: str, p: str) -> None:
+        steps = self._lookup_steps(p)
+        where = self._layer_of(p)
+        self._record(TraceEvent(op, "lookup", p, _lookup_detail(steps, where, p),
+                                tuple((s[1], s[2]) for s in steps if s[0] == p)))
+
+    def _observe(self, op: str, p: str, look):
+        """``look()``, or None and a "trace incomplete" event when a layer cannot be read."""
+        try:
+            return look()
+        except OSError as e:
+            self._record(TraceEvent(op, "incomplete", p, f"trace incomplete: could not read "
+                                    f"{self._layer_named(e.filename)}: {errno.errorcode.get(e.errno, e.errno)}"))
+            return None
+
+    def _layer_named(self, filename) -> str:
+        """The layer (and path inside it) a host path belongs to, so no host path shows in the trace."""
+        if isinstance(filename, (str, bytes)):
+            real = os.fsdecode(filename)
+            for i, root in enumerate(self._layers.roots):
+                if real == root or real.startswith(root.rstrip("/") + "/"):
+                    inside = real[len(root):].lstrip("/")
+                    return f"layer {self._layers.name(i)}" + (f" at {show(inside)}" if inside else "")
+        return "a layer"
 
     def _invalidate(self, impl: Backend) -> None:
         if not impl.keeps_cache_fresh:
@@ -637,23 +770,23 @@ class Overlay:
                     parents.append(q)
                 continue
             if parents:
-                self.trace.append(TraceEvent(op, "copy-up", parents[-1],
+                self._record(TraceEvent(op, "copy-up", parents[-1],
                                              f"parent directories copied up first: {', '.join(show(x) for x in parents)}"))
             low = lowers.lookup(p)
             if new is not None and new[0] == "whiteout" and (old is None or old[0] != "whiteout"):
-                self.trace.append(TraceEvent(op, "whiteout", p, "whiteout created in upper/ to hide the lower entry"))
+                self._record(TraceEvent(op, "whiteout", p, "whiteout created in upper/ to hide the lower entry"))
             elif new is not None and new[0] == "dir" and new[1] and not (old and old[0] == "dir" and old[1]):
-                self.trace.append(TraceEvent(op, "opaque", p, "opaque directory: lower contents at this path are hidden"))
+                self._record(TraceEvent(op, "opaque", p, "opaque directory: lower contents at this path are hidden"))
             elif old is None and new is not None and low is not None:
                 nbytes = low.lstat.st_size if isinstance(low, Leaf) and new[0] == "file" else 0
                 reason = COPY_UP_REASON.get(op, op)
-                self.trace.append(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied from "
+                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
             elif new is not None and (old is None or old[0] == "whiteout"):
-                self.trace.append(TraceEvent(op, "create", p, f"new {new[0]} in upper/"))
+                self._record(TraceEvent(op, "create", p, f"new {new[0]} in upper/"))
             elif new is None and old is not None:
-                self.trace.append(TraceEvent(op, "remove", p, "removed from upper/"))
+                self._record(TraceEvent(op, "remove", p, "removed from upper/"))
 
     # -- display -----------------------------------------------------------------------------------
     def _repr_mimebundle_(self, include=None, exclude=None):
