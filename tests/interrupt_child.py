@@ -68,7 +68,7 @@ def interrupted(action, *, delay: float | None = None, stage: str | None = None)
 
 
 def main() -> None:
-    t = tempfile.mkdtemp(prefix="overlaykit-interrupt-")
+    t = tempfile.mkdtemp(prefix="overlaykit-interrupt-", dir=sys.argv[1] if len(sys.argv) > 1 else None)
     lower, upper, work = (os.path.join(t, x) for x in ("lower", "upper", "work"))
     for d in (lower, upper, work, os.path.join(lower, "many")):
         os.makedirs(d, exist_ok=True)

@@ -31,13 +31,13 @@ def ov(tmp_path):
         yield o
 
 
-def test_sigint_at_many_moments_leaves_every_next_call_its_own_answer():
+def test_sigint_at_many_moments_leaves_every_next_call_its_own_answer(tmp_path):
     """A child process interrupts itself (timer thread, and at fixed points of the protocol) during
     read_bytes of a 128 MiB file, a large listdir, a 16 MiB write, a copy-up and a stat; after each,
     reads, listings and stats answer right, writes are whole or absent, and no helper was restarted."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_child.py")], env=env,
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_child.py"), str(tmp_path)], env=env,
                               capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the child hung after an interrupt (calls out of step): {e.stdout}")
