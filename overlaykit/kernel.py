@@ -48,6 +48,7 @@ class WorkerGone(ConnectionError):
 #: Operations that change nothing: an interrupt abandons them at once (their late reply is discarded).
 #: Every other operation, once sent, runs to its end in the helper and the interrupt is raised after
 #: its reply, so that after Ctrl-C a change is either wholly made (it was sent) or not made at all.
+#: A second interrupt stops waiting for that reply (the helper still completes the change).
 _ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat"})
 #: Frame header: body length and the request id the frame belongs to (0 for the start-up exchange).
 _HEAD = struct.Struct(">IQ")
@@ -70,6 +71,7 @@ class _DeferInterrupt:
 
     def __init__(self):
         self.hit = False
+        self.hits = 0
         self.frame = None
         self.old = None
         self.active = False
@@ -85,6 +87,7 @@ class _DeferInterrupt:
 
     def _flag(self, signum, frame):
         self.hit, self.frame = True, frame
+        self.hits += 1
 
     def __exit__(self, et, ev, tb):
         if self.active:
@@ -94,7 +97,7 @@ class _DeferInterrupt:
 
     def replay(self):
         """Deliver the deferred SIGINT to whoever handled it before (usually: raise KeyboardInterrupt)."""
-        self.hit = False
+        self.hit, self.hits = False, 0
         old = self.old
         if callable(old):
             old(signal.SIGINT, self.frame)
@@ -190,7 +193,7 @@ class Worker:
                         guard.replay()
                     self._send(rid, body, pickled=True)
                     _hook("sent")
-                    reply = self._recv(rid, guard if op in _ABANDONABLE else None)
+                    reply = self._recv(rid, guard, 1 if op in _ABANDONABLE else 2)
             except _Abandoned:
                 raise KeyboardInterrupt from None
             except (BrokenPipeError, ConnectionError, EOFError):
@@ -239,9 +242,8 @@ class Worker:
                     pass
 
     def _reap(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is not None:
-            self.stop()
+        """The pipes broke: the helper is gone or going, and of no more use; collect it."""
+        self.stop()
 
     # -- framing: 12-byte header (length, request id) + pickle -----------------------------------------
     def _send(self, rid: int, obj, pickled: bool = False) -> None:
@@ -264,9 +266,10 @@ class Worker:
         except (ConnectionError, EOFError):
             return None
 
-    def _recv(self, rid: int, guard: _DeferInterrupt | None):
+    def _recv(self, rid: int, guard: _DeferInterrupt | None, patience: int = 1):
         """The reply to request ``rid``; replies to abandoned requests are read and dropped on the way.
-        With a ``guard``, a SIGINT abandons the wait at a resumable point (raises `_Abandoned`)."""
+        With a ``guard``, the ``patience``-th SIGINT abandons the wait at a resumable point (raises
+        `_Abandoned`)."""
         fd = self.proc.stdout.fileno()
 
         def wait() -> None:
@@ -274,7 +277,7 @@ class Worker:
             if guard is None:
                 return
             while True:
-                if guard.hit:
+                if guard.hits >= patience:
                     abandon()
                 if not guard.active or select.select([fd], [], [], 0.05)[0]:
                     return
@@ -308,7 +311,7 @@ class Worker:
             view = memoryview(body)
             got = 0
             while got < n:
-                if guard is not None and guard.hit:
+                if guard is not None and guard.hits >= patience:
                     self._skip = n - got  # our own reply, cut: the rest is dropped by the next call
                     raise _Abandoned
                 wait_for_data = guard is not None and guard.active

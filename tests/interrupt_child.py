@@ -33,8 +33,9 @@ def settle() -> None:
         time.sleep(0.01)
 
 
-def interrupted(action, *, delay: float | None = None, stage: str | None = None):
-    """Run ``action`` with one SIGINT sent after ``delay`` seconds or at the worker's ``stage``."""
+def interrupted(action, *, delay: float | None = None, stage: str | None = None, times: int = 1):
+    """Run ``action`` with SIGINT sent after ``delay`` seconds, or ``times`` times at the worker's ``stage``
+    (twice: the learner presses Ctrl-C again while a change is still running)."""
     global seen
     armed = [True]
 
@@ -44,7 +45,9 @@ def interrupted(action, *, delay: float | None = None, stage: str | None = None)
     def hook(at):
         if at == stage and armed[0]:
             armed[0] = False
-            fire()
+            for _ in range(times):
+                fire()
+                time.sleep(0.01)
 
     timer = None
     if stage is not None:
@@ -81,7 +84,7 @@ def main() -> None:
     for i in range(NAMES):
         open(os.path.join(lower, "many", f"n{i:05d}"), "w").close()
     rounds = [("delay", d) for d in (0.0, 0.002, 0.01, 0.03, 0.08, 0.2)] + \
-             [("stage", s) for s in ("send", "sent", "reply")]
+             [("stage", s) for s in ("send", "sent", "reply")] + [("twice", "sent")]
     for i in range(len(rounds)):
         with open(os.path.join(lower, f"cu{i}.bin"), "wb") as f:
             f.write(os.urandom(1 << 16) * (COPY >> 16))
@@ -90,7 +93,7 @@ def main() -> None:
     ov = Overlay([lower], upper, work, backend="kernel").mount()
     try:
         for i, (how, when) in enumerate(rounds):
-            kw = {"delay": when} if how == "delay" else {"stage": when}
+            kw = {"delay": when} if how == "delay" else {"stage": when, "times": 2 if how == "twice" else 1}
             actions = {
                 "read_bytes": lambda: ov.read_bytes("big.bin"),
                 "listdir": lambda: ov.listdir("many"),
