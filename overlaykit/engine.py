@@ -622,7 +622,9 @@ class Overlay:
             elif old is None and new is not None and low is not None:
                 nbytes = low.lstat.st_size if isinstance(low, Leaf) and new[0] == "file" else 0
                 reason = COPY_UP_REASON.get(op, op)
-                self.trace.append(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied from "
+                # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
+                self.trace.append(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied into work/, "
+                                             "renamed into upper/, from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
             elif new is not None and (old is None or old[0] == "whiteout"):
