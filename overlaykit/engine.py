@@ -220,14 +220,23 @@ class Overlay:
         else:
             from .kernel import KernelBackend
             impl = KernelBackend(self)
-        impl.mount()
+        from .inuse import claim
+        self._inuse = claim(self)  # EBUSY while another live overlay holds this upper/ or work/
+        try:
+            impl.mount()
+        except BaseException:
+            self._inuse.release()
+            raise
         self._impl = impl
         return self
 
     def unmount(self) -> None:
         impl, self._impl = self._impl, None
         if impl is not None:
-            impl.unmount()
+            try:
+                impl.unmount()
+            finally:
+                self._inuse.release()
 
     def how_to_look(self) -> str:
         """How to see merged/ from a terminal (a kernel mount lives in a helper's private namespace)."""
