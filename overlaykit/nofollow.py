@@ -40,12 +40,15 @@ def at(root: str, rel: str) -> Iterator[str]:
     """A short path to ``root/rel`` whose directories were all opened without following symlinks.
 
     Only the last component is resolved by name; use it with ``follow_symlinks=False``, ``O_NOFOLLOW``
-    or on something known not to be a symlink.  ``rel == ""`` gives the root directory itself.
+    or on something known not to be a symlink.  ``rel == ""`` gives the layer root's own path.
     """
+    if not rel:
+        yield root
+        return
     parent, _, name = rel.rpartition("/")
     fd = open_dir(root, parent)
     try:
-        yield f"/proc/self/fd/{fd}/{name}" if name else f"/proc/self/fd/{fd}"
+        yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
 
