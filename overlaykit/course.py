@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat as st
+import weakref
 from pathlib import Path
 
 from . import ondisk
@@ -67,9 +68,23 @@ def lesson_dirs(ws: str | os.PathLike, *, lower: dict | None = None, upper: dict
 
 
 def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) -> Overlay:
-    """An unmounted Overlay over `lesson_dirs` (use it in a ``with`` block)."""
+    """An unmounted Overlay over `lesson_dirs` (use it in a ``with`` block).
+
+    A re-run cell asks again for the same workspace while the overlay made last time (an explorer's)
+    may still be mounted; upper/ takes one live overlay at a time (EBUSY), so that one is unmounted first.
+    """
+    key = os.path.abspath(Path(ws) / "upper")
+    previous = _made.pop(key, None)
+    if previous is not None and previous() is not None:
+        previous().unmount()
     d = lesson_dirs(ws, **layers)
-    return Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
+    ov = Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
+    _made[key] = weakref.ref(ov)
+    return ov
+
+
+#: upper/ path -> the overlay lesson_overlay made for it last.
+_made: dict[str, weakref.ref] = {}
 
 
 def ls(path: str | os.PathLike, *, show_hidden: bool = True, recursive: bool = False) -> str:

@@ -317,14 +317,23 @@ class Overlay:
         else:
             from .kernel import KernelBackend
             impl = KernelBackend(self)
-        impl.mount()
+        from .inuse import claim
+        self._inuse = claim(self)  # EBUSY while another live overlay holds this upper/ or work/
+        try:
+            impl.mount()
+        except BaseException:
+            self._inuse.release()
+            raise
         self._impl = impl
         return self
 
     def unmount(self) -> None:
         impl, self._impl = self._impl, None
         if impl is not None:
-            impl.unmount()
+            try:
+                impl.unmount()
+            finally:
+                self._inuse.release()
 
     def how_to_look(self) -> str:
         """How to see merged/ from a terminal (a kernel mount lives in a helper's private namespace)."""
@@ -780,7 +789,9 @@ class Overlay:
             elif old is None and new is not None and low is not None:
                 nbytes = low.lstat.st_size if isinstance(low, Leaf) and new[0] == "file" else 0
                 reason = COPY_UP_REASON.get(op, op)
-                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied from "
+                # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
+                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied into work/, "
+                                        "renamed into upper/, from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
             elif new is not None and (old is None or old[0] == "whiteout"):

@@ -14,6 +14,8 @@ import os
 import stat as st
 from dataclasses import dataclass
 
+from . import nofollow
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -114,6 +116,13 @@ def is_char_whiteout(s: os.stat_result) -> bool:
 def _xattr(path: str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _fxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
     except OSError:
         return None
 
@@ -269,19 +278,20 @@ class Layers:
         if ents is None:  # the parent was not a directory in upper when cached
             del dirs[parent]
             return
-        real = os.path.join(self.roots[0], path)
         entry = None
         try:
-            s = os.lstat(real)
-            entry = WHITEOUT if is_char_whiteout(s) else s
-        except FileNotFoundError:
-            pass
-        except NotADirectoryError:
+            with nofollow.at_dir(self.roots[0], parent) as real_parent:  # never through a host symlink
+                try:
+                    s = os.lstat(os.path.join(real_parent, name))
+                    entry = WHITEOUT if is_char_whiteout(s) else s
+                except FileNotFoundError:
+                    pass
+                if entry is None and self.encoding.kind == "fallback" and \
+                        os.path.lexists(os.path.join(real_parent, WHITEOUT_PREFIX + name)):
+                    entry = WHITEOUT
+        except (NotADirectoryError, FileNotFoundError):
             del dirs[parent]
             return
-        if entry is None and self.encoding.kind == "fallback" and \
-                os.path.lexists(os.path.join(self.roots[0], parent, WHITEOUT_PREFIX + name)):
-            entry = WHITEOUT
         if entry is None:
             ents.pop(name, None)
         else:
@@ -301,12 +311,11 @@ class Layers:
             if e is None or e is WHITEOUT or not st.S_ISDIR(e.st_mode):
                 cache[path] = None
                 return None
-        real = self.real(index, path)
         enc = self.encoding
         result: dict | None = {}
         try:
-            xwh = _xattr(real, enc.opaque_xattr) == b"x"
-            with os.scandir(real) as it:
+            with nofollow.read_dir(self.roots[index], path) as (real, fd), os.scandir(fd) as it:
+                xwh = _fxattr(fd, enc.opaque_xattr) == b"x"
                 for de in it:
                     name = de.name
                     if enc.kind == "fallback" and name.startswith(WHITEOUT_PREFIX):
@@ -320,7 +329,7 @@ class Layers:
                     if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
                         result[name] = WHITEOUT
                     elif xwh and st.S_ISREG(s.st_mode) and s.st_size == 0 and \
-                            _xattr(de.path, enc.whiteout_xattr) is not None:
+                            _xattr(os.path.join(real, name), enc.whiteout_xattr) is not None:
                         result[name] = WHITEOUT
                     elif result.get(name) is not WHITEOUT:
                         result[name] = s
@@ -335,7 +344,11 @@ class Layers:
             return cache[path]
         except KeyError:
             pass
-        value = self.encoding.is_opaque(self.real(index, path))
+        try:
+            with nofollow.at_dir(self.roots[index], path) as real:
+                value = self.encoding.is_opaque(real)
+        except OSError:  # not searchable, or changed behind our back
+            value = False
         cache[path] = value
         return value
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat as st
 
+from . import nofollow
 from .engine import MAX_LOWERS, Backend, Stat
-from .ondisk import OPAQUE_MARKER, WHITEOUT, Layers, Leaf, MergedDir, errno_error
+from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
@@ -73,8 +75,8 @@ class _parent_times_kept:
     """ovl_copy_up_one restores the upper parent's timestamps after a copy-up ("best effort"): making
     room for a copied-up child does not count as a change of the directory."""
 
-    def __init__(self, path: str):
-        self.parent = os.path.dirname(path)
+    def __init__(self, parent: str):
+        self.parent = parent
 
     def __enter__(self):
         self.before = os.stat(self.parent)
@@ -102,10 +104,7 @@ class SimBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
         if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
-            wd = os.path.join(self.work, "work")
-            if not os.path.isdir(wd):
-                os.mkdir(wd, 0o000)
-                os.chmod(wd, 0o000)
+            _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
 
     def unmount(self) -> None:
         pass
@@ -167,7 +166,8 @@ class SimBackend(Backend):
                 hops += 1
                 if hops > MAXSYMLINKS:
                     raise _err(errno.ELOOP, p)
-                target = os.readlink(L.real(node.layer, node.path))
+                with nofollow.at(L.roots[node.layer], node.path) as real:
+                    target = os.readlink(real)
                 if target.startswith("/"):
                     stack = [L.root()]
                 parts = target.split("/")
@@ -191,16 +191,16 @@ class SimBackend(Backend):
         if path in self._origins_seen:
             return
         self._origins_seen.add(path)
-        real = self._upper_path(path)
         name = self.encoding.private_prefix + "origin"
         try:
-            os.getxattr(real, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno == errno.ENODATA:
+            with self._up(path) as real:
                 try:
-                    os.setxattr(real, name, b"", follow_symlinks=False)
-                except OSError:
-                    pass
+                    os.getxattr(real, name, follow_symlinks=False)
+                except OSError as e:
+                    if e.errno == errno.ENODATA:
+                        os.setxattr(real, name, b"", follow_symlinks=False)
+        except OSError:
+            pass
 
 
     def _writable(self, p: str) -> None:
@@ -211,28 +211,46 @@ class SimBackend(Backend):
         """The permission check the kernel makes before any copy-up (root passes it)."""
         if self.root_user or node is None:
             return
-        real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
-        if not os.access(real, mode):
+        try:
+            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+                ok = os.access(real, mode, follow_symlinks=False)
+        except OSError:
+            ok = False
+        if not ok:
             raise _err(errno.EACCES, p)
 
-    def _upper_path(self, path: str) -> str:
-        return os.path.join(self.upper, path) if path else self.upper
+    def _up(self, path: str):
+        """``with self._up(path) as real``: ``path`` in upper/, reached without following a host symlink
+        (the last component too, with ``follow_symlinks=False`` or ``O_NOFOLLOW``)."""
+        return nofollow.at(self.upper, path)
+
+    def _updir(self, path: str):
+        """``with self._updir(path) as d``: directory ``path`` of upper/ itself, opened without following."""
+        return nofollow.at_dir(self.upper, path)
 
     def _upper_dir(self, d: MergedDir) -> str:
-        """Make sure directory ``d`` exists in upper/, copying it and its parents up; return its real path."""
+        """Make sure directory ``d`` exists in upper/, copying it and its parents up (one at a time,
+        each atomically); return its path (relative to upper/)."""
         if d.layers and d.layers[0] == 0 or not d.path:
-            return self._upper_path(d.path)
+            return d.path
         parts = d.path.split("/")
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
-            real_up = self._upper_path(sub)
             ents = self.L.entries(0, "/".join(parts[:i - 1]))
             e = ents.get(parts[i - 1]) if ents else None
             if e is not None and e is not WHITEOUT and st.S_ISDIR(e.st_mode):
                 continue
             node = self.L.lookup(sub)
-            self._copy_dir_up(node, real_up)
-        return self._upper_path(d.path)
+            if not isinstance(node, MergedDir):  # upper/ was changed behind our back
+                raise _err(errno.ENOENT, sub)
+            s = self._lower_lstat(node.layers[0], node.path)
+            self._check_mapped(s, node.path)
+            self._install(node.path, node.layers[0], s)
+        return d.path
+
+    def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
+        with nofollow.at(self.L.roots[layer], path) as real:
+            return os.lstat(real)
 
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
         """An unprivileged (user-namespace) mount maps only the caller's own uid and gid; the kernel
@@ -240,14 +258,26 @@ class SimBackend(Backend):
         if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
             raise _err(errno.EOVERFLOW, path)
 
-    def _copy_dir_up(self, node: MergedDir, real_up: str) -> None:
-        src = self.L.real(node.layers[0], node.path)
-        s = os.lstat(src)
-        self._check_mapped(s, node.path)
-        with _parent_times_kept(real_up):
-            os.mkdir(real_up, 0o700)
-            self._copy_meta(src, real_up, s)
-        self.L.refresh_upper(node.path, subtree=True)
+    def _install(self, path: str, layer: int, s: os.stat_result) -> None:
+        """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
+        (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
+        the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
+        work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
+        parent, _, name = path.rpartition("/")
+        tmp = "#" + os.urandom(6).hex()
+        with nofollow.at(self.L.roots[layer], path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+            try:
+                if st.S_ISDIR(s.st_mode):
+                    os.mkdir(temp, 0o700)
+                else:
+                    self._copy_leaf(src, temp, s)
+                self._copy_meta(src, temp, s)
+                with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
+                    os.rename(temp, os.path.join(up_parent, name))
+            except BaseException:
+                _discard(temp)
+                raise
+        self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -280,44 +310,47 @@ class SimBackend(Backend):
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
 
     def _copy_up(self, node) -> str:
-        """Copy a lower entry into upper/ (parents first), returning its upper path."""
+        """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/)."""
         if isinstance(node, MergedDir):
             return self._upper_dir(node)
         if node.layer == 0 and self.L.has_upper:
-            return self._upper_path(node.path)
+            return node.path
         parent_path = node.path.rpartition("/")[0]
-        self._upper_dir(self.L.lookup(parent_path))
+        parent = self.L.lookup(parent_path)
+        if not isinstance(parent, MergedDir):  # a layer was changed behind our back
+            raise _err(errno.ENOENT, node.path)
+        self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
-        src = self.L.real(node.layer, node.path)
-        dst = self._upper_path(node.path)
-        s = node.lstat
-        with _parent_times_kept(dst):
-            self._copy_leaf(src, dst, s)
-        self.L.refresh_upper(node.path)
-        return dst
+        try:
+            self._install(node.path, node.layer, node.lstat)
+        except OSError as e:
+            raise _err(e.errno, node.path) from None
+        return node.path
 
     def _copy_leaf(self, src: str, dst: str, s: os.stat_result) -> None:
         mode = s.st_mode
         if st.S_ISREG(mode):
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                with open(src, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        os.write(fd, chunk)
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    _copy_data(fd_in, fd)
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
+                os.close(fd_in)
         elif st.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif st.S_ISFIFO(mode):
             os.mkfifo(dst, 0o600)
         else:
             os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
-        self._copy_meta(src, dst, s)
 
-    def _clear_whiteout(self, d: MergedDir, up_dir: str, name: str) -> bool:
+    def _clear_whiteout(self, d: MergedDir, name: str) -> bool:
         ents = self.L.entries(0, d.path)
         if ents and ents.get(name) is WHITEOUT:
-            self.encoding.remove_whiteout(up_dir, name)
+            with self._updir(d.path) as up_dir:
+                self.encoding.remove_whiteout(up_dir, name)
             self.L.refresh_upper(_join(d.path, name), subtree=True)
             return True
         return False
@@ -334,15 +367,23 @@ class SimBackend(Backend):
         return node if isinstance(node, MergedDir) else parent
 
     def _whiteout(self, parent: MergedDir, name: str) -> None:
-        up = self._upper_dir(parent)
-        self.encoding.make_whiteout(up, name)
+        with self._updir(self._upper_dir(parent)) as up:
+            self.encoding.make_whiteout(up, name)
         self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
-    def _create_prep(self, parent: MergedDir, name: str, p: str) -> tuple[str, bool]:
-        """Parent copied up, any whiteout at ``name`` removed: (upper dir, whether a whiteout was there)."""
+    def _create_prep(self, parent: MergedDir, name: str, p: str) -> bool:
+        """Parent copied up, any whiteout at ``name`` removed: whether a whiteout was there."""
+        self._reserved_name(name, p)
         self._may(parent, os.W_OK | os.X_OK, p)
-        up = self._upper_dir(parent)
-        return up, self._clear_whiteout(self._refresh(parent), up, name)
+        self._upper_dir(parent)
+        return self._clear_whiteout(self._refresh(parent), name)
+
+    def _reserved_name(self, name: str, p: str) -> None:
+        """Under the fallback encoding a ``.wh.`` name *is* a whiteout: refuse to create one."""
+        if self.encoding.kind == "fallback" and name.startswith(WHITEOUT_PREFIX):
+            raise OSError(errno.EINVAL, f"names starting with {WHITEOUT_PREFIX!r} are reserved for whiteouts by "
+                          "the OCI image spec, and this upper/ uses that (fallback) encoding: the file would "
+                          "delete or hide a name after the next mount", p)
 
     # -- operations --------------------------------------------------------------------------------
     def read_bytes(self, p: str) -> bytes:
@@ -352,7 +393,8 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         try:
-            with open(self.L.real(node.layer, node.path), "rb") as f:
+            with nofollow.at(self.L.roots[node.layer], node.path) as real, \
+                    open(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 return f.read()
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -362,32 +404,41 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         self._writable(p)
-        flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         if node is None:
-            up, _ = self._create_prep(parent, name, p)
-            real = os.path.join(up, name)
+            self._create_prep(parent, name, p)
             rel = _join(parent.path, name)
             flags |= os.O_CREAT | os.O_EXCL
         else:
             self._may(node, os.W_OK, p)
-            real = self._copy_up(node)
-            rel = node.path
-        fd = os.open(real, flags, 0o666)
+            rel = self._copy_up(node)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            with self._up(rel) as real:
+                fd = os.open(real, flags, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _err(e.errno, p) from None
         finally:
-            os.close(fd)
             self.L.refresh_upper(rel)
 
     def touch(self, p: str) -> None:
         parent, name, node = self._resolve(p, True)
         if node is None:
             self._writable(p)
-            up, _ = self._create_prep(parent, name, p)
-            os.close(os.open(os.path.join(up, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            self.L.refresh_upper(_join(parent.path, name))
+            self._create_prep(parent, name, p)
+            rel = _join(parent.path, name)
+            try:
+                with self._up(rel) as real:
+                    os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+            except OSError as e:
+                raise _err(e.errno, p) from None
+            finally:
+                self.L.refresh_upper(rel)
             return
         self.utime(p, None)
 
@@ -397,8 +448,13 @@ class SimBackend(Backend):
             raise _err(errno.ENOENT, p)
         self._writable(p)
         self._owner_or_writable(node, p, times is None)
-        os.utime(self._copy_up(node), times)
-        self.L.refresh_upper(node.path)
+        try:
+            with self._up(self._copy_up(node)) as real:
+                os.utime(real, times, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
 
     def _owner_or_writable(self, node, p: str, now: bool) -> None:
         if self.root_user:
@@ -414,7 +470,7 @@ class SimBackend(Backend):
     def _node_stat(self, node) -> os.stat_result:
         if isinstance(node, Leaf):
             return node.lstat
-        return os.lstat(self.L.real(node.layers[0], node.path))
+        return self._lower_lstat(node.layers[0], node.path)
 
     def remove(self, p: str) -> None:
         parent, name, node = self._resolve(p, False)
@@ -425,8 +481,13 @@ class SimBackend(Backend):
             raise _err(errno.EISDIR, p)
         self._may(parent, os.W_OK | os.X_OK, p)
         if node.layer == 0 and self.L.has_upper:
-            os.unlink(self._upper_path(node.path))
-            self.L.refresh_upper(node.path)
+            try:
+                with self._up(node.path) as real:
+                    os.unlink(real)
+            except OSError as e:
+                raise _err(e.errno, p) from None
+            finally:
+                self.L.refresh_upper(node.path)
         if self._lower_positive(parent, name):
             self._whiteout(parent, name)
 
@@ -435,12 +496,18 @@ class SimBackend(Backend):
         if node is not None or parent is None:
             raise _err(errno.EEXIST, p)
         self._writable(p)
-        up, was_whiteout = self._create_prep(parent, name, p)
-        real = os.path.join(up, name)
-        os.mkdir(real, mode)
-        if was_whiteout:
-            self.encoding.set_opaque(real)
-        self.L.refresh_upper(_join(parent.path, name), subtree=True)
+        was_whiteout = self._create_prep(parent, name, p)
+        rel = _join(parent.path, name)
+        try:
+            with self._up(rel) as real:
+                os.mkdir(real, mode)
+            if was_whiteout:
+                with self._updir(rel) as real:
+                    self.encoding.set_opaque(real)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(rel, subtree=True)
 
     def rmdir(self, p: str) -> None:
         if not p:
@@ -456,14 +523,16 @@ class SimBackend(Backend):
         self._may(parent, os.W_OK | os.X_OK, p)
         lower_positive = self._lower_positive(parent, name)
         if node.layers[0] == 0 and self.L.has_upper:
-            real = self._upper_path(node.path)
             if lower_positive:  # ovl_remove_and_whiteout clears the whiteouts inside first
                 self._remove_upper_dir(node.path)
             else:  # ovl_remove_upper: a plain rmdir of the upper dir; leftover whiteouts make it ENOTEMPTY
-                if self.encoding.kind == "fallback" and os.path.lexists(os.path.join(real, OPAQUE_MARKER)):
-                    os.unlink(os.path.join(real, OPAQUE_MARKER))
                 try:
-                    os.rmdir(real)
+                    if self.encoding.kind == "fallback":
+                        with self._updir(node.path) as d:
+                            if os.path.lexists(os.path.join(d, OPAQUE_MARKER)):
+                                os.unlink(os.path.join(d, OPAQUE_MARKER))
+                    with self._up(node.path) as real:
+                        os.rmdir(real)
                 except OSError as e:
                     raise _err(e.errno, p) from None
                 finally:
@@ -473,10 +542,11 @@ class SimBackend(Backend):
 
     def _remove_upper_dir(self, path: str) -> None:
         """Remove an upper directory that looks empty in the merged view (it may hold whiteouts)."""
-        real = self._upper_path(path)
-        for entry in os.listdir(real):
-            os.unlink(os.path.join(real, entry))
-        os.rmdir(real)
+        with self._updir(path) as d:
+            for entry in os.listdir(d):
+                os.unlink(os.path.join(d, entry))
+        with self._up(path) as real:
+            os.rmdir(real)
         self.L.refresh_upper(path, subtree=True)
 
     def rename(self, src: str, dst: str) -> None:
@@ -510,23 +580,25 @@ class SimBackend(Backend):
             raise _err(errno.ENOTEMPTY, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
+        self._reserved_name(dname, dst)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
-        src_real = self._copy_up(snode)
+        src_rel = self._copy_up(snode)
         lower_positive = self._lower_positive(sparent, sname)
-        up_d = self._upper_dir(dparent)
+        self._upper_dir(dparent)
         dparent = self._refresh(dparent)
         if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
             # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
             # same name at the destination cannot show through; the mark stays even if the rename fails.
-            self.encoding.set_opaque(src_real)
+            with self._updir(src_rel) as d:
+                self.encoding.set_opaque(d)
             self.L.refresh_upper(snode.path, subtree=True)
-        self._clear_whiteout(dparent, up_d, dname)
-        dst_real = os.path.join(up_d, dname)
+        self._clear_whiteout(dparent, dname)
         dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:
             self._remove_upper_dir(dst_path)
         try:
-            os.rename(src_real, dst_real)
+            with self._up(src_rel) as src_real, self._up(dst_path) as dst_real:
+                os.rename(src_real, dst_real)
         except OSError as e:
             raise _err(e.errno, src, dst) from None
         finally:
@@ -542,8 +614,13 @@ class SimBackend(Backend):
         self._writable(p)
         if not self.root_user and self._node_stat(node).st_uid != os.geteuid():
             raise _err(errno.EPERM, p)
-        os.chmod(self._copy_up(node), mode)
-        self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
+        try:
+            with self._up(self._copy_up(node)) as real:
+                _chmod_nofollow(real, mode)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
     def chown(self, p: str, uid: int, gid: int) -> None:
         _, _, node = self._resolve(p, True)
@@ -555,7 +632,8 @@ class SimBackend(Backend):
                                        and (gid == -1 or gid in os.getgroups() or gid == os.getegid())):
             raise _err(errno.EPERM, p)
         try:
-            os.chown(self._copy_up(node), uid, gid)
+            with self._up(self._copy_up(node)) as real:
+                os.chown(real, uid, gid, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -571,7 +649,8 @@ class SimBackend(Backend):
         if not self.root_user:
             self._may(node, os.W_OK, p)
         try:
-            os.setxattr(self._copy_up(node), self._escape(name), value, follow_symlinks=False)
+            with self._up(self._copy_up(node)) as real:
+                os.setxattr(real, self._escape(name), value, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -581,9 +660,9 @@ class SimBackend(Backend):
         _, _, node = self._resolve(p, True)
         if node is None:
             raise _err(errno.ENOENT, p)
-        real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
         try:
-            return os.getxattr(real, self._escape(name), follow_symlinks=False)
+            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+                return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
 
@@ -598,9 +677,15 @@ class SimBackend(Backend):
         if node is not None or parent is None:
             raise _err(errno.EEXIST, p)
         self._writable(p)
-        up, _ = self._create_prep(parent, name, p)
-        os.symlink(target, os.path.join(up, name))
-        self.L.refresh_upper(_join(parent.path, name))
+        self._create_prep(parent, name, p)
+        rel = _join(parent.path, name)
+        try:
+            with self._up(rel) as real:
+                os.symlink(target, real)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(rel)
 
     def link(self, src: str, dst: str) -> None:
         _, _, snode = self._resolve(src, False)
@@ -612,11 +697,18 @@ class SimBackend(Backend):
         self._writable(src)
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
-        src_real = self._copy_up(snode)
-        up, _ = self._create_prep(self._refresh(dparent), dname, dst)
-        os.link(src_real, os.path.join(up, dname), follow_symlinks=False)
-        self.L.refresh_upper(snode.path)
-        self.L.refresh_upper(_join(dparent.path, dname))
+        self._reserved_name(dname, dst)
+        src_rel = self._copy_up(snode)
+        self._create_prep(self._refresh(dparent), dname, dst)
+        dst_rel = _join(dparent.path, dname)
+        try:
+            with self._up(src_rel) as src_real, self._up(dst_rel) as dst_real:
+                os.link(src_real, dst_real, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, src, dst) from None
+        finally:
+            self.L.refresh_upper(snode.path)
+            self.L.refresh_upper(dst_rel)
 
     def truncate(self, p: str, size: int) -> None:
         if size < 0:
@@ -628,8 +720,17 @@ class SimBackend(Backend):
             raise _err(errno.EISDIR, p)
         self._writable(p)
         self._may(node, os.W_OK, p)
-        os.truncate(self._copy_up(node), size)
-        self.L.refresh_upper(node.path)
+        try:
+            with self._up(self._copy_up(node)) as real:
+                fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
 
     def listdir(self, p: str) -> list[str]:
         _, _, node = self._resolve(p, True)
@@ -657,10 +758,75 @@ class SimBackend(Backend):
     def _stat(self, node) -> Stat:
         if isinstance(node, Leaf):
             s = node.lstat
-            if node.layer == 0 and self.L.has_upper:
-                s = os.lstat(self._upper_path(node.path))  # upper entries change under us
-            target = os.readlink(self.L.real(node.layer, node.path)) if st.S_ISLNK(s.st_mode) else None
+            with nofollow.at(self.L.roots[node.layer], node.path) as real:
+                if node.layer == 0 and self.L.has_upper:
+                    s = os.lstat(real)  # upper entries change under us
+                target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
             return Stat.from_os(s, target)
-        s = os.lstat(self.L.real(node.layers[0], node.path))
+        s = self._lower_lstat(node.layers[0], node.path)
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
 
+
+def _copy_data(fd_in: int, fd_out: int) -> None:
+    """Copy a whole file between fds inside the kernel (copy_file_range, as ovl_copy_up_data does),
+    with a read/write loop where the filesystems cannot."""
+    try:
+        while os.copy_file_range(fd_in, fd_out, 1 << 24):
+            pass
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while chunk := os.read(fd_in, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd_out, view):]
+
+
+def _chmod_nofollow(real: str, mode: int) -> None:
+    """chmod of ``real`` itself, never of what a symlink there points to."""
+    fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if st.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: str) -> None:
+    """Remove a half-built copy-up from work/work (best effort: the next mount empties work/work)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _reset_workdir(wd: str, mode: int) -> None:
+    """Like ovl_workdir_create at mount: throw away what a killed copy-up left in work/work (it never
+    reached upper/), then make work/work afresh."""
+    def writable(func, p, exc):  # a directory left with mode 000 (work/work itself, a half-copied dir)
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, onerror=writable)
+            else:
+                func(p)
+        except OSError:
+            pass
+    try:
+        s = os.lstat(wd)
+    except FileNotFoundError:
+        s = None
+    if s is not None and st.S_ISDIR(s.st_mode):
+        shutil.rmtree(wd, onerror=writable)
+    elif s is not None:
+        os.unlink(wd)
+    try:
+        os.mkdir(wd, mode)
+    except FileExistsError:  # it could not be removed (another user's): use it as it is
+        return
+    os.chmod(wd, mode)

@@ -115,7 +115,8 @@ def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
         "    -rw-r--r--     29 in_both.txt",
         "    -rw-r--r--     17 in_lower.txt",
         "what the filesystem did",
-        "    append     copy-up   in_lower.txt: opened for append: 17 bytes copied from lower[0]",
+        "    append     copy-up   in_lower.txt: opened for append: 17 bytes copied into work/, "
+        "renamed into upper/, from lower[0]",
     ]
 
 

@@ -43,7 +43,7 @@ def test_append_copies_up_and_all_views_follow(explorer):
     assert "hosts (19 B)  [copied-up]" in t["upper"]
     assert "hosts (10 B)  [shadowed by upper]" in t["lower"]
     assert "hosts (19 B)  [upper]" in t["merged"]
-    assert "opened for append: 10 bytes copied from lower[0]" in ex.trace_text
+    assert "opened for append: 10 bytes copied into work/, renamed into upper/, from lower[0]" in ex.trace_text
     assert "10 bytes copied" in ex.trace_view.value
     assert "etc/hosts (19 B)" in ex.diagram.value
     assert not ex.undo_button.disabled
