@@ -183,12 +183,15 @@ def report(ov: Overlay, *, since: int = 0, lowers: bool = True) -> str:
 
 
 def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
-    """``ov.how_to_look()`` with the folders written relative to ``relative_to`` (the notebook's folder).
+    """``ov.how_to_look()`` with the notebook's folder written as ``$PWD/``, so the paths stay absolute.
 
-    The command still names the helper's PID, which changes on every run.
+    ``nsenter -m`` enters the helper's mount namespace, and entering a mount namespace resets the working
+    directory to its root (setns(2)), so a relative path would name the wrong folder. Run from the
+    notebook's folder, the shell expands ``$PWD`` to the absolute path before nsenter runs; the stored
+    output names no machine path. The command still names the helper's PID, which changes on every run.
     """
     base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
-    return ov.how_to_look().replace(base, "")
+    return ov.how_to_look().replace(base, "$PWD/")
 
 # --------------------------------------------------------------------------------------------------
 # Images (lessons 01, 02, 06, 07, 09): small deterministic layers and docker-like listings of them.

@@ -126,8 +126,9 @@ def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
     class Mounted:  # what a kernel mount says: a PID and absolute paths
         def how_to_look(self):
             return f"mounted on {tmp_path}/ws/merged only inside helper process 42: ls {tmp_path}/ws/merged"
+    # absolute once the shell expands $PWD: entering a mount namespace resets the working directory
     assert course.how_to_look(Mounted(), tmp_path) == \
-        "mounted on ws/merged only inside helper process 42: ls ws/merged"
+        "mounted on $PWD/ws/merged only inside helper process 42: ls $PWD/ws/merged"
 
 
 def test_docker_diff_follows_mobys_overlay_walker_for_an_opaque_dir(tmp_path):
