@@ -117,7 +117,6 @@ class DockerLayout:
     mount_id: str | None = None
     init_link: str | None = None
     mount_link: str | None = None
-    size_rw: int = 0
     encoding: ondisk.Encoding = field(default_factory=lambda: ondisk.Encoding("kernel", ondisk.default_xattr_ns()))
 
     # -- paths --------------------------------------------------------------------------------------
@@ -137,6 +136,14 @@ class DockerLayout:
         return f"{self.mount_id}-init" if self.mount_id else None
 
     # -- what docker prints -------------------------------------------------------------------------
+    @property
+    def size_rw(self) -> int:
+        """``SizeRw``: bytes of regular files in the container layer's diff/, measured now (moby
+        ``directory.Size``, each inode once), so it follows what the container writes."""
+        if self.mount_id is None:
+            return 0
+        return _files_bytes(self.overlay2(self.mount_id) / "diff")
+
     @property
     def image_size(self) -> int:
         """Bytes of files in all image layers (``docker image ls`` SIZE, as the layer store counts it)."""
@@ -427,7 +434,6 @@ def _lay_out(image, root: Path, enc, container, seed, name, Layer) -> DockerLayo
     if container is not None:
         upper_layer = Layer.from_dir(container.upper, container.store.encoding)
         upper_layer.unpack(rw / "diff", enc)
-        layout.size_rw = _files_bytes(rw / "diff")
     mounts = docker / "image" / "overlay2" / "layerdb" / "mounts" / layout.container_id
     _write(mounts / "mount-id", layout.mount_id)
     _write(mounts / "init-id", layout.init_id)

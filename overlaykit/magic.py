@@ -65,7 +65,8 @@ class CellResult:
     @property
     def text(self) -> str:
         body = "\n".join("    " + c for c in self.changes) if self.changes else "    (nothing changed)"
-        return f"{self.transcript.rstrip()}\n\nupper/ after the cell:\n{body}"
+        upper = self.ov.upper.name if getattr(self.ov, "upper", None) is not None else "upper"
+        return f"{self.transcript.rstrip()}\n\n{upper}/ after the cell:\n{body}"
 
 
 def split_commands(cell: str) -> list[str]:
