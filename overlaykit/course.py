@@ -18,6 +18,9 @@ from .engine import Overlay
 LESSON_LOWER = {"in_lower.txt": "I live in lower/\n", "in_both.txt": "lower/'s copy of in_both.txt\n"}
 LESSON_UPPER = {"in_upper.txt": "I live in upper/\n", "in_both.txt": "upper/'s copy of in_both.txt\n"}
 
+#: The last workspace folder and lesson overlay these helpers made (``%%overlay`` without a name uses them).
+_last: dict = {}
+
 
 def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     """A fresh, empty folder ``root/name`` (anything left from an earlier run is removed first)."""
@@ -25,6 +28,8 @@ def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     if path.exists():
         _rmtree(path)
     path.mkdir(parents=True)
+    _last.clear()
+    _last["workspace"] = path
     return path
 
 
@@ -69,7 +74,9 @@ def lesson_dirs(ws: str | os.PathLike, *, lower: dict | None = None, upper: dict
 def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) -> Overlay:
     """An unmounted Overlay over `lesson_dirs` (use it in a ``with`` block)."""
     d = lesson_dirs(ws, **layers)
-    return Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
+    ov = Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
+    _last.update(workspace=Path(ws), overlay=ov)
+    return ov
 
 
 def ls(path: str | os.PathLike, *, show_hidden: bool = True, recursive: bool = False) -> str:

@@ -17,7 +17,7 @@ Example::
 
     >>> from overlaykit import course, workspace_shell
     >>> ov = course.lesson_overlay(course.workspace("demo", "/tmp/ok"), backend="sim").mount()
-    >>> print(workspace_shell.run(ov, "rm merged/in_lower.txt; ls -la upper/").output)
+    >>> print(workspace_shell.run(ov, "rm merged/in_lower.txt; ls -la upper/").output, end="")
     -rw-r--r--     29 in_both.txt
     c---------    0,0 in_lower.txt   (whiteout)
     -rw-r--r--     17 in_upper.txt
@@ -292,8 +292,9 @@ class WorkspaceShell(Shell):
         status = 0
         for a in _opts(argv[1:])[1]:
             host, rel = self.fs.host(self.path(a))
+            top = posixpath.normpath("/" + self.path(a)).lstrip("/").split("/")[0]
             try:
-                if host is None:
+                if host is None or top == "merged":
                     raise _err(errno.EPERM, a)
                 if host.read_only:
                     raise _err(errno.EROFS, a)
