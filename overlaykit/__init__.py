@@ -9,3 +9,9 @@ from .capabilities import capabilities
 __all__ = ["Overlay", "Stat", "Change", "TraceEvent", "BackendUnavailable", "capabilities", "MAX_LOWERS",
            "DOCKER_MAX_LOWERS"]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext overlaykit``: registers the ``%%overlay`` cell magic (IPython is imported only here)."""
+    from .magic import load_ipython_extension as load
+    load(ipython)

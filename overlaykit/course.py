@@ -19,6 +19,9 @@ from .engine import Overlay
 LESSON_LOWER = {"in_lower.txt": "I live in lower/\n", "in_both.txt": "lower/'s copy of in_both.txt\n"}
 LESSON_UPPER = {"in_upper.txt": "I live in upper/\n", "in_both.txt": "upper/'s copy of in_both.txt\n"}
 
+#: The last workspace folder and lesson overlay these helpers made (``%%overlay`` without a name uses them).
+_last: dict = {}
+
 
 def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     """A fresh, empty folder ``root/name`` (anything left from an earlier run is removed first)."""
@@ -26,6 +29,8 @@ def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     if path.exists():
         _rmtree(path)
     path.mkdir(parents=True)
+    _last.clear()
+    _last["workspace"] = path
     return path
 
 
@@ -80,6 +85,7 @@ def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) ->
     d = lesson_dirs(ws, **layers)
     ov = Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
     _made[key] = weakref.ref(ov)
+    _last.update(workspace=Path(ws), overlay=weakref.ref(ov))
     return ov
 
 
@@ -198,19 +204,26 @@ def report(ov: Overlay, *, since: int = 0, lowers: bool = True) -> str:
 
 
 def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
-    """``ov.how_to_look()`` with the folders written relative to ``relative_to`` (the notebook's folder).
+    """``ov.how_to_look()`` with the notebook's folder written as ``$PWD/``, so the paths stay absolute.
 
-    The command still names the helper's PID, which changes on every run.
+    ``nsenter -m`` enters the helper's mount namespace, and entering a mount namespace resets the working
+    directory to its root (setns(2)), so a relative path would name the wrong folder. Run from the
+    notebook's folder, the shell expands ``$PWD`` to the absolute path before nsenter runs; the stored
+    output names no machine path. The command still names the helper's PID, which changes on every run.
     """
     base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
-    return ov.how_to_look().replace(base, "")
+    return ov.how_to_look().replace(base, "$PWD/")
 
 # --------------------------------------------------------------------------------------------------
 # Images (lessons 01, 02, 06, 07, 09): small deterministic layers and docker-like listings of them.
 
 
-def layer_from_files(files: dict[str, str | bytes | int], *, removed=(), opaque=()):
+def layer_from_files(files: dict[str, str | bytes | int], *, removed=(), opaque=(), mtime: float = 0,
+                     uid: int = 0):
     """A layer owned by root with every time 0, so its diff_id is the same on every machine and for every user.
+
+    ``mtime`` and ``uid`` set every entry's time and owner instead: the diff_id hashes the whole tar
+    stream, so the same files with other times or owners make another layer (lesson 02).
 
     ``files`` maps a path to its content (str or bytes) or to a size (int: that many pseudo-random-looking
     but deterministic bytes); a key ending in ``/`` is a directory. ``removed`` paths become ``.wh.``
@@ -220,12 +233,13 @@ def layer_from_files(files: dict[str, str | bytes | int], *, removed=(), opaque=
     from .images import Layer, LayerEntry
 
     items: dict[tuple[str, str], tuple] = {}
+    meta = {"mtime": mtime, "uid": uid, "gid": uid}
 
     def add_parents(path: str) -> None:
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             d = "/".join(parts[:i])
-            items.setdefault((d, "dir"), (LayerEntry(d, "dir", mode=0o755), None))
+            items.setdefault((d, "dir"), (LayerEntry(d, "dir", mode=0o755, **meta), None))
 
     for rel, content in files.items():
         rel = rel.strip("/") if not rel.endswith("/") else rel.strip("/") + "/"
@@ -238,15 +252,15 @@ def layer_from_files(files: dict[str, str | bytes | int], *, removed=(), opaque=
         data = content.encode() if isinstance(content, str) else bytes(content)
         add_parents(rel)
         mode = 0o755 if "/bin/" in "/" + rel else 0o644
-        items[(rel, "file")] = (LayerEntry(rel, "file", size=len(data), mode=mode), data)
+        items[(rel, "file")] = (LayerEntry(rel, "file", size=len(data), mode=mode, **meta), data)
     for rel in removed:
         rel = rel.strip("/")
         add_parents(rel)
-        items[(rel, "whiteout")] = (LayerEntry(rel, "whiteout", mode=0o600), None)
+        items[(rel, "whiteout")] = (LayerEntry(rel, "whiteout", mode=0o600, **meta), None)
     for rel in opaque:
         rel = rel.strip("/")
         add_parents(rel + "/x")
-        items[(rel, "opaque")] = (LayerEntry(rel, "opaque", mode=0o755), None)
+        items[(rel, "opaque")] = (LayerEntry(rel, "opaque", mode=0o755, **meta), None)
     return Layer.from_entries(items.values())
 
 
@@ -263,21 +277,45 @@ def image_from_layers(name: str, steps, *, cmd=None, env=()):
 
 
 def history(image) -> str:
-    """``docker history`` of an image: newest step first, with each step's layer size and empty_layer flag."""
+    """``docker history`` of an image, newest step first: IMAGE, CREATED BY, SIZE, COMMENT.
+
+    Like Docker for a pulled image, only the top row has an image id (the others are ``<missing>``);
+    SIZE is the layer's content size, the bytes of its files (moby ``pkg/archive/diff.go`` sums
+    ``hdr.Size`` while unpacking), not the size of its tar. The CREATED column is left out so the
+    listing reads the same on every run. `layers` shows the diff_ids.
+    """
     from .diagrams import created_by_text, human_size
 
     layers = iter(image.layers)
     rows = []
     for h in image.history:
         layer = None if h.empty_layer else next(layers, None)
-        size = human_size(layer.size) if layer is not None else "0 B"
-        ident = layer.diff_id[7:19] if layer is not None else "-"
+        size = human_size(layer.content_size) if layer is not None else "0 B"
         cb = created_by_text(h.created_by)
-        rows.append((ident, size, str(h.empty_layer).lower(), cb if len(cb) <= 60 else cb[:57] + "..."))
+        rows.append(["<missing>", cb if len(cb) <= 60 else cb[:57] + "...", size, h.comment or ""])
     rows.reverse()
-    head = ("LAYER (diff_id)", "SIZE", "EMPTY_LAYER", "CREATED BY")
+    if rows:
+        rows[0][0] = image.id[7:19]
+    head = ["IMAGE", "CREATED BY", "SIZE", "COMMENT"]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
-    fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}"  # noqa: E731
+    fmt = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+
+
+def layers(image) -> str:
+    """The image's layers, base first: diff_id (12 hex digits), tar size, content size, ChainID.
+
+    The tar is what the diff_id hashes; its size includes 512-byte headers and padding (Python's
+    tarfile pads to 10,240-byte records; Go's archive/tar, which Docker uses, only to 1,024 bytes).
+    """
+    from .diagrams import human_size
+
+    rows = [(str(i), l.diff_id[7:19], human_size(l.size), human_size(l.content_size), c[7:19])
+            for i, (l, c) in enumerate(zip(image.layers, image.chain_ids()))]
+    head = ("#", "DIFF_ID", "TAR SIZE", "CONTENT", "CHAIN_ID")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    fmt = lambda r: "  ".join(f"{r[i]:<{widths[i]}}" if i in (0, 1, 4) else f"{r[i]:>{widths[i]}}"  # noqa: E731
+                              for i in range(5)).rstrip()
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
@@ -362,3 +400,56 @@ def build(dockerfile, context, store, tag: str, *, log: bool = True, width: int 
 
     return run_build(dockerfile, context, store, tag, progress=progress if log else None, **options)
 
+
+
+def docker_diff(container) -> list[tuple[str, str]]:
+    """What ``docker diff`` prints for a container on overlay2: ``(flag, "/path")`` in walk order.
+
+    It follows moby's overlay change walker (``pkg/archive/changes.go`` ``changes`` with
+    ``changes_linux.go`` ``overlayDeletedFile``), which walks only the upper directory:
+    a whiteout is ``D``; an opaque directory that a lower layer also has is ``D`` too (deleted and made
+    again), and the entries under it are ``A``, or ``C`` where some lower layer has the same path;
+    the lower files it hides are never listed. Another entry is ``C`` if a lower layer has the path,
+    else ``A``, and the parents of an ``A`` or ``D`` are listed ``C`` before it. (moby also leaves out
+    a directory whose mode, size and mtime equal the lower one's; here every such directory is ``C``,
+    so the listing does not depend on clock times.)
+    """
+    from .ondisk import WHITEOUT, Layers
+
+    up = Layers([str(container.upper)], container.store.encoding, has_upper=False)
+    lowers = [str(p) for p in container.lowers]
+    out: list[tuple[str, str]] = []
+    listed: set[str] = set()
+
+    def below(p: str) -> bool:
+        return any(os.path.lexists(os.path.join(low, p)) for low in lowers)
+
+    def record(flag: str, p: str) -> None:
+        if flag in ("A", "D"):
+            parts = p.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                parent = "/".join(parts[:i])
+                if parent not in listed:
+                    out.append(("C", "/" + parent))
+                    listed.add(parent)
+        out.append((flag, "/" + p))
+        listed.add(p)
+
+    def visit(d: str) -> None:
+        ents = up.entries(0, d) or {}
+        for name in sorted(ents):
+            p = f"{d}/{name}" if d else name
+            e = ents[name]
+            if e is WHITEOUT:
+                record("D", p)
+                continue
+            is_dir = st.S_ISDIR(e.st_mode)
+            if is_dir and up.is_opaque(0, p) and below(p):
+                record("D", p)
+            else:
+                record("C" if below(p) else "A", p)
+            if is_dir:
+                visit(p)
+
+    visit("")
+    return out

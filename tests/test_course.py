@@ -127,5 +127,35 @@ def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
     class Mounted:  # what a kernel mount says: a PID and absolute paths
         def how_to_look(self):
             return f"mounted on {tmp_path}/ws/merged only inside helper process 42: ls {tmp_path}/ws/merged"
+    # absolute once the shell expands $PWD: entering a mount namespace resets the working directory
     assert course.how_to_look(Mounted(), tmp_path) == \
-        "mounted on ws/merged only inside helper process 42: ls ws/merged"
+        "mounted on $PWD/ws/merged only inside helper process 42: ls $PWD/ws/merged"
+
+
+def test_docker_diff_follows_mobys_overlay_walker_for_an_opaque_dir(tmp_path):
+    """moby (pkg/archive/changes.go + changes_linux.go overlayDeletedFile): a whiteout is D; an opaque dir that a
+    lower layer has is D itself, its upper entries A or C, and the lower files it hides are never listed."""
+    from overlaykit.images import Container, Store
+    store = Store(tmp_path / "store")
+    base = course.layer_from_files({"etc/hostname": "x\n", "etc/motd": "m\n", "var/cache/apt/pkgcache.bin": 10,
+                                    "var/cache/apt/srcpkgcache.bin": 20})
+    image = store.add_image(course.image_from_layers("t:1", [("ADD rootfs", base)]))
+    c = Container(image, store, tmp_path / "c", backend="sim")
+    with c:
+        ov = c.overlay
+        ov.write_text("etc/motd", "changed\n")
+        ov.remove("etc/hostname")
+        for name in ov.listdir("var/cache/apt"):
+            ov.remove("var/cache/apt/" + name)
+        ov.rmdir("var/cache/apt")
+        ov.mkdir("var/cache/apt")
+        ov.write_text("var/cache/apt/pkgcache.bin", "fresh\n")
+        ov.write_text("var/cache/apt/new.bin", "new\n")
+        ov.mkdir("srv")
+    assert course.docker_diff(c) == [
+        ("C", "/etc"), ("D", "/etc/hostname"), ("C", "/etc/motd"),
+        ("A", "/srv"),
+        ("C", "/var"), ("C", "/var/cache"), ("D", "/var/cache/apt"),
+        ("A", "/var/cache/apt/new.bin"), ("C", "/var/cache/apt/pkgcache.bin"),
+    ]
+    assert not any("srcpkgcache" in p for _, p in course.docker_diff(c))

@@ -26,15 +26,42 @@ def test_removals_flatten_as_the_image_spec_says(tmp_path):
         ["etc/", "etc/b (1 B)", "var/", "var/cache/", "var/cache/z (1 B)"])
 
 
-def test_history_is_newest_first_with_empty_layers():
+def test_history_has_docker_history_columns_and_content_sizes():
     l0 = course.layer_from_files({"hello": "x"})
     im = course.image_from_layers("t", [("/bin/sh -c #(nop) COPY file:hello in / ", l0),
                                         ('/bin/sh -c #(nop)  CMD ["/hello"]', None)], cmd=["/hello"])
     assert im.config.cmd == ["/hello"] and len(im.layers) == 1
     lines = course.history(im).splitlines()
-    assert lines[0].split() == ["LAYER", "(diff_id)", "SIZE", "EMPTY_LAYER", "CREATED", "BY"]
-    assert lines[1].split()[:4] == ["-", "0", "B", "true"] and lines[1].endswith('CMD ["/hello"]')
-    assert lines[2].startswith(l0.diff_id[7:19]) and " false " in lines[2] and lines[2].endswith("COPY file:hello in /")
+    assert lines[0].split() == ["IMAGE", "CREATED", "BY", "SIZE", "COMMENT"]
+    # newest first; only the top row names an image (like a pulled image), the rest are <missing>
+    assert lines[1].startswith(im.id[7:19]) and lines[1].split()[-2:] == ["0", "B"]
+    assert 'CMD ["/hello"]' in lines[1]
+    # SIZE is the content (1 byte of file), not the 10,240-byte tar
+    assert lines[2].startswith("<missing>") and lines[2].split()[-2:] == ["1", "B"] and l0.size == 10240
+
+
+def test_layers_lists_diff_ids_tar_and_content_sizes_and_chain_ids():
+    import hashlib
+    a = course.layer_from_files({"a": "aa"})
+    b = course.layer_from_files({"b": "b" * 2000})
+    im = course.image_from_layers("t", [("ADD a", a), ("ADD b", b)])
+    rows = [line.split() for line in course.layers(im).splitlines()]
+    chain_b = "sha256:" + hashlib.sha256(f"{a.diff_id} {b.diff_id}".encode()).hexdigest()
+    assert rows[0] == ["#", "DIFF_ID", "TAR", "SIZE", "CONTENT", "CHAIN_ID"]
+    assert rows[1] == ["0", a.diff_id[7:19], "10.2", "kB", "2", "B", a.diff_id[7:19]]
+    assert rows[2] == ["1", b.diff_id[7:19], "10.2", "kB", "2.0", "kB", chain_b[7:19]]
+
+
+def test_layer_from_files_times_and_owners_change_the_diff_id():
+    files = {"etc/motd": "hi\n", "bin/app": 100}
+    zero = course.layer_from_files(files)
+    assert course.layer_from_files(files, mtime=0, uid=0).diff_id == zero.diff_id
+    later = course.layer_from_files(files, mtime=1_700_000_000)
+    owned = course.layer_from_files(files, uid=1000)
+    assert len({zero.diff_id, later.diff_id, owned.diff_id}) == 3
+    assert {e.mtime for e in later.entries()} == {1_700_000_000}
+    assert {(e.uid, e.gid) for e in owned.entries()} == {(1000, 1000)}
+    assert all(later.read(p) == zero.read(p) for p in ("etc/motd", "bin/app"))
 
 
 def test_tar_listing_cuts_long_layers():
