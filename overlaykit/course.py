@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat as st
+import weakref
 from pathlib import Path
 
 from . import ondisk
@@ -18,7 +19,8 @@ from .engine import Overlay
 LESSON_LOWER = {"in_lower.txt": "I live in lower/\n", "in_both.txt": "lower/'s copy of in_both.txt\n"}
 LESSON_UPPER = {"in_upper.txt": "I live in upper/\n", "in_both.txt": "upper/'s copy of in_both.txt\n"}
 
-#: The last workspace folder and lesson overlay these helpers made (``%%overlay`` without a name uses them).
+#: The last workspace folder and (a weak reference to) the last lesson overlay these helpers made;
+#: ``%%overlay`` without a name uses them. Weak, so remembering an overlay never keeps it mounted.
 _last: dict = {}
 
 
@@ -75,7 +77,7 @@ def lesson_overlay(ws: str | os.PathLike, *, backend: str = "auto", **layers) ->
     """An unmounted Overlay over `lesson_dirs` (use it in a ``with`` block)."""
     d = lesson_dirs(ws, **layers)
     ov = Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"], backend=backend)
-    _last.update(workspace=Path(ws), overlay=ov)
+    _last.update(workspace=Path(ws), overlay=weakref.ref(ov))
     return ov
 
 
