@@ -19,7 +19,8 @@ from .engine import Overlay
 LESSON_LOWER = {"in_lower.txt": "I live in lower/\n", "in_both.txt": "lower/'s copy of in_both.txt\n"}
 LESSON_UPPER = {"in_upper.txt": "I live in upper/\n", "in_both.txt": "upper/'s copy of in_both.txt\n"}
 
-#: The last workspace folder and lesson overlay these helpers made (``%%overlay`` without a name uses them).
+#: The last workspace folder and (a weak reference to) the last lesson overlay these helpers made;
+#: ``%%overlay`` without a name uses them. Weak, so remembering an overlay never keeps it mounted.
 _last: dict = {}
 
 

@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,7 +267,8 @@ def _find_overlay(name: str, user_ns: dict):
         return obj
     from . import course
     last = getattr(course, "_last", {})
-    ov = last.get("overlay")
+    ref = last.get("overlay")
+    ov = ref() if ref is not None else None
     ws = last.get("workspace")
     if ov is not None and (ws is None or workspace_of(ov) == Path(os.path.abspath(ws))):
         return ov
@@ -279,7 +281,8 @@ def _find_overlay(name: str, user_ns: dict):
         if not p.is_dir():
             raise LookupError(f"%%overlay: the last workspace ({ws.name}) has no {n}/ folder")
     ov = Overlay([d["lower"]], d["upper"], d["work"], merged=d["merged"])
-    course._last["overlay"] = ov
+    user_ns["_overlay_of_last_workspace"] = ov  # the notebook keeps it (the course remembers it weakly)
+    course._last["overlay"] = weakref.ref(ov)
     return ov
 
 

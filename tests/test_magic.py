@@ -139,3 +139,50 @@ def test_import_does_not_load_ipython():
     code = "import overlaykit, sys; print('IPython' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+DOCKER_CELL = """rm merged/etc/motd
+echo 'VERSION_ID="12"' >> merged/etc/os-release
+mkdir merged/tmp/cache
+ls -la merged/ diff/etc
+"""
+
+
+def _docker_layout(tmp_path, name):
+    from overlaykit import dockerroot
+    base = course.layer_from_files({"etc/os-release": "PRETTY\n", "etc/motd": "hi\n", "tmp/": ""})
+    image = course.image_from_layers("img", [("ADD rootfs /", base)])
+    return dockerroot.rebuild(image, tmp_path / name)
+
+
+def test_docker_layout_cell_names_diff(tmp_path):
+    """On Docker's layout the upper folder is diff/: the cell uses Docker's own names."""
+    layout = _docker_layout(tmp_path, "sim")
+    with layout.overlay(backend="sim") as ov:
+        text = magic.run_cell(ov, DOCKER_CELL).text
+    assert "-rwxr-xr-x      0 .dockerenv" in text          # the init layer's file, in merged/
+    assert "c---------    0,0 motd   (whiteout)" in text   # the container layer, on disk
+    assert "diff/ after the cell:\n" in text and "whiteout      etc/motd" in text
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed: {KERNEL.reason}")
+def test_docker_layout_cell_same_on_the_kernel(tmp_path):
+    out = {}
+    for backend in ("sim", "kernel"):
+        layout = _docker_layout(tmp_path, backend)
+        with layout.overlay(backend=backend) as ov:
+            out[backend] = magic.run_cell(ov, DOCKER_CELL).text
+    assert out["sim"] == out["kernel"]
+
+
+def test_kernel_needs_a_merged_folder(tmp_path):
+    """An overlay without merged/ (an images.Container) is refused with a sentence on the kernel backend."""
+    from overlaykit import Overlay
+    d = course.lesson_dirs(tmp_path)
+    ov = Overlay([d["lower"]], d["upper"], d["work"], backend="sim")
+    ov.backend = "kernel"  # what the check sees; nothing is mounted
+    ov._impl = type("Impl", (), {"worker": type("W", (), {"pid": 1, "userns": False})()})()
+    with pytest.raises(RuntimeError, match="needs the overlay mounted on <workspace>/merged"):
+        magic._run_real(ov, ["ls"])
+    ov._impl = None
