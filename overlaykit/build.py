@@ -16,6 +16,7 @@ is parsed by ``dockerfile-parse``.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import json
@@ -23,6 +24,7 @@ import os
 import posixpath
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import tarfile
@@ -35,10 +37,32 @@ from dockerfile_parse import DockerfileParser
 
 from . import catalogue
 from .images import Container, History, Image, ImageConfig, Store, human_size, inspect
+from .dockerignore import IgnoreRules
 from .shell import Shell
 
 BUILD_EPOCH = 1556668800.0
-"""All layer mtimes are clamped to this instant (2019-05-01), so a rebuild gives the same digests."""
+"""Layer mtimes are clamped to this instant (2019-05-01), so a rebuild gives the same layer digests; with
+SOURCE_DATE_EPOCH set they are clamped to that instead (BuildKit's ``rewrite-timestamp``: only newer times
+change, so a context file's older mtime survives)."""
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""What Docker and buildah put in the Env of an image built FROM scratch."""
+
+
+def _source_date_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, got {value!r}") from None
+
+
+def _iso(seconds: float) -> str:
+    import datetime
+    t = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{t.microsecond:06d}".rstrip("0") if t.microsecond else "") + "Z"
 
 CONFIG_INSTRUCTIONS = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "VOLUME", "STOPSIGNAL"}
 LAYER_INSTRUCTIONS = {"RUN", "COPY", "ADD"}
@@ -131,26 +155,116 @@ def _json_or_shell(value: str) -> list[str] | None:
     return None
 
 
-def _pairs(value: str, line: int, name: str) -> list[tuple[str, str]]:
-    """`K=V K2="v 2"` or the legacy `K V with spaces` form of ENV / LABEL / ARG."""
-    words = shlex.split(value, posix=True)
-    if not words:
+def _words(value: str, variables: dict[str, str] | None) -> list[str]:
+    """Split and expand like Docker's shell lexer (ProcessWords): `'...'` is literal, `"..."` expands
+    variables but is one word, a backslash escapes the next character, `$VAR`/`${VAR...}` expand (with
+    `variables` None nothing expands). Expanded text is never split again."""
+    words, cur, started, i, n = [], [], False, 0, len(value)
+
+    def expand(j):
+        m = _VAR.match(value, j)
+        if not m or variables is None:
+            return "$", j + 1
+        name = m.group(1) or m.group(4)
+        got = variables.get(name, "")
+        if m.group(2) == "-":
+            got = got or m.group(3)
+        elif m.group(2) == "+":
+            got = m.group(3) if got else ""
+        return got, m.end()
+
+    while i < n:
+        c = value[i]
+        if c in " \t\n" :
+            if started:
+                words.append("".join(cur))
+                cur, started = [], False
+            i += 1
+            continue
+        started = True
+        if c == "'":
+            end = value.find("'", i + 1)
+            end = n if end < 0 else end
+            cur.append(value[i + 1:end])
+            i = end + 1
+        elif c == '"':
+            i += 1
+            while i < n and value[i] != '"':
+                if value[i] == "\\" and i + 1 < n and value[i + 1] in '"$\\':
+                    cur.append(value[i + 1])
+                    i += 2
+                elif value[i] == "$":
+                    text, i = expand(i)
+                    cur.append(text)
+                else:
+                    cur.append(value[i])
+                    i += 1
+            i += 1
+        elif c == "\\":
+            cur.append(value[i + 1] if i + 1 < n else "")
+            i += 2
+        elif c == "$":
+            text, i = expand(i)
+            cur.append(text)
+        else:
+            cur.append(c)
+            i += 1
+    if started:
+        words.append("".join(cur))
+    return words
+
+
+def _pairs(value: str, line: int, name: str, variables: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """`K=V K2="v 2"` or the legacy `K V with spaces` form of ENV / LABEL / ARG, expanded with the
+    variables as they were before the instruction (Docker: `ENV a=2 b=$a` gives b the old a)."""
+    raw = _words(value, None)
+    if not raw:
         raise BuildError(f"line {line}: {name} needs arguments")
-    if "=" not in words[0]:
+    if "=" not in raw[0]:
         if name == "ARG":
-            return [(words[0], None)]
-        key, _, rest = value.partition(" ")
-        return [(key, " ".join(shlex.split(rest.strip())) if rest.strip() else "")]
+            return [(w, None) for w in raw]
+        key, _, rest = value.strip().partition(" ")
+        return [(key, " ".join(_words(rest.strip(), variables)) if rest.strip() else "")]
     out = []
-    for w in words:
+    for w in _split_raw(value):
         if "=" not in w:
             if name == "ARG":
                 out.append((w, None))
                 continue
             raise BuildError(f"line {line}: {name}: expected KEY=VALUE, got {w!r}")
         k, _, v = w.partition("=")
-        out.append((k, v))
+        expanded = _words(v, variables) if v else [""]
+        out.append((k, expanded[0] if expanded else ""))
     return out
+
+
+def _split_raw(value: str) -> list[str]:
+    """Words split on unquoted blanks, quotes and escapes kept (they are processed per value)."""
+    words, cur, quote, i = [], [], None, 0
+    while i < len(value):
+        c = value[i]
+        if quote:
+            cur.append(c)
+            if c == "\\" and quote == '"' and i + 1 < len(value):
+                cur.append(value[i + 1])
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in " \t\n":
+            if cur:
+                words.append("".join(cur))
+                cur = []
+        elif c == "\\" and i + 1 < len(value):
+            cur += [c, value[i + 1]]
+            i += 1
+        else:
+            cur.append(c)
+            if c in "'\"":
+                quote = c
+        i += 1
+    if cur:
+        words.append("".join(cur))
+    return words
 
 
 def _flags(value: str) -> tuple[dict[str, str], list[str]]:
@@ -182,9 +296,24 @@ class Builder:
         self.run_mode = run_mode  # "auto", "sim" (always simulate) or "real" (fail if RUN cannot run for real)
         self.steps: list[Step] = []
         self._scratch_root = Path(store.root) / "build-scratch"
+        self.epoch = _source_date_epoch()
+        self.clamp = BUILD_EPOCH if self.epoch is None else self.epoch
+
+    def _now(self) -> str:
+        """`created` of history entries and of the image: SOURCE_DATE_EPOCH when set, else the clock."""
+        return _iso(self.epoch if self.epoch is not None else time.time())
 
     # ------------------------------------------------------------------ driver
     def build(self, text: str, tag: str) -> Image:
+        # Modes must not depend on who builds: a RUN sees umask 022 as in Docker, and every mkdir or
+        # create of the builder (simulated or through the kernel helper, which inherits it) gets it too.
+        old = os.umask(0o022)
+        try:
+            return self._build(text, tag)
+        finally:
+            os.umask(old)
+
+    def _build(self, text: str, tag: str) -> Image:
         instructions = parse_dockerfile(text)
         for ins in instructions:
             if ins.name not in SUPPORTED:
@@ -210,7 +339,7 @@ class Builder:
             elif stage is None:
                 if ins.name != "ARG":
                     raise BuildError(f"line {ins.line}: {ins.name} before the first FROM (only ARG may come first)")
-                for k, v in _pairs(ins.value, ins.line, "ARG"):
+                for k, v in _pairs(ins.value, ins.line, "ARG", global_args):
                     global_args[k] = self.build_args.get(k, v or "")
                 step.mode = "config"
             else:
@@ -219,7 +348,8 @@ class Builder:
             self.steps.append(step)
             if self.progress:
                 self.progress("done", step)
-        image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history))
+        image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history),
+                      created=self._now())
         return self.store.add_image(image)
 
     def _from(self, ins, stages, global_args, index) -> _Stage:
@@ -235,7 +365,7 @@ class Builder:
         else:
             raise BuildError(f"line {ins.line}: FROM expects 'image' or 'image AS name', got {ins.value!r}")
         if ref == "scratch":
-            image = Image(ref, [], ImageConfig(), [])
+            image = Image(ref, [], ImageConfig(env=[DEFAULT_PATH]), [])
         elif ref.lower() in stages:
             image = stages[ref.lower()].image
         else:
@@ -255,7 +385,7 @@ class Builder:
 
     def _config_step(self, stage: _Stage, created_by: str, config: ImageConfig):
         stage.image = Image(stage.image.name, list(stage.image.layers), config,
-                            stage.image.history + [History(created_by, True)])
+                            stage.image.history + [History(created_by, True, created=self._now())])
 
     def _step(self, stage: _Stage, ins: Instruction, step: Step, stages, global_args):
         import dataclasses
@@ -268,20 +398,20 @@ class Builder:
         name, value = ins.name, ins.value
         step.mode = "config"
         if name == "ARG":
-            for k, v in _pairs(value, ins.line, "ARG"):
-                default = global_args.get(k, "") if v is None else substitute(v, variables)
+            for k, v in _pairs(value, ins.line, "ARG", variables):
+                default = global_args.get(k, "") if v is None else v
                 stage.args[k] = self.build_args.get(k, default)
             self._config_step(stage, f"{nop} ARG {value}", cfg)
         elif name == "ENV":
             env = cfg.env_dict()
-            for k, v in _pairs(value, ins.line, "ENV"):
-                env[k] = substitute(v, {**variables, **env})
+            pairs = _pairs(value, ins.line, "ENV", variables)  # all expanded with the values from before
+            for k, v in pairs:
+                env[k] = v
             cfg.env = [f"{k}={v}" for k, v in env.items()]
-            self._config_step(stage, f"{nop} ENV " + " ".join(f"{k}={v}" for k, v in _pairs(value, ins.line, "ENV")),
-                              cfg)
+            self._config_step(stage, f"{nop} ENV " + " ".join(f"{k}={v}" for k, v in pairs), cfg)
         elif name == "LABEL":
-            for k, v in _pairs(value, ins.line, "LABEL"):
-                cfg.labels[substitute(k, variables)] = substitute(v, variables)
+            for k, v in _pairs(value, ins.line, "LABEL", variables):
+                cfg.labels[substitute(k, variables)] = v
             self._config_step(stage, f"{nop} LABEL {value}", cfg)
         elif name == "EXPOSE":
             for port in substitute(value, variables).split():
@@ -326,15 +456,19 @@ class Builder:
         try:
             container = Container(stage.image, self.store, scratch, backend=self.backend)
             container.overlay.tracing = False  # a build does thousands of operations; nobody reads the trace
+            container.lchowns = []  # (path, uid, gid) of symlinks to chown once the overlay is unmounted
             with container:
                 step.mode = step.mode if step.mode not in ("", "config") else container.overlay.backend
                 action(container)
+            for path, uid, gid in container.lchowns:
+                _lchown_in_upper(container.upper, path, uid, gid)
             if only_if_changed and not any(scratch.joinpath("upper").iterdir()):
                 self._config_step(stage, created_by, cfg)
                 step.mode = "config"
                 return
-            new = container.commit(created_by, config=cfg, mtime=BUILD_EPOCH)
-            stage.image = Image(stage.image.name, new.layers, new.config, new.history)
+            new = container.commit(created_by, config=cfg, mtime=self.clamp)
+            history = new.history[:-1] + [dataclasses.replace(new.history[-1], created=self._now())]
+            stage.image = Image(stage.image.name, new.layers, new.config, history)
             step.layer_size = new.layers[-1].size
         finally:
             _rmtree(scratch)
@@ -372,6 +506,14 @@ class Builder:
                                  f"returned a non-zero code: {status}")
 
         self._layer_step(stage, ins, step, created_by, cfg, action)
+
+    def _ignore_rules(self) -> IgnoreRules:
+        if getattr(self, "_rules", None) is None:
+            try:
+                self._rules = IgnoreRules.for_context(self.context)
+            except ValueError as e:
+                raise BuildError(str(e)) from None
+        return self._rules
 
     def _can_run_for_real(self, ov) -> bool:
         return self.run_mode != "sim" and _real_root(ov) is not None
@@ -420,24 +562,29 @@ class Builder:
                     src_container.overlay.tracing = False
                     with src_container:
                         src = _OverlaySource(src_container.overlay)
-                        self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod, False)
+                        self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod, False,
+                                           container.lchowns)
                 finally:
                     _rmtree(scratch)
             else:
-                src = _ContextSource(self.context, ins.line)
+                src = _ContextSource(self.context, ins.line, self._ignore_rules())
                 self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod,
-                                   ins.name == "ADD")
+                                   ins.name == "ADD", container.lchowns)
 
         self._layer_step(stage, ins, step, created_by, cfg, action)
 
-    def _copy_sources(self, ins, src, sources, ov, dest, dest_is_dir, chown, chmod, add):
+    def _copy_sources(self, ins, src, sources, ov, dest, dest_is_dir, chown, chmod, add, lchowns):
+        """Copy what the sources match to `dest`. Modes, owners and mtimes come from the source and the
+        instruction only: a created directory is 0755 root, `--chown` owns everything copied (links too,
+        recorded in `lchowns` and applied to the upper after unmount), `--chmod` every file and
+        directory below the copied one; a top-level symlink is followed, as Docker and buildah do."""
         matched = []
         for pattern in sources:
             if add and re.match(r"https?://", pattern):
                 if pattern not in catalogue.DOWNLOADS:
                     raise BuildError(f"line {ins.line}: ADD {pattern}: the simulated network does not know this URL")
                 target = posixpath.join(dest, posixpath.basename(pattern)) if dest_is_dir else dest
-                _ensure_dir(ov, posixpath.dirname(target))
+                _mkdirs(ov, posixpath.dirname(target), None, None)
                 ov.write_bytes(target, catalogue.download_bytes(pattern))
                 ov.chmod(target, 0o600)  # like Docker: remote ADD files are 0600
                 continue
@@ -445,47 +592,70 @@ class Builder:
             if not found:
                 raise BuildError(f"line {ins.line}: {ins.name} failed: no source files were specified "
                                  f"matching {pattern!r}")
-            matched += found
+            matched += [m for m in found if m not in matched]
         if len(matched) > 1 and not dest_is_dir and not any(src.is_dir(m) for m in matched):
             raise BuildError(f"line {ins.line}: When using {ins.name} with more than one source file, "
                              f"the destination must be a directory and end with a /")
         uid, gid = _owner(ov, chown) if chown else (None, None)
+        dir_times = []
         for m in matched:
             if src.is_dir(m):
-                _ensure_dir(ov, dest)
-                for rel, kind, mode, data, target in src.walk(m):
-                    self._put(ov, posixpath.join(dest, rel) if rel else dest, kind, mode, data, target, uid, gid, chmod)
+                _mkdirs(ov, dest, uid, gid)
+                for rel, kind, mode, data, target, mtime in src.walk(m):
+                    if not rel:
+                        continue  # the destination directory itself: made above, not a copy of the source's
+                    path = posixpath.join(dest, rel)
+                    self._put(ov, path, kind, mode, data, target, uid, gid, chmod, mtime, lchowns)
+                    if kind == "dir":
+                        dir_times.append((path, mtime))
             elif add and _is_tar(src.read(m)):
-                _ensure_dir(ov, dest)
+                _mkdirs(ov, dest, uid, gid)
                 _extract(ov, src.read(m), dest)
             else:
                 target = posixpath.join(dest, posixpath.basename(m)) if dest_is_dir or _isdir(ov, dest) else dest
-                _ensure_dir(ov, posixpath.dirname(target))
-                kind, mode, data, link = src.entry(m)
-                self._put(ov, target, kind, mode, data, link, uid, gid, chmod)
+                _mkdirs(ov, posixpath.dirname(target), uid, gid)
+                kind, mode, data, link, mtime = src.entry(m)
+                self._put(ov, target, kind, mode, data, link, uid, gid, chmod, mtime, lchowns)
+        for path, mtime in reversed(dir_times):  # after their contents, which change a directory's mtime
+            ov.utime(path, (mtime, mtime))
 
     @staticmethod
-    def _put(ov, path, kind, mode, data, target, uid, gid, chmod):
+    def _put(ov, path, kind, mode, data, target, uid, gid, chmod, mtime, lchowns):
         if kind == "dir":
             if not _isdir(ov, path):
-                ov.mkdir(path, mode=mode, parents=True)
+                if _lexists(ov, path):
+                    ov.remove(path)
+                ov.mkdir(path, mode=0o700)
+                ov.chmod(path, chmod if chmod is not None else mode)
         else:
             if _lexists(ov, path) and not _isdir(ov, path):
                 ov.remove(path)
             if kind == "symlink":
                 ov.symlink(target, path)
+                if uid is not None:
+                    lchowns.append((path, uid, gid))
                 return
             ov.write_bytes(path, data)
             ov.chmod(path, chmod if chmod is not None else mode)
         if uid is not None:
             ov.chown(path, uid, gid)
+        if mtime is not None and kind != "dir":
+            ov.utime(path, (mtime, mtime))
+
+
+def _segments_match(pattern: str, rel: str) -> bool:
+    """Go's filepath.Match, as COPY uses it: `*`, `?` and `[...]` never cross a `/`."""
+    p, r = pattern.split("/"), rel.split("/")
+    return len(p) == len(r) and all(fnmatch.fnmatchcase(b, a) for a, b in zip(p, r))
 
 
 class _ContextSource:
-    """Files of the build context; nothing outside it can be named (like Docker's 'forbidden path')."""
+    """Files of the build context less what .dockerignore excludes; nothing outside it can be named
+    (like Docker's 'forbidden path')."""
 
-    def __init__(self, root: Path, line: int):
+    def __init__(self, root: Path, line: int, rules: IgnoreRules | None = None):
         self.root, self.line = root, line
+        self.rules = rules if rules is not None else IgnoreRules([])
 
     def _real(self, rel: str) -> Path:
         p = (self.root / rel.lstrip("/")).resolve()
@@ -493,18 +663,23 @@ class _ContextSource:
             raise BuildError(f"line {self.line}: forbidden path outside the build context: {rel}")
         return p
 
+    def _visible(self, rel: str) -> bool:
+        if rel in ("", ".") or not self.rules.excluded(rel):
+            return True
+        return os.path.isdir(self.root / rel) and self.rules.may_include_under(rel)
+
     def glob(self, pattern: str) -> list[str]:
         norm = posixpath.normpath(pattern.lstrip("/")) if pattern not in ("", ".", "/") else "."
         if norm.startswith(".."):
             raise BuildError(f"line {self.line}: forbidden path outside the build context: {pattern}")
         if not any(c in norm for c in "*?["):
-            return [norm] if os.path.lexists(self._real(norm)) else []
+            return [norm] if os.path.lexists(self._real(norm)) and self._visible(norm) else []
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             for n in sorted(dirnames + filenames):
                 rel = os.path.relpath(os.path.join(dirpath, n), self.root)
-                if fnmatch.fnmatchcase(rel, norm):
+                if _segments_match(norm, rel) and self._visible(rel):
                     out.append(rel)
         return sorted(out)
 
@@ -516,30 +691,45 @@ class _ContextSource:
         return p.read_bytes() if p.is_file() else b""
 
     def entry(self, rel):
-        p = self.root / rel
-        if p.is_symlink():
-            return "symlink", 0o777, b"", os.readlink(p)
-        st = self._real(rel).stat()
-        return "file", st.st_mode & 0o7777, self._real(rel).read_bytes(), None
+        """A named source: a symlink is followed (inside the context), as Docker and buildah do."""
+        p = self._real(rel)
+        st = p.stat()
+        return "file", st.st_mode & 0o7777, p.read_bytes(), None, st.st_mtime
 
     def walk(self, rel):
+        """(relative path, kind, mode, bytes, link target, mtime) of a directory and all below it, less
+        what .dockerignore excludes (a directory stays if something below it is re-included)."""
         top = self._real(rel)
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            d = os.path.relpath(dirpath, top)
-            d = "" if d == "." else d
-            yield d, "dir", os.stat(dirpath).st_mode & 0o7777, b"", None
-            for n in sorted(filenames):
-                p = os.path.join(dirpath, n)
+        base = os.path.relpath(top, self.root)
+        base = "" if base == "." else base
+
+        def visit(d: str) -> list:
+            here = os.path.join(top, d) if d else str(top)
+            out = []
+            for n in sorted(os.listdir(here)):
                 r = posixpath.join(d, n) if d else n
-                if os.path.islink(p):
-                    yield r, "symlink", 0o777, b"", os.readlink(p)
-                else:
-                    yield r, "file", os.stat(p).st_mode & 0o7777, Path(p).read_bytes(), None
-            for n in sorted(dirnames):
-                p = os.path.join(dirpath, n)
-                if os.path.islink(p):
-                    yield posixpath.join(d, n) if d else n, "symlink", 0o777, b"", os.readlink(p)
+                ctx_rel = posixpath.join(base, r) if base else r
+                p = os.path.join(here, n)
+                st = os.lstat(p)
+                excluded = self.rules.excluded(ctx_rel)
+                if stat.S_ISDIR(st.st_mode):
+                    if excluded and not self.rules.may_include_under(ctx_rel):
+                        continue
+                    below = visit(r)
+                    if not excluded or below:
+                        out.append((r, "dir", stat.S_IMODE(st.st_mode), b"", None, st.st_mtime))
+                        out += below
+                elif excluded:
+                    continue
+                elif stat.S_ISLNK(st.st_mode):
+                    out.append((r, "symlink", 0o777, b"", os.readlink(p), st.st_mtime))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append((r, "file", stat.S_IMODE(st.st_mode), Path(p).read_bytes(), None, st.st_mtime))
+            return out
+
+        st = os.stat(top)
+        yield "", "dir", stat.S_IMODE(st.st_mode), b"", None, st.st_mtime
+        yield from visit("")
 
 
 class _OverlaySource:
@@ -565,22 +755,23 @@ class _OverlaySource:
     def read(self, p):
         return self.ov.read_bytes(p)
 
-    def entry(self, p):
-        st = self.ov.stat(p, follow_symlinks=False)
+    def entry(self, p, follow: bool = True):
+        st = self.ov.stat(p, follow_symlinks=follow)
         if st.kind == "symlink":
-            return "symlink", 0o777, b"", st.target
-        return "file", st.mode, self.ov.read_bytes(p), None
+            return "symlink", 0o777, b"", st.target, st.mtime_ns / 1e9
+        return "file", st.mode, self.ov.read_bytes(p), None, st.mtime_ns / 1e9
 
     def walk(self, top):
         for dirpath, dirnames, filenames in self.ov.walk(top):
             rel = posixpath.relpath("/" + dirpath.lstrip("/"), "/" + top.lstrip("/"))
             rel = "" if rel == "." else rel
-            yield rel, "dir", self.ov.stat(dirpath).mode, b"", None
+            st = self.ov.stat(dirpath)
+            yield rel, "dir", st.mode, b"", None, st.mtime_ns / 1e9
             links = [d for d in dirnames if self.ov.stat(posixpath.join(dirpath, d), follow_symlinks=False).kind == "symlink"]
             for n in filenames + links:
                 p = posixpath.join(dirpath, n)
-                kind, mode, data, target = self.entry(p)
-                yield posixpath.join(rel, n) if rel else n, kind, mode, data, target
+                kind, mode, data, target, mtime = self.entry(p, follow=False)
+                yield posixpath.join(rel, n) if rel else n, kind, mode, data, target, mtime
 
 
 # ---------------------------------------------------------------------- helpers
@@ -601,8 +792,39 @@ def _isdir(ov, p) -> bool:
 
 
 def _ensure_dir(ov, p):
-    if p and not _isdir(ov, p):
-        ov.mkdir(p, mode=0o755, parents=True)
+    _mkdirs(ov, p, None, None)
+
+
+def _mkdirs(ov, p, uid, gid):
+    """mkdir -p with mode 0755 whatever the umask; the directories it makes get `uid:gid` when given."""
+    if not p or _isdir(ov, p):
+        return
+    parts = [x for x in p.split("/") if x]
+    for i in range(1, len(parts) + 1):
+        q = "/" + "/".join(parts[:i])
+        if _isdir(ov, q):
+            continue
+        ov.mkdir(q, mode=0o755)
+        ov.chmod(q, 0o755)
+        if uid is not None:
+            ov.chown(q, uid, gid)
+
+
+def _lchown_in_upper(upper: Path, path: str, uid: int, gid: int) -> None:
+    """chown a symlink in a committed-to-be upper dir without following any symlink on the host (the
+    overlay API's chown follows links; Docker's --chown changes the link itself)."""
+    parts = [x for x in path.split("/") if x]
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.chown(parts[-1], uid, gid, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # not in this upper (the path went through a lower layer's symlink)
+    finally:
+        os.close(fd)
 
 
 def _owner(ov, spec: str) -> tuple[int, int]:

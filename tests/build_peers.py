@@ -1,0 +1,100 @@
+"""Build one context with overlaykit and with buildah (the reference), and compare what they made.
+
+buildah runs daemonless with its storage under a tmp dir (vfs driver, chroot isolation, no network); its
+image is pushed as an oci-archive and read back with overlaykit's loader, so both sides are compared as
+the same Python objects. Layer content = paths, types, modes, owners, link targets and file bytes (not
+mtimes: buildah stamps its own creation time on directories it makes).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from overlaykit import oci
+from overlaykit.build import build
+from overlaykit.images import Store
+
+APPLETS = ("sh", "echo", "cat", "ls", "mkdir", "touch", "id", "head", "rm", "chmod", "ln", "cp", "true",
+           "false", "test", "[", "printf", "wc", "stat")
+
+
+def busybox_rootfs(ctx: Path, name: str = "rootfs") -> None:
+    """`ctx/rootfs/bin`: Debian's static busybox and applet symlinks; `COPY rootfs/ /` makes a base with a
+    real /bin/sh that buildah and overlaykit both can use (no registry, no network)."""
+    busybox = shutil.which("busybox")
+    if busybox is None or not _is_static(busybox):
+        pytest.skip("busybox-static is not installed (Debian package busybox-static)")
+    bin_ = ctx / name / "bin"
+    bin_.mkdir(parents=True)
+    shutil.copy(busybox, bin_ / "busybox")
+    os.chmod(bin_ / "busybox", 0o755)
+    for applet in APPLETS:
+        os.symlink("busybox", bin_ / applet)
+    (ctx / name / "etc").mkdir()
+    (ctx / name / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (ctx / name / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
+    (ctx / name / "tmp").mkdir()
+    os.chmod(ctx / name / "tmp", 0o1777)
+
+
+def _is_static(path: str) -> bool:
+    out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout if shutil.which("file") else ""
+    return "dynamically" not in out
+
+
+def need_buildah():
+    if shutil.which("buildah") is None:
+        pytest.skip("buildah is not installed (Debian package buildah)")
+    if os.geteuid() != 0:
+        pytest.skip("buildah with chroot isolation needs root here (no rootless storage is set up)")
+
+
+def buildah_image(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", env: dict | None = None):
+    """Build ctx/dockerfile with buildah; the image as overlaykit loads it from buildah's oci-archive."""
+    need_buildah()
+    base = ["buildah", "--root", str(tmp / "bh-root"), "--runroot", str(tmp / "bh-run"), "--storage-driver", "vfs"]
+    run_env = {**os.environ, **(env or {})}
+    try:
+        _run([*base, "bud", "--layers", "--format", "oci", "--isolation", "chroot", "--pull-never",
+              "-f", str(ctx / dockerfile), "-t", "peer", str(ctx)], run_env)
+        _run([*base, "push", "peer", f"oci-archive:{tmp / 'peer.tar'}:peer"], run_env)
+        return oci.load(tmp / "peer.tar")[0]
+    finally:
+        subprocess.run([*base, "rm", "--all"], capture_output=True)
+        subprocess.run([*base, "rmi", "--all", "--force"], capture_output=True)
+        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+            if line.split()[1].startswith(str(tmp)):
+                subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
+
+
+def _run(cmd, env):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def ours(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", **kw):
+    return build(str(ctx / dockerfile), str(ctx), Store(tmp / "ok-store"), "ours", **kw)
+
+
+def content(layer) -> dict:
+    """path -> (type, mode, uid, gid, link target, bytes) for every entry of a layer."""
+    out = {}
+    for e in layer.entries():
+        data = layer.read(e.path) if e.type == "file" else b""
+        out[e.path] = (e.type, oct(e.mode), e.uid, e.gid, e.linkname, data)
+    return out
+
+
+def config_fields(image) -> dict:
+    """The config fields a Dockerfile sets, without the builder's own label."""
+    cfg = dict(image.config_json()["config"])
+    labels = {k: v for k, v in (cfg.pop("Labels", None) or {}).items() if not k.startswith("io.buildah")}
+    if labels:
+        cfg["Labels"] = labels
+    return cfg
