@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from build_peers import buildah_image, busybox_rootfs, config_fields, content, ours  # noqa: E402
 
 from overlaykit.build import BUILD_EPOCH  # noqa: E402
-from overlaykit.dockerignore import IgnoreRules  # noqa: E402
 
 OLD = 978307200  # 2001-01-01, older than any clamp
 
@@ -88,10 +87,12 @@ CASES = [
 
 @pytest.mark.parametrize("patterns,path,excluded", CASES)
 def test_dockerignore_rules_follow_moby_patternmatcher(patterns, path, excluded):
+    from overlaykit.dockerignore import IgnoreRules
     assert IgnoreRules(patterns).excluded(path) is excluded
 
 
 def test_dockerignore_file_comments_and_blank_lines():
+    from overlaykit.dockerignore import IgnoreRules
     rules = IgnoreRules.parse("# a comment\n\n*.log\n  # not a comment: a pattern\n")
     assert rules.excluded("a.log") and not rules.excluded("a.txt")
     assert rules.excluded("  # not a comment: a pattern".strip()) is True
