@@ -38,6 +38,7 @@ from dockerfile_parse import DockerfileParser
 from . import catalogue
 from .images import Container, History, Image, ImageConfig, Store, human_size, inspect
 from .dockerignore import IgnoreRules
+from .runfs import MemFS, ReadOnly, RunFS
 from .shell import Shell
 
 BUILD_EPOCH = 1556668800.0
@@ -64,7 +65,8 @@ def _iso(seconds: float) -> str:
     t = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{t.microsecond:06d}".rstrip("0") if t.microsecond else "") + "Z"
 
-CONFIG_INSTRUCTIONS = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "VOLUME", "STOPSIGNAL"}
+CONFIG_INSTRUCTIONS = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "VOLUME", "STOPSIGNAL",
+                       "SHELL", "HEALTHCHECK", "ONBUILD", "MAINTAINER"}
 LAYER_INSTRUCTIONS = {"RUN", "COPY", "ADD"}
 SUPPORTED = CONFIG_INSTRUCTIONS | LAYER_INSTRUCTIONS | {"FROM", "WORKDIR"}
 
@@ -79,6 +81,7 @@ class Instruction:
     name: str  # upper case
     value: str  # the arguments, continuations joined
     original: str
+    heredocs: tuple = ()  # ((name, body, quoted), ...) of `<<NAME` documents, in order (BuildKit syntax)
 
 
 @dataclass
@@ -99,21 +102,52 @@ class Step:
         return f"Step {self.number}/{self.total} : {text}"
 
 
+_HEREDOC = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
+
+
 def parse_dockerfile(text: str) -> list[Instruction]:
     """Instructions with their line numbers, parsed by dockerfile-parse.
 
     BuildKit drops comment lines and blank lines *inside* continuations; dockerfile-parse ends the
-    instruction there instead, so those lines are removed first (keeping line numbers right).
+    instruction there instead, so those lines are removed first (keeping line numbers right). Heredocs
+    (`RUN <<EOF` ... `EOF`, BuildKit's syntax, which dockerfile-parse does not know) are taken out here and
+    attached to their instruction: the document starts on the line after the instruction and ends at a
+    line that is only its name (`<<-` strips leading tabs).
     """
     lines = text.splitlines()
-    cleaned, continuing = [], False
-    for line in lines:
+    cleaned, continuing, heredocs = [], False, {}
+    start, first, markers, i = 0, "", [], 0
+    while i < len(lines):
+        line = lines[i]
         stripped = line.strip()
         if continuing and (stripped.startswith("#") or not stripped):
             cleaned.append(None)  # dropped, like BuildKit
+            i += 1
             continue
+        if not continuing:
+            start, markers = i + 1, []
+            first = stripped.split(None, 1)[0].upper() if stripped and not stripped.startswith("#") else ""
         cleaned.append(line)
+        if first in ("RUN", "COPY", "ADD"):
+            markers += _HEREDOC.findall(line)
         continuing = stripped.endswith("\\") and not stripped.startswith("#")
+        i += 1
+        if continuing or not markers:
+            continue
+        docs = []
+        for strip, quote, name in markers:
+            body = []
+            while i < len(lines) and (lines[i].lstrip("\t") if strip else lines[i]) != name:
+                body.append(lines[i].lstrip("\t") if strip else lines[i])
+                cleaned.append(None)
+                i += 1
+            if i >= len(lines):
+                raise BuildError(f"line {start}: {first}: heredoc <<{name} has no line {name!r} to end it")
+            cleaned.append(None)
+            i += 1
+            docs.append((name, "".join(b + "\n" for b in body), bool(quote)))
+        heredocs[start] = tuple(docs)
+        markers = []
     kept = [(i + 1, l) for i, l in enumerate(cleaned) if l is not None]
     parser = DockerfileParser(fileobj=io.BytesIO("\n".join(l for _, l in kept).encode() + b"\n"))
     out = []
@@ -121,8 +155,8 @@ def parse_dockerfile(text: str) -> list[Instruction]:
         name = item["instruction"].upper()
         if name == "COMMENT":
             continue
-        out.append(Instruction(kept[item["startline"]][0], name, item["value"].strip(),
-                               item["content"].strip()))
+        line = kept[item["startline"]][0]
+        out.append(Instruction(line, name, item["value"].strip(), item["content"].strip(), heredocs.get(line, ())))
     return out
 
 
@@ -267,6 +301,50 @@ def _split_raw(value: str) -> list[str]:
     return words
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1000, "µs": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def _duration(text: str, flag: str, line: int) -> int:
+    """A Go duration (`30s`, `1m30s`) in nanoseconds, as Docker stores HEALTHCHECK times."""
+    pos, total = 0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += int(float(m.group(1)) * _UNIT_NS[m.group(2)])
+        pos = m.end()
+    if not text or pos != len(text):
+        raise BuildError(f"line {line}: HEALTHCHECK --{flag}: {text!r} is not a duration (e.g. 30s, 1m30s)")
+    return total
+
+
+def _healthcheck(value: str, line: int) -> dict:
+    """HEALTHCHECK [--interval --timeout --start-period --start-interval --retries] CMD ... | NONE."""
+    rest = value.strip()
+    if rest.upper() == "NONE":
+        return {"Test": ["NONE"]}
+    check: dict = {}
+    keys = {"interval": "Interval", "timeout": "Timeout", "start-period": "StartPeriod",
+            "start-interval": "StartInterval", "retries": "Retries"}
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        rest = rest.lstrip()
+        name, _, arg = word[2:].partition("=")
+        if name not in keys:
+            raise BuildError(f"line {line}: HEALTHCHECK: unknown flag --{name}")
+        if name == "retries":
+            if not arg.isdigit():
+                raise BuildError(f"line {line}: HEALTHCHECK --retries needs a whole number, got {arg!r}")
+            check["Retries"] = int(arg)
+        else:
+            check[keys[name]] = _duration(arg, name, line)
+    word, _, cmd = rest.partition(" ")
+    if word.upper() != "CMD" or not cmd.strip():
+        raise BuildError(f"line {line}: HEALTHCHECK expects NONE or [flags] CMD command, got {value!r}")
+    argv = _json_or_shell(cmd.strip())
+    return {"Test": (["CMD"] + argv) if argv is not None else ["CMD-SHELL", cmd.strip()], **check}
+
+
 def _flags(value: str) -> tuple[dict[str, str], list[str]]:
     words = shlex.split(value, posix=True)
     flags = {}
@@ -281,6 +359,7 @@ class _Stage:
         self.name, self.image, self.index = name, image, index
         self.args: dict[str, str] = {}
         self.cmd_set = False
+        self.author = image.author
 
 
 class Builder:
@@ -323,6 +402,7 @@ class Builder:
             raise BuildError("no FROM instruction: a Dockerfile must start with FROM (after ARGs)")
         total = len(instructions)
         stages: dict[str, _Stage] = {}
+        self._stages = stages
         stage: _Stage | None = None
         global_args: dict[str, str] = {}
         self._scratch_root.mkdir(parents=True, exist_ok=True)
@@ -336,6 +416,7 @@ class Builder:
                 stages[stage.name] = stage
                 stages[str(stage.index)] = stage
                 step.stage, step.mode = stage.name, "config"
+                self._onbuild_triggers(stage, ins, step, stages, global_args)
             elif stage is None:
                 if ins.name != "ARG":
                     raise BuildError(f"line {ins.line}: {ins.name} before the first FROM (only ARG may come first)")
@@ -349,7 +430,7 @@ class Builder:
             if self.progress:
                 self.progress("done", step)
         image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history),
-                      created=self._now())
+                      created=self._now(), author=stage.author)
         return self.store.add_image(image)
 
     def _from(self, ins, stages, global_args, index) -> _Stage:
@@ -378,6 +459,25 @@ class Builder:
                 image = catalogue.base_image(ref, self.store)
         stage = _Stage(name, image, index)
         return stage
+
+    def _onbuild_triggers(self, stage, ins, step, stages, global_args):
+        """Docker runs the base image's ONBUILD triggers right after FROM, and does not pass them on."""
+        triggers = list(stage.image.config.on_build)
+        if not triggers:
+            return
+        stage.image = Image(stage.image.name, list(stage.image.layers),
+                            dataclasses.replace(stage.image.config, on_build=[]), list(stage.image.history))
+        for trigger in triggers:
+            for t in parse_dockerfile(trigger):
+                t = dataclasses.replace(t, line=ins.line)
+                if t.name in ("ONBUILD", "FROM", "MAINTAINER") or t.name not in SUPPORTED:
+                    raise BuildError(f"line {ins.line}: ONBUILD trigger {trigger!r} of {stage.image.name}: "
+                                     f"{t.name} is not allowed as a trigger")
+                sub = Step(step.number, step.total, t, stage.name)
+                self._step(stage, t, sub, stages, global_args)
+                step.output += sub.output
+                if sub.layer_size is not None:
+                    step.layer_size = (step.layer_size or 0) + sub.layer_size
 
     # ------------------------------------------------------------------ one instruction
     def _variables(self, stage: _Stage) -> dict[str, str]:
@@ -421,6 +521,26 @@ class Builder:
             vols = _json_or_shell(value) or substitute(value, variables).split()
             cfg.volumes = sorted(set(cfg.volumes) | set(vols))
             self._config_step(stage, f"{nop} VOLUME {json.dumps(vols)}", cfg)
+        elif name == "SHELL":
+            argv = _json_or_shell(value)
+            if not argv:
+                raise BuildError(f"line {ins.line}: SHELL requires the arguments in JSON form, "
+                                 f"e.g. SHELL [\"/bin/bash\", \"-c\"]")
+            cfg.shell = argv
+            self._config_step(stage, f"{nop} SHELL {json.dumps(argv)}", cfg)
+        elif name == "HEALTHCHECK":
+            cfg.healthcheck = _healthcheck(value, ins.line)
+            self._config_step(stage, f"{nop} HEALTHCHECK {json.dumps(cfg.healthcheck)}", cfg)
+        elif name == "ONBUILD":
+            trigger = value.strip()
+            first = trigger.split(None, 1)[0].upper() if trigger else ""
+            if first in ("ONBUILD", "FROM", "MAINTAINER") or first not in SUPPORTED:
+                raise BuildError(f"line {ins.line}: ONBUILD {first or '(nothing)'}: not allowed as a trigger")
+            cfg.on_build = list(cfg.on_build) + [trigger]
+            self._config_step(stage, f"{nop} ONBUILD {trigger}", cfg)
+        elif name == "MAINTAINER":
+            stage.author = value.strip()
+            self._config_step(stage, f"{nop} MAINTAINER {stage.author}", cfg)
         elif name == "STOPSIGNAL":
             cfg.stop_signal = substitute(value, variables)
             self._config_step(stage, f"{nop} STOPSIGNAL {cfg.stop_signal}", cfg)
@@ -457,6 +577,11 @@ class Builder:
             container = Container(stage.image, self.store, scratch, backend=self.backend)
             container.overlay.tracing = False  # a build does thousands of operations; nobody reads the trace
             container.lchowns = []  # (path, uid, gid) of symlinks to chown once the overlay is unmounted
+            if container.overlay.backend == "kernel":
+                # attached to a directory in the helper's namespace (not a detached mount), so RUN's /dev,
+                # /proc, /sys and --mount targets can be mounted on it there
+                container.overlay.merged = scratch / "merged"
+                container.overlay.merged.mkdir()
             with container:
                 step.mode = step.mode if step.mode not in ("", "config") else container.overlay.backend
                 action(container)
@@ -475,30 +600,70 @@ class Builder:
 
     # ------------------------------------------------------------------ RUN
     def _run(self, stage, ins, step, cfg, variables):
-        argv = _json_or_shell(ins.value)
-        created_by = f"/bin/sh -c {ins.value}" if argv is None else ins.value
+        """RUN as the image's USER, with /dev, /proc, /sys and the instruction's --mounts, none of which
+        reaches the layer: for real (chroot into the kernel overlay's merged root, root only) where the
+        image's shell is a real program, else in the simulated shell."""
+        mounts, script = _run_flags(ins)
+        argv = _json_or_shell(script)
+        shell_cmd = list(cfg.shell or ["/bin/sh", "-c"])
+        shebang = None
+        if ins.heredocs and argv is None:
+            name, body, _ = ins.heredocs[0]
+            if len(ins.heredocs) == 1 and script.strip() in (f"<<{name}", f"<<-{name}", f"<<'{name}'",
+                                                             f'<<"{name}"', f"<<-'{name}'", f'<<-"{name}"'):
+                if body.startswith("#!"):
+                    shebang = (name, body)  # BuildKit runs it as a program from /dev/pipes/NAME
+                script = body
+            else:  # BuildKit: the command line and its documents go to the shell as they are
+                script = script + "".join(f"\n{body}{name}" for name, body, _ in ins.heredocs)
+        created_by = f"{' '.join(shell_cmd)} {script}" if argv is None else script
         env = {**stage.args, **cfg.env_dict()}
 
         def action(container):
             ov = container.overlay
-            real = self._can_run_for_real(ov)
+            program = argv[0] if argv else (shebang_program(shebang) if shebang else shell_cmd[0])
+            real = self.run_mode != "sim" and _real_root(ov, program) is not None and os.geteuid() == 0
             if self.run_mode == "real" and not real:
-                raise BuildError(f"line {ins.line}: RUN cannot run for real here (needs the kernel backend and "
-                                 f"a real /bin/sh in the image)")
-            if argv is None and not _lexists(ov, "/bin/sh"):
-                raise BuildError(f"line {ins.line}: RUN {ins.value}: the image has no /bin/sh "
-                                 f"(exec: \"/bin/sh\": stat /bin/sh: no such file or directory)")
-            if real and self.run_mode != "sim":
+                raise BuildError(f"line {ins.line}: RUN cannot run for real here (needs root, the kernel backend "
+                                 f"and a real {program} in the image)")
+            if argv is None and not shebang and not _lexists(ov, shell_cmd[0]):
+                raise BuildError(f"line {ins.line}: RUN {ins.value}: the image has no {shell_cmd[0]} "
+                                 f"(exec: \"{shell_cmd[0]}\": stat {shell_cmd[0]}: no such file or directory)")
+            uid, gid, groups, home = _resolve_user(ov, cfg.user, ins.line)
+            run_env = {"HOME": home, **env}
+            workdir = cfg.working_dir or "/"
+            if cfg.working_dir and not ov.exists(cfg.working_dir):
+                _mkdirs(ov, cfg.working_dir, None, None)
+            sources = [self._mount_source(m, ins, stages=self._stages) for m in mounts]
+            if real:
                 step.mode = "kernel"
-                status, output = _run_chroot(_real_root(ov), argv or ["/bin/sh", "-c", ins.value], env,
-                                             cfg.working_dir or "/")
+                status, output = self._run_real(ov, ins, mounts, sources, shebang, run_env, workdir,
+                                                (uid, gid, groups),
+                                                argv or (shell_cmd + [script] if not shebang else None))
             else:
                 step.mode = "sim"
-                shell = Shell(ov, env=env, cwd=cfg.working_dir or "/")
-                if cfg.working_dir and not ov.exists(cfg.working_dir):
-                    ov.mkdir(cfg.working_dir, mode=0o755, parents=True)
-                result = shell.run(ins.value) if argv is None else shell.run_argv(argv)
+                fs_mounts = {}
+                for m, entries in zip(mounts, sources):
+                    mem = MemFS(m.get("mode", 0o755))
+                    _fill(mem, "/", entries)
+                    fs_mounts[m["target"]] = ReadOnly(mem) if m["type"] == "bind" and not m["rw"] else mem
+                fs = RunFS(ov, uid=uid, gid=gid, groups=groups, mounts=fs_mounts, cwd=workdir,
+                           lchown=lambda p, u, g: container.lchowns.append((p, u, g)))
+                shell = Shell(fs, env=run_env, cwd=workdir)
+                if argv is not None:
+                    result = shell.run_argv(argv)
+                elif shebang is not None and not _sh_like(shebang_program(shebang)):
+                    raise BuildError(f"line {ins.line}: RUN <<{shebang[0]}: the simulated shell cannot run "
+                                     f"{shebang_program(shebang)} scripts")
+                elif not _sh_like(shell_cmd[0]) or shell_cmd[1:] != ["-c"]:
+                    raise BuildError(f"line {ins.line}: RUN: the simulated shell runs only SHELL [\"/bin/sh\", "
+                                     f"\"-c\"] (this stage has SHELL {json.dumps(shell_cmd)})")
+                else:
+                    result = shell.run(script)
                 status, output = result.status, result.output
+                for m in mounts:
+                    if m["type"] == "cache":
+                        self._save_cache(m, _tree(fs_mounts[m["target"]], "/"))
             step.output = output
             if status != 0:
                 shown = ins.value if argv is None else json.dumps(argv)
@@ -506,6 +671,105 @@ class Builder:
                                  f"returned a non-zero code: {status}")
 
         self._layer_step(stage, ins, step, created_by, cfg, action)
+
+    def _run_real(self, ov, ins, mounts, sources, shebang, env, workdir, user, argv):
+        """Mount /dev, /proc, /sys and tmpfs file systems for the --mount targets in the helper's namespace,
+        fill them, run the command chrooted as the user, keep the caches, and take every mount away again."""
+        worker = ov._impl.worker
+        targets = [m["target"] for m in mounts]
+
+        def call(*args):
+            reply = worker.call("run_mounts", *args)
+            if reply[0] == "err":
+                raise BuildError(f"line {ins.line}: RUN: cannot mount /dev, /proc, /sys or a --mount target: "
+                                 f"{os.strerror(reply[1])}")
+            return reply[1]
+
+        made = call("mount", None, targets)
+        try:
+            for m, entries in zip(mounts, sources):
+                _fill(ov, m["target"], entries)
+                ov.chmod(m["target"], m.get("mode", 0o755))
+            if any(m["type"] == "bind" and not m["rw"] for m in mounts):
+                call("readonly", None, [m["target"] for m in mounts if m["type"] == "bind" and not m["rw"]])
+            if shebang is not None:
+                ov.mkdir("/dev/pipes", mode=0o755, exist_ok=True)
+                ov.write_bytes(f"/dev/pipes/{shebang[0]}", shebang[1].encode())
+                ov.chmod(f"/dev/pipes/{shebang[0]}", 0o755)
+                argv = [f"/dev/pipes/{shebang[0]}"]
+            status, output = _run_chroot(_real_root(ov, argv[0]), argv, env, workdir, user)
+            for m in mounts:
+                if m["type"] == "cache":
+                    self._save_cache(m, _tree(ov, m["target"]))
+        finally:
+            call("unmount", made, targets)
+        return status, output
+
+    def _mount_source(self, m, ins, stages):
+        """What a --mount shows at first: entries (rel, kind, mode, bytes, link, mtime)."""
+        if m["type"] == "tmpfs":
+            return []
+        if m["type"] == "cache":
+            d = self._cache_dir(m)
+            return list(_ContextSource(d, ins.line).walk(".")) if d.is_dir() else []
+        source = m.get("source", "/")
+        if m.get("from"):
+            ref = m["from"].lower()
+            image = stages[ref].image if ref in stages else None
+            if image is None:
+                try:
+                    image = self.store.image(m["from"])
+                except KeyError:
+                    raise BuildError(f"line {ins.line}: RUN --mount from={m['from']}: no such stage or image") from None
+            scratch = Path(tempfile.mkdtemp(prefix="mount-", dir=self._scratch_root))
+            try:
+                c = Container(image, self.store, scratch, backend="sim")
+                c.overlay.tracing = False
+                with c:
+                    src = _OverlaySource(c.overlay)
+                    p = posixpath.normpath("/" + source)
+                    if not _lexists(c.overlay, p):
+                        raise BuildError(f"line {ins.line}: RUN --mount source={source}: not found in {m['from']}")
+                    return list(src.walk(p)) if src.is_dir(p) else [("", "dir", 0o755, b"", None, None),
+                                                                    (posixpath.basename(p),) + src.entry(p)]
+            finally:
+                _rmtree(scratch)
+        if self.context is None:
+            raise BuildError(f"line {ins.line}: RUN --mount=type=bind needs a build context directory")
+        src = _ContextSource(self.context, ins.line, self._ignore_rules())
+        rel = posixpath.normpath(source.lstrip("/")) or "."
+        if not src.glob(rel) and rel != ".":
+            raise BuildError(f"line {ins.line}: RUN --mount source={source}: not found in the build context")
+        return list(src.walk(rel))
+
+    def _cache_dir(self, m) -> Path:
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", m.get("id") or m["target"])
+        return Path(self.store.root) / "build-cache" / key
+
+    def _save_cache(self, m, entries):
+        """Keep what the RUN left in a cache mount for the next build: written to a sibling, then renamed."""
+        final = self._cache_dir(m)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=final.parent))
+        for rel, kind, mode, data, target, _ in entries:
+            if not rel:
+                continue
+            p = fresh / rel
+            if kind == "dir":
+                p.mkdir(mode=0o700)
+                os.chmod(p, mode)
+            elif kind == "symlink":
+                os.symlink(target, p)
+            elif kind == "file":
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(p, mode)
+        old = final.parent / f".old-{fresh.name}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(fresh, final)
+        _rmtree(old)
 
     def _ignore_rules(self) -> IgnoreRules:
         if getattr(self, "_rules", None) is None:
@@ -516,7 +780,7 @@ class Builder:
         return self._rules
 
     def _can_run_for_real(self, ov) -> bool:
-        return self.run_mode != "sim" and _real_root(ov) is not None
+        return self.run_mode != "sim" and _real_root(ov) is not None and os.geteuid() == 0
 
     # ------------------------------------------------------------------ COPY / ADD
     def _copy(self, stage, ins, step, cfg, variables, stages):
@@ -880,8 +1144,8 @@ def _extract(ov, data: bytes, dest: str):
                 ov.chmod(p, m.mode & 0o7777)
 
 
-def _real_root(ov) -> str | None:
-    """Where a chroot finds the merged root of a kernel overlay whose /bin/sh is a real ELF, else None.
+def _real_root(ov, program: str = "/bin/sh") -> str | None:
+    """Where a chroot finds the merged root of a kernel overlay whose `program` is a real ELF, else None.
 
     The kernel backend keeps its mount inside a helper process's private mount namespace, with the
     merged root as that process's root directory, so ``/proc/<pid>/root`` reaches it from outside.
@@ -892,23 +1156,162 @@ def _real_root(ov) -> str | None:
     if pid is None:
         return None
     root = f"/proc/{pid}/root"
+    if program.startswith("/dev/pipes/"):
+        return root if os.access(root, os.R_OK) else None
     try:
-        target = ov.stat("/bin/sh").kind == "file" and ov.read_bytes("/bin/sh")[:4] == b"\x7fELF"
+        target = ov.stat(program).kind == "file" and ov.read_bytes(program)[:4] == b"\x7fELF"
     except OSError:
         return None
     return root if target and os.access(root, os.R_OK) else None
 
 
-def _run_chroot(merged, argv, env, workdir) -> tuple[int, str]:
-    """RUN for real: the merged root of a kernel overlay as the root directory (root only)."""
+def _sh_like(program: str) -> bool:
+    return posixpath.basename(program) in ("sh", "bash", "ash", "dash")
+
+
+def shebang_program(shebang) -> str:
+    line = shebang[1].splitlines()[0][2:].strip()
+    words = line.split()
+    if words and posixpath.basename(words[0]) == "env" and len(words) > 1:
+        return words[1]
+    return words[0] if words else "/bin/sh"
+
+
+def _run_chroot(merged, argv, env, workdir, user=(0, 0, ())) -> tuple[int, str]:
+    """RUN for real: the merged root of a kernel overlay as the root directory, as the RUN user (root only)."""
+    uid, gid, groups = user
+
     def enter():
         os.chroot(merged)
         os.chdir(workdir if os.path.isdir(workdir) else "/")
+        os.setgroups(sorted(set(groups)))
+        os.setgid(gid)
+        os.setuid(uid)
+        os.umask(0o022)
 
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", **env}
     proc = subprocess.run(argv, env=env, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=600)
+                          stdin=subprocess.DEVNULL, timeout=600)
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def _resolve_user(ov, spec: str, line: int) -> tuple[int, int, list[int], str]:
+    """USER as RUN runs it: (uid, gid, supplementary groups, home) from the image's /etc/passwd and
+    /etc/group, the way runc resolves it (a numeric uid missing from passwd runs with gid 0 and home /)."""
+    spec = (spec or "").strip()
+    if not spec:
+        return 0, 0, [], "/root"
+    user, _, group = spec.partition(":")
+
+    def table(path):
+        try:
+            return [l.split(":") for l in ov.read_text(path).splitlines() if l and not l.startswith("#")]
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    passwd, groups_t = table("/etc/passwd"), table("/etc/group")
+    entry = next((f for f in passwd if len(f) >= 6 and (f[0] == user or (user.isdigit() and f[2] == user))), None)
+    if entry is None and not user.isdigit():
+        raise BuildError(f"line {line}: unable to find user {user}: no matching entries in passwd file")
+    uid = int(user) if user.isdigit() else int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    home = entry[5] if entry is not None and entry[5] else "/"
+    name = entry[0] if entry is not None else None
+    if group:
+        g = next((f for f in groups_t if len(f) >= 3 and (f[0] == group or f[2] == group)), None)
+        if g is None and not group.isdigit():
+            raise BuildError(f"line {line}: unable to find group {group}: no matching entries in group file")
+        gid = int(group) if group.isdigit() else int(g[2])
+    extra = [int(f[2]) for f in groups_t if len(f) >= 4 and name and name in f[3].split(",") and f[2].isdigit()]
+    return uid, gid, sorted({gid, *extra}) if not group else [gid], home
+
+
+_MOUNT_KEYS = {"type", "target", "dst", "destination", "source", "src", "from", "id", "ro", "readonly", "rw",
+               "readwrite", "sharing", "mode", "uid", "gid", "size"}
+
+
+def _run_flags(ins) -> tuple[list[dict], str]:
+    """RUN's flags (`--mount=...` repeated, `--network=default|none`) and the command after them."""
+    rest, mounts = ins.value.lstrip(), []
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        rest = rest.lstrip()
+        name, _, arg = word[2:].partition("=")
+        if name == "mount":
+            mounts.append(_mount_spec(arg, ins.line))
+        elif name == "network" and arg in ("default", "none"):
+            continue  # no network either way in this builder
+        else:
+            raise BuildError(f"line {ins.line}: RUN: unsupported flag --{name}"
+                             + (f"={arg}" if arg else "") + " (supported: --mount, --network=default|none)")
+    return mounts, rest
+
+
+def _mount_spec(arg: str, line: int) -> dict:
+    m: dict = {"type": "bind", "rw": False}
+    for field_ in [f for f in arg.split(",") if f]:
+        key, eq, value = field_.partition("=")
+        key = key.strip().lower()
+        if key not in _MOUNT_KEYS:
+            raise BuildError(f"line {line}: RUN --mount: unknown option {key!r}")
+        if key in ("ro", "readonly", "rw", "readwrite"):
+            on = value.lower() not in ("false", "0") if eq else True
+            m["rw"] = on if key in ("rw", "readwrite") else not on
+        elif key in ("target", "dst", "destination"):
+            m["target"] = posixpath.normpath("/" + value)
+        elif key in ("source", "src"):
+            m["source"] = value
+        elif key == "mode":
+            m["mode"] = int(value, 8)
+        elif key in ("uid", "gid", "size", "sharing"):
+            m[key] = value
+        else:
+            m[key] = value
+    if m["type"] not in ("bind", "cache", "tmpfs"):
+        raise BuildError(f"line {line}: RUN --mount=type={m['type']}: not supported (bind, cache and tmpfs are)")
+    if "target" not in m or m["target"] == "/":
+        raise BuildError(f"line {line}: RUN --mount: a target other than / is required")
+    if m["type"] == "cache":
+        m["rw"] = True
+    if m["type"] == "tmpfs":
+        m["rw"] = True
+    return m
+
+
+def _fill(fs, top: str, entries) -> None:
+    """Write walked entries (rel, kind, mode, bytes, link, mtime) under `top` of an overlay-like fs."""
+    for rel, kind, mode, data, target, _ in entries:
+        p = posixpath.join(top, rel) if rel else top
+        if not rel:
+            continue
+        if kind == "dir":
+            fs.mkdir(p, mode=0o755, exist_ok=True)
+            fs.chmod(p, mode)
+        elif kind == "symlink":
+            fs.symlink(target, p)
+        elif kind == "file":
+            fs.write_bytes(p, data)
+            fs.chmod(p, mode)
+
+
+def _tree(fs, top: str) -> list:
+    """The entries below `top` of an overlay-like fs, parents first (what a cache mount keeps)."""
+    out = [("", "dir", 0o755, b"", None, None)]
+
+    def visit(d, rel):
+        for n in fs.listdir(d):
+            p, r = posixpath.join(d, n), posixpath.join(rel, n) if rel else n
+            st = fs.stat(p, follow_symlinks=False)
+            if st.kind == "dir":
+                out.append((r, "dir", st.mode, b"", None, None))
+                visit(p, r)
+            elif st.kind == "symlink":
+                out.append((r, "symlink", 0o777, b"", st.target, None))
+            elif st.kind == "file":
+                out.append((r, "file", st.mode, fs.read_bytes(p), None, None))
+
+    visit(top, "")
+    return out
 
 
 def _rmtree(p: Path):
