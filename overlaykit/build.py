@@ -696,8 +696,11 @@ class Builder:
                 ov.mkdir("/dev/pipes", mode=0o755, exist_ok=True)
                 ov.write_bytes(f"/dev/pipes/{shebang[0]}", shebang[1].encode())
                 ov.chmod(f"/dev/pipes/{shebang[0]}", 0o755)
-                argv = [f"/dev/pipes/{shebang[0]}"]
-            status, output = _run_chroot(_real_root(ov, argv[0]), argv, env, workdir, user)
+                # /dev is mounted noexec: run the script's interpreter on it, as the kernel would
+                interpreter = shebang[1].splitlines()[0][2:].strip().split(None, 1)
+                argv = interpreter + [f"/dev/pipes/{shebang[0]}"]
+            status, output = _run_chroot(_real_root(ov, argv[0] if not shebang else "/dev/pipes/"), argv, env,
+                                         workdir, user)
             for m in mounts:
                 if m["type"] == "cache":
                     self._save_cache(m, _tree(ov, m["target"]))
@@ -803,6 +806,12 @@ class Builder:
         chown = flags.get("chown")
         chmod = int(flags["chmod"], 8) if flags.get("chmod") else None
         created_by = f"/bin/sh -c #(nop) {ins.name} {ins.value}"
+        # `COPY <<EOF /file`: the document is a file named after it (BuildKit), mode 0644 unless --chmod;
+        # an unquoted delimiter expands build variables in it
+        docs = {name: (body if quoted else substitute(body, variables)) for name, body, quoted in ins.heredocs}
+        inline = [(n, docs[n]) for n in (w.lstrip("<").lstrip("-").strip("'\"") for w in sources
+                                         if w.startswith("<<")) if n in docs]
+        sources = [w for w in sources if not (docs and w.startswith("<<"))]
 
         source_stage = None
         if "from" in flags:
@@ -814,11 +823,20 @@ class Builder:
                     source_stage = self.store.image(flags["from"])
                 except KeyError:
                     raise BuildError(f"line {ins.line}: COPY --from={flags['from']}: no such stage or image") from None
-        elif self.context is None:
+        elif self.context is None and sources:
             raise BuildError(f"line {ins.line}: {ins.name} needs a build context directory")
 
         def action(container):
             ov = container.overlay
+            if inline:
+                uid, gid = _owner(ov, chown) if chown else (None, None)
+                for name, body in inline:
+                    target = posixpath.join(dest_abs, name) if dest_is_dir else dest_abs
+                    _mkdirs(ov, posixpath.dirname(target), uid, gid)
+                    self._put(ov, target, "file", 0o644, body.encode(), None, uid, gid, chmod, None,
+                              container.lchowns)
+            if not sources:
+                return
             if source_stage is not None:
                 scratch = Path(tempfile.mkdtemp(prefix="from-", dir=self._scratch_root))
                 try:

@@ -53,15 +53,21 @@ def need_buildah():
         pytest.skip("buildah with chroot isolation needs root here (no rootless storage is set up)")
 
 
-def buildah_image(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", env: dict | None = None):
-    """Build ctx/dockerfile with buildah; the image as overlaykit loads it from buildah's oci-archive."""
+def buildah_image(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", env: dict | None = None, *,
+                  fmt: str = "oci", before: tuple = ()):
+    """Build ctx/dockerfile with buildah (after the (dockerfile, tag) pairs of `before`, in the same
+    storage); the image as overlaykit loads it from buildah's oci-archive (docker-archive for fmt docker,
+    which keeps Docker's Shell, Healthcheck and OnBuild)."""
     need_buildah()
     base = ["buildah", "--root", str(tmp / "bh-root"), "--runroot", str(tmp / "bh-run"), "--storage-driver", "vfs"]
     run_env = {**os.environ, **(env or {})}
     try:
-        _run([*base, "bud", "--layers", "--format", "oci", "--isolation", "chroot", "--pull-never",
-              "-f", str(ctx / dockerfile), "-t", "peer", str(ctx)], run_env)
-        _run([*base, "push", "peer", f"oci-archive:{tmp / 'peer.tar'}:peer"], run_env)
+        for name, tag in (*before, (dockerfile, "peer")):
+            _run([*base, "bud", "--layers", "--format", fmt, "--isolation", "chroot", "--pull-never",
+                  "-f", str(ctx / name), "-t", tag, str(ctx)], run_env)
+        dest = (f"oci-archive:{tmp / 'peer.tar'}:peer" if fmt == "oci"
+                else f"docker-archive:{tmp / 'peer.tar'}:peer:latest")
+        _run([*base, "push", "peer", dest], run_env)
         return oci.load(tmp / "peer.tar")[0]
     finally:
         subprocess.run([*base, "rm", "--all"], capture_output=True)
@@ -78,8 +84,8 @@ def _run(cmd, env):
     return p.stdout
 
 
-def ours(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", **kw):
-    return build(str(ctx / dockerfile), str(ctx), Store(tmp / "ok-store"), "ours", **kw)
+def ours(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", tag: str = "ours", **kw):
+    return build(str(ctx / dockerfile), str(ctx), Store(tmp / "ok-store"), tag, **kw)
 
 
 def content(layer) -> dict:
@@ -91,9 +97,24 @@ def content(layer) -> dict:
     return out
 
 
+# What buildah 1.28 leaves in the layer of the first RUN of an image: the mount points it bind-mounts
+# over (empty), which BuildKit and Docker do not commit. Dropped from buildah's side before comparing.
+BUILDAH_MOUNTPOINTS = ("dev", "proc", "sys", "run", "etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
+def peer_content(layer) -> dict:
+    """content() of a buildah layer less its empty mount points (and /etc if they were all it held)."""
+    out = {p: v for p, v in content(layer).items()
+           if not (p in BUILDAH_MOUNTPOINTS and v[0] in ("dir", "file") and v[5] == b"")}
+    if "etc" in out and out["etc"][0] == "dir" and not any(p.startswith("etc/") for p in out):
+        del out["etc"]
+    return out
+
+
 def config_fields(image) -> dict:
-    """The config fields a Dockerfile sets, without the builder's own label."""
-    cfg = dict(image.config_json()["config"])
+    """The config fields a Dockerfile sets, without the builder's own label (and buildah's empty
+    Cmd/Entrypoint lists of a docker-format scratch image, which mean the same as none)."""
+    cfg = {k: v for k, v in image.config_json()["config"].items() if not (k in ("Cmd", "Entrypoint") and v == [])}
     labels = {k: v for k, v in (cfg.pop("Labels", None) or {}).items() if not k.startswith("io.buildah")}
     if labels:
         cfg["Labels"] = labels
