@@ -827,6 +827,15 @@ class Builder:
             raise BuildError(f"line {ins.line}: {ins.name} needs a build context directory")
 
         def action(container):
+            try:
+                copy(container)
+            except PermissionError as e:
+                if chown and os.geteuid() != 0:
+                    raise BuildError(f"line {ins.line}: {ins.name} --chown={chown}: an unprivileged builder cannot "
+                                     f"make files owned by another user ({e.strerror}: {e.filename})") from None
+                raise
+
+        def copy(container):
             ov = container.overlay
             if inline:
                 uid, gid = _owner(ov, chown) if chown else (None, None)
@@ -1126,6 +1135,8 @@ def _owner(ov, spec: str) -> tuple[int, int]:
 
     uid = lookup("/etc/passwd", user)
     gid = lookup("/etc/group", group) if group else uid
+    if (uid, gid) == (0, 0) and os.geteuid() != 0:
+        return None, None  # an unprivileged builder's own files are root's in the layer already
     return uid, gid
 
 

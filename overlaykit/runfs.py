@@ -296,6 +296,9 @@ class RunFS:
             self.mounts.update({"/dev": dev_fs(), "/proc": proc_fs(uid, gid, cwd), "/sys": sys_fs()})
         self.mounts.update({_norm(k): v for k, v in (mounts or {}).items()})
         self._ids = os.geteuid(), os.getegid()  # an unprivileged builder's files count as root's (as in layers)
+        # what this RUN's user made but an unprivileged builder could not give it: the user's until the
+        # RUN ends (the layer records the builder's own files as root's)
+        self._given: set[str] = set()
 
     # -- routing
     def _route(self, p) -> tuple[object, str, bool]:
@@ -315,22 +318,24 @@ class RunFS:
         return [posixpath.basename(t) for t in self.mounts if posixpath.dirname(t) == d and t != "/"]
 
     # -- permissions (for a user other than root)
-    def _owner(self, s: Stat) -> tuple[int, int]:
+    def _owner(self, s: Stat, p: str | None = None) -> tuple[int, int]:
+        if p is not None and _norm(p) in self._given:
+            return self.uid, self.gid
         uid = 0 if (self._ids[0] != 0 and s.uid == self._ids[0]) else s.uid
         gid = 0 if (self._ids[0] != 0 and s.gid == self._ids[1]) else s.gid
         return uid, gid
 
-    def _allowed(self, s: Stat, bits: int) -> bool:
+    def _allowed(self, s: Stat, bits: int, p: str | None = None) -> bool:
         if self.uid == 0:
             return True
-        uid, gid = self._owner(s)
+        uid, gid = self._owner(s, p)
         shift = 6 if uid == self.uid else 3 if gid in self.groups else 0
         return (s.mode >> shift) & bits == bits
 
     def _check(self, p: str, bits: int, follow: bool = True) -> Stat:
         fs, inner, _ = self._route(p)
         s = fs.stat(inner, follow_symlinks=follow)
-        if not self._allowed(s, bits):
+        if not self._allowed(s, bits, p):
             raise _err(errno.EACCES, p)
         return s
 
@@ -357,7 +362,7 @@ class RunFS:
         parent = self.stat(posixpath.dirname(_norm(p)))
         if parent.mode & 0o1000:
             s = self.stat(p, follow_symlinks=False)
-            if self.uid not in (self._owner(s)[0], self._owner(parent)[0]):
+            if self.uid not in (self._owner(s, p)[0], self._owner(parent, posixpath.dirname(_norm(p)))[0]):
                 raise _err(errno.EPERM, p)
 
     def _own(self, p: str, symlink: bool = False) -> None:
@@ -366,13 +371,15 @@ class RunFS:
             return
         fs, inner, _ = self._route(p)
         if symlink:
-            if self.lchown and fs is self.fs:
+            if self.lchown and fs is self.fs and self._ids[0] == 0:
                 self.lchown(_norm(p), self.uid, self.gid)
+            elif fs is self.fs:
+                self._given.add(_norm(p))
             return
         try:
             fs.chown(inner, self.uid, self.gid)
-        except PermissionError:
-            pass  # an unprivileged builder cannot give files away: they stay the builder's (root's in the layer)
+        except PermissionError:  # an unprivileged builder cannot give files away
+            self._given.add(_norm(p))
 
     # -- the Overlay methods the shell uses
     def stat(self, p, follow_symlinks: bool = True) -> Stat:
@@ -460,14 +467,14 @@ class RunFS:
 
     def chmod(self, p, mode: int) -> None:
         s = self.stat(p)
-        if self.uid != 0 and self._owner(s)[0] != self.uid:
+        if self.uid != 0 and self._owner(s, p)[0] != self.uid:
             raise _err(errno.EPERM, p)
         fs, inner, _ = self._route(p)
         fs.chmod(inner, mode)
 
     def chown(self, p, uid: int, gid: int) -> None:
         s = self.stat(p)
-        if self.uid != 0 and (uid not in (-1, self._owner(s)[0]) or self._owner(s)[0] != self.uid
+        if self.uid != 0 and (uid not in (-1, self._owner(s, p)[0]) or self._owner(s, p)[0] != self.uid
                               or gid not in (-1, *self.groups)):
             raise _err(errno.EPERM, p)
         fs, inner, _ = self._route(p)
@@ -475,7 +482,7 @@ class RunFS:
 
     def utime(self, p, times=None) -> None:
         s = self.stat(p)
-        if self.uid != 0 and self._owner(s)[0] != self.uid and (times is not None or not self._allowed(s, 2)):
+        if self.uid != 0 and self._owner(s, p)[0] != self.uid and (times is not None or not self._allowed(s, 2, p)):
             raise _err(errno.EPERM if times is not None else errno.EACCES, p)
         fs, inner, _ = self._route(p)
         fs.utime(inner, times)

@@ -113,7 +113,8 @@ def test_dockerignore_excludes_from_copy_like_buildah(tmp_path):
     mine = content(ours(ctx, tmp_path, backend="sim").layers[0])
     files = {p for p, v in mine.items() if v[0] == "file"}
     assert files == {"app/keep.log", "app/docs/README.md", "app/src/app.py", "app/sub/ok.txt"}
-    assert mine == content(peer(ctx, tmp_path).layers[0])
+    theirs = peer(ctx, tmp_path)
+    assert mine == content(theirs.layers[0])
 
 
 def test_ignored_source_is_not_found(tmp_path):
@@ -127,8 +128,13 @@ def test_ignored_source_is_not_found(tmp_path):
 
 # ---------------------------------------------------------------------- 2. modes, owners, mtimes
 
+ROOT = os.geteuid() == 0
+NEEDS_ROOT = pytest.mark.skipif(not ROOT, reason="--chown to another user needs a privileged builder")
+
+
 def modes_context(ctx: Path) -> None:
-    write(ctx / "Dockerfile", "FROM scratch\nCOPY app /app/\nCOPY --chown=7:8 app /owned/\nCOPY app/f /single\n")
+    chown = "COPY --chown=7:8 app /owned/\n" if ROOT else ""  # an unprivileged builder cannot give files away
+    write(ctx / "Dockerfile", f"FROM scratch\nCOPY app /app/\n{chown}COPY app/f /single\n")
     write(ctx / "app/f", "file", 0o640)
     write(ctx / "app/private/p", "p", 0o600)
     write(ctx / "app/tmp/t", "t")
@@ -150,14 +156,15 @@ def test_copy_modes_owners_mtimes_do_not_depend_on_umask(tmp_path, backend):
         image = ours(ctx, tmp_path, backend=backend)
     finally:
         os.umask(old)
-    app, owned = image.layers[0], image.layers[1]
+    app = image.layers[0]
     got = content(app)
     assert got["app/tmp"][:4] == ("dir", "0o1777", 0, 0)
     assert got["app/private"][:4] == ("dir", "0o700", 0, 0)
     assert got["app/f"][:4] == ("file", "0o640", 0, 0)
     assert got["app/private/p"][:4] == ("file", "0o600", 0, 0)
     assert got["app"][:4] == ("dir", "0o755", 0, 0)
-    assert {v[2:4] for v in content(owned).values()} == {(7, 8)}
+    if ROOT:
+        assert {v[2:4] for v in content(image.layers[1]).values()} == {(7, 8)}
     mtimes = {e.path: e.mtime for e in app.entries()}
     assert mtimes["app/f"] == OLD and mtimes["app/private"] == OLD
     assert max(mtimes.values()) <= BUILD_EPOCH
@@ -166,12 +173,12 @@ def test_copy_modes_owners_mtimes_do_not_depend_on_umask(tmp_path, backend):
 def test_copy_modes_owners_mtimes_like_buildah(tmp_path):
     ctx = tmp_path / "ctx"
     modes_context(ctx)
+    theirs = peer(ctx, tmp_path)
     old = os.umask(0o077)
     try:
         mine = ours(ctx, tmp_path, backend="sim")
     finally:
         os.umask(old)
-    theirs = peer(ctx, tmp_path)
     for a, b in zip(mine.layers, theirs.layers, strict=True):
         assert content(a) == content(b)
     m = {e.path: e.mtime for e in mine.layers[0].entries()}
@@ -194,7 +201,8 @@ def test_env_substitutes_values_from_before_the_instruction(tmp_path):
 def test_env_like_buildah(tmp_path):
     ctx = tmp_path / "ctx"
     write(ctx / "Dockerfile", ENV_FILE)
-    assert config_fields(ours(ctx, tmp_path, backend="sim")) == config_fields(peer(ctx, tmp_path))
+    theirs = peer(ctx, tmp_path)
+    assert config_fields(ours(ctx, tmp_path, backend="sim")) == config_fields(theirs)
 
 
 # ---------------------------------------------------------------------- 6. symlinks, --chmod, --chown
@@ -209,6 +217,7 @@ def links_context(ctx: Path) -> None:
     os.symlink("f", ctx / "dir/sub/rel")
 
 
+@NEEDS_ROOT
 def test_symlinks_chmod_chown(tmp_path):
     ctx = tmp_path / "ctx"
     links_context(ctx)
@@ -226,7 +235,8 @@ def test_symlinks_chmod_chown(tmp_path):
 def test_symlinks_chmod_chown_like_buildah(tmp_path):
     ctx = tmp_path / "ctx"
     links_context(ctx)
-    mine, theirs = ours(ctx, tmp_path, backend="sim"), peer(ctx, tmp_path)
+    theirs = peer(ctx, tmp_path)
+    mine = ours(ctx, tmp_path, backend="sim")
     for a, b in zip(mine.layers, theirs.layers, strict=True):
         assert content(a) == content(b)
 
@@ -239,7 +249,8 @@ def test_scratch_gets_default_path_like_buildah(tmp_path):
     write(ctx / "f")
     mine = ours(ctx, tmp_path, backend="sim")
     assert mine.config.env[0] == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    assert config_fields(mine) == config_fields(peer(ctx, tmp_path))
+    theirs = peer(ctx, tmp_path)
+    assert config_fields(mine) == config_fields(theirs)
 
 
 def test_source_date_epoch_gives_reproducible_digests(tmp_path, monkeypatch):
@@ -271,3 +282,15 @@ def test_created_is_recorded_without_source_date_epoch(tmp_path, monkeypatch):
     assert all("created" in h for h in image.config_json()["history"])
     stored = image  # the store keeps it
     assert stored.created == image.created
+
+
+@pytest.mark.skipif(ROOT, reason="about unprivileged builders")
+def test_chown_to_another_user_is_a_clear_error_when_unprivileged(tmp_path):
+    from overlaykit.build import BuildError
+    ctx = tmp_path / "ctx"
+    write(ctx / "Dockerfile", "FROM scratch\nCOPY --chown=7:8 f /f\nCOPY --chown=0:0 f /g\n")
+    write(ctx / "f")
+    with pytest.raises(BuildError, match=r"line 2: COPY --chown=7:8: an unprivileged builder cannot"):
+        ours(ctx, tmp_path, backend="sim")
+    write(ctx / "Dockerfile", "FROM scratch\nCOPY --chown=0:0 f /g\n")
+    assert content(ours(ctx, tmp_path, backend="sim").layers[0])["g"][2:4] == (0, 0)
