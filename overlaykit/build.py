@@ -5,13 +5,30 @@ eight RUN lines and with one, and compare the layers.  The mechanics follow Dock
 every RUN, COPY and ADD mounts the image so far as lower layers under a fresh upper directory
 (:class:`overlaykit.images.Container`), makes its changes through the overlay, and commits the upper
 as a new layer, so ``rm`` in a later step only adds whiteouts.  ENV, ARG, WORKDIR (for an existing
-directory), USER, CMD, ENTRYPOINT, LABEL, EXPOSE, VOLUME and STOPSIGNAL change only the config and add a
-history entry with ``empty_layer``, exactly as ``docker history`` shows them.
+directory), USER, CMD, ENTRYPOINT, LABEL, EXPOSE, VOLUME, STOPSIGNAL, SHELL, HEALTHCHECK, ONBUILD and
+MAINTAINER change only the config and add a history entry with ``empty_layer``, exactly as ``docker
+history`` shows them; a base image's ONBUILD triggers run right after FROM.
 
-RUN executes for real (overlay mount + chroot into the merged root) when the overlay uses the kernel
-backend and the image's ``/bin/sh`` is a real ELF binary (e.g. ``FROM busybox:host``, built from the
-OS's busybox-static); otherwise the simulated shell of :mod:`overlaykit.shell` runs it.  The Dockerfile
-is parsed by ``dockerfile-parse``.
+buildah is the reference (tests/test_build_fidelity.py and test_build_run.py build the same contexts with
+both): ``.dockerignore`` follows moby's patternmatcher (:mod:`overlaykit.dockerignore`); COPY/ADD take
+modes and mtimes from the context and owners from ``--chown`` only (0:0 otherwise), never from the
+builder's umask; a top-level symlink source is followed; ``--chmod`` applies to directories below the
+copied one; ENV expands with the values from before the instruction; FROM scratch gets Docker's PATH.
+Heredocs (``RUN <<EOF``, ``COPY <<EOF /file``) follow BuildKit, which buildah 1.28 lacks.
+
+RUN runs as the config's USER (uid, gid and groups from the image's /etc/passwd and /etc/group), with
+a minimal /dev, /proc and /sys and the instruction's ``--mount=type=bind|cache|tmpfs``, none of which
+reaches the layer: for real (a chroot into the kernel overlay's merged root, root only, the mounts made
+in the helper's namespace; a mount's content is copied into a tmpfs there, and a cache is copied back to
+``<store>/build-cache/<id>`` after the RUN) when the overlay uses the kernel backend and the image's
+shell is a real ELF binary (e.g. ``FROM busybox:host``, built from the OS's busybox-static); otherwise
+the simulated shell of :mod:`overlaykit.shell` runs it against :class:`overlaykit.runfs.RunFS`.
+
+Reproducibility: layer mtimes are clamped to :data:`BUILD_EPOCH`, or to ``SOURCE_DATE_EPOCH`` when it is
+set (BuildKit's ``rewrite-timestamp``: only newer times change), so layer digests do not depend on when
+or where a build runs. The config's ``created`` and every history entry's ``created`` are
+``SOURCE_DATE_EPOCH`` when set (two builds then give the same image id) and the build's clock time
+otherwise, as Docker records them. The Dockerfile is parsed by ``dockerfile-parse``.
 """
 
 from __future__ import annotations
@@ -488,7 +505,6 @@ class Builder:
                             stage.image.history + [History(created_by, True, created=self._now())])
 
     def _step(self, stage: _Stage, ins: Instruction, step: Step, stages, global_args):
-        import dataclasses
         cfg = dataclasses.replace(stage.image.config, env=list(stage.image.config.env),
                                   labels=dict(stage.image.config.labels),
                                   exposed_ports=list(stage.image.config.exposed_ports),
@@ -781,9 +797,6 @@ class Builder:
             except ValueError as e:
                 raise BuildError(str(e)) from None
         return self._rules
-
-    def _can_run_for_real(self, ov) -> bool:
-        return self.run_mode != "sim" and _real_root(ov) is not None and os.geteuid() == 0
 
     # ------------------------------------------------------------------ COPY / ADD
     def _copy(self, stage, ins, step, cfg, variables, stages):

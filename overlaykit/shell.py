@@ -16,7 +16,8 @@ What it understands (a useful subset of POSIX sh, tokenised with :mod:`shlex`):
   ``[...]``) matched with :mod:`fnmatch` against the filesystem; redirections ``>``, ``>>``, ``<``,
   ``2>``, ``2>&1``, ``>/dev/null``;
 * builtins ``cd pwd echo printf true false : exit set export unset test [``; programs ``mkdir rm
-  rmdir touch cp mv ln chmod cat ls tar wget curl make apt-get apt-mark groupadd useradd nproc``.
+  rmdir touch cp mv ln chmod chown cat head ls id whoami tar wget curl make apt-get apt-mark groupadd
+  useradd nproc`` (``id`` and ``whoami`` answer for the RUN user of :class:`overlaykit.runfs.RunFS`).
 
 Programs, unlike builtins, must exist on ``PATH`` in the filesystem (``/usr/bin/wget`` only exists
 after ``apt-get install wget``), just as in a real image.  Downloads, packages and the redis build come

@@ -64,7 +64,7 @@ COPY rootfs/ /
 USER 1000
 RUN id -u > /tmp/uid && id -g > /tmp/gid && echo x > /dev/null && cat /dev/zero | head -c 5 > /tmp/zeros \\
     && head -c 3 /dev/urandom > /dev/null && cat /proc/self/status > /dev/null && ls /sys > /dev/null \\
-    && touch /tmp/mine && mkdir /tmp/dir && ln -s mine /tmp/link && echo shm > /dev/shm/x
+    && touch /tmp/mine && mkdir /tmp/dir && touch /tmp/dir/inside && ln -s mine /tmp/link && echo shm > /dev/shm/x
 USER root
 RUN echo root > /tmp/root
 """
