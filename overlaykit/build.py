@@ -206,10 +206,11 @@ def _json_or_shell(value: str) -> list[str] | None:
     return None
 
 
-def _words(value: str, variables: dict[str, str] | None) -> list[str]:
+def _words(value: str, variables: dict[str, str] | None, split: bool = True) -> list[str]:
     """Split and expand like Docker's shell lexer (ProcessWords): `'...'` is literal, `"..."` expands
     variables but is one word, a backslash escapes the next character, `$VAR`/`${VAR...}` expand (with
-    `variables` None nothing expands). Expanded text is never split again."""
+    `variables` None nothing expands). Expanded text is never split again; with `split` False the whole
+    value is one word, its blanks kept (ProcessWord, for the legacy `ENV key value` form)."""
     words, cur, started, i, n = [], [], False, 0, len(value)
 
     def expand(j):
@@ -226,7 +227,7 @@ def _words(value: str, variables: dict[str, str] | None) -> list[str]:
 
     while i < n:
         c = value[i]
-        if c in " \t\n" :
+        if c in " \t\n" and split:
             if started:
                 words.append("".join(cur))
                 cur, started = [], False
@@ -275,7 +276,7 @@ def _pairs(value: str, line: int, name: str, variables: dict[str, str] | None = 
         if name == "ARG":
             return [(w, None) for w in raw]
         key, _, rest = value.strip().partition(" ")
-        return [(key, " ".join(_words(rest.strip(), variables)) if rest.strip() else "")]
+        return [(key, "".join(_words(rest.strip(), variables, split=False)) if rest.strip() else "")]
     out = []
     for w in _split_raw(value):
         if "=" not in w:
@@ -284,6 +285,7 @@ def _pairs(value: str, line: int, name: str, variables: dict[str, str] | None = 
                 continue
             raise BuildError(f"line {line}: {name}: expected KEY=VALUE, got {w!r}")
         k, _, v = w.partition("=")
+        k = "".join(_words(k, variables)) if any(c in k for c in "'\"\\$") else k
         expanded = _words(v, variables) if v else [""]
         out.append((k, expanded[0] if expanded else ""))
     return out

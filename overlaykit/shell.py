@@ -278,7 +278,11 @@ class Shell:
         return ShellResult(self.status, self._text())
 
     def run_argv(self, argv: list[str]) -> ShellResult:
-        """Exec form (`RUN ["prog", "arg"]`): no shell processing at all."""
+        """Exec form (`RUN ["prog", "arg"]`): no shell processing at all (`["sh", "-c", script]` runs the
+        script in this shell, as the real sh would)."""
+        if (len(argv) >= 3 and posixpath.basename(argv[0]) in ("sh", "bash", "ash", "dash") and argv[1] == "-c"
+                and self._on_path(argv[0])):
+            return self.run(argv[2])
         self._out, self._line = [], 1
         try:
             self.status, out = self._exec(list(argv), b"", {})

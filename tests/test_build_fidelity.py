@@ -188,7 +188,8 @@ def test_copy_modes_owners_mtimes_like_buildah(tmp_path):
 
 # ---------------------------------------------------------------------- 4. ENV
 
-ENV_FILE = "FROM scratch\nENV a=1\nENV a=2 b=$a c=\\$a d='$a' e=\"$a\" f=${a}x\n"
+ENV_FILE = ("FROM scratch\nENV a=1\nENV a=2 b=$a c=\\$a d='$a' e=\"$a\" f=${a}x\n"
+            "ENV legacy two  \"quoted\"   words $a\nENV g=a\\ b h=\"q \\\"x\\\"\" i=${nope:-dflt}\n")
 
 
 def test_env_substitutes_values_from_before_the_instruction(tmp_path):
@@ -196,6 +197,8 @@ def test_env_substitutes_values_from_before_the_instruction(tmp_path):
     write(ctx / "Dockerfile", ENV_FILE)
     env = ours(ctx, tmp_path, backend="sim").config.env_dict()
     assert {k: env[k] for k in "abcdef"} == {"a": "2", "b": "1", "c": "$a", "d": "$a", "e": "1", "f": "1x"}
+    assert env["legacy"] == "two  quoted   words 2"  # the legacy form keeps its blanks, drops the quotes
+    assert (env["g"], env["h"], env["i"]) == ("a b", 'q "x"', "dflt")
 
 
 def test_env_like_buildah(tmp_path):
