@@ -662,8 +662,9 @@ class Builder:
                 step.mode = "sim"
                 fs_mounts = {}
                 for m, entries in zip(mounts, sources):
-                    mem = MemFS(m.get("mode", 0o755))
+                    mem = MemFS(_mount_mode(m, entries))
                     _fill(mem, "/", entries)
+                    mem.root.uid, mem.root.gid = int(m.get("uid", 0)), int(m.get("gid", 0))
                     fs_mounts[m["target"]] = ReadOnly(mem) if m["type"] == "bind" and not m["rw"] else mem
                 fs = RunFS(ov, uid=uid, gid=gid, groups=groups, mounts=fs_mounts, cwd=workdir,
                            lchown=lambda p, u, g: container.lchowns.append((p, u, g)))
@@ -707,7 +708,9 @@ class Builder:
         try:
             for m, entries in zip(mounts, sources):
                 _fill(ov, m["target"], entries)
-                ov.chmod(m["target"], m.get("mode", 0o755))
+                ov.chmod(m["target"], _mount_mode(m, entries))
+                if m.get("uid") or m.get("gid"):
+                    ov.chown(m["target"], int(m.get("uid", 0)), int(m.get("gid", 0)))
             if any(m["type"] == "bind" and not m["rw"] for m in mounts):
                 call("readonly", None, [m["target"] for m in mounts if m["type"] == "bind" and not m["rw"]])
             if shebang is not None:
@@ -1307,7 +1310,11 @@ def _mount_spec(arg: str, line: int) -> dict:
             m["source"] = value
         elif key == "mode":
             m["mode"] = int(value, 8)
-        elif key in ("uid", "gid", "size", "sharing"):
+        elif key in ("uid", "gid"):
+            if not value.isdigit():
+                raise BuildError(f"line {line}: RUN --mount {key}={value}: a number is needed")
+            m[key] = value
+        elif key in ("size", "sharing"):
             m[key] = value
         else:
             m[key] = value
@@ -1320,6 +1327,16 @@ def _mount_spec(arg: str, line: int) -> dict:
     if m["type"] == "tmpfs":
         m["rw"] = True
     return m
+
+
+def _mount_mode(m, entries) -> int:
+    """The mode of a --mount's root: `mode=`, else a bind's source directory's, a tmpfs's 1777 (the
+    kernel's default for a tmpfs root, as BuildKit and buildah leave it) or a new cache's 0755."""
+    if "mode" in m:
+        return m["mode"]
+    if m["type"] == "bind" and entries and not entries[0][0]:
+        return entries[0][2]
+    return 0o1777 if m["type"] == "tmpfs" else 0o755
 
 
 def _fill(fs, top: str, entries) -> None:

@@ -16,7 +16,7 @@ What it understands (a useful subset of POSIX sh, tokenised with :mod:`shlex`):
   ``[...]``) matched with :mod:`fnmatch` against the filesystem; redirections ``>``, ``>>``, ``<``,
   ``2>``, ``2>&1``, ``>/dev/null``;
 * builtins ``cd pwd echo printf true false : exit set export unset test [``; programs ``mkdir rm
-  rmdir touch cp mv ln chmod chown cat head ls id whoami tar wget curl make apt-get apt-mark groupadd
+  rmdir touch cp mv ln chmod chown cat head ls id stat whoami tar wget curl make apt-get apt-mark groupadd
   useradd nproc`` (``id`` and ``whoami`` answer for the RUN user of :class:`overlaykit.runfs.RunFS`).
 
 Programs, unlike builtins, must exist on ``PATH`` in the filesystem (``/usr/bin/wget`` only exists
@@ -682,6 +682,26 @@ class Shell:
             else:
                 out.append(b"".join(data.splitlines(keepends=True)[:count]))
         return status, b"".join(out)
+
+    def _p_stat(self, argv, stdin):
+        opts, files = _opts(argv[1:], with_value="c")
+        fmt = opts.get("c")
+        if fmt is None:
+            self._err("stat: the simulated stat prints only with -c FORMAT (%a %u %g %n %s %F)")
+            return 1, b""
+        kinds = {"file": "regular file", "dir": "directory", "symlink": "symbolic link", "char": "character special file"}
+        out, status = [], 0
+        for f in files:
+            try:
+                st = self.fs.stat(self.path(f), follow_symlinks="L" in opts)
+            except OSError as e:
+                self._err(f"stat: can't stat '{f}': {_nofile(e)}")
+                status = 1
+                continue
+            fields = {"a": f"{st.mode & 0o7777:o}", "u": str(st.uid), "g": str(st.gid), "n": f, "s": str(st.size),
+                      "F": kinds.get(st.kind, st.kind), "%": "%"}
+            out.append(re.sub(r"%(.)", lambda m: fields.get(m.group(1), m.group(0)), fmt) + "\n")
+        return status, "".join(out).encode()
 
     def _ids(self):
         """(uid, gid, groups) the RUN runs as (RunFS knows; a plain overlay is root)."""

@@ -212,20 +212,22 @@ def test_env_like_buildah(tmp_path):
 
 def links_context(ctx: Path) -> None:
     write(ctx / "Dockerfile", "FROM scratch\nCOPY lnk /one/\nCOPY l* /wild/\nCOPY lnk /named\n"
-          "COPY --chmod=751 dir /c\nCOPY --chown=5:6 dir /o/\nCOPY --chown=5:6 lnk /ol/\n")
+          "COPY --chmod=751 dir /c\nCOPY --chown=5:6 dir /o/\nCOPY --chown=5:6 lnk /ol/\nCOPY dirlink /viadir/\n")
     write(ctx / "real.txt", "the target", 0o640)
     os.symlink("real.txt", ctx / "lnk")
     write(ctx / "dir/sub/f", "f", 0o644)
     os.symlink("../real.txt", ctx / "dir/inner")
     os.symlink("f", ctx / "dir/sub/rel")
+    os.symlink("dir", ctx / "dirlink")
 
 
 @NEEDS_ROOT
-def test_symlinks_chmod_chown(tmp_path):
+@pytest.mark.parametrize("backend", ["sim", "auto"])
+def test_symlinks_chmod_chown(tmp_path, backend):
     ctx = tmp_path / "ctx"
     links_context(ctx)
-    image = ours(ctx, tmp_path, backend="sim")
-    one, wild, named, chmod, chown, chown_link = (content(layer) for layer in image.layers)
+    image = ours(ctx, tmp_path, backend=backend)
+    one, wild, named, chmod, chown, chown_link, viadir = (content(layer) for layer in image.layers)
     assert one["one/lnk"] == ("file", "0o640", 0, 0, "", b"the target")
     assert wild["wild/lnk"][0] == "file" and wild["wild/lnk"][5] == b"the target"
     assert named["named"][0] == "file"
@@ -233,6 +235,7 @@ def test_symlinks_chmod_chown(tmp_path):
     assert chown["o/inner"][:5] == ("symlink", "0o777", 5, 6, "../real.txt")
     assert chown["o/sub/rel"][2:4] == (5, 6)
     assert chown_link["ol/lnk"][:4] == ("file", "0o640", 5, 6)
+    assert viadir["viadir/sub/f"][5] == b"f" and viadir["viadir/inner"][:1] == ("symlink",)
 
 
 def test_symlinks_chmod_chown_like_buildah(tmp_path):

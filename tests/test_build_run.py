@@ -305,3 +305,38 @@ def test_unsupported_flags_name_the_flag_and_line(tmp_path, line, message):
     ctx = context(tmp_path, f"FROM scratch\nCOPY rootfs/ /\n{line}\n")
     with pytest.raises(BuildError, match=message):
         ours(ctx, tmp_path, backend="sim", run_mode="sim")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_mount_owner_and_mode_for_the_user(tmp_path, mode):
+    ctx = context(tmp_path, "FROM scratch\nCOPY rootfs/ /\nUSER 1000\n"
+                            "RUN --mount=type=cache,target=/c,uid=1000,mode=0700 echo ok > /c/f && cat /c/f > /tmp/ok\n")
+    assert content(ours(ctx, tmp_path, **mode).layers[-1])["tmp/ok"][5] == b"ok\n"
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY rootfs/ /\nUSER 1000\n"
+                                    "RUN --mount=type=cache,target=/c2 echo no > /c2/f\n")
+    with pytest.raises(BuildError, match="(?s)line 4: RUN.*Permission denied"):
+        ours(ctx, tmp_path, **mode)
+    no_mounts_left()
+
+
+MODES_FILE = """\
+FROM scratch
+COPY rootfs/ /
+RUN --mount=type=tmpfs,target=/t --mount=type=cache,target=/c --mount=type=bind,target=/b \\
+    stat -c "%a %u" /t /c /b > /modes
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_mount_roots(tmp_path, mode):
+    ctx = context(tmp_path, MODES_FILE)
+    os.chmod(ctx, 0o750)
+    assert content(ours(ctx, tmp_path, **mode).layers[-1])["modes"][5] == b"1777 0\n755 0\n750 0\n"
+
+
+def test_run_mount_roots_like_buildah(tmp_path):
+    ctx = context(tmp_path, MODES_FILE)
+    os.chmod(ctx, 0o750)
+    theirs = peer(ctx, tmp_path)
+    mine = ours(ctx, tmp_path, backend="sim", run_mode="sim")
+    assert mine.layers[-1].read("modes") == theirs.layers[-1].read("modes")
