@@ -104,7 +104,8 @@ class IgnoreRules:
 
     @classmethod
     def parse(cls, text: str) -> "IgnoreRules":
-        return cls(line for line in text.splitlines() if not line.startswith("#"))
+        """The file's text: a UTF-8 byte order mark is dropped, lines starting with `#` are comments."""
+        return cls(line for line in text.removeprefix("\ufeff").splitlines() if not line.startswith("#"))
 
     @classmethod
     def for_context(cls, root) -> "IgnoreRules":

@@ -82,6 +82,14 @@ CASES = [
     (["!x", "x"], "x", True),
     (["x", "!x"], "x", False),
     (["  spaced  "], "spaced", True),
+    (["**/foo/bar"], "foo/bar", True),
+    (["**/foo/bar"], "x/y/foo/bar", True),
+    (["**/.hidden"], ".hidden", True),
+    ([".*"], ".env", True),
+    ([".*"], "xenv", False),
+    (["*"], "a/b", True),
+    (["dir/"], "dir/file", True),
+    (["! docs"], "docs", False),
 ]
 
 
@@ -93,9 +101,12 @@ def test_dockerignore_rules_follow_moby_patternmatcher(patterns, path, excluded)
 
 def test_dockerignore_file_comments_and_blank_lines():
     from overlaykit.dockerignore import IgnoreRules
-    rules = IgnoreRules.parse("# a comment\n\n*.log\n  # not a comment: a pattern\n")
+    rules = IgnoreRules.parse("\ufeff# a comment\n\n*.log\n  # not a comment: a pattern\n")
     assert rules.excluded("a.log") and not rules.excluded("a.txt")
     assert rules.excluded("  # not a comment: a pattern".strip()) is True
+    assert len(rules.patterns) == 2
+    with pytest.raises(ValueError, match="illegal exclusion"):
+        IgnoreRules(["!"])
 
 
 def dockerignore_context(ctx: Path) -> None:
