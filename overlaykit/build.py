@@ -119,7 +119,7 @@ class Step:
         return f"Step {self.number}/{self.total} : {text}"
 
 
-_HEREDOC = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
+_HEREDOC = re.compile(r"\d*<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
 
 
 def parse_dockerfile(text: str) -> list[Instruction]:
@@ -145,8 +145,8 @@ def parse_dockerfile(text: str) -> list[Instruction]:
             start, markers = i + 1, []
             first = stripped.split(None, 1)[0].upper() if stripped and not stripped.startswith("#") else ""
         cleaned.append(line)
-        if first in ("RUN", "COPY", "ADD"):
-            markers += _HEREDOC.findall(line)
+        if first in ("RUN", "COPY", "ADD"):  # a word that is `<<NAME` (not text inside quotes), as BuildKit
+            markers += [m.groups() for w in _split_raw(line.rstrip("\\")) if (m := _HEREDOC.fullmatch(w))]
         continuing = stripped.endswith("\\") and not stripped.startswith("#")
         i += 1
         if continuing or not markers:

@@ -213,11 +213,15 @@ two
 RUN <<-EOT
 \techo tabs > /hd/tabs
 \tEOT
+RUN echo "not a<<heredoc" > /hd/quoted
 """
 SHEBANG = """\
 RUN <<EOF
 #!/bin/sh
 echo script > /hd/script
+EOF
+RUN cat <<EOF > /hd/cat
+given to the shell
 EOF
 """
 
@@ -235,8 +239,10 @@ def test_heredocs(tmp_path, mode):
     assert files["hd/literal"][1:] == ("0o600", 0, 0, "", b"hello $NAME\n")
     assert files["hd/many/one"][5] == b"first\n" and files["hd/many/two"][5] == b"second\n"
     assert files["hd/tabs"][5] == b"tabs\n"
+    assert files["hd/quoted"][5] == b"not a<<heredoc\n"
     if real:
         assert files["hd/script"][5] == b"script\n"
+        assert files["hd/cat"][5] == b"given to the shell\n"
         assert not [p for layer in image.layers[1:] for p in content(layer) if p.startswith("dev")]
 
 
