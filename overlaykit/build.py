@@ -919,7 +919,7 @@ class Builder:
                         dir_times.append((path, mtime))
             elif add and _is_tar(src.read(m)):
                 _mkdirs(ov, dest, uid, gid)
-                _extract(ov, src.read(m), dest)
+                _extract(ov, src.read(m), dest, uid, gid, lchowns)
             else:
                 target = posixpath.join(dest, posixpath.basename(m)) if dest_is_dir or _isdir(ov, dest) else dest
                 _mkdirs(ov, posixpath.dirname(target), uid, gid)
@@ -1169,8 +1169,11 @@ def _is_tar(data: bytes) -> bool:
         return False
 
 
-def _extract(ov, data: bytes, dest: str):
-    """ADD's auto-extraction: through the overlay, refusing members that would leave `dest`."""
+def _extract(ov, data: bytes, dest: str, uid=None, gid=None, lchowns=None):
+    """ADD's auto-extraction: through the overlay, refusing members that would leave `dest`. Modes and
+    mtimes come from the archive, owners too (as Docker and buildah extract them) unless --chown gives
+    them; an unprivileged builder keeps its own (root's in the layer)."""
+    dir_times = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
         for m in tf.getmembers():
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
@@ -1179,16 +1182,34 @@ def _extract(ov, data: bytes, dest: str):
             if not parts:
                 continue
             p = posixpath.join(dest, *parts)
-            _ensure_dir(ov, posixpath.dirname(p))
+            _mkdirs(ov, posixpath.dirname(p), uid, gid)
+            owner = (uid, gid) if uid is not None else ((m.uid, m.gid) if os.geteuid() == 0 else (None, None))
             if m.isdir():
-                _ensure_dir(ov, p)
+                if not _isdir(ov, p):
+                    if _lexists(ov, p):
+                        ov.remove(p)
+                    ov.mkdir(p, mode=0o700)
+                ov.chmod(p, m.mode & 0o7777)
+                dir_times.append((p, m.mtime))
             elif m.issym():
                 if _lexists(ov, p):
                     ov.remove(p)
                 ov.symlink(m.linkname, p)
+                if owner[0] is not None and lchowns is not None:
+                    lchowns.append((p, *owner))
+                continue
             elif m.isfile():
+                if _lexists(ov, p) and not _isdir(ov, p):
+                    ov.remove(p)
                 ov.write_bytes(p, tf.extractfile(m).read())
                 ov.chmod(p, m.mode & 0o7777)
+                ov.utime(p, (m.mtime, m.mtime))
+            else:
+                continue
+            if owner[0] is not None:
+                ov.chown(p, *owner)
+    for p, mtime in reversed(dir_times):
+        ov.utime(p, (mtime, mtime))
 
 
 def _real_root(ov, program: str = "/bin/sh") -> str | None:

@@ -311,3 +311,48 @@ def test_chown_to_another_user_is_a_clear_error_when_unprivileged(tmp_path):
         ours(ctx, tmp_path, backend="sim")
     write(ctx / "Dockerfile", "FROM scratch\nCOPY --chown=0:0 f /g\n")
     assert content(ours(ctx, tmp_path, backend="sim").layers[0])["g"][2:4] == (0, 0)
+
+
+def tar_context(ctx: Path) -> None:
+    import io
+    import tarfile
+    ctx.mkdir(parents=True)
+    write(ctx / "Dockerfile", "FROM scratch\nADD arch.tar /x/\n")
+    with tarfile.open(ctx / "arch.tar", "w") as tf:
+        def add(name, kind, mode, uid=0, data=b"", link=""):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.size, ti.linkname = kind, mode, uid, uid, OLD, len(data), link
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+        add("d", tarfile.DIRTYPE, 0o700, 5)
+        add("d/f", tarfile.REGTYPE, 0o600, 7, b"inside")
+        add("d/l", tarfile.SYMTYPE, 0o777, 7, link="f")
+        add("top", tarfile.REGTYPE, 0o755, 0, b"#!/bin/sh\n")
+
+
+def test_add_extracts_modes_mtimes_owners_from_the_archive(tmp_path):
+    ctx = tmp_path / "ctx"
+    tar_context(ctx)
+    old = os.umask(0o077)
+    try:
+        layer = ours(ctx, tmp_path, backend="sim").layers[0]
+    finally:
+        os.umask(old)
+    got = content(layer)
+    who = (lambda n: n) if ROOT else (lambda n: 0)
+    assert got["x/d"][:4] == ("dir", "0o700", who(5), who(5))
+    assert got["x/d/f"] == ("file", "0o600", who(7), who(7), "", b"inside")
+    assert got["x/d/l"][:5] == ("symlink", "0o777", who(7), who(7), "f")
+    assert got["x/top"][:2] == ("file", "0o755")
+    mtimes = {e.path: e.mtime for e in layer.entries()}
+    assert mtimes["x/d"] == mtimes["x/d/f"] == OLD
+
+
+def test_add_extracts_like_buildah(tmp_path):
+    ctx = tmp_path / "ctx"
+    tar_context(ctx)
+    theirs = peer(ctx, tmp_path)
+    mine = ours(ctx, tmp_path, backend="sim")
+    assert content(mine.layers[0]) == content(theirs.layers[0])
+    m = {e.path: e.mtime for e in mine.layers[0].entries()}
+    t = {e.path: e.mtime for e in theirs.layers[0].entries()}
+    assert m["x/d"] == t["x/d"] and m["x/d/f"] == t["x/d/f"]
