@@ -326,7 +326,8 @@ def _run_mounts(action: str, made: list | None = None, targets=()) -> list:
     specials = ("/dev/shm", "/dev", "/proc", "/sys")
     if action == "readonly":
         for t in targets:
-            _check(_libc.mount(None, t.encode(), None, 0x20 | 0x1 | flags, None), "remount read-only", t)  # MS_REMOUNT|MS_RDONLY
+            # MS_REMOUNT | MS_RDONLY, keeping the target's MS_NOSUID | MS_NODEV
+            _check(_libc.mount(None, t.encode(), None, 0x20 | 0x1 | 0x2 | 0x4, None), "remount read-only", t)
         return []
     if action == "unmount":
         for t in sorted(targets, key=len, reverse=True) + list(specials):

@@ -689,7 +689,8 @@ class Shell:
         if fmt is None:
             self._err("stat: the simulated stat prints only with -c FORMAT (%a %u %g %n %s %F)")
             return 1, b""
-        kinds = {"file": "regular file", "dir": "directory", "symlink": "symbolic link", "char": "character special file"}
+        kinds = {"file": "regular file", "dir": "directory", "symlink": "symbolic link",
+                 "char": "character special file"}
         out, status = [], 0
         for f in files:
             try:

@@ -321,7 +321,8 @@ def tar_context(ctx: Path) -> None:
     with tarfile.open(ctx / "arch.tar", "w") as tf:
         def add(name, kind, mode, uid=0, data=b"", link=""):
             ti = tarfile.TarInfo(name)
-            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.size, ti.linkname = kind, mode, uid, uid, OLD, len(data), link
+            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, uid, uid, OLD
+            ti.size, ti.linkname = len(data), link
             tf.addfile(ti, io.BytesIO(data) if data else None)
         add("d", tarfile.DIRTYPE, 0o700, 5)
         add("d/f", tarfile.REGTYPE, 0o600, 7, b"inside")

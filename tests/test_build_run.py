@@ -315,8 +315,8 @@ def test_unsupported_flags_name_the_flag_and_line(tmp_path, line, message):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_run_mount_owner_and_mode_for_the_user(tmp_path, mode):
-    ctx = context(tmp_path, "FROM scratch\nCOPY rootfs/ /\nUSER 1000\n"
-                            "RUN --mount=type=cache,target=/c,uid=1000,mode=0700 echo ok > /c/f && cat /c/f > /tmp/ok\n")
+    ctx = context(tmp_path, "FROM scratch\nCOPY rootfs/ /\nUSER 1000\nRUN --mount=type=cache,target=/c,uid=1000,"
+                            "mode=0700 echo ok > /c/f && cat /c/f > /tmp/ok\n")
     assert content(ours(ctx, tmp_path, **mode).layers[-1])["tmp/ok"][5] == b"ok\n"
     (ctx / "Dockerfile").write_text("FROM scratch\nCOPY rootfs/ /\nUSER 1000\n"
                                     "RUN --mount=type=cache,target=/c2 echo no > /c2/f\n")
