@@ -320,6 +320,76 @@ def _stat(p: str, follow: bool):
     return s, (os.readlink(_abs(p)) if st.S_ISLNK(s.st_mode) else None)
 
 
+def _run_mounts(action: str, made: list | None = None, targets=()) -> list:
+    """A Dockerfile RUN's mounts, on the merged root in this namespace (a RUN that chroots through
+    /proc/PID/root sees them; nothing is written to the overlay).
+
+    "mount": a tmpfs /dev with null, zero, full, random, urandom, tty and a tmpfs shm, proc, a read-only
+    sysfs, and a tmpfs on each of `targets` (RUN --mount targets, filled by the caller); the mount points
+    that had to be made are returned. "readonly": remount `targets` read-only (bind mounts without rw).
+    "unmount": detach all of them and remove the mount points in `made`, so none reaches the upper layer.
+    """
+    flags = 0x2 | 0x8  # MS_NOSUID | MS_NOEXEC
+    specials = ("/dev/shm", "/dev", "/proc", "/sys")
+    if action == "readonly":
+        for t in targets:
+            # MS_REMOUNT | MS_RDONLY, keeping the target's MS_NOSUID | MS_NODEV
+            _check(_libc.mount(None, t.encode(), None, 0x20 | 0x1 | 0x2 | 0x4, None), "remount read-only", t)
+        return []
+    if action == "unmount":
+        for t in sorted(targets, key=len, reverse=True) + list(specials):
+            while _libc.umount2(t.encode(), 2) == 0:  # MNT_DETACH, until nothing is mounted there
+                pass
+        for d in sorted(made or [], key=len, reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        return []
+    made = []
+
+    def makedirs(d):
+        parts = [x for x in d.split("/") if x]
+        for i in range(1, len(parts) + 1):
+            q = "/" + "/".join(parts[:i])
+            if not os.path.lexists(q):
+                os.mkdir(q, 0o755)
+                made.append(q)
+
+    try:
+        for d in ("/dev", "/proc", "/sys"):
+            makedirs(d)
+        if os.path.isdir("/dev") and not os.path.islink("/dev"):
+            _check(_libc.mount(b"tmpfs", b"/dev", b"tmpfs", flags, b"mode=755,size=65536k"), "mount /dev", "/dev")
+            for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                                       ("urandom", 1, 9), ("tty", 5, 0)):
+                os.mknod("/dev/" + name, 0o666 | st.S_IFCHR, os.makedev(major, minor))
+                os.chmod("/dev/" + name, 0o666)
+            os.mkdir("/dev/shm", 0o1777)
+            os.chmod("/dev/shm", 0o1777)
+            _check(_libc.mount(b"shm", b"/dev/shm", b"tmpfs", flags | 0x4, b"mode=1777,size=65536k"),
+                   "mount /dev/shm", "/dev/shm")
+            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                                 ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+                os.symlink(target, "/dev/" + name)
+        if os.path.isdir("/proc") and not os.path.islink("/proc"):
+            _check(_libc.mount(b"proc", b"/proc", b"proc", flags | 0x4, None), "mount /proc", "/proc")
+        if os.path.isdir("/sys") and not os.path.islink("/sys"):
+            _check(_libc.mount(b"sysfs", b"/sys", b"sysfs", flags | 0x4 | 0x1, None), "mount /sys", "/sys")
+        for t in targets:
+            makedirs(t)
+            if os.path.islink(t) or not os.path.isdir(t):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), t)
+            _check(_libc.mount(b"tmpfs", t.encode(), b"tmpfs", 0x2 | 0x4, b"mode=755"), "mount " + t, t)
+    except MountError as e:
+        _run_mounts("unmount", made, targets)
+        raise OSError(e.code, e.message, e.path) from None
+    except OSError:
+        _run_mounts("unmount", made, targets)
+        raise
+    return made
+
+
 OPS = {
     "read_bytes": _read,
     "write_bytes": _write,
@@ -338,6 +408,7 @@ OPS = {
     "truncate": lambda p, size: os.truncate(_abs(p), size),
     "listdir": lambda p: sorted(os.listdir(_abs(p))),
     "stat": _stat,
+    "run_mounts": _run_mounts,
 }
 
 

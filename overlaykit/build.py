@@ -5,56 +5,82 @@ eight RUN lines and with one, and compare the layers.  The mechanics follow Dock
 every RUN, COPY and ADD mounts the image so far as lower layers under a fresh upper directory
 (:class:`overlaykit.images.Container`), makes its changes through the overlay, and commits the upper
 as a new layer, so ``rm`` in a later step only adds whiteouts.  ENV, ARG, WORKDIR (for an existing
-directory), USER, CMD, ENTRYPOINT, LABEL, EXPOSE, VOLUME and STOPSIGNAL change only the config and add a
-history entry with ``empty_layer``, exactly as ``docker history`` shows them.
+directory), USER, CMD, ENTRYPOINT, LABEL, EXPOSE, VOLUME, STOPSIGNAL, SHELL, HEALTHCHECK, ONBUILD and
+MAINTAINER change only the config and add a history entry with ``empty_layer``, exactly as ``docker
+history`` shows them; a base image's ONBUILD triggers run right after FROM.
 
-RUN executes for real (overlay mount + chroot into the merged root) when the overlay uses the kernel
-backend and the image's ``/bin/sh`` is a real ELF binary (e.g. ``FROM busybox:host``, built from the
-OS's busybox-static); otherwise the simulated shell of :mod:`overlaykit.shell` runs it.  The Dockerfile
-is parsed by ``dockerfile-parse``.
+buildah is the reference (tests/test_build_fidelity.py and test_build_run.py build the same contexts with
+both): ``.dockerignore`` follows moby's patternmatcher (:mod:`overlaykit.dockerignore`); COPY/ADD take
+modes and mtimes from the context and owners from ``--chown`` only (0:0 otherwise), never from the
+builder's umask; a top-level symlink source is followed; ``--chmod`` applies to directories below the
+copied one; ENV expands with the values from before the instruction; FROM scratch gets Docker's PATH.
+Heredocs (``RUN <<EOF``, ``COPY <<EOF /file``) follow BuildKit, which buildah 1.28 lacks.
+
+RUN runs as the config's USER (uid, gid and groups from the image's /etc/passwd and /etc/group), with
+a minimal /dev, /proc and /sys and the instruction's ``--mount=type=bind|cache|tmpfs``, none of which
+reaches the layer: for real (a chroot into the kernel overlay's merged root, root only, the mounts made
+in the helper's namespace; a mount's content is copied into a tmpfs there, and a cache is copied back to
+``<store>/build-cache/<id>`` after the RUN) when the overlay uses the kernel backend and the image's
+shell is a real ELF binary (e.g. ``FROM busybox:host``, built from the OS's busybox-static); otherwise
+the simulated shell of :mod:`overlaykit.shell` runs it against :class:`overlaykit.runfs.RunFS`.
+
+Reproducibility: layer mtimes are clamped to :data:`BUILD_EPOCH`, or to ``SOURCE_DATE_EPOCH`` when it is
+set (BuildKit's ``rewrite-timestamp``: only newer times change), so layer digests do not depend on when
+or where a build runs. The config's ``created`` and every history entry's ``created`` are
+``SOURCE_DATE_EPOCH`` when set (two builds then give the same image id) and the build's clock time
+otherwise, as Docker records them. The Dockerfile is parsed by ``dockerfile-parse``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import json
 import os
 import posixpath
 import re
-import shlex
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dockerfile_parse import DockerfileParser
-
 from . import catalogue
+from .dockerfile import (SUPPORTED, BuildError, Instruction, exec_form, flag_words, key_values, parse_dockerfile,
+                         parse_healthcheck, run_flags, substitute)
+from .dockerignore import IgnoreRules
 from .images import Container, History, Image, ImageConfig, Store, human_size, inspect
+from .runfs import MemFS, ReadOnly, RunFS
 from .shell import Shell
 
 BUILD_EPOCH = 1556668800.0
-"""All layer mtimes are clamped to this instant (2019-05-01), so a rebuild gives the same digests."""
+"""Layer mtimes are clamped to this instant (2019-05-01), so a rebuild gives the same layer digests; with
+SOURCE_DATE_EPOCH set they are clamped to that instead (BuildKit's ``rewrite-timestamp``: only newer times
+change, so a context file's older mtime survives)."""
 
-CONFIG_INSTRUCTIONS = {"ENV", "ARG", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "VOLUME", "STOPSIGNAL"}
-LAYER_INSTRUCTIONS = {"RUN", "COPY", "ADD"}
-SUPPORTED = CONFIG_INSTRUCTIONS | LAYER_INSTRUCTIONS | {"FROM", "WORKDIR"}
-
-
-class BuildError(Exception):
-    """A build step failed; the message names the Dockerfile line and instruction."""
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""What Docker and buildah put in the Env of an image built FROM scratch."""
 
 
-@dataclass(frozen=True)
-class Instruction:
-    line: int  # 1-based line of the Dockerfile where the instruction starts
-    name: str  # upper case
-    value: str  # the arguments, continuations joined
-    original: str
+def _source_date_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, got {value!r}") from None
+
+
+def _iso(seconds: float) -> str:
+    import datetime
+    t = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{t.microsecond:06d}".rstrip("0") if t.microsecond else "") + "Z"
+
 
 
 @dataclass
@@ -75,91 +101,6 @@ class Step:
         return f"Step {self.number}/{self.total} : {text}"
 
 
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Instructions with their line numbers, parsed by dockerfile-parse.
-
-    BuildKit drops comment lines and blank lines *inside* continuations; dockerfile-parse ends the
-    instruction there instead, so those lines are removed first (keeping line numbers right).
-    """
-    lines = text.splitlines()
-    cleaned, continuing = [], False
-    for line in lines:
-        stripped = line.strip()
-        if continuing and (stripped.startswith("#") or not stripped):
-            cleaned.append(None)  # dropped, like BuildKit
-            continue
-        cleaned.append(line)
-        continuing = stripped.endswith("\\") and not stripped.startswith("#")
-    kept = [(i + 1, l) for i, l in enumerate(cleaned) if l is not None]
-    parser = DockerfileParser(fileobj=io.BytesIO("\n".join(l for _, l in kept).encode() + b"\n"))
-    out = []
-    for item in parser.structure:
-        name = item["instruction"].upper()
-        if name == "COMMENT":
-            continue
-        out.append(Instruction(kept[item["startline"]][0], name, item["value"].strip(),
-                               item["content"].strip()))
-    return out
-
-
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def substitute(text: str, variables: dict[str, str]) -> str:
-    """Dockerfile variable substitution ($VAR, ${VAR}, ${VAR:-default}, ${VAR:+alt}; \\$ stays literal)."""
-    def repl(m):
-        if m.start() > 0 and text[m.start() - 1] == "\\":
-            return m.group(0)
-        name = m.group(1) or m.group(4)
-        value = variables.get(name, "")
-        if m.group(2) == "-":
-            return value or m.group(3)
-        if m.group(2) == "+":
-            return m.group(3) if value else ""
-        return value
-    return _VAR.sub(repl, text).replace("\\$", "$")
-
-
-def _json_or_shell(value: str) -> list[str] | None:
-    if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
-            return parsed
-    return None
-
-
-def _pairs(value: str, line: int, name: str) -> list[tuple[str, str]]:
-    """`K=V K2="v 2"` or the legacy `K V with spaces` form of ENV / LABEL / ARG."""
-    words = shlex.split(value, posix=True)
-    if not words:
-        raise BuildError(f"line {line}: {name} needs arguments")
-    if "=" not in words[0]:
-        if name == "ARG":
-            return [(words[0], None)]
-        key, _, rest = value.partition(" ")
-        return [(key, " ".join(shlex.split(rest.strip())) if rest.strip() else "")]
-    out = []
-    for w in words:
-        if "=" not in w:
-            if name == "ARG":
-                out.append((w, None))
-                continue
-            raise BuildError(f"line {line}: {name}: expected KEY=VALUE, got {w!r}")
-        k, _, v = w.partition("=")
-        out.append((k, v))
-    return out
-
-
-def _flags(value: str) -> tuple[dict[str, str], list[str]]:
-    words = shlex.split(value, posix=True)
-    flags = {}
-    while words and words[0].startswith("--"):
-        k, _, v = words.pop(0)[2:].partition("=")
-        flags[k] = v
-    return flags, words
 
 
 class _Stage:
@@ -167,6 +108,7 @@ class _Stage:
         self.name, self.image, self.index = name, image, index
         self.args: dict[str, str] = {}
         self.cmd_set = False
+        self.author = image.author
 
 
 class Builder:
@@ -182,9 +124,24 @@ class Builder:
         self.run_mode = run_mode  # "auto", "sim" (always simulate) or "real" (fail if RUN cannot run for real)
         self.steps: list[Step] = []
         self._scratch_root = Path(store.root) / "build-scratch"
+        self.epoch = _source_date_epoch()
+        self.clamp = BUILD_EPOCH if self.epoch is None else self.epoch
+
+    def _now(self) -> str:
+        """`created` of history entries and of the image: SOURCE_DATE_EPOCH when set, else the clock."""
+        return _iso(self.epoch if self.epoch is not None else time.time())
 
     # ------------------------------------------------------------------ driver
     def build(self, text: str, tag: str) -> Image:
+        # Modes must not depend on who builds: a RUN sees umask 022 as in Docker, and every mkdir or
+        # create of the builder (simulated or through the kernel helper, which inherits it) gets it too.
+        old = os.umask(0o022)
+        try:
+            return self._build(text, tag)
+        finally:
+            os.umask(old)
+
+    def _build(self, text: str, tag: str) -> Image:
         instructions = parse_dockerfile(text)
         for ins in instructions:
             if ins.name not in SUPPORTED:
@@ -194,6 +151,7 @@ class Builder:
             raise BuildError("no FROM instruction: a Dockerfile must start with FROM (after ARGs)")
         total = len(instructions)
         stages: dict[str, _Stage] = {}
+        self._stages = stages
         stage: _Stage | None = None
         global_args: dict[str, str] = {}
         self._scratch_root.mkdir(parents=True, exist_ok=True)
@@ -207,10 +165,11 @@ class Builder:
                 stages[stage.name] = stage
                 stages[str(stage.index)] = stage
                 step.stage, step.mode = stage.name, "config"
+                self._onbuild_triggers(stage, ins, step, stages, global_args)
             elif stage is None:
                 if ins.name != "ARG":
                     raise BuildError(f"line {ins.line}: {ins.name} before the first FROM (only ARG may come first)")
-                for k, v in _pairs(ins.value, ins.line, "ARG"):
+                for k, v in key_values(ins.value, ins.line, "ARG", global_args):
                     global_args[k] = self.build_args.get(k, v or "")
                 step.mode = "config"
             else:
@@ -219,7 +178,8 @@ class Builder:
             self.steps.append(step)
             if self.progress:
                 self.progress("done", step)
-        image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history))
+        image = Image(tag, list(stage.image.layers), stage.image.config, list(stage.image.history),
+                      created=self._now(), author=stage.author)
         return self.store.add_image(image)
 
     def _from(self, ins, stages, global_args, index) -> _Stage:
@@ -235,7 +195,7 @@ class Builder:
         else:
             raise BuildError(f"line {ins.line}: FROM expects 'image' or 'image AS name', got {ins.value!r}")
         if ref == "scratch":
-            image = Image(ref, [], ImageConfig(), [])
+            image = Image(ref, [], ImageConfig(env=[DEFAULT_PATH]), [])
         elif ref.lower() in stages:
             image = stages[ref.lower()].image
         else:
@@ -249,16 +209,34 @@ class Builder:
         stage = _Stage(name, image, index)
         return stage
 
+    def _onbuild_triggers(self, stage, ins, step, stages, global_args):
+        """Docker runs the base image's ONBUILD triggers right after FROM, and does not pass them on."""
+        triggers = list(stage.image.config.on_build)
+        if not triggers:
+            return
+        stage.image = Image(stage.image.name, list(stage.image.layers),
+                            dataclasses.replace(stage.image.config, on_build=[]), list(stage.image.history))
+        for trigger in triggers:
+            for t in parse_dockerfile(trigger):
+                t = dataclasses.replace(t, line=ins.line)
+                if t.name in ("ONBUILD", "FROM", "MAINTAINER") or t.name not in SUPPORTED:
+                    raise BuildError(f"line {ins.line}: ONBUILD trigger {trigger!r} of {stage.image.name}: "
+                                     f"{t.name} is not allowed as a trigger")
+                sub = Step(step.number, step.total, t, stage.name)
+                self._step(stage, t, sub, stages, global_args)
+                step.output += sub.output
+                if sub.layer_size is not None:
+                    step.layer_size = (step.layer_size or 0) + sub.layer_size
+
     # ------------------------------------------------------------------ one instruction
     def _variables(self, stage: _Stage) -> dict[str, str]:
         return {**stage.args, **stage.image.config.env_dict()}
 
     def _config_step(self, stage: _Stage, created_by: str, config: ImageConfig):
         stage.image = Image(stage.image.name, list(stage.image.layers), config,
-                            stage.image.history + [History(created_by, True)])
+                            stage.image.history + [History(created_by, True, created=self._now())])
 
     def _step(self, stage: _Stage, ins: Instruction, step: Step, stages, global_args):
-        import dataclasses
         cfg = dataclasses.replace(stage.image.config, env=list(stage.image.config.env),
                                   labels=dict(stage.image.config.labels),
                                   exposed_ports=list(stage.image.config.exposed_ports),
@@ -268,29 +246,49 @@ class Builder:
         name, value = ins.name, ins.value
         step.mode = "config"
         if name == "ARG":
-            for k, v in _pairs(value, ins.line, "ARG"):
-                default = global_args.get(k, "") if v is None else substitute(v, variables)
+            for k, v in key_values(value, ins.line, "ARG", variables):
+                default = global_args.get(k, "") if v is None else v
                 stage.args[k] = self.build_args.get(k, default)
             self._config_step(stage, f"{nop} ARG {value}", cfg)
         elif name == "ENV":
             env = cfg.env_dict()
-            for k, v in _pairs(value, ins.line, "ENV"):
-                env[k] = substitute(v, {**variables, **env})
+            pairs = key_values(value, ins.line, "ENV", variables)  # all expanded with the values from before
+            for k, v in pairs:
+                env[k] = v
             cfg.env = [f"{k}={v}" for k, v in env.items()]
-            self._config_step(stage, f"{nop} ENV " + " ".join(f"{k}={v}" for k, v in _pairs(value, ins.line, "ENV")),
-                              cfg)
+            self._config_step(stage, f"{nop} ENV " + " ".join(f"{k}={v}" for k, v in pairs), cfg)
         elif name == "LABEL":
-            for k, v in _pairs(value, ins.line, "LABEL"):
-                cfg.labels[substitute(k, variables)] = substitute(v, variables)
+            for k, v in key_values(value, ins.line, "LABEL", variables):
+                cfg.labels[substitute(k, variables)] = v
             self._config_step(stage, f"{nop} LABEL {value}", cfg)
         elif name == "EXPOSE":
             for port in substitute(value, variables).split():
                 cfg.exposed_ports = sorted(set(cfg.exposed_ports) | {port if "/" in port else port + "/tcp"})
             self._config_step(stage, f"{nop} EXPOSE {value}", cfg)
         elif name == "VOLUME":
-            vols = _json_or_shell(value) or substitute(value, variables).split()
+            vols = exec_form(value) or substitute(value, variables).split()
             cfg.volumes = sorted(set(cfg.volumes) | set(vols))
             self._config_step(stage, f"{nop} VOLUME {json.dumps(vols)}", cfg)
+        elif name == "SHELL":
+            argv = exec_form(value)
+            if not argv:
+                raise BuildError(f"line {ins.line}: SHELL requires the arguments in JSON form, "
+                                 f"e.g. SHELL [\"/bin/bash\", \"-c\"]")
+            cfg.shell = argv
+            self._config_step(stage, f"{nop} SHELL {json.dumps(argv)}", cfg)
+        elif name == "HEALTHCHECK":
+            cfg.healthcheck = parse_healthcheck(value, ins.line)
+            self._config_step(stage, f"{nop} HEALTHCHECK {json.dumps(cfg.healthcheck)}", cfg)
+        elif name == "ONBUILD":
+            trigger = value.strip()
+            first = trigger.split(None, 1)[0].upper() if trigger else ""
+            if first in ("ONBUILD", "FROM", "MAINTAINER") or first not in SUPPORTED:
+                raise BuildError(f"line {ins.line}: ONBUILD {first or '(nothing)'}: not allowed as a trigger")
+            cfg.on_build = list(cfg.on_build) + [trigger]
+            self._config_step(stage, f"{nop} ONBUILD {trigger}", cfg)
+        elif name == "MAINTAINER":
+            stage.author = value.strip()
+            self._config_step(stage, f"{nop} MAINTAINER {stage.author}", cfg)
         elif name == "STOPSIGNAL":
             cfg.stop_signal = substitute(value, variables)
             self._config_step(stage, f"{nop} STOPSIGNAL {cfg.stop_signal}", cfg)
@@ -298,7 +296,7 @@ class Builder:
             cfg.user = substitute(value, variables)
             self._config_step(stage, f"{nop} USER {cfg.user}", cfg)
         elif name in ("CMD", "ENTRYPOINT"):
-            argv = _json_or_shell(value)
+            argv = exec_form(value)
             if argv is None:
                 argv = ["/bin/sh", "-c", value]
             if name == "CMD":
@@ -326,45 +324,95 @@ class Builder:
         try:
             container = Container(stage.image, self.store, scratch, backend=self.backend)
             container.overlay.tracing = False  # a build does thousands of operations; nobody reads the trace
+            container.lchowns = []  # (path, uid, gid) of symlinks to chown once the overlay is unmounted
+            if container.overlay.backend == "kernel":
+                # attached to a directory in the helper's namespace (not a detached mount), so RUN's /dev,
+                # /proc, /sys and --mount targets can be mounted on it there
+                container.overlay.merged = scratch / "merged"
+                container.overlay.merged.mkdir()
             with container:
                 step.mode = step.mode if step.mode not in ("", "config") else container.overlay.backend
                 action(container)
+            for path, uid, gid in container.lchowns:
+                _lchown_in_upper(container.upper, path, uid, gid)
             if only_if_changed and not any(scratch.joinpath("upper").iterdir()):
                 self._config_step(stage, created_by, cfg)
                 step.mode = "config"
                 return
-            new = container.commit(created_by, config=cfg, mtime=BUILD_EPOCH)
-            stage.image = Image(stage.image.name, new.layers, new.config, new.history)
+            new = container.commit(created_by, config=cfg, mtime=self.clamp)
+            history = new.history[:-1] + [dataclasses.replace(new.history[-1], created=self._now())]
+            stage.image = Image(stage.image.name, new.layers, new.config, history)
             step.layer_size = new.layers[-1].size
         finally:
             _rmtree(scratch)
 
     # ------------------------------------------------------------------ RUN
     def _run(self, stage, ins, step, cfg, variables):
-        argv = _json_or_shell(ins.value)
-        created_by = f"/bin/sh -c {ins.value}" if argv is None else ins.value
+        """RUN as the image's USER, with /dev, /proc, /sys and the instruction's --mounts, none of which
+        reaches the layer: for real (chroot into the kernel overlay's merged root, root only) where the
+        image's shell is a real program, else in the simulated shell."""
+        mounts, script = run_flags(ins)
+        argv = exec_form(script)
+        shell_cmd = list(cfg.shell or ["/bin/sh", "-c"])
+        shebang = None
+        if ins.heredocs and argv is None:
+            name, body, _ = ins.heredocs[0]
+            if len(ins.heredocs) == 1 and script.strip() in (f"<<{name}", f"<<-{name}", f"<<'{name}'",
+                                                             f'<<"{name}"', f"<<-'{name}'", f'<<-"{name}"'):
+                if body.startswith("#!"):
+                    shebang = (name, body)  # BuildKit runs it as a program from /dev/pipes/NAME
+                script = body
+            else:  # BuildKit: the command line and its documents go to the shell as they are
+                script = script + "".join(f"\n{body}{name}" for name, body, _ in ins.heredocs)
+        created_by = f"{' '.join(shell_cmd)} {script}" if argv is None else script
         env = {**stage.args, **cfg.env_dict()}
 
         def action(container):
             ov = container.overlay
-            real = self._can_run_for_real(ov)
+            program = argv[0] if argv else (shebang_program(shebang) if shebang else shell_cmd[0])
+            real = self.run_mode != "sim" and _real_root(ov, program) is not None and os.geteuid() == 0
             if self.run_mode == "real" and not real:
-                raise BuildError(f"line {ins.line}: RUN cannot run for real here (needs the kernel backend and "
-                                 f"a real /bin/sh in the image)")
-            if argv is None and not _lexists(ov, "/bin/sh"):
-                raise BuildError(f"line {ins.line}: RUN {ins.value}: the image has no /bin/sh "
-                                 f"(exec: \"/bin/sh\": stat /bin/sh: no such file or directory)")
-            if real and self.run_mode != "sim":
+                raise BuildError(f"line {ins.line}: RUN cannot run for real here (needs root, the kernel backend "
+                                 f"and a real {program} in the image)")
+            if argv is None and not shebang and not _lexists(ov, shell_cmd[0]):
+                raise BuildError(f"line {ins.line}: RUN {ins.value}: the image has no {shell_cmd[0]} "
+                                 f"(exec: \"{shell_cmd[0]}\": stat {shell_cmd[0]}: no such file or directory)")
+            uid, gid, groups, home = _resolve_user(ov, cfg.user, ins.line)
+            run_env = {"HOME": home, **env}
+            workdir = cfg.working_dir or "/"
+            if cfg.working_dir and not ov.exists(cfg.working_dir):
+                _mkdirs(ov, cfg.working_dir, None, None)
+            sources = [self._mount_source(m, ins, stages=self._stages) for m in mounts]
+            if real:
                 step.mode = "kernel"
-                status, output = _run_chroot(_real_root(ov), argv or ["/bin/sh", "-c", ins.value], env,
-                                             cfg.working_dir or "/")
+                status, output = self._run_real(ov, ins, mounts, sources, shebang, run_env, workdir,
+                                                (uid, gid, groups),
+                                                argv or (shell_cmd + [script] if not shebang else None))
             else:
                 step.mode = "sim"
-                shell = Shell(ov, env=env, cwd=cfg.working_dir or "/")
-                if cfg.working_dir and not ov.exists(cfg.working_dir):
-                    ov.mkdir(cfg.working_dir, mode=0o755, parents=True)
-                result = shell.run(ins.value) if argv is None else shell.run_argv(argv)
+                fs_mounts = {}
+                for m, entries in zip(mounts, sources):
+                    mem = MemFS(_mount_mode(m, entries))
+                    _fill(mem, "/", entries)
+                    mem.root.uid, mem.root.gid = int(m.get("uid", 0)), int(m.get("gid", 0))
+                    fs_mounts[m["target"]] = ReadOnly(mem) if m["type"] == "bind" and not m["rw"] else mem
+                fs = RunFS(ov, uid=uid, gid=gid, groups=groups, mounts=fs_mounts, cwd=workdir,
+                           lchown=lambda p, u, g: container.lchowns.append((p, u, g)))
+                shell = Shell(fs, env=run_env, cwd=workdir)
+                if argv is not None:
+                    result = shell.run_argv(argv)
+                elif shebang is not None and not _sh_like(shebang_program(shebang)):
+                    raise BuildError(f"line {ins.line}: RUN <<{shebang[0]}: the simulated shell cannot run "
+                                     f"{shebang_program(shebang)} scripts")
+                elif not _sh_like(shell_cmd[0]) or shell_cmd[1:] != ["-c"]:
+                    raise BuildError(f"line {ins.line}: RUN: the simulated shell runs only SHELL [\"/bin/sh\", "
+                                     f"\"-c\"] (this stage has SHELL {json.dumps(shell_cmd)})")
+                else:
+                    result = shell.run(script)
                 status, output = result.status, result.output
+                for m in mounts:
+                    if m["type"] == "cache":
+                        self._save_cache(m, _tree(fs_mounts[m["target"]], "/"))
             step.output = output
             if status != 0:
                 shown = ins.value if argv is None else json.dumps(argv)
@@ -373,13 +421,122 @@ class Builder:
 
         self._layer_step(stage, ins, step, created_by, cfg, action)
 
-    def _can_run_for_real(self, ov) -> bool:
-        return self.run_mode != "sim" and _real_root(ov) is not None
+    def _run_real(self, ov, ins, mounts, sources, shebang, env, workdir, user, argv):
+        """Mount /dev, /proc, /sys and tmpfs file systems for the --mount targets in the helper's namespace,
+        fill them, run the command chrooted as the user, keep the caches, and take every mount away again."""
+        worker = ov._impl.worker
+        targets = [m["target"] for m in mounts]
+
+        def call(*args):
+            reply = worker.call("run_mounts", *args)
+            if reply[0] == "err":
+                raise BuildError(f"line {ins.line}: RUN: cannot mount /dev, /proc, /sys or a --mount target: "
+                                 f"{os.strerror(reply[1])}")
+            return reply[1]
+
+        made = call("mount", None, targets)
+        try:
+            for m, entries in zip(mounts, sources):
+                _fill(ov, m["target"], entries)
+                ov.chmod(m["target"], _mount_mode(m, entries))
+                if m.get("uid") or m.get("gid"):
+                    ov.chown(m["target"], int(m.get("uid", 0)), int(m.get("gid", 0)))
+            if any(m["type"] == "bind" and not m["rw"] for m in mounts):
+                call("readonly", None, [m["target"] for m in mounts if m["type"] == "bind" and not m["rw"]])
+            if shebang is not None:
+                ov.mkdir("/dev/pipes", mode=0o755, exist_ok=True)
+                ov.write_bytes(f"/dev/pipes/{shebang[0]}", shebang[1].encode())
+                ov.chmod(f"/dev/pipes/{shebang[0]}", 0o755)
+                # /dev is mounted noexec: run the script's interpreter on it, as the kernel would
+                interpreter = shebang[1].splitlines()[0][2:].strip().split(None, 1)
+                argv = interpreter + [f"/dev/pipes/{shebang[0]}"]
+            status, output = _run_chroot(_real_root(ov, argv[0] if not shebang else "/dev/pipes/"), argv, env,
+                                         workdir, user)
+            for m in mounts:
+                if m["type"] == "cache":
+                    self._save_cache(m, _tree(ov, m["target"]))
+        finally:
+            call("unmount", made, targets)
+        return status, output
+
+    def _mount_source(self, m, ins, stages):
+        """What a --mount shows at first: entries (rel, kind, mode, bytes, link, mtime)."""
+        if m["type"] == "tmpfs":
+            return []
+        if m["type"] == "cache":
+            d = self._cache_dir(m)
+            return list(_ContextSource(d, ins.line).walk(".")) if d.is_dir() else []
+        source = m.get("source", "/")
+        if m.get("from"):
+            ref = m["from"].lower()
+            image = stages[ref].image if ref in stages else None
+            if image is None:
+                try:
+                    image = self.store.image(m["from"])
+                except KeyError:
+                    raise BuildError(f"line {ins.line}: RUN --mount from={m['from']}: no such stage or image") from None
+            scratch = Path(tempfile.mkdtemp(prefix="mount-", dir=self._scratch_root))
+            try:
+                c = Container(image, self.store, scratch, backend="sim")
+                c.overlay.tracing = False
+                with c:
+                    src = _OverlaySource(c.overlay)
+                    p = posixpath.normpath("/" + source)
+                    if not _lexists(c.overlay, p):
+                        raise BuildError(f"line {ins.line}: RUN --mount source={source}: not found in {m['from']}")
+                    return list(src.walk(p)) if src.is_dir(p) else [("", "dir", 0o755, b"", None, None),
+                                                                    (posixpath.basename(p),) + src.entry(p)]
+            finally:
+                _rmtree(scratch)
+        if self.context is None:
+            raise BuildError(f"line {ins.line}: RUN --mount=type=bind needs a build context directory")
+        src = _ContextSource(self.context, ins.line, self._ignore_rules())
+        rel = posixpath.normpath(source.lstrip("/")) or "."
+        if not src.glob(rel) and rel != ".":
+            raise BuildError(f"line {ins.line}: RUN --mount source={source}: not found in the build context")
+        return list(src.walk(rel))
+
+    def _cache_dir(self, m) -> Path:
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", m.get("id") or m["target"])
+        return Path(self.store.root) / "build-cache" / key
+
+    def _save_cache(self, m, entries):
+        """Keep what the RUN left in a cache mount for the next build: written to a sibling, then renamed."""
+        final = self._cache_dir(m)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=final.parent))
+        for rel, kind, mode, data, target, _ in entries:
+            if not rel:
+                continue
+            p = fresh / rel
+            if kind == "dir":
+                p.mkdir(mode=0o700)
+                os.chmod(p, mode)
+            elif kind == "symlink":
+                os.symlink(target, p)
+            elif kind == "file":
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(p, mode)
+        old = final.parent / f".old-{fresh.name}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(fresh, final)
+        _rmtree(old)
+
+    def _ignore_rules(self) -> IgnoreRules:
+        if getattr(self, "_rules", None) is None:
+            try:
+                self._rules = IgnoreRules.for_context(self.context)
+            except ValueError as e:
+                raise BuildError(str(e)) from None
+        return self._rules
 
     # ------------------------------------------------------------------ COPY / ADD
     def _copy(self, stage, ins, step, cfg, variables, stages):
-        flags, words = _flags(ins.value)
-        json_form = _json_or_shell(ins.value[ins.value.find("["):]) if "[" in ins.value else None
+        flags, words = flag_words(ins.value)
+        json_form = exec_form(ins.value[ins.value.find("["):]) if "[" in ins.value else None
         if json_form is not None:
             words = json_form
         words = [substitute(w, variables) for w in words]
@@ -397,6 +554,12 @@ class Builder:
         chown = flags.get("chown")
         chmod = int(flags["chmod"], 8) if flags.get("chmod") else None
         created_by = f"/bin/sh -c #(nop) {ins.name} {ins.value}"
+        # `COPY <<EOF /file`: the document is a file named after it (BuildKit), mode 0644 unless --chmod;
+        # an unquoted delimiter expands build variables in it
+        docs = {name: (body if quoted else substitute(body, variables)) for name, body, quoted in ins.heredocs}
+        inline = [(n, docs[n]) for n in (w.lstrip("<").lstrip("-").strip("'\"") for w in sources
+                                         if w.startswith("<<")) if n in docs]
+        sources = [w for w in sources if not (docs and w.startswith("<<"))]
 
         source_stage = None
         if "from" in flags:
@@ -408,11 +571,29 @@ class Builder:
                     source_stage = self.store.image(flags["from"])
                 except KeyError:
                     raise BuildError(f"line {ins.line}: COPY --from={flags['from']}: no such stage or image") from None
-        elif self.context is None:
+        elif self.context is None and sources:
             raise BuildError(f"line {ins.line}: {ins.name} needs a build context directory")
 
         def action(container):
+            try:
+                copy(container)
+            except PermissionError as e:
+                if chown and os.geteuid() != 0:
+                    raise BuildError(f"line {ins.line}: {ins.name} --chown={chown}: an unprivileged builder cannot "
+                                     f"make files owned by another user ({e.strerror}: {e.filename})") from None
+                raise
+
+        def copy(container):
             ov = container.overlay
+            if inline:
+                uid, gid = _owner(ov, chown) if chown else (None, None)
+                for name, body in inline:
+                    target = posixpath.join(dest_abs, name) if dest_is_dir else dest_abs
+                    _mkdirs(ov, posixpath.dirname(target), uid, gid)
+                    self._put(ov, target, "file", 0o644, body.encode(), None, uid, gid, chmod, None,
+                              container.lchowns)
+            if not sources:
+                return
             if source_stage is not None:
                 scratch = Path(tempfile.mkdtemp(prefix="from-", dir=self._scratch_root))
                 try:
@@ -420,24 +601,29 @@ class Builder:
                     src_container.overlay.tracing = False
                     with src_container:
                         src = _OverlaySource(src_container.overlay)
-                        self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod, False)
+                        self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod, False,
+                                           container.lchowns)
                 finally:
                     _rmtree(scratch)
             else:
-                src = _ContextSource(self.context, ins.line)
+                src = _ContextSource(self.context, ins.line, self._ignore_rules())
                 self._copy_sources(ins, src, sources, ov, dest_abs, dest_is_dir, chown, chmod,
-                                   ins.name == "ADD")
+                                   ins.name == "ADD", container.lchowns)
 
         self._layer_step(stage, ins, step, created_by, cfg, action)
 
-    def _copy_sources(self, ins, src, sources, ov, dest, dest_is_dir, chown, chmod, add):
+    def _copy_sources(self, ins, src, sources, ov, dest, dest_is_dir, chown, chmod, add, lchowns):
+        """Copy what the sources match to `dest`. Modes, owners and mtimes come from the source and the
+        instruction only: a created directory is 0755 root, `--chown` owns everything copied (links too,
+        recorded in `lchowns` and applied to the upper after unmount), `--chmod` every file and
+        directory below the copied one; a top-level symlink is followed, as Docker and buildah do."""
         matched = []
         for pattern in sources:
             if add and re.match(r"https?://", pattern):
                 if pattern not in catalogue.DOWNLOADS:
                     raise BuildError(f"line {ins.line}: ADD {pattern}: the simulated network does not know this URL")
                 target = posixpath.join(dest, posixpath.basename(pattern)) if dest_is_dir else dest
-                _ensure_dir(ov, posixpath.dirname(target))
+                _mkdirs(ov, posixpath.dirname(target), None, None)
                 ov.write_bytes(target, catalogue.download_bytes(pattern))
                 ov.chmod(target, 0o600)  # like Docker: remote ADD files are 0600
                 continue
@@ -445,47 +631,70 @@ class Builder:
             if not found:
                 raise BuildError(f"line {ins.line}: {ins.name} failed: no source files were specified "
                                  f"matching {pattern!r}")
-            matched += found
+            matched += [m for m in found if m not in matched]
         if len(matched) > 1 and not dest_is_dir and not any(src.is_dir(m) for m in matched):
             raise BuildError(f"line {ins.line}: When using {ins.name} with more than one source file, "
                              f"the destination must be a directory and end with a /")
         uid, gid = _owner(ov, chown) if chown else (None, None)
+        dir_times = []
         for m in matched:
             if src.is_dir(m):
-                _ensure_dir(ov, dest)
-                for rel, kind, mode, data, target in src.walk(m):
-                    self._put(ov, posixpath.join(dest, rel) if rel else dest, kind, mode, data, target, uid, gid, chmod)
+                _mkdirs(ov, dest, uid, gid)
+                for rel, kind, mode, data, target, mtime in src.walk(m):
+                    if not rel:
+                        continue  # the destination directory itself: made above, not a copy of the source's
+                    path = posixpath.join(dest, rel)
+                    self._put(ov, path, kind, mode, data, target, uid, gid, chmod, mtime, lchowns)
+                    if kind == "dir":
+                        dir_times.append((path, mtime))
             elif add and _is_tar(src.read(m)):
-                _ensure_dir(ov, dest)
-                _extract(ov, src.read(m), dest)
+                _mkdirs(ov, dest, uid, gid)
+                _extract(ov, src.read(m), dest, uid, gid, lchowns)
             else:
                 target = posixpath.join(dest, posixpath.basename(m)) if dest_is_dir or _isdir(ov, dest) else dest
-                _ensure_dir(ov, posixpath.dirname(target))
-                kind, mode, data, link = src.entry(m)
-                self._put(ov, target, kind, mode, data, link, uid, gid, chmod)
+                _mkdirs(ov, posixpath.dirname(target), uid, gid)
+                kind, mode, data, link, mtime = src.entry(m)
+                self._put(ov, target, kind, mode, data, link, uid, gid, chmod, mtime, lchowns)
+        for path, mtime in reversed(dir_times):  # after their contents, which change a directory's mtime
+            ov.utime(path, (mtime, mtime))
 
     @staticmethod
-    def _put(ov, path, kind, mode, data, target, uid, gid, chmod):
+    def _put(ov, path, kind, mode, data, target, uid, gid, chmod, mtime, lchowns):
         if kind == "dir":
             if not _isdir(ov, path):
-                ov.mkdir(path, mode=mode, parents=True)
+                if _lexists(ov, path):
+                    ov.remove(path)
+                ov.mkdir(path, mode=0o700)
+                ov.chmod(path, chmod if chmod is not None else mode)
         else:
             if _lexists(ov, path) and not _isdir(ov, path):
                 ov.remove(path)
             if kind == "symlink":
                 ov.symlink(target, path)
+                if uid is not None:
+                    lchowns.append((path, uid, gid))
                 return
             ov.write_bytes(path, data)
             ov.chmod(path, chmod if chmod is not None else mode)
         if uid is not None:
             ov.chown(path, uid, gid)
+        if mtime is not None and kind != "dir":
+            ov.utime(path, (mtime, mtime))
+
+
+def _segments_match(pattern: str, rel: str) -> bool:
+    """Go's filepath.Match, as COPY uses it: `*`, `?` and `[...]` never cross a `/`."""
+    p, r = pattern.split("/"), rel.split("/")
+    return len(p) == len(r) and all(fnmatch.fnmatchcase(b, a) for a, b in zip(p, r))
 
 
 class _ContextSource:
-    """Files of the build context; nothing outside it can be named (like Docker's 'forbidden path')."""
+    """Files of the build context less what .dockerignore excludes; nothing outside it can be named
+    (like Docker's 'forbidden path')."""
 
-    def __init__(self, root: Path, line: int):
+    def __init__(self, root: Path, line: int, rules: IgnoreRules | None = None):
         self.root, self.line = root, line
+        self.rules = rules if rules is not None else IgnoreRules([])
 
     def _real(self, rel: str) -> Path:
         p = (self.root / rel.lstrip("/")).resolve()
@@ -493,18 +702,23 @@ class _ContextSource:
             raise BuildError(f"line {self.line}: forbidden path outside the build context: {rel}")
         return p
 
+    def _visible(self, rel: str) -> bool:
+        if rel in ("", ".") or not self.rules.excluded(rel):
+            return True
+        return os.path.isdir(self.root / rel) and self.rules.may_include_under(rel)
+
     def glob(self, pattern: str) -> list[str]:
         norm = posixpath.normpath(pattern.lstrip("/")) if pattern not in ("", ".", "/") else "."
         if norm.startswith(".."):
             raise BuildError(f"line {self.line}: forbidden path outside the build context: {pattern}")
         if not any(c in norm for c in "*?["):
-            return [norm] if os.path.lexists(self._real(norm)) else []
+            return [norm] if os.path.lexists(self._real(norm)) and self._visible(norm) else []
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             for n in sorted(dirnames + filenames):
                 rel = os.path.relpath(os.path.join(dirpath, n), self.root)
-                if fnmatch.fnmatchcase(rel, norm):
+                if _segments_match(norm, rel) and self._visible(rel):
                     out.append(rel)
         return sorted(out)
 
@@ -516,30 +730,45 @@ class _ContextSource:
         return p.read_bytes() if p.is_file() else b""
 
     def entry(self, rel):
-        p = self.root / rel
-        if p.is_symlink():
-            return "symlink", 0o777, b"", os.readlink(p)
-        st = self._real(rel).stat()
-        return "file", st.st_mode & 0o7777, self._real(rel).read_bytes(), None
+        """A named source: a symlink is followed (inside the context), as Docker and buildah do."""
+        p = self._real(rel)
+        st = p.stat()
+        return "file", st.st_mode & 0o7777, p.read_bytes(), None, st.st_mtime
 
     def walk(self, rel):
+        """(relative path, kind, mode, bytes, link target, mtime) of a directory and all below it, less
+        what .dockerignore excludes (a directory stays if something below it is re-included)."""
         top = self._real(rel)
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            d = os.path.relpath(dirpath, top)
-            d = "" if d == "." else d
-            yield d, "dir", os.stat(dirpath).st_mode & 0o7777, b"", None
-            for n in sorted(filenames):
-                p = os.path.join(dirpath, n)
+        base = os.path.relpath(top, self.root)
+        base = "" if base == "." else base
+
+        def visit(d: str) -> list:
+            here = os.path.join(top, d) if d else str(top)
+            out = []
+            for n in sorted(os.listdir(here)):
                 r = posixpath.join(d, n) if d else n
-                if os.path.islink(p):
-                    yield r, "symlink", 0o777, b"", os.readlink(p)
-                else:
-                    yield r, "file", os.stat(p).st_mode & 0o7777, Path(p).read_bytes(), None
-            for n in sorted(dirnames):
-                p = os.path.join(dirpath, n)
-                if os.path.islink(p):
-                    yield posixpath.join(d, n) if d else n, "symlink", 0o777, b"", os.readlink(p)
+                ctx_rel = posixpath.join(base, r) if base else r
+                p = os.path.join(here, n)
+                st = os.lstat(p)
+                excluded = self.rules.excluded(ctx_rel)
+                if stat.S_ISDIR(st.st_mode):
+                    if excluded and not self.rules.may_include_under(ctx_rel):
+                        continue
+                    below = visit(r)
+                    if not excluded or below:
+                        out.append((r, "dir", stat.S_IMODE(st.st_mode), b"", None, st.st_mtime))
+                        out += below
+                elif excluded:
+                    continue
+                elif stat.S_ISLNK(st.st_mode):
+                    out.append((r, "symlink", 0o777, b"", os.readlink(p), st.st_mtime))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append((r, "file", stat.S_IMODE(st.st_mode), Path(p).read_bytes(), None, st.st_mtime))
+            return out
+
+        st = os.stat(top)
+        yield "", "dir", stat.S_IMODE(st.st_mode), b"", None, st.st_mtime
+        yield from visit("")
 
 
 class _OverlaySource:
@@ -565,22 +794,23 @@ class _OverlaySource:
     def read(self, p):
         return self.ov.read_bytes(p)
 
-    def entry(self, p):
-        st = self.ov.stat(p, follow_symlinks=False)
+    def entry(self, p, follow: bool = True):
+        st = self.ov.stat(p, follow_symlinks=follow)
         if st.kind == "symlink":
-            return "symlink", 0o777, b"", st.target
-        return "file", st.mode, self.ov.read_bytes(p), None
+            return "symlink", 0o777, b"", st.target, st.mtime_ns / 1e9
+        return "file", st.mode, self.ov.read_bytes(p), None, st.mtime_ns / 1e9
 
     def walk(self, top):
         for dirpath, dirnames, filenames in self.ov.walk(top):
             rel = posixpath.relpath("/" + dirpath.lstrip("/"), "/" + top.lstrip("/"))
             rel = "" if rel == "." else rel
-            yield rel, "dir", self.ov.stat(dirpath).mode, b"", None
+            st = self.ov.stat(dirpath)
+            yield rel, "dir", st.mode, b"", None, st.mtime_ns / 1e9
             links = [d for d in dirnames if self.ov.stat(posixpath.join(dirpath, d), follow_symlinks=False).kind == "symlink"]
             for n in filenames + links:
                 p = posixpath.join(dirpath, n)
-                kind, mode, data, target = self.entry(p)
-                yield posixpath.join(rel, n) if rel else n, kind, mode, data, target
+                kind, mode, data, target, mtime = self.entry(p, follow=False)
+                yield posixpath.join(rel, n) if rel else n, kind, mode, data, target, mtime
 
 
 # ---------------------------------------------------------------------- helpers
@@ -601,8 +831,39 @@ def _isdir(ov, p) -> bool:
 
 
 def _ensure_dir(ov, p):
-    if p and not _isdir(ov, p):
-        ov.mkdir(p, mode=0o755, parents=True)
+    _mkdirs(ov, p, None, None)
+
+
+def _mkdirs(ov, p, uid, gid):
+    """mkdir -p with mode 0755 whatever the umask; the directories it makes get `uid:gid` when given."""
+    if not p or _isdir(ov, p):
+        return
+    parts = [x for x in p.split("/") if x]
+    for i in range(1, len(parts) + 1):
+        q = "/" + "/".join(parts[:i])
+        if _isdir(ov, q):
+            continue
+        ov.mkdir(q, mode=0o755)
+        ov.chmod(q, 0o755)
+        if uid is not None:
+            ov.chown(q, uid, gid)
+
+
+def _lchown_in_upper(upper: Path, path: str, uid: int, gid: int) -> None:
+    """chown a symlink in a committed-to-be upper dir without following any symlink on the host (the
+    overlay API's chown follows links; Docker's --chown changes the link itself)."""
+    parts = [x for x in path.split("/") if x]
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.chown(parts[-1], uid, gid, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # not in this upper (the path went through a lower layer's symlink)
+    finally:
+        os.close(fd)
 
 
 def _owner(ov, spec: str) -> tuple[int, int]:
@@ -622,6 +883,8 @@ def _owner(ov, spec: str) -> tuple[int, int]:
 
     uid = lookup("/etc/passwd", user)
     gid = lookup("/etc/group", group) if group else uid
+    if (uid, gid) == (0, 0) and os.geteuid() != 0:
+        return None, None  # an unprivileged builder's own files are root's in the layer already
     return uid, gid
 
 
@@ -636,8 +899,11 @@ def _is_tar(data: bytes) -> bool:
         return False
 
 
-def _extract(ov, data: bytes, dest: str):
-    """ADD's auto-extraction: through the overlay, refusing members that would leave `dest`."""
+def _extract(ov, data: bytes, dest: str, uid=None, gid=None, lchowns=None):
+    """ADD's auto-extraction: through the overlay, refusing members that would leave `dest`. Modes and
+    mtimes come from the archive, owners too (as Docker and buildah extract them) unless --chown gives
+    them; an unprivileged builder keeps its own (root's in the layer)."""
+    dir_times = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
         for m in tf.getmembers():
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
@@ -646,20 +912,38 @@ def _extract(ov, data: bytes, dest: str):
             if not parts:
                 continue
             p = posixpath.join(dest, *parts)
-            _ensure_dir(ov, posixpath.dirname(p))
+            _mkdirs(ov, posixpath.dirname(p), uid, gid)
+            owner = (uid, gid) if uid is not None else ((m.uid, m.gid) if os.geteuid() == 0 else (None, None))
             if m.isdir():
-                _ensure_dir(ov, p)
+                if not _isdir(ov, p):
+                    if _lexists(ov, p):
+                        ov.remove(p)
+                    ov.mkdir(p, mode=0o700)
+                ov.chmod(p, m.mode & 0o7777)
+                dir_times.append((p, m.mtime))
             elif m.issym():
                 if _lexists(ov, p):
                     ov.remove(p)
                 ov.symlink(m.linkname, p)
+                if owner[0] is not None and lchowns is not None:
+                    lchowns.append((p, *owner))
+                continue
             elif m.isfile():
+                if _lexists(ov, p) and not _isdir(ov, p):
+                    ov.remove(p)
                 ov.write_bytes(p, tf.extractfile(m).read())
                 ov.chmod(p, m.mode & 0o7777)
+                ov.utime(p, (m.mtime, m.mtime))
+            else:
+                continue
+            if owner[0] is not None:
+                ov.chown(p, *owner)
+    for p, mtime in reversed(dir_times):
+        ov.utime(p, (mtime, mtime))
 
 
-def _real_root(ov) -> str | None:
-    """Where a chroot finds the merged root of a kernel overlay whose /bin/sh is a real ELF, else None.
+def _real_root(ov, program: str = "/bin/sh") -> str | None:
+    """Where a chroot finds the merged root of a kernel overlay whose `program` is a real ELF, else None.
 
     The kernel backend keeps its mount inside a helper process's private mount namespace, with the
     merged root as that process's root directory, so ``/proc/<pid>/root`` reaches it from outside.
@@ -670,23 +954,122 @@ def _real_root(ov) -> str | None:
     if pid is None:
         return None
     root = f"/proc/{pid}/root"
+    if program.startswith("/dev/pipes/"):
+        return root if os.access(root, os.R_OK) else None
     try:
-        target = ov.stat("/bin/sh").kind == "file" and ov.read_bytes("/bin/sh")[:4] == b"\x7fELF"
+        target = ov.stat(program).kind == "file" and ov.read_bytes(program)[:4] == b"\x7fELF"
     except OSError:
         return None
     return root if target and os.access(root, os.R_OK) else None
 
 
-def _run_chroot(merged, argv, env, workdir) -> tuple[int, str]:
-    """RUN for real: the merged root of a kernel overlay as the root directory (root only)."""
+def _sh_like(program: str) -> bool:
+    return posixpath.basename(program) in ("sh", "bash", "ash", "dash")
+
+
+def shebang_program(shebang) -> str:
+    line = shebang[1].splitlines()[0][2:].strip()
+    words = line.split()
+    if words and posixpath.basename(words[0]) == "env" and len(words) > 1:
+        return words[1]
+    return words[0] if words else "/bin/sh"
+
+
+def _run_chroot(merged, argv, env, workdir, user=(0, 0, ())) -> tuple[int, str]:
+    """RUN for real: the merged root of a kernel overlay as the root directory, as the RUN user (root only)."""
+    uid, gid, groups = user
+
     def enter():
         os.chroot(merged)
         os.chdir(workdir if os.path.isdir(workdir) else "/")
+        os.setgroups(sorted(set(groups)))
+        os.setgid(gid)
+        os.setuid(uid)
+        os.umask(0o022)
 
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", **env}
     proc = subprocess.run(argv, env=env, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=600)
+                          stdin=subprocess.DEVNULL, timeout=600)
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def _resolve_user(ov, spec: str, line: int) -> tuple[int, int, list[int], str]:
+    """USER as RUN runs it: (uid, gid, supplementary groups, home) from the image's /etc/passwd and
+    /etc/group, the way runc resolves it (a numeric uid missing from passwd runs with gid 0 and home /)."""
+    spec = (spec or "").strip()
+    if not spec:
+        return 0, 0, [], "/root"
+    user, _, group = spec.partition(":")
+
+    def table(path):
+        try:
+            return [l.split(":") for l in ov.read_text(path).splitlines() if l and not l.startswith("#")]
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    passwd, groups_t = table("/etc/passwd"), table("/etc/group")
+    entry = next((f for f in passwd if len(f) >= 6 and (f[0] == user or (user.isdigit() and f[2] == user))), None)
+    if entry is None and not user.isdigit():
+        raise BuildError(f"line {line}: unable to find user {user}: no matching entries in passwd file")
+    uid = int(user) if user.isdigit() else int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    home = entry[5] if entry is not None and entry[5] else "/"
+    name = entry[0] if entry is not None else None
+    if group:
+        g = next((f for f in groups_t if len(f) >= 3 and (f[0] == group or f[2] == group)), None)
+        if g is None and not group.isdigit():
+            raise BuildError(f"line {line}: unable to find group {group}: no matching entries in group file")
+        gid = int(group) if group.isdigit() else int(g[2])
+    extra = [int(f[2]) for f in groups_t if len(f) >= 4 and name and name in f[3].split(",") and f[2].isdigit()]
+    return uid, gid, sorted({gid, *extra}) if not group else [gid], home
+
+
+
+
+def _mount_mode(m, entries) -> int:
+    """The mode of a --mount's root: `mode=`, else a bind's source directory's, a tmpfs's 1777 (the
+    kernel's default for a tmpfs root, as BuildKit and buildah leave it) or a new cache's 0755."""
+    if "mode" in m:
+        return m["mode"]
+    if m["type"] == "bind" and entries and not entries[0][0]:
+        return entries[0][2]
+    return 0o1777 if m["type"] == "tmpfs" else 0o755
+
+
+def _fill(fs, top: str, entries) -> None:
+    """Write walked entries (rel, kind, mode, bytes, link, mtime) under `top` of an overlay-like fs."""
+    for rel, kind, mode, data, target, _ in entries:
+        p = posixpath.join(top, rel) if rel else top
+        if not rel:
+            continue
+        if kind == "dir":
+            fs.mkdir(p, mode=0o755, exist_ok=True)
+            fs.chmod(p, mode)
+        elif kind == "symlink":
+            fs.symlink(target, p)
+        elif kind == "file":
+            fs.write_bytes(p, data)
+            fs.chmod(p, mode)
+
+
+def _tree(fs, top: str) -> list:
+    """The entries below `top` of an overlay-like fs, parents first (what a cache mount keeps)."""
+    out = [("", "dir", 0o755, b"", None, None)]
+
+    def visit(d, rel):
+        for n in fs.listdir(d):
+            p, r = posixpath.join(d, n), posixpath.join(rel, n) if rel else n
+            st = fs.stat(p, follow_symlinks=False)
+            if st.kind == "dir":
+                out.append((r, "dir", st.mode, b"", None, None))
+                visit(p, r)
+            elif st.kind == "symlink":
+                out.append((r, "symlink", 0o777, b"", st.target, None))
+            elif st.kind == "file":
+                out.append((r, "file", st.mode, fs.read_bytes(p), None, None))
+
+    visit(top, "")
+    return out
 
 
 def _rmtree(p: Path):

@@ -861,6 +861,9 @@ class ImageConfig:
     exposed_ports: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     stop_signal: str = ""
+    shell: list[str] | None = None           # Docker's Shell, Healthcheck and OnBuild (SHELL, HEALTHCHECK,
+    healthcheck: dict | None = None          # ONBUILD): kept in the config as Docker keeps them
+    on_build: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d: dict = {}
@@ -882,6 +885,12 @@ class ImageConfig:
             d["Labels"] = dict(sorted(self.labels.items()))
         if self.stop_signal:
             d["StopSignal"] = self.stop_signal
+        if self.shell is not None:
+            d["Shell"] = list(self.shell)
+        if self.healthcheck is not None:
+            d["Healthcheck"] = dict(self.healthcheck)
+        if self.on_build:
+            d["OnBuild"] = list(self.on_build)
         return d
 
     @classmethod
@@ -899,7 +908,9 @@ class ImageConfig:
         return cls(env=strlist("Env") or [], cmd=strlist("Cmd"), entrypoint=strlist("Entrypoint"),
                    working_dir=d.get("WorkingDir") or "", labels=dict(d.get("Labels") or {}),
                    user=d.get("User") or "", exposed_ports=sorted(d.get("ExposedPorts") or {}),
-                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "")
+                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "",
+                   shell=strlist("Shell"), healthcheck=d.get("Healthcheck") if isinstance(d.get("Healthcheck"), dict)
+                   else None, on_build=strlist("OnBuild") or [])
 
     def env_dict(self) -> dict[str, str]:
         return dict(e.split("=", 1) if "=" in e else (e, "") for e in self.env)
@@ -916,6 +927,7 @@ class Image:
     architecture: str = "amd64"
     os: str = "linux"
     created: str | None = None
+    author: str | None = None
 
     def config_json(self) -> dict:
         d = {"architecture": self.architecture, "os": self.os, "config": self.config.to_json(),
@@ -923,6 +935,8 @@ class Image:
              "history": [h.to_json() for h in self.history]}
         if self.created is not None:
             d["created"] = self.created
+        if self.author:
+            d["author"] = self.author
         return d
 
     def config_bytes(self) -> bytes:
@@ -1130,7 +1144,8 @@ def image_from_config(name: str, cfg: dict, layers: list[Layer]) -> Image:
             raise LayerError(f"image {name}: layer {i} has diff_id {layer.diff_id}, config says {want}")
     history = [History.from_json(h) for h in cfg.get("history") or [] if isinstance(h, dict)]
     return Image(name, list(layers), ImageConfig.from_json(cfg.get("config")), history,
-                 cfg.get("architecture") or "amd64", cfg.get("os") or "linux", cfg.get("created"))
+                 cfg.get("architecture") or "amd64", cfg.get("os") or "linux", cfg.get("created"),
+                 cfg.get("author") if isinstance(cfg.get("author"), str) else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ What it understands (a useful subset of POSIX sh, tokenised with :mod:`shlex`):
   ``[...]``) matched with :mod:`fnmatch` against the filesystem; redirections ``>``, ``>>``, ``<``,
   ``2>``, ``2>&1``, ``>/dev/null``;
 * builtins ``cd pwd echo printf true false : exit set export unset test [``; programs ``mkdir rm
-  rmdir touch cp mv ln chmod cat ls tar wget curl make apt-get apt-mark groupadd useradd nproc``.
+  rmdir touch cp mv ln chmod chown cat head ls id stat whoami tar wget curl make apt-get apt-mark groupadd
+  useradd nproc`` (``id`` and ``whoami`` answer for the RUN user of :class:`overlaykit.runfs.RunFS`).
 
 Programs, unlike builtins, must exist on ``PATH`` in the filesystem (``/usr/bin/wget`` only exists
 after ``apt-get install wget``), just as in a real image.  Downloads, packages and the redis build come
@@ -277,7 +278,11 @@ class Shell:
         return ShellResult(self.status, self._text())
 
     def run_argv(self, argv: list[str]) -> ShellResult:
-        """Exec form (`RUN ["prog", "arg"]`): no shell processing at all."""
+        """Exec form (`RUN ["prog", "arg"]`): no shell processing at all (`["sh", "-c", script]` runs the
+        script in this shell, as the real sh would)."""
+        if (len(argv) >= 3 and posixpath.basename(argv[0]) in ("sh", "bash", "ash", "dash") and argv[1] == "-c"
+                and self._on_path(argv[0])):
+            return self.run(argv[2])
         self._out, self._line = [], 1
         try:
             self.status, out = self._exec(list(argv), b"", {})
@@ -653,6 +658,95 @@ class Shell:
     # ------------------------------------------------------------------ programs (must be on PATH)
     def _p_nproc(self, argv, stdin):
         return 0, b"2\n"
+
+    def _p_head(self, argv, stdin):
+        args = argv[1:]
+        if args and re.fullmatch(r"-\d+", args[0]):
+            args = ["-n", args[0][1:]] + args[1:]
+        opts, files = _opts(args, with_value="cn")
+        try:
+            count = int(opts.get("c") or opts.get("n") or 10)
+        except ValueError:
+            self._err(f"head: invalid number '{opts.get('c') or opts.get('n')}'")
+            return 1, b""
+        out, status = [], 0
+        for f in files or ["-"]:
+            try:
+                data = stdin if f == "-" else self.fs.read_bytes(self.path(f))
+            except OSError as e:
+                self._err(f"head: {f}: {_nofile(e)}")
+                status = 1
+                continue
+            if "c" in opts:
+                out.append(data[:count])
+            else:
+                out.append(b"".join(data.splitlines(keepends=True)[:count]))
+        return status, b"".join(out)
+
+    def _p_stat(self, argv, stdin):
+        opts, files = _opts(argv[1:], with_value="c")
+        fmt = opts.get("c")
+        if fmt is None:
+            self._err("stat: the simulated stat prints only with -c FORMAT (%a %u %g %n %s %F)")
+            return 1, b""
+        kinds = {"file": "regular file", "dir": "directory", "symlink": "symbolic link",
+                 "char": "character special file"}
+        out, status = [], 0
+        for f in files:
+            try:
+                st = self.fs.stat(self.path(f), follow_symlinks="L" in opts)
+            except OSError as e:
+                self._err(f"stat: can't stat '{f}': {_nofile(e)}")
+                status = 1
+                continue
+            fields = {"a": f"{st.mode & 0o7777:o}", "u": str(st.uid), "g": str(st.gid), "n": f, "s": str(st.size),
+                      "F": kinds.get(st.kind, st.kind), "%": "%"}
+            out.append(re.sub(r"%(.)", lambda m: fields.get(m.group(1), m.group(0)), fmt) + "\n")
+        return status, "".join(out).encode()
+
+    def _ids(self):
+        """(uid, gid, groups) the RUN runs as (RunFS knows; a plain overlay is root)."""
+        uid, gid = getattr(self.fs, "uid", 0), getattr(self.fs, "gid", 0)
+        return uid, gid, sorted(getattr(self.fs, "groups", {gid}) or {gid})
+
+    def _name_of(self, path, number) -> str | None:
+        try:
+            for line in self.fs.read_bytes(path).decode("utf-8", "replace").splitlines():
+                f = line.split(":")
+                if len(f) > 2 and f[2] == str(number):
+                    return f[0]
+        except OSError:
+            pass
+        return None
+
+    def _p_id(self, argv, stdin):
+        opts, _ = _opts(argv[1:], with_value="")
+        uid, gid, groups = self._ids()
+        user, group = self._name_of("/etc/passwd", uid), self._name_of("/etc/group", gid)
+        if "u" in opts or "g" in opts:
+            number, name = (uid, user) if "u" in opts else (gid, group)
+            if "n" in opts:
+                if name is None:
+                    self._err(f"id: cannot find name for {'user' if 'u' in opts else 'group'} ID {number}")
+                    return 1, f"{number}\n".encode()
+                return 0, f"{name}\n".encode()
+            return 0, f"{number}\n".encode()
+        if "G" in opts:
+            return 0, (" ".join(str(g) for g in groups) + "\n").encode()
+
+        def named(number, name):
+            return f"{number}({name})" if name else str(number)
+
+        gs = ",".join(named(g, self._name_of("/etc/group", g)) for g in groups)
+        return 0, f"uid={named(uid, user)} gid={named(gid, group)} groups={gs}\n".encode()
+
+    def _p_whoami(self, argv, stdin):
+        uid = self._ids()[0]
+        name = self._name_of("/etc/passwd", uid)
+        if name is None:
+            self._err(f"whoami: unknown uid {uid}")
+            return 1, b""
+        return 0, f"{name}\n".encode()
 
     def _p_mkdir(self, argv, stdin):
         opts, args = _opts(argv[1:])

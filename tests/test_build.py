@@ -87,8 +87,8 @@ def test_multi_stage_copy_from(store, tmp_path):
 
 
 def test_errors_name_the_line(store, tmp_path):
-    with pytest.raises(BuildError, match=r"line 2: unsupported instruction HEALTHCHECK"):
-        build("FROM busybox\nHEALTHCHECK CMD true\n", None, store, "x")
+    with pytest.raises(BuildError, match=r"line 2: unsupported instruction FROBNICATE"):
+        build("FROM busybox\nFROBNICATE CMD true\n", None, store, "x")
     with pytest.raises(BuildError, match=r"(?s)line 3: RUN frobnicate.*frobnicate: not found.*code: 127"):
         build("FROM busybox\nRUN true\nRUN frobnicate\n", None, store, "x")
     with pytest.raises(BuildError, match="no /bin/sh"):
