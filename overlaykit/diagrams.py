@@ -10,6 +10,7 @@ graphviz is imported only when a diagram is built, so ``import overlaykit`` stay
 """
 from __future__ import annotations
 
+import base64
 import html
 import io
 import os
@@ -104,9 +105,12 @@ class Diagram:
         return f'<div class="overlaykit-diagram">{note}<pre>{html.escape(self.text)}</pre></div>'
 
     def html(self) -> str:
-        """SVG if it can be drawn, else the one-line note and the text, as HTML (for widgets)."""
+        """Inline SVG if it can be drawn (scaled down to the width it is given: dot's own size is in pt and
+        would overflow a narrow output), else the one-line note and the text, as HTML (for widgets)."""
         svg = self.svg()
-        return svg if svg is not None else self.fallback_html()
+        if svg is None:
+            return self.fallback_html()
+        return svg.replace("<svg ", '<svg style="max-width:100%;height:auto" ', 1)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         return _bundle(self, self.title)
@@ -118,10 +122,23 @@ class Diagram:
         return self.text
 
 
+def svg_img_html(svg: str, alt: str) -> str:
+    """The SVG as an ``<img>`` with a data URI, scaled down to the output's width.
+
+    Why not ``image/svg+xml``: JupyterLab renders that MIME type only in trusted notebooks, and a fresh
+    clone or a Binder session opens every notebook untrusted, so the learner would see the text summary
+    instead of the picture. Sanitized HTML keeps an ``<img>`` with a ``data:`` source (JupyterLab checks
+    schemes only on href/cite), so this renders trusted or not, and on static viewers too.
+    """
+    data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    return (f'<img class="overlaykit-diagram" alt="{html.escape(alt, quote=True)}" '
+            f'style="max-width:100%;height:auto" src="data:image/svg+xml;base64,{data}">')
+
+
 def _bundle(d: Diagram, summary: str) -> dict:
     svg = d.svg()
     if svg is not None:
-        return {"image/svg+xml": svg, "text/plain": summary}
+        return {"text/html": svg_img_html(svg, summary), "text/plain": summary}
     reason = dot_missing_reason() or "the graphviz Python package is not installed"
     return {"text/plain": f"{reason}\n{d.text}", "text/html": d.fallback_html(reason)}
 

@@ -62,8 +62,53 @@ def _pre(text: str, cls: str = "") -> str:
 
 
 def _message_html(text: str, kind: str) -> str:
+    # line-height: ipywidgets gives HTML widgets the 28 px line of a one-line control (double spacing)
     color = {"error": "#b91c1c", "ok": "#15803d", "info": "#334155"}[kind]
-    return f'<div style="color:{color}">{html.escape(text)}</div>'
+    return f'<div style="color:{color};line-height:1.4">{html.escape(text)}</div>'
+
+
+#: One <style> for the course's widgets (an HTML widget, so it is stored with the widget state too).
+#: ipywidgets draws every radio choice in a fixed-height row (one line) with its circle floated left, so a
+#: long choice wraps under the next one and its circle ends up under another element; here each choice is
+#: a flex row as tall as its text, with its own circle at the top.
+STYLE = """<style>
+.overlaykit-predict .widget-radio-box label {
+  height: auto; line-height: 1.35; display: flex; align-items: flex-start; gap: 6px;
+  padding: 3px 0; white-space: normal; overflow-wrap: anywhere; }
+.overlaykit-predict .widget-radio-box input { flex: none; height: auto; margin: 2px 0 0 1px; float: none; }
+.overlaykit-predict .widget-radio, .overlaykit-predict .widget-radio-box { width: 100%; max-width: 100%; }
+.overlaykit-predict .widget-html-content, .overlaykit-explorer .widget-html-content,
+.overlaykit-layer-inspector .widget-html-content { line-height: 1.4; }
+.overlaykit-explorer, .overlaykit-layer-inspector, .overlaykit-predict { max-width: 100%; overflow-x: hidden; }
+</style>"""
+
+
+def _style() -> W.HTML:
+    w = W.HTML(STYLE, layout=W.Layout(display="none"))
+    return w
+
+
+def _on_enter(text: W.Text, callback) -> None:
+    """Call ``callback()`` when the learner presses Enter in ``text``.
+
+    The front end sends a "submit" event on Enter (after syncing the value). ``Text.on_submit`` says it is
+    deprecated (a warning in the learner's output) and the suggested ``continuous_update=False`` observer
+    would also fire when a cell sets ``.value`` from Python, so the event is dispatched directly.
+    """
+    text._submission_callbacks.register_callback(lambda _w: callback())
+
+
+def _bundle(widget, sentence: str, **kwargs) -> dict:
+    """The widget's mimebundle with a sentence instead of ipywidgets' ``VBox(children=...)`` repr.
+
+    Where the widget cannot be drawn (an untrusted notebook, a static viewer, a closed kernel) this
+    sentence is what the learner reads.
+    """
+    bundle = widget._repr_mimebundle_(**kwargs)
+    if bundle is None:
+        return {"text/plain": sentence}
+    bundle["text/plain"] = sentence
+    return bundle
 
 
 # ==================================================================================================
@@ -246,7 +291,8 @@ class OverlayExplorer:
 
     # -- display -----------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        return _bundle(self.widget, "Overlay explorer: run this cell to change files in the overlay and "
+                                    "watch its layers follow.", **kwargs)
 
     def __repr__(self) -> str:
         lowers = ":".join(x.name for x in self.ov.lowers)
@@ -474,7 +520,9 @@ class LayerInspector:
         self._image_changed()
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        names = ", ".join(im.name for im in self.images)
+        return _bundle(self.widget, f"Layer inspector for {names}: run this cell to browse the layers.",
+                       **kwargs)
 
     def __repr__(self) -> str:
         return f"LayerInspector({', '.join(im.name for im in self.images)})"
@@ -603,23 +651,29 @@ class PredictExercise:
         self._check = check
         self._answer = answer
         self.explanation = explanation
-        self.question = W.HTML(f"<b>{html.escape(question)}</b>")
+        self.question = W.HTML(f'<div style="line-height:1.4"><b>{html.escape(question)}</b></div>')
         if self.choices is not None:
-            self.input = W.RadioButtons(options=[str(c) for c in self.choices], value=None)
+            self.input = W.RadioButtons(options=[str(c) for c in self.choices], value=None,
+                                        layout=W.Layout(width="100%"))
         else:
-            self.input = W.Text(placeholder="your prediction")
+            self.input = W.Text(placeholder="your prediction (Enter checks it)", layout=W.Layout(width="100%"))
+            _on_enter(self.input, lambda: self._guard(self._do_check))
         self.check_button = W.Button(description="Check", button_style="primary")
         self.answer_button = W.Button(description="Show the answer")
         self.feedback = W.HTML()
         self.correct: bool | None = None
+        self.attempts = 0
         self.check_button.on_click(lambda _b: self._guard(self._do_check))
         self.answer_button.on_click(lambda _b: self._guard(self._show_answer))
-        self.widget = W.VBox([self.question, self.input, W.HBox([self.check_button, self.answer_button]),
-                              self.feedback])
+        self.widget = W.VBox([_style(), self.question, self.input,
+                              W.HBox([self.check_button, self.answer_button]), self.feedback])
         self.widget.add_class("overlaykit-predict")
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        lines = [f"Exercise: {self.question_text}"]
+        lines += [f"  ( ) {c}" for c in self.choices or ()]
+        lines.append("Run this cell to answer it here (the answer is checked in the notebook).")
+        return _bundle(self.widget, "\n".join(lines), **kwargs)
 
     def __repr__(self) -> str:
         return f"PredictExercise({self.question_text!r})"
@@ -651,7 +705,9 @@ class PredictExercise:
         else:
             ok, note = _same(value, self.answer()), ""
         self.correct = bool(ok)
-        head = "Right!" if ok else "Not quite."
+        self.attempts += 1
+        # a second wrong answer must not look like nothing happened: say which try this was
+        head = "Right!" if ok else ("Not quite." if self.attempts == 1 else f"Not quite (try {self.attempts}).")
         parts = [head] + ([note] if note else []) + ([self.explanation] if ok and self.explanation else [])
         if not ok:
             parts.append('Try again, or press "Show the answer".')

@@ -257,3 +257,41 @@ def test_trees_keep_long_notes_on_one_line(explorer):
         style = re.search(r'<pre class="overlaykit-\w+" style="([^"]*)"', view.value).group(1)
         assert "white-space:pre;" in style and "overflow-x:auto" in style
     assert "hides lower[0]&#x27;s entry]" in explorer.upper_tree.value
+
+
+def test_text_fallbacks_are_sentences_not_reprs(explorer):
+    """Issue 13.1: where a widget cannot be drawn (untrusted notebook, static viewer) its text/plain shows."""
+    from overlaykit import course
+    q = PredictExercise("Which layer serves /etc/hosts?", ["upper", "lower[0]"], answer="lower[0]")
+    t = PredictExercise("How many?", answer="4")
+    layer = course.layer_from_files({"etc/hosts": "x"})
+    ins = LayerInspector(course.image_from_layers("demo", [("COPY hosts /etc/", layer)]))
+    texts = {k: w._repr_mimebundle_()["text/plain"] for k, w in
+             {"q": q, "t": t, "explorer": explorer, "inspector": ins}.items()}
+    for k, text in texts.items():
+        assert "children=" not in text and "VBox" not in text and not ADDRESS.search(text), text
+        assert "Run this cell" in text or "run this cell" in text, text
+        assert "application/vnd.jupyter.widget-view+json" in \
+            {"q": q, "t": t, "explorer": explorer, "inspector": ins}[k]._repr_mimebundle_()
+    assert texts["q"].splitlines()[:3] == ["Exercise: Which layer serves /etc/hosts?", "  ( ) upper",
+                                           "  ( ) lower[0]"]
+    assert "demo" in texts["inspector"]
+
+
+def test_second_wrong_answer_says_try_2_and_enter_checks():
+    """Issue 13.4: a repeated wrong answer visibly changes; Enter (the front end's submit event) checks."""
+    import warnings
+    q = PredictExercise("How many?", answer="4")
+    q.input.value = "3"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning may reach the learner's output
+        q.input._handle_string_msg(None, {"event": "submit"}, None)  # what Enter sends
+    first = q.feedback_text
+    assert first.startswith("Not quite.")
+    q.check_button.click()
+    assert q.feedback_text.startswith("Not quite (try 2).") and q.feedback_text != first
+    q.input.value = "4"  # a value set from Python alone does not check
+    assert q.feedback_text.startswith("Not quite (try 2).")
+    q.check_button.click()
+    assert q.correct is True and q.feedback_text.startswith("Right!")
+    assert "line-height:1.4" in q.feedback.value  # not ipywidgets' 28 px line (double spacing)
