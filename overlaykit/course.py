@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import stat as st
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     """A fresh, empty folder ``root/name`` (anything left from an earlier run is removed first)."""
     path = Path(root) / name
     if path.exists():
+        widgets = sys.modules.get("overlaykit.widgets")  # only if a lesson made widgets (no ipywidgets import)
+        if widgets is not None:
+            widgets.layers_reset(path)  # explorers on the old folders say so and end their helpers
         _rmtree(path)
     path.mkdir(parents=True)
     return path

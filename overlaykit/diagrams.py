@@ -555,15 +555,27 @@ def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tup
             f'CELLSPACING="3" CELLPADDING="2">{"".join(rows)}</TABLE>>')
 
 
+def _cut_keeping(items: list, limit: int | None, keep) -> tuple[list, int]:
+    """Like `_cut`, but entries whose path is in ``keep`` are always among those shown (in path order):
+    an explorer's diagram must draw the entry just acted on, and what it hides, wherever it sorts."""
+    if limit is None or len(items) <= limit or not keep:
+        return _cut(items, limit)
+    wanted = [n for n, e in enumerate(items) if e.path in keep]
+    room = max(limit - len([n for n in wanted if n >= limit]), 0)
+    chosen = sorted(set(range(min(room, len(items)))) | set(wanted))
+    return [items[n] for n in chosen], len(items) - len(chosen)
+
+
 def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, str] | None = None,
-          width: int = 44) -> Diagram:
+          width: int = 44, focus=()) -> Diagram:
     """Merged on the left, the layers stacked on the right (upper, lower[0] ... top first, then work).
 
     Each lane lists its entries in path order (a directory, then what is under it).  Every merged entry
     has an arrow to the layer entry serving it; a whiteout (red, dashed) and an opaque directory (bold,
     shaded) have a dashed red "hides" arrow to the lower entry they hide; hidden lower entries are grey.
     ``path`` narrows every lane to one subtree; ``names`` labels lanes (``{"lower[0]": "layer 3 (RUN
-    apt-get …)"}``), else an overlay's ``layer_names``, else the directory names are used.
+    apt-get …)"}``), else an overlay's ``layer_names``, else the directory names are used.  Entries at a
+    path in ``focus`` are drawn in every lane even beyond ``limit``.
     """
     lanes = stack_lanes(ov, path, names=names)
     header = mount_line(ov)
@@ -577,7 +589,9 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     g.attr(ranksep="1.1", nodesep="0.3")
     g.attr("node", shape="plain", style="", margin="0")
     ports: dict[tuple[str, str], int] = {}
-    cut = {lane.key: _cut(list(lane.entries), limit) for lane in lanes}
+    keep = {p.strip("/") for p in focus if p}
+    keep |= {"/".join(p.split("/")[:k]) for p in keep for k in range(1, p.count("/") + 1)}  # its parents
+    cut = {lane.key: _cut_keeping(list(lane.entries), limit, keep) for lane in lanes}
     # one width for the layer column's cells (an estimate from the text), so its lanes line up
     layer_entries = [(lane, e) for lane in lanes[1:] for e in cut[lane.key][0]]
     cols = (max([6 * len(_short(e.label(), width)) + 8 for _, e in layer_entries], default=0),

@@ -13,6 +13,7 @@ import errno
 import html
 import os
 import stat as st
+import weakref
 from dataclasses import dataclass, field
 
 import ipywidgets as W
@@ -56,9 +57,19 @@ def explain_error(exc: BaseException) -> str:
 
 
 def _pre(text: str, cls: str = "") -> str:
-    # white-space:pre keeps long notes on one line (the notebook's CSS would wrap them mid-word)
-    return (f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3;white-space:pre;'
-            f'overflow-x:auto">{html.escape(text)}</pre>')
+    """Text that wraps at word boundaries inside its box (a long trace line must not make the whole widget
+    scroll sideways)."""
+    return (f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3;'
+            f'white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(text)}</pre>')
+
+
+def _tree_pre(text: str, cls: str) -> str:
+    """A tree, one line per entry: a line too long for its column ends in an ellipsis and shows whole on
+    hover (title), so indentation stays readable and columns never run into each other."""
+    lines = "".join(f'<span title="{html.escape(line.strip(), quote=True)}" style="display:block;overflow:hidden;'
+                    f'text-overflow:ellipsis;white-space:pre">{html.escape(line) or " "}</span>'
+                    for line in text.split("\n"))
+    return f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3">{lines}</pre>'
 
 
 def _message_html(text: str, kind: str) -> str:
@@ -75,7 +86,8 @@ STYLE = """<style>
 .overlaykit-predict .widget-radio-box label {
   height: auto; line-height: 1.35; display: flex; align-items: flex-start; gap: 6px;
   padding: 3px 0; white-space: normal; overflow-wrap: anywhere; }
-.overlaykit-predict .widget-radio-box input { flex: none; height: auto; margin: 2px 0 0 1px; float: none; }
+.overlaykit-predict .widget-radio-box input { flex: none; order: -1; height: auto; margin: 2px 0 0 1px;
+  float: none; }
 .overlaykit-predict .widget-radio, .overlaykit-predict .widget-radio-box { width: 100%; max-width: 100%; }
 .overlaykit-predict .widget-html-content, .overlaykit-explorer .widget-html-content,
 .overlaykit-layer-inspector .widget-html-content { line-height: 1.4; }
@@ -236,6 +248,43 @@ def lane_tree(lane: Lane, limit: int = 200) -> str:
 # OverlayExplorer
 # ==================================================================================================
 
+#: Explorers still working on their layers. A displayed widget stays referenced by ipywidgets (and so does
+#: its overlay, with a kernel overlay's helper process), even after its cell ran again: this set lets a new
+#: explorer, or a workspace being reset, retire the old ones.
+_LIVE: "weakref.WeakSet[OverlayExplorer]" = weakref.WeakSet()
+
+
+def _dir_ids(ov) -> tuple:
+    """(device, inode) of each layer folder, None where it is missing: changes when a folder is remade."""
+    out = []
+    for d in (*ov.lowers, ov.upper, ov.work):
+        if d is None:
+            continue
+        try:
+            s = os.stat(d)
+            out.append((s.st_dev, s.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _retire_explorers_of(ov) -> None:
+    """A new explorer on the same upper/ (its cell ran again) retires the older ones on another overlay."""
+    if ov.upper is None:
+        return
+    for old in list(_LIVE):
+        if old.ov is not ov and old.ov.upper == ov.upper:
+            old.retire("a newer explorer works on the same upper/ (its cell ran again)")
+
+
+def layers_reset(path) -> None:
+    """Retire every explorer with a layer under ``path`` (course.workspace calls this before emptying it)."""
+    root = os.path.abspath(path)
+    for ex in list(_LIVE):
+        dirs = [d for d in (*ex.ov.lowers, ex.ov.upper, ex.ov.work) if d is not None]
+        if any(os.path.commonpath([root, str(d)]) == root for d in dirs):
+            ex.retire("its workspace was reset (the cell that makes the workspace ran again)")
+
 class OverlayExplorer:
     """Apply file operations to ``ov`` and watch lower, upper and merged follow.
 
@@ -254,6 +303,11 @@ class OverlayExplorer:
         self._undo: list[tuple[str, tuple]] = []
         self.events: list = []
         self.last_error: str = ""
+        self.focus: tuple[str, ...] = ()  # the paths last acted on: the diagram always draws them
+        self.stale: str = ""              # why this explorer no longer works on its layers, if it does not
+        self._dirs = _dir_ids(ov)
+        _retire_explorers_of(ov)
+        _LIVE.add(self)
 
         self.op = W.Dropdown(options=list(OPERATIONS), value="write", description="operation")
         self.path = W.Text(description="path", placeholder="e.g. etc/hosts")
@@ -265,10 +319,10 @@ class OverlayExplorer:
         self.reset_button = W.Button(description="Reset", icon="refresh",
                                      tooltip="back to the layers as they were when the explorer started")
         self.message = W.HTML()
-        # each tree scrolls sideways inside its column instead of running into the next one
-        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
-        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
-        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        # each tree stays inside its column (long lines end in an ellipsis, whole on hover)
+        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
+        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
+        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
         self.diagram = W.HTML()
         self.trace_view = W.HTML()
 
@@ -276,9 +330,11 @@ class OverlayExplorer:
         self.undo_button.on_click(lambda _b: self._guard(self._undo_last))
         self.reset_button.on_click(lambda _b: self._guard(self._reset))
         self.op.observe(lambda _c: self._fields(), names="value")
+        for field in (self.path, self.path2, self.mode):  # Enter applies, as the Apply button does
+            _on_enter(field, lambda: self._guard(self._apply))
 
         def column(title, w):
-            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%"))
+            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%", min_width="0"))
         form = W.VBox([self.op, self.path, self.path2, self.content, self.mode,
                        W.HBox([self.apply_button, self.undo_button, self.reset_button]), self.message])
         trees = W.HBox([column("lower layers", self.lower_tree), column("upper/", self.upper_tree),
@@ -300,9 +356,24 @@ class OverlayExplorer:
         return f"OverlayExplorer(lowers=[{lowers}], upper={up}, {len(self._undo)} change(s) to undo)"
 
     def close(self) -> None:
+        _LIVE.discard(self)
         if self._owns_mount:
             self.ov.unmount()
         self.widget.close()
+
+    def retire(self, why: str) -> None:
+        """Stop working on layers that were reset or taken over: one sentence says so, and the overlay is
+        unmounted (a kernel overlay's helper process ends) rather than acting on folders that changed."""
+        _LIVE.discard(self)
+        self.stale = (f"This explorer stopped: {why}. Run the cell that creates the explorer again to "
+                      "explore the new layers.")
+        try:
+            self.ov.unmount()
+        except Exception:  # noqa: BLE001 - the folders may be gone; the helper still ends
+            pass
+        self._say(self.stale, "error")
+        for w in (self.apply_button, self.undo_button, self.reset_button):
+            w.disabled = True
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -317,6 +388,11 @@ class OverlayExplorer:
 
     def _guard(self, fn) -> None:
         """The callback boundary: any failure becomes a one-line message, never a traceback."""
+        if not self.stale and _dir_ids(self.ov) != self._dirs:
+            self.retire("its layer folders were deleted or made again (did a workspace cell run again?)")
+        if self.stale:
+            self._say(self.stale, "error")
+            return
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - shown to the learner, not raised in their face
@@ -361,6 +437,7 @@ class OverlayExplorer:
         before = self._upper_items()
         n0 = len(ov.trace)
         desc = f"{op} /{p}" + (f" -> {second}" if op in ("rename", "symlink") else "")
+        self.focus = (p, second) if op == "rename" else (p,)
         try:
             if op == "create":
                 try:
@@ -441,13 +518,13 @@ class OverlayExplorer:
 
     def _refresh(self) -> None:
         t = self.trees()
-        self.lower_tree.value = _pre(t["lower"], "lower")
-        self.upper_tree.value = _pre(t["upper"], "upper")
-        self.merged_tree.value = _pre(t["merged"], "merged")
+        self.lower_tree.value = _tree_pre(t["lower"], "lower")
+        self.upper_tree.value = _tree_pre(t["upper"], "upper")
+        self.merged_tree.value = _tree_pre(t["merged"], "merged")
         self.trace_view.value = _pre(self.trace_text, "trace")
         self.undo_button.disabled = not self._undo
         if self.show_diagram:
-            self.diagram_obj = diagrams.stack(self.ov, limit=self.limit)
+            self.diagram_obj = diagrams.stack(self.ov, limit=self.limit, focus=self.focus)
             self.diagram.value = self.diagram_obj.html()
 
 

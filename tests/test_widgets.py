@@ -250,13 +250,73 @@ def test_widgets_carry_stable_css_classes(explorer):
     assert "overlaykit-layer-inspector" in inspector.widget._dom_classes
 
 
-def test_trees_keep_long_notes_on_one_line(explorer):
-    # a browser must not wrap "…hides l / ower[0]'s entry": the trees are pre-formatted and scroll instead
+def test_tree_lines_end_in_an_ellipsis_with_the_whole_note_on_hover(explorer):
+    """Issue 13.5/13.7: tree columns never run into each other, the trace wraps instead of scrolling."""
     run(explorer, "delete", "d/f")
-    for view in (explorer.lower_tree, explorer.upper_tree, explorer.merged_tree, explorer.trace_view):
-        style = re.search(r'<pre class="overlaykit-\w+" style="([^"]*)"', view.value).group(1)
-        assert "white-space:pre;" in style and "overflow-x:auto" in style
-    assert "hides lower[0]&#x27;s entry]" in explorer.upper_tree.value
+    for view in (explorer.lower_tree, explorer.upper_tree, explorer.merged_tree):
+        spans = re.findall(r'<span title="([^"]*)" style="([^"]*)">', view.value)
+        assert spans and all("text-overflow:ellipsis" in st and "overflow:hidden" in st for _, st in spans)
+    assert "f (whiteout)  [whiteout, hides lower[0]&#x27;s entry]" in \
+        [t for t, _ in re.findall(r'<span title="([^"]*)" style="([^"]*)">', explorer.upper_tree.value)]
+    style = re.search(r'<pre class="overlaykit-trace" style="([^"]*)"', explorer.trace_view.value).group(1)
+    assert "white-space:pre-wrap" in style and "overflow-wrap:anywhere" in style
+
+
+def test_enter_in_the_path_field_applies(explorer):
+    explorer.op.value, explorer.path.value = "delete", "d/f"
+    explorer.path._handle_string_msg(None, {"event": "submit"}, None)  # what Enter sends
+    assert explorer.message_text == "done: delete /d/f"
+
+
+def test_the_diagram_draws_the_entry_just_touched_beyond_the_limit(tmp_path):
+    """Issue 13.6: deleting etc/motd, alphabetically past the first 10 entries, still draws the whiteout
+    and the lower etc/motd it hides."""
+    for d in ("l0/a", "upper", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    for k in range(12):
+        (tmp_path / f"l0/a/f{k:02d}").write_text("x")
+    (tmp_path / "l0/etc").mkdir()
+    (tmp_path / "l0/etc/motd").write_text("hi")
+    ov = Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim")
+    ex = OverlayExplorer(ov)
+    try:
+        assert "etc/motd (2 B)" not in ex.diagram.value  # cut by the limit before anything happens
+        assert run(ex, "delete", "etc/motd") == "done: delete /etc/motd"
+        svg = ex.diagram.value
+        assert "etc/motd (whiteout)" in svg and "etc/motd (2 B)" in svg and "hidden by a whiteout in upper" in svg
+        assert "more" in svg  # the rest is still summarised
+    finally:
+        ex.close()
+
+
+def test_rerunning_the_workspace_cell_retires_the_explorer(tmp_path, monkeypatch):
+    """Issue 13.8: the explorer says in one sentence that its layers were reset, instead of ENOENT."""
+    from overlaykit import course
+    monkeypatch.chdir(tmp_path)
+    ws = course.workspace("t")
+    ex = OverlayExplorer(course.lesson_overlay(ws, backend="sim"))
+    ws = course.workspace("t")  # the workspace cell runs again
+    assert not ex.ov.mounted
+    for button in (ex.apply_button, ex.reset_button):
+        button.click()
+        assert ex.message_text.startswith("This explorer stopped: its workspace was reset")
+        assert "ENOENT" not in ex.message_text and "whiteout" not in ex.message_text
+    # folders deleted some other way are noticed at the next action too
+    new = OverlayExplorer(course.lesson_overlay(ws, backend="sim"))
+    course._rmtree(ws / "upper")
+    (ws / "upper").mkdir()
+    run(new, "write", "x", content="1")
+    assert new.message_text.startswith("This explorer stopped: its layer folders were deleted or made again")
+    new.close()
+
+
+def test_a_new_explorer_on_the_same_upper_retires_the_old_one(tmp_path):
+    for d in ("l0", "upper", "work"):
+        (tmp_path / d).mkdir()
+    old = OverlayExplorer(Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim"))
+    new = OverlayExplorer(Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim"))
+    assert not old.ov.mounted and old.stale and new.ov.mounted and not new.stale
+    new.close()
 
 
 def test_text_fallbacks_are_sentences_not_reprs(explorer):
@@ -295,3 +355,42 @@ def test_second_wrong_answer_says_try_2_and_enter_checks():
     q.check_button.click()
     assert q.correct is True and q.feedback_text.startswith("Right!")
     assert "line-height:1.4" in q.feedback.value  # not ipywidgets' 28 px line (double spacing)
+
+
+def _helpers() -> list[int]:
+    """This process's live kernel-overlay helpers (``python -m overlaykit._nsworker``)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == os.getpid() and b"overlaykit._nsworker" in cmd:
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.kernel
+def test_rerunning_workspace_and_explorer_cells_leaves_one_helper(tmp_path, monkeypatch):
+    """Issue 13.8: each re-run used to leave one more helper process until the kernel stopped."""
+    from overlaykit import course
+    from overlaykit.capabilities import capabilities
+    info = capabilities()["kernel"]
+    if not info.available:
+        pytest.skip(f"kernel backend not allowed: {info.reason}")
+    monkeypatch.chdir(tmp_path)
+    kept = []  # what ipywidgets' registry and IPython's Out[] keep alive in a real kernel
+    try:
+        for _ in range(4):
+            ws = course.workspace("leak")
+            kept.append(OverlayExplorer(course.lesson_overlay(ws, backend="kernel")))
+            assert len(_helpers()) == 1, _helpers()
+        # the explorer's cell alone running again (same workspace) retires the previous explorer too
+        kept.append(OverlayExplorer(course.lesson_overlay(ws, backend="kernel")))
+        assert len(_helpers()) == 1 and kept[-2].stale
+    finally:
+        for ex in kept:
+            ex.close()
+    assert _helpers() == []
