@@ -581,9 +581,16 @@ class LayerInspector:
         self.limit = limit
         self._cache: dict[int, tuple] = {}
         self.image_choice = W.Dropdown(options=[(im.name, k) for k, im in enumerate(self.images)], value=0,
-                                       description="image")
-        self.layer_choice = W.Dropdown(description="layer")
-        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", description="show")
+                                       description="image", layout=W.Layout(width="auto", flex="0 1 auto"),
+                                       style={"description_width": "initial"})
+        # the layer's whole command shows on hover (tooltip): the dropdown itself cuts long ones
+        self.layer_choice = W.Dropdown(description="layer", layout=W.Layout(width="auto", flex="1 1 auto",
+                                                                            min_width="0"),
+                                       style={"description_width": "initial"})
+        # buttons as wide as their words, on the line of their label
+        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", description="show",
+                                      style={"button_width": "auto", "description_width": "initial"},
+                                      layout=W.Layout(width="auto"))
         self.summary = W.HTML()
         self.layers_table = W.HTML()
         self.tree = W.HTML()
@@ -591,8 +598,11 @@ class LayerInspector:
         self.image_choice.observe(lambda _c: self._guard(self._image_changed), names="value")
         self.layer_choice.observe(lambda _c: self._guard(self._refresh), names="value")
         self.filter.observe(lambda _c: self._guard(self._refresh), names="value")
-        self.widget = W.VBox([W.HBox([self.image_choice, self.layer_choice]), self.filter, self.message,
-                              self.summary, W.HBox([self.layers_table, self.tree])])
+        # the file list scrolls in a box of its own (a layer can hold thousands of paths)
+        self.tree.layout = W.Layout(flex="1 1 auto", min_width="0", max_height="420px", overflow="auto")
+        self.layers_table.layout = W.Layout(flex="0 1 auto", min_width="0")
+        self.widget = W.VBox([_style(), W.HBox([self.image_choice, self.layer_choice]), self.filter,
+                              self.message, self.summary, W.HBox([self.layers_table, self.tree])])
         self.widget.add_class("overlaykit-layer-inspector")
         self._image_changed()
 
@@ -691,21 +701,48 @@ class LayerInspector:
         im, ins, _ = self._data()
         k = self.layer_choice.value
         self.summary.value = _pre(self.summary_text, "summary")
-        rows = []
-        for r in ins.layers:
-            style = "font-weight:bold;background:#fef3c7" if r.index == k else ""
-            rows.append(f'<tr style="{style}"><td>{r.index}</td><td>{html.escape(human_size(r.size))}</td>'
-                        f"<td>{html.escape(diagrams._short(diagrams.created_by_text(r.created_by), 40))}</td></tr>")
-        self.layers_table.value = ('<table style="font-size:12px"><tr><th>#</th><th>size</th><th>command</th></tr>'
-                                   + "".join(rows) + "</table>")
+        if k is not None:
+            self.layer_choice.tooltip = (f"layer {k}: " + (diagrams.created_by_text(ins.layers[k].created_by)
+                                                           or "(no history)"))
+        self.layers_table.value = layers_table_html(ins, k)
         body = []
-        for c, _, label in self.entries()[: self.limit]:
-            body.append(f'<span style="color:{_MARK_COLOR[c]}">{html.escape(_MARK[c] + " " + label)}</span>')
-        more = len(self.entries()) - self.limit
+        rows = self.entries()
+        for c, _, label in rows[: self.limit]:
+            body.append(f'<span title="{html.escape(label, quote=True)}" style="color:{_MARK_COLOR[c]}">'
+                        f'{html.escape(_MARK[c] + " " + label)}</span>')
+        more = len(rows) - self.limit
         if more > 0:
             body.append(f"… +{more} more")
-        self.tree.value = ('<pre style="margin:0;font-size:12px">' + ("\n".join(body) or
-                           "(nothing to show with this filter)") + "</pre>")
+        self.tree.value = ('<pre class="overlaykit-files" style="margin:0;font-size:12px;white-space:pre">'
+                           + ("\n".join(body) or "(nothing to show with this filter)") + "</pre>")
+
+
+def _nb(text: str) -> str:
+    """Sizes never break between number and unit ("104.7 / MB")."""
+    return text.replace(" ", "\u00a0")
+
+
+def layers_table_html(ins, chosen=None) -> str:
+    """One row per layer, dive-like: a bar as long as the layer's share of the largest layer, its wasted
+    part (bytes hidden in the final image) in red, the size and the command (whole on hover)."""
+    biggest = max([r.size for r in ins.layers], default=0) or 1
+    rows = []
+    for r in ins.layers:
+        cmd = diagrams.created_by_text(r.created_by) or "(no history)"
+        size_pct = 100 * r.size / biggest
+        waste_pct = 100 * min(r.wasted_bytes, r.size) / r.size if r.size else 0
+        bar = (f'<div class="overlaykit-bar" title="{html.escape(_nb(human_size(r.size)))}, '
+               f'{html.escape(_nb(human_size(r.wasted_bytes)))} wasted" style="width:90px;height:10px;'
+               f'background:#f1f5f9"><div style="width:{size_pct:.1f}%;height:10px;background:#60a5fa;'
+               f'display:flex;justify-content:flex-end"><div class="overlaykit-waste" style="width:'
+               f'{waste_pct:.1f}%;height:10px;background:#ef4444"></div></div></div>')
+        style = "font-weight:bold;background:#fef3c7" if r.index == chosen else ""
+        rows.append(f'<tr style="{style}"><td>{r.index}</td><td>{bar}</td>'
+                    f'<td style="white-space:nowrap;text-align:right">{html.escape(_nb(human_size(r.size)))}</td>'
+                    f'<td title="{html.escape(cmd, quote=True)}">{html.escape(diagrams._short(cmd, 40))}</td></tr>')
+    return ('<table class="overlaykit-layers" style="font-size:12px;line-height:1.3"><tr><th>#</th>'
+            '<th title="size, and in red the part hidden in the final image">size</th><th></th><th>command</th>'
+            '</tr>' + "".join(rows) + "</table>")
 
 
 # ==================================================================================================

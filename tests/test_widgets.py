@@ -233,6 +233,26 @@ def test_layer_inspector_marks_changes_and_filters():
     assert not ADDRESS.search(repr(li) + li.summary_text + li.tree_text)
 
 
+def test_layer_inspector_bars_tooltips_and_scroll_box():
+    """Issue 13.9: proportional bars with the wasted part, full command on hover, sizes that do not wrap,
+    the file list in a scroll box, the filter on its label's line."""
+    li = LayerInspector(build_image())
+    table = li.layers_table.value
+    widths = [float(w) for w in re.findall(r'<div style="width:([\d.]+)%;height:10px;background:#60a5fa', table)]
+    from overlaykit.images import inspect
+    ins = inspect(build_image())
+    biggest = max(r.size for r in ins.layers)
+    assert widths == [pytest.approx(100 * r.size / biggest, abs=0.1) for r in ins.layers]
+    waste = [float(w) for w in re.findall(r'class="overlaykit-waste" style="width:([\d.]+)%', table)]
+    # layer 0's var/cache/big (1000 B) and etc/motd (5 B) are hidden in the final image; layer 1 wastes nothing
+    assert waste == [pytest.approx(100 * 1005 / ins.layers[0].size, abs=0.1), 0.0]
+    assert "10.2\u00a0kB" in table and " kB<" not in table
+    assert 'title="RUN cleanup"' in table
+    assert li.layer_choice.tooltip == "layer 1: RUN cleanup"
+    assert li.tree.layout.max_height == "420px" and li.tree.layout.overflow == "auto"
+    assert li.filter.style.button_width == "auto"
+
+
 def test_layer_inspector_switches_images():
     img = build_image()
     images = pytest.importorskip("overlaykit.images")
@@ -303,7 +323,7 @@ def test_rerunning_the_workspace_cell_retires_the_explorer(tmp_path, monkeypatch
         assert "ENOENT" not in ex.message_text and "whiteout" not in ex.message_text
     # folders deleted some other way are noticed at the next action too
     new = OverlayExplorer(course.lesson_overlay(ws, backend="sim"))
-    course._rmtree(ws / "upper")
+    (ws / "upper").rename(ws / "upper.old")  # kept, so that the new folder cannot reuse its inode
     (ws / "upper").mkdir()
     run(new, "write", "x", content="1")
     assert new.message_text.startswith("This explorer stopped: its layer folders were deleted or made again")
