@@ -128,3 +128,16 @@ def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
             return f"mounted on {tmp_path}/ws/merged only inside helper process 42: ls {tmp_path}/ws/merged"
     assert course.how_to_look(Mounted(), tmp_path) == \
         "mounted on ws/merged only inside helper process 42: ls ws/merged"
+
+
+def test_long_printed_lines_wrap_at_word_boundaries():
+    """Issue 13.11: JupyterLab breaks a long printed line mid-word; the package wraps it first."""
+    from overlaykit.course import wrap
+    text = ("The overlay is mounted on merged only inside helper process 4242 (its own mount namespace); elsewhere "
+            "that directory looks empty. From a terminal, as root: `nsenter -t 4242 -m ls -la merged/` and more")
+    out = wrap(text, width=60)
+    lines = out.splitlines()
+    assert all(len(line) <= 60 or "`" in line for line in lines), lines
+    assert " ".join(line.strip() for line in lines) == text
+    assert any("`nsenter -t 4242 -m ls -la merged/`" in line for line in lines)  # a command stays whole
+    assert wrap("a\n\nb") == "a\n\nb"
