@@ -169,9 +169,9 @@ def _cut(items: list, limit: int | None) -> tuple[list, int]:
     return list(items[:limit]), len(items) - limit
 
 
-def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+def _table(rows: list[tuple[str, ...]], indent: str = "  ", empty: str = "(empty)") -> list[str]:
     if not rows:
-        return [indent + "(empty)"]
+        return [indent + empty]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
 
@@ -380,12 +380,36 @@ def _merged_entries(L: ondisk.Layers, top: str) -> list[Entry]:
     return out
 
 
+def _traced_copy_ups(ov) -> set[str]:
+    """Paths whose last recorded change was a copy-up (the file itself, or a parent copied up first)."""
+    last: dict[str, str] = {}
+    try:
+        events = list(ov.trace)
+    except Exception:  # noqa: BLE001 - no trace, no correction
+        return set()
+    for e in events:
+        kind = getattr(e, "kind", "")
+        if kind == "copy-up":
+            paths = _parse_parents(e) if e.detail.startswith(_PARENTS) else [e.path]
+            last.update({p: "copy-up" for p in paths})
+        elif kind in ("create", "whiteout", "opaque"):
+            last[e.path] = kind
+    return {p for p, k in last.items() if k == "copy-up"}
+
+
 def _upper_kinds(ov, L: ondisk.Layers) -> dict[str, str]:
     if ov.mounted:
         try:
-            return {c.path: c.kind for c in ov.upper_changes()}
+            kinds = {c.path: c.kind for c in ov.upper_changes()}
         except Exception:  # an engine hiccup must not break a picture
             pass
+        else:
+            # upper/ alone cannot always tell (a copied-up hard link carries no origin xattr, so 04's data/h1
+            # looked "new"); what this overlay did, as its trace recorded it, can
+            for p in _traced_copy_ups(ov):
+                if kinds.get(p) == "new":
+                    kinds[p] = "copied-up"
+            return kinds
     kinds: dict[str, str] = {}
     lowers = ondisk.Layers([str(x) for x in ov.lowers], L.encoding, False)
     for e in _layer_entries(L, 0, "", {}):
@@ -421,6 +445,19 @@ def _lane_labels(ov, names) -> dict[str, str]:
     """Lane name -> label: the caller's ``names``, else the overlay's own ``layer_names`` (a mapping by lane
     name, or a sequence aligned with ``ov.lowers``), else the directory's basename, made unique with its
     parent's name where several share it (a store's lowerdirs are all ``<diff_id>/root``)."""
+    labels = _dir_labels(ov)
+    own = getattr(ov, "layer_names", None)
+    if own:
+        if hasattr(own, "items"):
+            labels.update({str(k): str(v) for k, v in own.items() if v})
+        else:
+            labels.update({f"lower[{k}]": str(v) for k, v in enumerate(own) if v})
+    labels.update({str(k): str(v) for k, v in (names or {}).items() if v})
+    return labels
+
+
+def _dir_labels(ov) -> dict[str, str]:
+    """Lane name -> its directory's basename (``name/``), with its parent's where several share it."""
     dirs = {"upper": ov.upper, "work": ov.work} if ov.upper is not None else {}
     dirs.update({f"lower[{k}]": low for k, low in enumerate(ov.lowers)})
     dirs = {k: v for k, v in dirs.items() if v is not None}
@@ -432,13 +469,6 @@ def _lane_labels(ov, names) -> dict[str, str]:
         parent = d.parent.name
         labels[key] = (f"{parent[:12]}{'…' if len(parent) > 12 else ''}/{d.name}/"
                        if counts[d.name] > 1 and parent else f"{d.name}/")
-    own = getattr(ov, "layer_names", None)
-    if own:
-        if hasattr(own, "items"):
-            labels.update({str(k): str(v) for k, v in own.items() if v})
-        else:
-            labels.update({f"lower[{k}]": str(v) for k, v in enumerate(own) if v})
-    labels.update({str(k): str(v) for k, v in (names or {}).items() if v})
     return labels
 
 
@@ -465,10 +495,12 @@ def stack_lanes(ov, path: str = ".", *, names: dict[str, str] | None = None) -> 
 
 
 def mount_line(ov) -> str:
-    """The mount(8) command for this stack, with directory basenames (stable across machines)."""
-    opts = "lowerdir=" + ":".join(x.name for x in ov.lowers)
+    """The mount(8) command for this stack, with directory basenames (stable across machines), made unique
+    with their parent's name as the lanes do (a store's lowerdirs are all ``<diff_id>/root``)."""
+    labels = {k: v.rstrip("/") for k, v in _dir_labels(ov).items()}
+    opts = "lowerdir=" + ":".join(labels[f"lower[{k}]"] for k in range(len(ov.lowers)))
     if ov.upper is not None:
-        opts += f",upperdir={ov.upper.name},workdir={ov.work.name if ov.work else '?'}"
+        opts += f",upperdir={labels['upper']},workdir={labels.get('work', '?')}"
     return f"mount -t overlay overlay -o {opts} {ov.merged.name if ov.merged else 'merged'}"
 
 
@@ -486,13 +518,18 @@ def _merged_note(e: Entry) -> str:
     return f"from {e.status}" + (f" (merged {e.by})" if e.by and "+" in e.by else "")
 
 
-def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT) -> str:
+def _empty_note(top: str) -> str:
+    """What an empty lane says: with a path filter, that the filter hides the rest of the layer."""
+    return f"(nothing under /{top}: filtered)" if top else "(empty)"
+
+
+def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT, top: str = "") -> str:
     lines = [header]
     for lane in lanes:
         lines.append(_lane_title(lane))
         shown, more = _cut(list(lane.entries), limit)
         rows = [(e.label(), _merged_note(e) if lane.name == "merged" else e.note()) for e in shown]
-        lines.extend(_table(rows))
+        lines.extend(_table(rows, empty=_empty_note(top)))
         if more:
             lines.append(f"  +{more} more")
     return "\n".join(lines)
@@ -518,7 +555,8 @@ def _note(lane: Lane, e: Entry) -> str:
     return "" if lane.name == "work" else e.note()
 
 
-def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tuple[int, int] = (0, 0)) -> str:
+def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tuple[int, int] = (0, 0),
+                empty: str = "(empty)") -> str:
     """A lane as one HTML-table node: a title row, then one row per entry in path order.
 
     Ports: ``e<n>`` is the entry's name cell (merged links arrive on its west side), ``n<n>`` the note cell
@@ -533,7 +571,7 @@ def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tup
     if not shown:
         w = f' WIDTH="{cols[0] + cols[1] + 3}"' if cols[0] else ""
         rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT" BGCOLOR="white" BORDER="1" STYLE="dashed" COLOR="#6b7280"{w}>'
-                    f'{_font("(empty)", 10, "#6b7280")}</TD></TR>')
+                    f'{_font(empty, 10, "#6b7280")}</TD></TR>')
     for n, e in enumerate(shown):
         cell, color, note_color, style = "white", "#475569", "#334155", ""
         if e.kind == "whiteout":
@@ -579,7 +617,9 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     """
     lanes = stack_lanes(ov, path, names=names)
     header = mount_line(ov)
-    text = stack_text(lanes, header, limit)
+    from .engine import normpath
+    top = normpath(path)
+    text = stack_text(lanes, header, limit, top)
     n_merged = len(lanes[0].entries)
     title = (f"overlay stack: {len(ov.lowers)} lower layer{'s' if len(ov.lowers) != 1 else ''}"
              f"{', upper' if ov.upper is not None else ' (read-only)'}; {n_merged} entries in merged/")
@@ -599,7 +639,8 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     for lane in lanes:
         shown, more = cut[lane.key]
         ports.update({(lane.key, e.path): n for n, e in enumerate(shown)})
-        g.node(lane.key, _lane_table(lane, shown, more, width, cols if lane.name != "merged" else (0, 0)))
+        g.node(lane.key, _lane_table(lane, shown, more, width, cols if lane.name != "merged" else (0, 0),
+                                     _empty_note(top)))
     right = [lane.key for lane in lanes[1:]]
     with g.subgraph() as col:  # the layers in one column, top to bottom as they stack
         col.attr(rank="same")
@@ -789,10 +830,11 @@ def copy_up(ov, event_or_path) -> Diagram:
     lines = [f"copy-up of /{p} ({op}: {reason})",
              f"  before: upper/ has {', '.join(q + '/' for q in existed) or 'nothing on this path'};"
              f" {src} has {', '.join(q + '/' for q in chain[:-1]) + (', ' if len(chain) > 1 else '')}{p}",
-             f"  after:  upper/ gains {', '.join(q + '/ (created)' for q in parents) + (', ' if parents else '')}"
+             f"  after:  upper/ gains {', '.join(q + '/ (copied up (metadata))' for q in parents) + (', ' if parents else '')}"
              f"{p} ({what} from {src}); {src} is unchanged, its /{p} is now shadowed"]
     text = "\n".join(lines)
-    title = f"copy-up of /{p}: {what} from {src}" + (f", {len(parents)} parent dir(s) created" if parents else "")
+    title = (f"copy-up of /{p}: {what} from {src}"
+             + (f", {len(parents)} parent dir(s) copied up (metadata)" if parents else ""))
     g = _digraph("copyup", f"copy-up of /{p} — {op}: {reason}", rankdir="LR")
     if g is None:
         return Diagram(title, None, text)
@@ -809,7 +851,7 @@ def copy_up(ov, event_or_path) -> Diagram:
                     label = q + ("/" if q != p or k < len(chain) - 1 else "")
                     if phase == "after" and q in parents:
                         attrs = dict(fillcolor="#fde68a", penwidth="2")
-                        label += "\n(created)"
+                        label += "\ncopied up (metadata)"  # the lower directory's mode, owner, xattrs
                     if phase == "after" and q == p:
                         attrs = dict(fillcolor="#fbbf24", penwidth="2")
                         label = f"{p}\n{what}"

@@ -215,8 +215,8 @@ def test_lookup_shows_layers_top_first_and_the_stop(ov):
 
 def test_copy_up_before_after_from_trace(ov):
     d = D.copy_up(ov, "etc/passwd")
-    assert d.title == "copy-up of /etc/passwd: 11 bytes copied from lower[1], 1 parent dir(s) created"
-    assert "etc/ (created)" in d.text and "11 bytes copied from lower[1]" in d.text
+    assert d.title == "copy-up of /etc/passwd: 11 bytes copied from lower[1], 1 parent dir(s) copied up (metadata)"
+    assert "etc/ (copied up (metadata))" in d.text and "11 bytes copied from lower[1]" in d.text
     assert "cluster_before" in d.source and "cluster_after" in d.source
     ev = next(e for e in ov.trace if e.kind == "copy-up" and e.path == "etc/passwd")
     assert D.copy_up(ov, ev).source == d.source
@@ -231,7 +231,7 @@ def test_copy_up_of_deep_file_lists_every_parent(tmp_path):
     with Overlay([tmp_path / "low"], tmp_path / "upper", tmp_path / "work", backend="sim") as o:
         o.chmod("a/b/f", 0o600)
         d = D.copy_up(o, "a/b/f")
-    assert "a/ (created), a/b/ (created)" in d.text and "5 bytes copied" in d.text
+    assert "a/ (copied up (metadata)), a/b/ (copied up (metadata))" in d.text and "5 bytes copied" in d.text
 
 
 @needs_dot
@@ -448,3 +448,48 @@ def test_diagrams_render_in_untrusted_notebooks_and_fit_the_output(ov):
     assert base64.b64decode(attrs["src"][len(prefix):]).decode() == D.stack(ov).svg()
     # in widgets the SVG is inline, and scales down the same way
     assert "<svg style=\"max-width:100%;height:auto\" " in D.stack(ov).html()
+
+
+def test_the_mount_line_names_layers_as_the_lanes_do(tmp_path):
+    """Issue 13.10: a store's lowerdirs are all <id>/root; the header said lowerdir=root:root."""
+    for d in ("aaa/root", "bbb/root", "c/upper", "c/work"):
+        (tmp_path / d).mkdir(parents=True)
+    ov = Overlay([tmp_path / "aaa/root", tmp_path / "bbb/root"], tmp_path / "c/upper", tmp_path / "c/work",
+                 backend="sim")
+    line = D.mount_line(ov)
+    assert "lowerdir=aaa/root:bbb/root," in line and "upperdir=upper,workdir=work" in line
+    titles = [lane.title for lane in D.stack_lanes(ov)]
+    assert any("aaa/root/" in t for t in titles) and any("bbb/root/" in t for t in titles)
+
+
+def test_a_copied_up_hard_link_is_a_copy_up_not_new(tmp_path):
+    """Issue 13.10: lesson 04's upper data/h1 (a hard link in lower, then written) was drawn as "new"."""
+    import os
+    (tmp_path / "lower/data").mkdir(parents=True)
+    (tmp_path / "lower/data/h1").write_text("one file, two names\n")
+    os.link(tmp_path / "lower/data/h1", tmp_path / "lower/data/h2")
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend="sim") as ov:
+        ov.write_text("data/h1", "changed\n")
+        upper = next(lane for lane in D.stack_lanes(ov) if lane.name == "upper")
+        notes = {e.path: e.note() for e in upper.entries}
+        assert notes["data/h1"].startswith("copied-up"), notes
+        assert not notes["data"].startswith("new"), notes
+        svg_text = D.stack(ov).source
+        assert "data/h1" in svg_text
+
+
+
+def test_a_path_filter_says_filtered_not_empty(tmp_path):
+    """Issue 13.10: stack(ov, "etc") showed a layer with nothing under etc/ as "(empty)"."""
+    for d in ("l0/etc", "l1/usr", "upper", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "l0/etc/hosts").write_text("x")
+    (tmp_path / "l1/usr/bin").write_text("y")
+    with Overlay([tmp_path / "l0", tmp_path / "l1"], tmp_path / "upper", tmp_path / "work", backend="sim") as ov:
+        d = D.stack(ov, "etc")
+        assert "(nothing under /etc: filtered)" in d.text and "(empty)" not in d.text
+        if d.source is not None:
+            assert "(nothing under /etc: filtered)" in d.source and "(empty)" not in d.source
+        assert "(empty)" in D.stack(ov).text  # upper/ really is empty without a filter

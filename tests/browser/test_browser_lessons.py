@@ -235,7 +235,9 @@ SCROLLER_JS = """() => {
     const all = [p, ...p.querySelectorAll('*')].filter(e => e.scrollHeight > e.clientHeight + 10 &&
         /auto|scroll/.test(getComputedStyle(e).overflowY));
     all.sort((a, b) => b.scrollHeight - a.scrollHeight);
-    return all.length ? all[0].scrollHeight - all[0].clientHeight : 0;
+    if (!all.length) return 0;
+    all[0].scrollTop = 0;
+    return all[0].scrollHeight - all[0].clientHeight;
 }"""
 
 
