@@ -153,7 +153,7 @@ def _digraph(name: str, label: str = "", rankdir: str = "TB"):
     g.attr(rankdir=rankdir, fontname=FONT, fontsize="12", labelloc="t", label=label, nodesep="0.25",
            ranksep="0.45", newrank="true")
     g.attr("node", fontname=FONT, fontsize="10", shape="box", style="rounded,filled", fillcolor="white",
-           margin="0.08,0.04", height="0.3")
+           margin="0.16,0.05", height="0.3")  # room for a browser font wider than the one dot measured
     g.attr("edge", fontname=FONT, fontsize="9", color="#475569", arrowsize="0.6")
     return g
 

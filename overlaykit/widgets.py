@@ -587,9 +587,9 @@ class LayerInspector:
         self.layer_choice = W.Dropdown(description="layer", layout=W.Layout(width="auto", flex="1 1 auto",
                                                                             min_width="0"),
                                        style={"description_width": "initial"})
-        # buttons as wide as their words, on the line of their label
-        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", description="show",
-                                      style={"button_width": "auto", "description_width": "initial"},
+        # buttons as wide as their words, on the line of their label (ToggleButtons puts its own
+        # description above the buttons)
+        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", style={"button_width": "auto"},
                                       layout=W.Layout(width="auto"))
         self.summary = W.HTML()
         self.layers_table = W.HTML()
@@ -601,7 +601,9 @@ class LayerInspector:
         # the file list scrolls in a box of its own (a layer can hold thousands of paths)
         self.tree.layout = W.Layout(flex="1 1 auto", min_width="0", max_height="420px", overflow="auto")
         self.layers_table.layout = W.Layout(flex="0 1 auto", min_width="0")
-        self.widget = W.VBox([_style(), W.HBox([self.image_choice, self.layer_choice]), self.filter,
+        show = W.HBox([W.Label("show", layout=W.Layout(width="auto", margin="0 6px 0 0")), self.filter],
+                      layout=W.Layout(align_items="center"))
+        self.widget = W.VBox([_style(), W.HBox([self.image_choice, self.layer_choice]), show,
                               self.message, self.summary, W.HBox([self.layers_table, self.tree])])
         self.widget.add_class("overlaykit-layer-inspector")
         self._image_changed()
