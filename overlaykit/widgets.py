@@ -92,6 +92,11 @@ STYLE = """<style>
 .overlaykit-predict .widget-html-content, .overlaykit-explorer .widget-html-content,
 .overlaykit-layer-inspector .widget-html-content { line-height: 1.4; }
 .overlaykit-explorer, .overlaykit-layer-inspector, .overlaykit-predict { max-width: 100%; overflow-x: hidden; }
+/* drawn from the notebook's stored state before the kernel runs: one "not connected" mark for the whole
+   widget (ipywidgets puts one on every part, and on buttons it pushes their words out) */
+.overlaykit-explorer .jupyter-widgets-disconnected::before,
+.overlaykit-layer-inspector .jupyter-widgets-disconnected::before,
+.overlaykit-predict .jupyter-widgets-disconnected::before { display: none; }
 </style>"""
 
 
@@ -772,7 +777,8 @@ class PredictExercise:
             self.input = W.RadioButtons(options=[str(c) for c in self.choices], value=None,
                                         layout=W.Layout(width="100%"))
         else:
-            self.input = W.Text(placeholder="your prediction (Enter checks it)", layout=W.Layout(width="100%"))
+            self.input = W.Text(placeholder="your prediction (Enter checks it)",
+                                layout=W.Layout(width="32em", max_width="100%"))
             _on_enter(self.input, lambda: self._guard(self._do_check))
         self.check_button = W.Button(description="Check", button_style="primary")
         self.answer_button = W.Button(description="Show the answer")

@@ -49,7 +49,8 @@ STORED_JS = """() => {
             if (d['application/vnd.jupyter.widget-view+json']) widgets++;
         }
     }
-    return {diagrams, widgets, trusted: panel.content.model.cells.get(0).trusted};
+    const code = Array.from(panel.content.model.cells).filter(c => c.type === 'code');
+    return {diagrams, widgets, trusted: code.length > 0 && code.every(c => c.trusted)};
 }"""
 
 # Drawn diagrams: <img class="overlaykit-diagram"> loaded with a real size.
@@ -71,6 +72,23 @@ LAYOUT_JS = r"""() => {
             const cell = out.closest('.jp-Cell');
             const n = Array.from(panel.querySelectorAll('.jp-Cell')).indexOf(cell);
             problems.push(`cell ${n}: output ${out.scrollWidth}px wide in ${out.clientWidth}px`);
+        }
+    }
+    // nothing sticks out of its output area on the right (where the area clips, scrollWidth cannot tell),
+    // except inside a box that scrolls or clips on purpose (the inspector's file list, a tree line)
+    for (const out of panel.querySelectorAll('.jp-OutputArea-output')) {
+        const right = out.getBoundingClientRect().right;
+        for (const el of out.querySelectorAll('*')) {
+            const r = el.getBoundingClientRect();
+            if (!r.width || r.right <= right + 1) continue;
+            let clipped = false;
+            for (let a = el.parentElement; a && a !== out; a = a.parentElement) {
+                if (/auto|scroll|hidden/.test(getComputedStyle(a).overflowX)) { clipped = true; break; }
+            }
+            if (clipped) continue;
+            problems.push(`${el.tagName.toLowerCase()}.${String(el.className).slice(0, 60)} ends ` +
+                          `${Math.round(r.right - right)}px right of its output area`);
+            break;
         }
     }
     // no sideways scrolling inside the course's widgets either (trace lines, trees, file lists wrap)
@@ -303,3 +321,31 @@ def test_every_lesson_first_open_run_and_use(chromium_path, browser_page, lab_se
     (ARTIFACTS / "browser-lessons-timing.txt").write_text(
         "".join(f"{k}: {v:.1f}s (stored: {stored.get(k)})\n" for k, v in timings.items()) + f"total: {took:.1f}s\n")
     assert not problems, "\n".join(problems)
+
+
+def test_a_trusted_lesson_shows_its_widgets_before_running(chromium_path, browser_page, lab_server, tmp_path):
+    """Where the course is installed (Binder's postBuild, ./dev course) the lessons are trusted, and then
+    JupyterLab draws every widget from the state stored in the notebook, before any cell runs."""
+    import subprocess
+    import sys
+    lesson = next((name for name in LESSONS if (lab_server.root / name).read_text().count(WIDGET_MIME) >= 2
+                   and "widget-state+json" in (lab_server.root / name).read_text()), None)
+    if lesson is None:
+        pytest.skip("no lesson stores widget state yet (./dev notebooks stores it)")
+    # `jupyter trust`, with the server's own data dir (where its notary keeps signatures)
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "jupyter" / "data"))
+    subprocess.run([sys.executable, "-m", "nbformat.sign", str(lab_server.root / lesson)], env=env, check=True,
+                   capture_output=True, timeout=60)
+    page = browser_page
+    _open(page, lab_server, lesson, 0)
+    stored = page.evaluate(STORED_JS)
+    assert stored["trusted"], "the signed lesson did not open trusted"
+    drawn = ("() => document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output "
+             ".jupyter-widgets.widget-vbox[class*=\"overlaykit-\"]').length")
+    try:
+        page.wait_for_function(f"() => ({drawn})() >= {stored['widgets']}", timeout=30_000)
+    except Exception:
+        pytest.fail(f"{page.evaluate(drawn)} of {stored['widgets']} stored widgets drawn in trusted {lesson}")
+    problems = page.evaluate(LAYOUT_JS)["problems"]
+    assert not problems, problems
+    _screenshot(page, f"lesson-{lesson.split('-')[0]}-trusted-before-running")
