@@ -108,11 +108,39 @@ def _style() -> W.HTML:
 def _on_enter(text: W.Text, callback) -> None:
     """Call ``callback()`` when the learner presses Enter in ``text``.
 
-    The front end sends a "submit" event on Enter (after syncing the value). ``Text.on_submit`` says it is
-    deprecated (a warning in the learner's output) and the suggested ``continuous_update=False`` observer
-    would also fire when a cell sets ``.value`` from Python, so the event is dispatched directly.
+    The front end sends a "submit" event on Enter. ``Text.on_submit`` says it is deprecated (a warning in the
+    learner's output) and the suggested ``continuous_update=False`` observer would also fire when a cell sets
+    ``.value`` from Python, so the event is dispatched directly. The event can overtake the last keystrokes:
+    while the kernel is busy, ipywidgets holds back value updates (and sends only the latest when the kernel
+    is idle again) but sends custom events at once. So in a kernel the callback waits for that update, or
+    0.3 s if none comes; without an event loop (tests) it runs at once.
     """
-    text._submission_callbacks.register_callback(lambda _w: callback())
+    import asyncio
+    pending: dict[str, object] = {}
+
+    def fire() -> None:
+        handle = pending.pop("handle", None)
+        if handle is not None:
+            handle.cancel()
+        callback()
+
+    def value_arrived(_change) -> None:
+        if "handle" in pending:  # the rest of what was typed, after the submit event
+            fire()
+
+    def submitted(_widget) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            callback()
+            return
+        old = pending.pop("handle", None)
+        if old is not None:
+            old.cancel()
+        pending["handle"] = loop.call_later(0.3, fire)
+
+    text.observe(value_arrived, names="value")
+    text._submission_callbacks.register_callback(submitted)
 
 
 def _bundle(widget, sentence: str, **kwargs) -> dict:

@@ -414,3 +414,23 @@ def test_rerunning_workspace_and_explorer_cells_leaves_one_helper(tmp_path, monk
         for ex in kept:
             ex.close()
     assert _helpers() == []
+
+
+def test_enter_waits_for_keystrokes_that_arrive_after_it(explorer):
+    """In a kernel, the submit event can overtake the last value update (ipywidgets holds those back while
+    the kernel is busy): the explorer must apply what was typed, not a prefix of it."""
+    import asyncio
+
+    async def scenario():
+        explorer.op.value, explorer.path.value = "write", "b"
+        explorer.path._handle_string_msg(None, {"event": "submit"}, None)   # Enter, overtaking...
+        explorer.path.value = "browser-test.txt"                            # ...the rest of the typing
+        await asyncio.sleep(0.05)
+        first = explorer.message_text
+        explorer.path._handle_string_msg(None, {"event": "submit"}, None)   # Enter, nothing pending
+        await asyncio.sleep(0.5)
+        return first, explorer.message_text, explorer.trees()["upper"]
+    first, second, upper = asyncio.run(scenario())
+    assert first == "done: write /browser-test.txt"
+    assert second == "done: write /browser-test.txt"
+    assert "b (" not in upper.replace("browser-test.txt", "")

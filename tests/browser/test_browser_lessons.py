@@ -307,6 +307,7 @@ def test_every_lesson_first_open_run_and_use(chromium_path, browser_page, lab_se
                 _screenshot(page, f"lesson-{lesson.split('-')[0]}")
                 narrow = _set_output_width(page, NARROW)
                 found += [f"at {narrow}px: {p}" for p in page.evaluate(LAYOUT_JS)["problems"]]
+                _screenshot(page, f"lesson-{lesson.split('-')[0]}-{NARROW}px")
                 problems += [f"{lesson}: {p}" for p in found]
                 page.set_viewport_size({"width": 1400, "height": 1000})
             except BaseException:
