@@ -92,6 +92,9 @@ STYLE = """<style>
 .overlaykit-predict .widget-html-content, .overlaykit-explorer .widget-html-content,
 .overlaykit-layer-inspector .widget-html-content { line-height: 1.4; }
 .overlaykit-explorer, .overlaykit-layer-inspector, .overlaykit-predict { max-width: 100%; overflow-x: hidden; }
+/* a tree column is as wide as its share, not as its longest line: that line ends in an ellipsis */
+.overlaykit-explorer .widget-html-content { min-width: 0; }
+.overlaykit-explorer pre { max-width: 100%; }
 /* drawn from the notebook's stored state before the kernel runs: one "not connected" mark for the whole
    widget (ipywidgets puts one on every part, and on buttons it pushes their words out) */
 .overlaykit-explorer .jupyter-widgets-disconnected::before,
@@ -367,7 +370,8 @@ class OverlayExplorer:
             _on_enter(field, lambda: self._guard(self._apply))
 
         def column(title, w):
-            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%", min_width="0"))
+            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%", min_width="0",
+                                                                            padding="0 8px 0 0"))
         form = W.VBox([self.op, self.path, self.path2, self.content, self.mode,
                        W.HBox([self.apply_button, self.undo_button, self.reset_button]), self.message])
         trees = W.HBox([column("lower layers", self.lower_tree), column("upper/", self.upper_tree),

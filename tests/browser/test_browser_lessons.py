@@ -97,6 +97,16 @@ LAYOUT_JS = r"""() => {
             problems.push(`${el.tagName.toLowerCase()}.${el.className}: ${el.scrollWidth}px in ${el.clientWidth}px`);
         }
     }
+    // a tree line longer than its column ends in an ellipsis inside the column (not under the next one)
+    for (const span of panel.querySelectorAll('.overlaykit-explorer pre span[title]')) {
+        const col = span.closest('.widget-html');
+        const r = span.getBoundingClientRect();
+        if (r.width && col && r.right > col.getBoundingClientRect().right + 1) {
+            problems.push(`explorer tree line "${span.title.slice(0, 40)}" runs ${Math.round(r.right -
+                          col.getBoundingClientRect().right)}px past its column`);
+            break;
+        }
+    }
     let radios = 0;
     for (const r of panel.querySelectorAll('.overlaykit-predict input[type=radio]')) {
         r.scrollIntoView({block: 'center'});
