@@ -121,7 +121,7 @@ def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
 
 def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
     with course.lesson_overlay(tmp_path / "ws", backend="sim") as ov:
-        assert course.how_to_look(ov, tmp_path) == ov.how_to_look()  # the simulator names no folder
+        assert course.how_to_look(ov, tmp_path) == course.wrap(ov.how_to_look())  # the simulator names no folder
 
     class Mounted:  # what a kernel mount says: a PID and absolute paths
         def how_to_look(self):
