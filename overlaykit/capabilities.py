@@ -1,6 +1,7 @@
 """Which backends this machine allows, and for each one it does not, why (`capabilities`, `doctor`)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -68,6 +69,46 @@ def userns_status() -> tuple[bool, str]:
     return True, f"user namespaces allowed (max_user_namespaces={maxns})"
 
 
+def userns_refusal(code: int) -> str:
+    """Why ``unshare(CLONE_NEWUSER)`` failed with errno ``code``, in plain words (see unshare(2)).
+
+    The sysctls that `userns_status` reads describe only this namespace's own limits: a container or a
+    sandbox (bubblewrap --disable-userns, Binder-like hosts) can forbid nested user namespaces while they
+    all look permissive, so the errno is the only reliable witness.
+    """
+    name = errno.errorcode.get(code, f"errno {code}")
+    if code in (errno.ENOSPC, getattr(errno, "EUSERS", -1)):
+        return (f"could not create a user namespace ({name}): the user-namespace limit is reached, "
+                "user.max_user_namespaces is 0 or exhausted here or in a namespace above this one (a container "
+                "or sandbox that disables nested user namespaces does this; on your own machine root can raise "
+                "it with sysctl user.max_user_namespaces=15000)")
+    if code in (errno.EPERM, errno.EACCES):
+        seccomp = " (this process runs under a seccomp filter)" if seccomp_mode() == 2 else ""
+        return (f"could not create a user namespace ({name}): unprivileged user namespaces are forbidden here, "
+                "by AppArmor (kernel.apparmor_restrict_unprivileged_userns=1), a seccomp filter"
+                f"{seccomp}, or kernel.unprivileged_userns_clone=0")
+    if code == errno.EINVAL:
+        return (f"could not create a user namespace ({name}): this kernel does not support them "
+                "(built without CONFIG_USER_NS), or the process was multi-threaded")
+    if code == errno.ENOMEM:
+        return f"could not create a user namespace ({name}): out of memory, or the pid-namespace limit is reached"
+    return f"could not create a user namespace ({name}): {os.strerror(code)}"
+
+
+def unshare_user_errno() -> int:
+    """0 if a fresh process may create a user namespace, else unshare(2)'s errno (from a child process:
+    a multi-threaded process such as a Jupyter kernel cannot unshare its user namespace)."""
+    import subprocess
+    import sys
+    code = ("import ctypes,os,sys; libc=ctypes.CDLL(None,use_errno=True); "
+            "sys.exit(0 if libc.unshare(0x10000000)==0 else ctypes.get_errno() or 255)")
+    try:
+        return subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20).returncode
+    except (OSError, subprocess.SubprocessError):
+        return errno.ENOSYS
+
+
 @lru_cache(maxsize=None)
 def capabilities() -> dict[str, BackendInfo]:
     """``{"sim": BackendInfo, "kernel": BackendInfo}``; the kernel probe mounts nothing outside a private scratch."""
@@ -87,6 +128,13 @@ def dot_available() -> tuple[bool, str]:
     return False, "graphviz's 'dot' program is missing: diagrams fall back to text (apt-get install graphviz)"
 
 
+def _userns_fact(ns_ok: bool, ns_why: str) -> str:
+    if not ns_ok:
+        return f"no: {ns_why}"
+    code = unshare_user_errno() if os.geteuid() != 0 else 0
+    return ns_why if code == 0 else f"no: {userns_refusal(code)}"
+
+
 def doctor() -> str:
     """A text report: each backend available or why not, the facts behind it, and graphviz."""
     caps = capabilities()
@@ -101,7 +149,7 @@ def doctor() -> str:
         ("CAP_SYS_ADMIN (CapEff)", "yes" if cap_sys_admin() else
          ("no: a container without privileges?" if root else "no (normal for a non-root user)")),
         ("seccomp", {0: "none", 1: "strict", 2: "filter (a container runtime's?)"}.get(seccomp_mode(), "?")),
-        ("unprivileged user namespaces", ns_why if ns_ok else f"no: {ns_why}"),
+        ("unprivileged user namespaces", _userns_fact(ns_ok, ns_why)),
         ("kernel", os.uname().release),
     ]
     lines += ["", "facts:"] + [f"  {k:<30} {v}" for k, v in facts]

@@ -7,9 +7,12 @@ every machine.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat as st
 import weakref
+import sys
+import textwrap
 from pathlib import Path
 
 from . import ondisk
@@ -28,6 +31,9 @@ def workspace(name: str, root: str | os.PathLike = "_scratch") -> Path:
     """A fresh, empty folder ``root/name`` (anything left from an earlier run is removed first)."""
     path = Path(root) / name
     if path.exists():
+        widgets = sys.modules.get("overlaykit.widgets")  # only if a lesson made widgets (no ipywidgets import)
+        if widgets is not None:
+            widgets.layers_reset(path)  # explorers on the old folders say so and end their helpers
         _rmtree(path)
     path.mkdir(parents=True)
     _last.clear()
@@ -213,7 +219,20 @@ def how_to_look(ov: Overlay, relative_to: str | os.PathLike = ".") -> str:
     output names no machine path. The command still names the helper's PID, which changes on every run.
     """
     base = os.path.abspath(relative_to).rstrip(os.sep) + os.sep
-    return ov.how_to_look().replace(base, "$PWD/")
+    return wrap(ov.how_to_look().replace(base, "$PWD/"))
+
+
+def wrap(text: str, width: int = 88) -> str:
+    """``text`` wrapped at word boundaries, each paragraph on its own; a `backticked command` is never
+    split. JupyterLab itself breaks a long printed line wherever the output area ends, mid-word."""
+    def keep(m):
+        return m.group(0).replace(" ", "\u00a0")  # textwrap splits only at ASCII whitespace
+    out = []
+    for para in text.split("\n"):
+        filled = textwrap.fill(re.sub(r"`[^`]*`", keep, para), width=width, break_long_words=False,
+                               break_on_hyphens=False, subsequent_indent="  " if para.strip() else "")
+        out.append(filled.replace("\u00a0", " "))
+    return "\n".join(out)
 
 # --------------------------------------------------------------------------------------------------
 # Images (lessons 01, 02, 06, 07, 09): small deterministic layers and docker-like listings of them.

@@ -10,6 +10,7 @@ graphviz is imported only when a diagram is built, so ``import overlaykit`` stay
 """
 from __future__ import annotations
 
+import base64
 import html
 import io
 import os
@@ -104,9 +105,12 @@ class Diagram:
         return f'<div class="overlaykit-diagram">{note}<pre>{html.escape(self.text)}</pre></div>'
 
     def html(self) -> str:
-        """SVG if it can be drawn, else the one-line note and the text, as HTML (for widgets)."""
+        """Inline SVG if it can be drawn (scaled down to the width it is given: dot's own size is in pt and
+        would overflow a narrow output), else the one-line note and the text, as HTML (for widgets)."""
         svg = self.svg()
-        return svg if svg is not None else self.fallback_html()
+        if svg is None:
+            return self.fallback_html()
+        return svg.replace("<svg ", '<svg style="max-width:100%;height:auto" ', 1)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         return _bundle(self, self.title)
@@ -118,10 +122,23 @@ class Diagram:
         return self.text
 
 
+def svg_img_html(svg: str, alt: str) -> str:
+    """The SVG as an ``<img>`` with a data URI, scaled down to the output's width.
+
+    Why not ``image/svg+xml``: JupyterLab renders that MIME type only in trusted notebooks, and a fresh
+    clone or a Binder session opens every notebook untrusted, so the learner would see the text summary
+    instead of the picture. Sanitized HTML keeps an ``<img>`` with a ``data:`` source (JupyterLab checks
+    schemes only on href/cite), so this renders trusted or not, and on static viewers too.
+    """
+    data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    return (f'<img class="overlaykit-diagram" alt="{html.escape(alt, quote=True)}" '
+            f'style="max-width:100%;height:auto" src="data:image/svg+xml;base64,{data}">')
+
+
 def _bundle(d: Diagram, summary: str) -> dict:
     svg = d.svg()
     if svg is not None:
-        return {"image/svg+xml": svg, "text/plain": summary}
+        return {"text/html": svg_img_html(svg, summary), "text/plain": summary}
     reason = dot_missing_reason() or "the graphviz Python package is not installed"
     return {"text/plain": f"{reason}\n{d.text}", "text/html": d.fallback_html(reason)}
 
@@ -136,7 +153,7 @@ def _digraph(name: str, label: str = "", rankdir: str = "TB"):
     g.attr(rankdir=rankdir, fontname=FONT, fontsize="12", labelloc="t", label=label, nodesep="0.25",
            ranksep="0.45", newrank="true")
     g.attr("node", fontname=FONT, fontsize="10", shape="box", style="rounded,filled", fillcolor="white",
-           margin="0.08,0.04", height="0.3")
+           margin="0.16,0.05", height="0.3")  # room for a browser font wider than the one dot measured
     g.attr("edge", fontname=FONT, fontsize="9", color="#475569", arrowsize="0.6")
     return g
 
@@ -152,9 +169,9 @@ def _cut(items: list, limit: int | None) -> tuple[list, int]:
     return list(items[:limit]), len(items) - limit
 
 
-def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+def _table(rows: list[tuple[str, ...]], indent: str = "  ", empty: str = "(empty)") -> list[str]:
     if not rows:
-        return [indent + "(empty)"]
+        return [indent + empty]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
 
@@ -363,12 +380,36 @@ def _merged_entries(L: ondisk.Layers, top: str) -> list[Entry]:
     return out
 
 
+def _traced_copy_ups(ov) -> set[str]:
+    """Paths whose last recorded change was a copy-up (the file itself, or a parent copied up first)."""
+    last: dict[str, str] = {}
+    try:
+        events = list(ov.trace)
+    except Exception:  # noqa: BLE001 - no trace, no correction
+        return set()
+    for e in events:
+        kind = getattr(e, "kind", "")
+        if kind == "copy-up":
+            paths = _parse_parents(e) if e.detail.startswith(_PARENTS) else [e.path]
+            last.update({p: "copy-up" for p in paths})
+        elif kind in ("create", "whiteout", "opaque"):
+            last[e.path] = kind
+    return {p for p, k in last.items() if k == "copy-up"}
+
+
 def _upper_kinds(ov, L: ondisk.Layers) -> dict[str, str]:
     if ov.mounted:
         try:
-            return {c.path: c.kind for c in ov.upper_changes()}
+            kinds = {c.path: c.kind for c in ov.upper_changes()}
         except Exception:  # an engine hiccup must not break a picture
             pass
+        else:
+            # upper/ alone cannot always tell (a copied-up hard link carries no origin xattr, so 04's data/h1
+            # looked "new"); what this overlay did, as its trace recorded it, can
+            for p in _traced_copy_ups(ov):
+                if kinds.get(p) == "new":
+                    kinds[p] = "copied-up"
+            return kinds
     kinds: dict[str, str] = {}
     lowers = ondisk.Layers([str(x) for x in ov.lowers], L.encoding, False)
     for e in _layer_entries(L, 0, "", {}):
@@ -404,6 +445,19 @@ def _lane_labels(ov, names) -> dict[str, str]:
     """Lane name -> label: the caller's ``names``, else the overlay's own ``layer_names`` (a mapping by lane
     name, or a sequence aligned with ``ov.lowers``), else the directory's basename, made unique with its
     parent's name where several share it (a store's lowerdirs are all ``<diff_id>/root``)."""
+    labels = _dir_labels(ov)
+    own = getattr(ov, "layer_names", None)
+    if own:
+        if hasattr(own, "items"):
+            labels.update({str(k): str(v) for k, v in own.items() if v})
+        else:
+            labels.update({f"lower[{k}]": str(v) for k, v in enumerate(own) if v})
+    labels.update({str(k): str(v) for k, v in (names or {}).items() if v})
+    return labels
+
+
+def _dir_labels(ov) -> dict[str, str]:
+    """Lane name -> its directory's basename (``name/``), with its parent's where several share it."""
     dirs = {"upper": ov.upper, "work": ov.work} if ov.upper is not None else {}
     dirs.update({f"lower[{k}]": low for k, low in enumerate(ov.lowers)})
     dirs = {k: v for k, v in dirs.items() if v is not None}
@@ -415,13 +469,6 @@ def _lane_labels(ov, names) -> dict[str, str]:
         parent = d.parent.name
         labels[key] = (f"{parent[:12]}{'…' if len(parent) > 12 else ''}/{d.name}/"
                        if counts[d.name] > 1 and parent else f"{d.name}/")
-    own = getattr(ov, "layer_names", None)
-    if own:
-        if hasattr(own, "items"):
-            labels.update({str(k): str(v) for k, v in own.items() if v})
-        else:
-            labels.update({f"lower[{k}]": str(v) for k, v in enumerate(own) if v})
-    labels.update({str(k): str(v) for k, v in (names or {}).items() if v})
     return labels
 
 
@@ -448,10 +495,12 @@ def stack_lanes(ov, path: str = ".", *, names: dict[str, str] | None = None) -> 
 
 
 def mount_line(ov) -> str:
-    """The mount(8) command for this stack, with directory basenames (stable across machines)."""
-    opts = "lowerdir=" + ":".join(x.name for x in ov.lowers)
+    """The mount(8) command for this stack, with directory basenames (stable across machines), made unique
+    with their parent's name as the lanes do (a store's lowerdirs are all ``<diff_id>/root``)."""
+    labels = {k: v.rstrip("/") for k, v in _dir_labels(ov).items()}
+    opts = "lowerdir=" + ":".join(labels[f"lower[{k}]"] for k in range(len(ov.lowers)))
     if ov.upper is not None:
-        opts += f",upperdir={ov.upper.name},workdir={ov.work.name if ov.work else '?'}"
+        opts += f",upperdir={labels['upper']},workdir={labels.get('work', '?')}"
     return f"mount -t overlay overlay -o {opts} {ov.merged.name if ov.merged else 'merged'}"
 
 
@@ -469,13 +518,18 @@ def _merged_note(e: Entry) -> str:
     return f"from {e.status}" + (f" (merged {e.by})" if e.by and "+" in e.by else "")
 
 
-def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT) -> str:
+def _empty_note(top: str) -> str:
+    """What an empty lane says: with a path filter, that the filter hides the rest of the layer."""
+    return f"(nothing under /{top}: filtered)" if top else "(empty)"
+
+
+def stack_text(lanes: list[Lane], header: str, limit: int | None = LIMIT, top: str = "") -> str:
     lines = [header]
     for lane in lanes:
         lines.append(_lane_title(lane))
         shown, more = _cut(list(lane.entries), limit)
         rows = [(e.label(), _merged_note(e) if lane.name == "merged" else e.note()) for e in shown]
-        lines.extend(_table(rows))
+        lines.extend(_table(rows, empty=_empty_note(top)))
         if more:
             lines.append(f"  +{more} more")
     return "\n".join(lines)
@@ -501,7 +555,8 @@ def _note(lane: Lane, e: Entry) -> str:
     return "" if lane.name == "work" else e.note()
 
 
-def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tuple[int, int] = (0, 0)) -> str:
+def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tuple[int, int] = (0, 0),
+                empty: str = "(empty)") -> str:
     """A lane as one HTML-table node: a title row, then one row per entry in path order.
 
     Ports: ``e<n>`` is the entry's name cell (merged links arrive on its west side), ``n<n>`` the note cell
@@ -516,7 +571,7 @@ def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tup
     if not shown:
         w = f' WIDTH="{cols[0] + cols[1] + 3}"' if cols[0] else ""
         rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT" BGCOLOR="white" BORDER="1" STYLE="dashed" COLOR="#6b7280"{w}>'
-                    f'{_font("(empty)", 10, "#6b7280")}</TD></TR>')
+                    f'{_font(empty, 10, "#6b7280")}</TD></TR>')
     for n, e in enumerate(shown):
         cell, color, note_color, style = "white", "#475569", "#334155", ""
         if e.kind == "whiteout":
@@ -538,19 +593,33 @@ def _lane_table(lane: Lane, shown: list[Entry], more: int, width: int, cols: tup
             f'CELLSPACING="3" CELLPADDING="2">{"".join(rows)}</TABLE>>')
 
 
+def _cut_keeping(items: list, limit: int | None, keep) -> tuple[list, int]:
+    """Like `_cut`, but entries whose path is in ``keep`` are always among those shown (in path order):
+    an explorer's diagram must draw the entry just acted on, and what it hides, wherever it sorts."""
+    if limit is None or len(items) <= limit or not keep:
+        return _cut(items, limit)
+    wanted = [n for n, e in enumerate(items) if e.path in keep]
+    room = max(limit - len([n for n in wanted if n >= limit]), 0)
+    chosen = sorted(set(range(min(room, len(items)))) | set(wanted))
+    return [items[n] for n in chosen], len(items) - len(chosen)
+
+
 def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, str] | None = None,
-          width: int = 44) -> Diagram:
+          width: int = 44, focus=()) -> Diagram:
     """Merged on the left, the layers stacked on the right (upper, lower[0] ... top first, then work).
 
     Each lane lists its entries in path order (a directory, then what is under it).  Every merged entry
     has an arrow to the layer entry serving it; a whiteout (red, dashed) and an opaque directory (bold,
     shaded) have a dashed red "hides" arrow to the lower entry they hide; hidden lower entries are grey.
     ``path`` narrows every lane to one subtree; ``names`` labels lanes (``{"lower[0]": "layer 3 (RUN
-    apt-get …)"}``), else an overlay's ``layer_names``, else the directory names are used.
+    apt-get …)"}``), else an overlay's ``layer_names``, else the directory names are used.  Entries at a
+    path in ``focus`` are drawn in every lane even beyond ``limit``.
     """
     lanes = stack_lanes(ov, path, names=names)
     header = mount_line(ov)
-    text = stack_text(lanes, header, limit)
+    from .engine import normpath
+    top = normpath(path)
+    text = stack_text(lanes, header, limit, top)
     n_merged = len(lanes[0].entries)
     title = (f"overlay stack: {len(ov.lowers)} lower layer{'s' if len(ov.lowers) != 1 else ''}"
              f"{', upper' if ov.upper is not None else ' (read-only)'}; {n_merged} entries in merged/")
@@ -560,7 +629,9 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     g.attr(ranksep="1.1", nodesep="0.3")
     g.attr("node", shape="plain", style="", margin="0")
     ports: dict[tuple[str, str], int] = {}
-    cut = {lane.key: _cut(list(lane.entries), limit) for lane in lanes}
+    keep = {p.strip("/") for p in focus if p}
+    keep |= {"/".join(p.split("/")[:k]) for p in keep for k in range(1, p.count("/") + 1)}  # its parents
+    cut = {lane.key: _cut_keeping(list(lane.entries), limit, keep) for lane in lanes}
     # one width for the layer column's cells (an estimate from the text), so its lanes line up
     layer_entries = [(lane, e) for lane in lanes[1:] for e in cut[lane.key][0]]
     cols = (max([6 * len(_short(e.label(), width)) + 8 for _, e in layer_entries], default=0),
@@ -568,7 +639,8 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     for lane in lanes:
         shown, more = cut[lane.key]
         ports.update({(lane.key, e.path): n for n, e in enumerate(shown)})
-        g.node(lane.key, _lane_table(lane, shown, more, width, cols if lane.name != "merged" else (0, 0)))
+        g.node(lane.key, _lane_table(lane, shown, more, width, cols if lane.name != "merged" else (0, 0),
+                                     _empty_note(top)))
     right = [lane.key for lane in lanes[1:]]
     with g.subgraph() as col:  # the layers in one column, top to bottom as they stack
         col.attr(rank="same")
@@ -758,10 +830,11 @@ def copy_up(ov, event_or_path) -> Diagram:
     lines = [f"copy-up of /{p} ({op}: {reason})",
              f"  before: upper/ has {', '.join(q + '/' for q in existed) or 'nothing on this path'};"
              f" {src} has {', '.join(q + '/' for q in chain[:-1]) + (', ' if len(chain) > 1 else '')}{p}",
-             f"  after:  upper/ gains {', '.join(q + '/ (created)' for q in parents) + (', ' if parents else '')}"
+             f"  after:  upper/ gains {', '.join(q + '/ (copied up (metadata))' for q in parents) + (', ' if parents else '')}"
              f"{p} ({what} from {src}); {src} is unchanged, its /{p} is now shadowed"]
     text = "\n".join(lines)
-    title = f"copy-up of /{p}: {what} from {src}" + (f", {len(parents)} parent dir(s) created" if parents else "")
+    title = (f"copy-up of /{p}: {what} from {src}"
+             + (f", {len(parents)} parent dir(s) copied up (metadata)" if parents else ""))
     g = _digraph("copyup", f"copy-up of /{p} — {op}: {reason}", rankdir="LR")
     if g is None:
         return Diagram(title, None, text)
@@ -778,7 +851,7 @@ def copy_up(ov, event_or_path) -> Diagram:
                     label = q + ("/" if q != p or k < len(chain) - 1 else "")
                     if phase == "after" and q in parents:
                         attrs = dict(fillcolor="#fde68a", penwidth="2")
-                        label += "\n(created)"
+                        label += "\ncopied up (metadata)"  # the lower directory's mode, owner, xattrs
                     if phase == "after" and q == p:
                         attrs = dict(fillcolor="#fbbf24", penwidth="2")
                         label = f"{p}\n{what}"

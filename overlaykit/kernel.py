@@ -570,7 +570,7 @@ def remove_tree(path: str) -> None:
 
 def explain_failure(e: OSError, root: bool) -> str:
     """Plain words for why the probe's helper could not mount."""
-    from .capabilities import cap_sys_admin, seccomp_mode, userns_status
+    from .capabilities import cap_sys_admin, seccomp_mode, userns_refusal, userns_status
     stage = getattr(e, "stage", "mount")
     code = errno.errorcode.get(e.errno, str(e.errno))
     if stage == "namespace":
@@ -578,8 +578,7 @@ def explain_failure(e: OSError, root: bool) -> str:
             ok, why = userns_status()
             if not ok:
                 return why
-            return (f"could not create a user namespace ({code}): something forbids it here "
-                    "(AppArmor's kernel.apparmor_restrict_unprivileged_userns, or a seccomp filter)")
+            return userns_refusal(e.errno)
         if not cap_sys_admin():
             return "running as root but without CAP_SYS_ADMIN (a container without privileges?)"
         if seccomp_mode():

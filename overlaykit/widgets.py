@@ -13,6 +13,7 @@ import errno
 import html
 import os
 import stat as st
+import weakref
 from dataclasses import dataclass, field
 
 import ipywidgets as W
@@ -56,14 +57,106 @@ def explain_error(exc: BaseException) -> str:
 
 
 def _pre(text: str, cls: str = "") -> str:
-    # white-space:pre keeps long notes on one line (the notebook's CSS would wrap them mid-word)
-    return (f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3;white-space:pre;'
-            f'overflow-x:auto">{html.escape(text)}</pre>')
+    """Text that wraps at word boundaries inside its box (a long trace line must not make the whole widget
+    scroll sideways)."""
+    return (f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3;'
+            f'white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(text)}</pre>')
+
+
+def _tree_pre(text: str, cls: str) -> str:
+    """A tree, one line per entry: a line too long for its column ends in an ellipsis and shows whole on
+    hover (title), so indentation stays readable and columns never run into each other."""
+    lines = "".join(f'<span title="{html.escape(line.strip(), quote=True)}" style="display:block;overflow:hidden;'
+                    f'text-overflow:ellipsis;white-space:pre">{html.escape(line) or " "}</span>'
+                    for line in text.split("\n"))
+    return f'<pre class="overlaykit-{cls}" style="margin:0;font-size:12px;line-height:1.3">{lines}</pre>'
 
 
 def _message_html(text: str, kind: str) -> str:
+    # line-height: ipywidgets gives HTML widgets the 28 px line of a one-line control (double spacing)
     color = {"error": "#b91c1c", "ok": "#15803d", "info": "#334155"}[kind]
-    return f'<div style="color:{color}">{html.escape(text)}</div>'
+    return f'<div style="color:{color};line-height:1.4">{html.escape(text)}</div>'
+
+
+#: One <style> for the course's widgets (an HTML widget, so it is stored with the widget state too).
+#: ipywidgets draws every radio choice in a fixed-height row (one line) with its circle floated left, so a
+#: long choice wraps under the next one and its circle ends up under another element; here each choice is
+#: a flex row as tall as its text, with its own circle at the top.
+STYLE = """<style>
+.overlaykit-predict .widget-radio-box label {
+  height: auto; line-height: 1.35; display: flex; align-items: flex-start; gap: 6px;
+  padding: 3px 0; white-space: normal; overflow-wrap: anywhere; }
+.overlaykit-predict .widget-radio-box input { flex: none; order: -1; height: auto; margin: 2px 0 0 1px;
+  float: none; }
+.overlaykit-predict .widget-radio, .overlaykit-predict .widget-radio-box { width: 100%; max-width: 100%; }
+.overlaykit-predict .widget-html-content, .overlaykit-explorer .widget-html-content,
+.overlaykit-layer-inspector .widget-html-content { line-height: 1.4; }
+.overlaykit-explorer, .overlaykit-layer-inspector, .overlaykit-predict { max-width: 100%; overflow-x: hidden; }
+/* a tree column is as wide as its share, not as its longest line: that line ends in an ellipsis */
+.overlaykit-explorer .widget-html-content { min-width: 0; }
+.overlaykit-explorer pre { max-width: 100%; }
+/* drawn from the notebook's stored state before the kernel runs: one "not connected" mark for the whole
+   widget (ipywidgets puts one on every part, and on buttons it pushes their words out) */
+.overlaykit-explorer .jupyter-widgets-disconnected::before,
+.overlaykit-layer-inspector .jupyter-widgets-disconnected::before,
+.overlaykit-predict .jupyter-widgets-disconnected::before { display: none; }
+</style>"""
+
+
+def _style() -> W.HTML:
+    w = W.HTML(STYLE, layout=W.Layout(display="none"))
+    return w
+
+
+def _on_enter(text: W.Text, callback) -> None:
+    """Call ``callback()`` when the learner presses Enter in ``text``.
+
+    The front end sends a "submit" event on Enter. ``Text.on_submit`` says it is deprecated (a warning in the
+    learner's output) and the suggested ``continuous_update=False`` observer would also fire when a cell sets
+    ``.value`` from Python, so the event is dispatched directly. The event can overtake the last keystrokes:
+    while the kernel is busy, ipywidgets holds back value updates (and sends only the latest when the kernel
+    is idle again) but sends custom events at once. So in a kernel the callback waits for that update, or
+    0.3 s if none comes; without an event loop (tests) it runs at once.
+    """
+    import asyncio
+    pending: dict[str, object] = {}
+
+    def fire() -> None:
+        handle = pending.pop("handle", None)
+        if handle is not None:
+            handle.cancel()
+        callback()
+
+    def value_arrived(_change) -> None:
+        if "handle" in pending:  # the rest of what was typed, after the submit event
+            fire()
+
+    def submitted(_widget) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            callback()
+            return
+        old = pending.pop("handle", None)
+        if old is not None:
+            old.cancel()
+        pending["handle"] = loop.call_later(0.3, fire)
+
+    text.observe(value_arrived, names="value")
+    text._submission_callbacks.register_callback(submitted)
+
+
+def _bundle(widget, sentence: str, **kwargs) -> dict:
+    """The widget's mimebundle with a sentence instead of ipywidgets' ``VBox(children=...)`` repr.
+
+    Where the widget cannot be drawn (an untrusted notebook, a static viewer, a closed kernel) this
+    sentence is what the learner reads.
+    """
+    bundle = widget._repr_mimebundle_(**kwargs)
+    if bundle is None:
+        return {"text/plain": sentence}
+    bundle["text/plain"] = sentence
+    return bundle
 
 
 # ==================================================================================================
@@ -191,6 +284,43 @@ def lane_tree(lane: Lane, limit: int = 200) -> str:
 # OverlayExplorer
 # ==================================================================================================
 
+#: Explorers still working on their layers. A displayed widget stays referenced by ipywidgets (and so does
+#: its overlay, with a kernel overlay's helper process), even after its cell ran again: this set lets a new
+#: explorer, or a workspace being reset, retire the old ones.
+_LIVE: "weakref.WeakSet[OverlayExplorer]" = weakref.WeakSet()
+
+
+def _dir_ids(ov) -> tuple:
+    """(device, inode) of each layer folder, None where it is missing: changes when a folder is remade."""
+    out = []
+    for d in (*ov.lowers, ov.upper, ov.work):
+        if d is None:
+            continue
+        try:
+            s = os.stat(d)
+            out.append((s.st_dev, s.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _retire_explorers_of(ov) -> None:
+    """A new explorer on the same upper/ (its cell ran again) retires the older ones on another overlay."""
+    if ov.upper is None:
+        return
+    for old in list(_LIVE):
+        if old.ov is not ov and old.ov.upper == ov.upper:
+            old.retire("a newer explorer works on the same upper/ (its cell ran again)")
+
+
+def layers_reset(path) -> None:
+    """Retire every explorer with a layer under ``path`` (course.workspace calls this before emptying it)."""
+    root = os.path.abspath(path)
+    for ex in list(_LIVE):
+        dirs = [d for d in (*ex.ov.lowers, ex.ov.upper, ex.ov.work) if d is not None]
+        if any(os.path.commonpath([root, str(d)]) == root for d in dirs):
+            ex.retire("its workspace was reset (the cell that makes the workspace ran again)")
+
 class OverlayExplorer:
     """Apply file operations to ``ov`` and watch lower, upper and merged follow.
 
@@ -209,6 +339,11 @@ class OverlayExplorer:
         self._undo: list[tuple[str, tuple]] = []
         self.events: list = []
         self.last_error: str = ""
+        self.focus: tuple[str, ...] = ()  # the paths last acted on: the diagram always draws them
+        self.stale: str = ""              # why this explorer no longer works on its layers, if it does not
+        self._dirs = _dir_ids(ov)
+        _retire_explorers_of(ov)
+        _LIVE.add(self)
 
         self.op = W.Dropdown(options=list(OPERATIONS), value="write", description="operation")
         self.path = W.Text(description="path", placeholder="e.g. etc/hosts")
@@ -220,10 +355,10 @@ class OverlayExplorer:
         self.reset_button = W.Button(description="Reset", icon="refresh",
                                      tooltip="back to the layers as they were when the explorer started")
         self.message = W.HTML()
-        # each tree scrolls sideways inside its column instead of running into the next one
-        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
-        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
-        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="auto"))
+        # each tree stays inside its column (long lines end in an ellipsis, whole on hover)
+        self.lower_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
+        self.upper_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
+        self.merged_tree = W.HTML(layout=W.Layout(width="100%", overflow="hidden"))
         self.diagram = W.HTML()
         self.trace_view = W.HTML()
 
@@ -231,9 +366,12 @@ class OverlayExplorer:
         self.undo_button.on_click(lambda _b: self._guard(self._undo_last))
         self.reset_button.on_click(lambda _b: self._guard(self._reset))
         self.op.observe(lambda _c: self._fields(), names="value")
+        for field in (self.path, self.path2, self.mode):  # Enter applies, as the Apply button does
+            _on_enter(field, lambda: self._guard(self._apply))
 
         def column(title, w):
-            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%"))
+            return W.VBox([W.HTML(f"<b>{title}</b>"), w], layout=W.Layout(width="33%", min_width="0",
+                                                                            padding="0 8px 0 0"))
         form = W.VBox([self.op, self.path, self.path2, self.content, self.mode,
                        W.HBox([self.apply_button, self.undo_button, self.reset_button]), self.message])
         trees = W.HBox([column("lower layers", self.lower_tree), column("upper/", self.upper_tree),
@@ -246,7 +384,8 @@ class OverlayExplorer:
 
     # -- display -----------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        return _bundle(self.widget, "Overlay explorer: run this cell to change files in the overlay and "
+                                    "watch its layers follow.", **kwargs)
 
     def __repr__(self) -> str:
         lowers = ":".join(x.name for x in self.ov.lowers)
@@ -254,9 +393,24 @@ class OverlayExplorer:
         return f"OverlayExplorer(lowers=[{lowers}], upper={up}, {len(self._undo)} change(s) to undo)"
 
     def close(self) -> None:
+        _LIVE.discard(self)
         if self._owns_mount:
             self.ov.unmount()
         self.widget.close()
+
+    def retire(self, why: str) -> None:
+        """Stop working on layers that were reset or taken over: one sentence says so, and the overlay is
+        unmounted (a kernel overlay's helper process ends) rather than acting on folders that changed."""
+        _LIVE.discard(self)
+        self.stale = (f"This explorer stopped: {why}. Run the cell that creates the explorer again to "
+                      "explore the new layers.")
+        try:
+            self.ov.unmount()
+        except Exception:  # noqa: BLE001 - the folders may be gone; the helper still ends
+            pass
+        self._say(self.stale, "error")
+        for w in (self.apply_button, self.undo_button, self.reset_button):
+            w.disabled = True
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -271,6 +425,11 @@ class OverlayExplorer:
 
     def _guard(self, fn) -> None:
         """The callback boundary: any failure becomes a one-line message, never a traceback."""
+        if not self.stale and _dir_ids(self.ov) != self._dirs:
+            self.retire("its layer folders were deleted or made again (did a workspace cell run again?)")
+        if self.stale:
+            self._say(self.stale, "error")
+            return
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - shown to the learner, not raised in their face
@@ -315,6 +474,7 @@ class OverlayExplorer:
         before = self._upper_items()
         n0 = len(ov.trace)
         desc = f"{op} /{p}" + (f" -> {second}" if op in ("rename", "symlink") else "")
+        self.focus = (p, second) if op == "rename" else (p,)
         try:
             if op == "create":
                 try:
@@ -395,13 +555,13 @@ class OverlayExplorer:
 
     def _refresh(self) -> None:
         t = self.trees()
-        self.lower_tree.value = _pre(t["lower"], "lower")
-        self.upper_tree.value = _pre(t["upper"], "upper")
-        self.merged_tree.value = _pre(t["merged"], "merged")
+        self.lower_tree.value = _tree_pre(t["lower"], "lower")
+        self.upper_tree.value = _tree_pre(t["upper"], "upper")
+        self.merged_tree.value = _tree_pre(t["merged"], "merged")
         self.trace_view.value = _pre(self.trace_text, "trace")
         self.undo_button.disabled = not self._undo
         if self.show_diagram:
-            self.diagram_obj = diagrams.stack(self.ov, limit=self.limit)
+            self.diagram_obj = diagrams.stack(self.ov, limit=self.limit, focus=self.focus)
             self.diagram.value = self.diagram_obj.html()
 
 
@@ -458,9 +618,16 @@ class LayerInspector:
         self.limit = limit
         self._cache: dict[int, tuple] = {}
         self.image_choice = W.Dropdown(options=[(im.name, k) for k, im in enumerate(self.images)], value=0,
-                                       description="image")
-        self.layer_choice = W.Dropdown(description="layer")
-        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", description="show")
+                                       description="image", layout=W.Layout(width="auto", flex="0 1 auto"),
+                                       style={"description_width": "initial"})
+        # the layer's whole command shows on hover (tooltip): the dropdown itself cuts long ones
+        self.layer_choice = W.Dropdown(description="layer", layout=W.Layout(width="auto", flex="1 1 auto",
+                                                                            min_width="0"),
+                                       style={"description_width": "initial"})
+        # buttons as wide as their words, on the line of their label (ToggleButtons puts its own
+        # description above the buttons)
+        self.filter = W.ToggleButtons(options=list(FILTERS), value="all", style={"button_width": "auto"},
+                                      layout=W.Layout(width="auto"))
         self.summary = W.HTML()
         self.layers_table = W.HTML()
         self.tree = W.HTML()
@@ -468,13 +635,20 @@ class LayerInspector:
         self.image_choice.observe(lambda _c: self._guard(self._image_changed), names="value")
         self.layer_choice.observe(lambda _c: self._guard(self._refresh), names="value")
         self.filter.observe(lambda _c: self._guard(self._refresh), names="value")
-        self.widget = W.VBox([W.HBox([self.image_choice, self.layer_choice]), self.filter, self.message,
-                              self.summary, W.HBox([self.layers_table, self.tree])])
+        # the file list scrolls in a box of its own (a layer can hold thousands of paths)
+        self.tree.layout = W.Layout(flex="1 1 auto", min_width="0", max_height="420px", overflow="auto")
+        self.layers_table.layout = W.Layout(flex="0 1 auto", min_width="0")
+        show = W.HBox([W.Label("show", layout=W.Layout(width="auto", margin="0 6px 0 0")), self.filter],
+                      layout=W.Layout(align_items="center"))
+        self.widget = W.VBox([_style(), W.HBox([self.image_choice, self.layer_choice]), show,
+                              self.message, self.summary, W.HBox([self.layers_table, self.tree])])
         self.widget.add_class("overlaykit-layer-inspector")
         self._image_changed()
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        names = ", ".join(im.name for im in self.images)
+        return _bundle(self.widget, f"Layer inspector for {names}: run this cell to browse the layers.",
+                       **kwargs)
 
     def __repr__(self) -> str:
         return f"LayerInspector({', '.join(im.name for im in self.images)})"
@@ -566,21 +740,48 @@ class LayerInspector:
         im, ins, _ = self._data()
         k = self.layer_choice.value
         self.summary.value = _pre(self.summary_text, "summary")
-        rows = []
-        for r in ins.layers:
-            style = "font-weight:bold;background:#fef3c7" if r.index == k else ""
-            rows.append(f'<tr style="{style}"><td>{r.index}</td><td>{html.escape(human_size(r.size))}</td>'
-                        f"<td>{html.escape(diagrams._short(diagrams.created_by_text(r.created_by), 40))}</td></tr>")
-        self.layers_table.value = ('<table style="font-size:12px"><tr><th>#</th><th>size</th><th>command</th></tr>'
-                                   + "".join(rows) + "</table>")
+        if k is not None:
+            self.layer_choice.tooltip = (f"layer {k}: " + (diagrams.created_by_text(ins.layers[k].created_by)
+                                                           or "(no history)"))
+        self.layers_table.value = layers_table_html(ins, k)
         body = []
-        for c, _, label in self.entries()[: self.limit]:
-            body.append(f'<span style="color:{_MARK_COLOR[c]}">{html.escape(_MARK[c] + " " + label)}</span>')
-        more = len(self.entries()) - self.limit
+        rows = self.entries()
+        for c, _, label in rows[: self.limit]:
+            body.append(f'<span title="{html.escape(label, quote=True)}" style="color:{_MARK_COLOR[c]}">'
+                        f'{html.escape(_MARK[c] + " " + label)}</span>')
+        more = len(rows) - self.limit
         if more > 0:
             body.append(f"… +{more} more")
-        self.tree.value = ('<pre style="margin:0;font-size:12px">' + ("\n".join(body) or
-                           "(nothing to show with this filter)") + "</pre>")
+        self.tree.value = ('<pre class="overlaykit-files" style="margin:0;font-size:12px;white-space:pre">'
+                           + ("\n".join(body) or "(nothing to show with this filter)") + "</pre>")
+
+
+def _nb(text: str) -> str:
+    """Sizes never break between number and unit ("104.7 / MB")."""
+    return text.replace(" ", "\u00a0")
+
+
+def layers_table_html(ins, chosen=None) -> str:
+    """One row per layer, dive-like: a bar as long as the layer's share of the largest layer, its wasted
+    part (bytes hidden in the final image) in red, the size and the command (whole on hover)."""
+    biggest = max([r.size for r in ins.layers], default=0) or 1
+    rows = []
+    for r in ins.layers:
+        cmd = diagrams.created_by_text(r.created_by) or "(no history)"
+        size_pct = 100 * r.size / biggest
+        waste_pct = 100 * min(r.wasted_bytes, r.size) / r.size if r.size else 0
+        bar = (f'<div class="overlaykit-bar" title="{html.escape(_nb(human_size(r.size)))}, '
+               f'{html.escape(_nb(human_size(r.wasted_bytes)))} wasted" style="width:90px;height:10px;'
+               f'background:#f1f5f9"><div style="width:{size_pct:.1f}%;height:10px;background:#60a5fa;'
+               f'display:flex;justify-content:flex-end"><div class="overlaykit-waste" style="width:'
+               f'{waste_pct:.1f}%;height:10px;background:#ef4444"></div></div></div>')
+        style = "font-weight:bold;background:#fef3c7" if r.index == chosen else ""
+        rows.append(f'<tr style="{style}"><td>{r.index}</td><td>{bar}</td>'
+                    f'<td style="white-space:nowrap;text-align:right">{html.escape(_nb(human_size(r.size)))}</td>'
+                    f'<td title="{html.escape(cmd, quote=True)}">{html.escape(diagrams._short(cmd, 40))}</td></tr>')
+    return ('<table class="overlaykit-layers" style="font-size:12px;line-height:1.3"><tr><th>#</th>'
+            '<th title="size, and in red the part hidden in the final image">size</th><th></th><th>command</th>'
+            '</tr>' + "".join(rows) + "</table>")
 
 
 # ==================================================================================================
@@ -603,23 +804,30 @@ class PredictExercise:
         self._check = check
         self._answer = answer
         self.explanation = explanation
-        self.question = W.HTML(f"<b>{html.escape(question)}</b>")
+        self.question = W.HTML(f'<div style="line-height:1.4"><b>{html.escape(question)}</b></div>')
         if self.choices is not None:
-            self.input = W.RadioButtons(options=[str(c) for c in self.choices], value=None)
+            self.input = W.RadioButtons(options=[str(c) for c in self.choices], value=None,
+                                        layout=W.Layout(width="100%"))
         else:
-            self.input = W.Text(placeholder="your prediction")
+            self.input = W.Text(placeholder="your prediction (Enter checks it)",
+                                layout=W.Layout(width="32em", max_width="100%"))
+            _on_enter(self.input, lambda: self._guard(self._do_check))
         self.check_button = W.Button(description="Check", button_style="primary")
         self.answer_button = W.Button(description="Show the answer")
         self.feedback = W.HTML()
         self.correct: bool | None = None
+        self.attempts = 0
         self.check_button.on_click(lambda _b: self._guard(self._do_check))
         self.answer_button.on_click(lambda _b: self._guard(self._show_answer))
-        self.widget = W.VBox([self.question, self.input, W.HBox([self.check_button, self.answer_button]),
-                              self.feedback])
+        self.widget = W.VBox([_style(), self.question, self.input,
+                              W.HBox([self.check_button, self.answer_button]), self.feedback])
         self.widget.add_class("overlaykit-predict")
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        lines = [f"Exercise: {self.question_text}"]
+        lines += [f"  ( ) {c}" for c in self.choices or ()]
+        lines.append("Run this cell to answer it here (the answer is checked in the notebook).")
+        return _bundle(self.widget, "\n".join(lines), **kwargs)
 
     def __repr__(self) -> str:
         return f"PredictExercise({self.question_text!r})"
@@ -651,7 +859,9 @@ class PredictExercise:
         else:
             ok, note = _same(value, self.answer()), ""
         self.correct = bool(ok)
-        head = "Right!" if ok else "Not quite."
+        self.attempts += 1
+        # a second wrong answer must not look like nothing happened: say which try this was
+        head = "Right!" if ok else ("Not quite." if self.attempts == 1 else f"Not quite (try {self.attempts}).")
         parts = [head] + ([note] if note else []) + ([self.explanation] if ok and self.explanation else [])
         if not ok:
             parts.append('Try again, or press "Show the answer".')

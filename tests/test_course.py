@@ -122,7 +122,7 @@ def test_report_shows_merged_upper_lower_and_the_steps(tmp_path):
 
 def test_how_to_look_names_folders_relative_to_the_notebook(tmp_path):
     with course.lesson_overlay(tmp_path / "ws", backend="sim") as ov:
-        assert course.how_to_look(ov, tmp_path) == ov.how_to_look()  # the simulator names no folder
+        assert course.how_to_look(ov, tmp_path) == course.wrap(ov.how_to_look())  # the simulator names no folder
 
     class Mounted:  # what a kernel mount says: a PID and absolute paths
         def how_to_look(self):
@@ -159,3 +159,16 @@ def test_docker_diff_follows_mobys_overlay_walker_for_an_opaque_dir(tmp_path):
         ("A", "/var/cache/apt/new.bin"), ("C", "/var/cache/apt/pkgcache.bin"),
     ]
     assert not any("srcpkgcache" in p for _, p in course.docker_diff(c))
+
+
+def test_long_printed_lines_wrap_at_word_boundaries():
+    """Issue 13.11: JupyterLab breaks a long printed line mid-word; the package wraps it first."""
+    from overlaykit.course import wrap
+    text = ("The overlay is mounted on merged only inside helper process 4242 (its own mount namespace); elsewhere "
+            "that directory looks empty. From a terminal, as root: `nsenter -t 4242 -m ls -la merged/` and more")
+    out = wrap(text, width=60)
+    lines = out.splitlines()
+    assert all(len(line) <= 60 or "`" in line for line in lines), lines
+    assert " ".join(line.strip() for line in lines) == text
+    assert any("`nsenter -t 4242 -m ls -la merged/`" in line for line in lines)  # a command stays whole
+    assert wrap("a\n\nb") == "a\n\nb"

@@ -233,6 +233,26 @@ def test_layer_inspector_marks_changes_and_filters():
     assert not ADDRESS.search(repr(li) + li.summary_text + li.tree_text)
 
 
+def test_layer_inspector_bars_tooltips_and_scroll_box():
+    """Issue 13.9: proportional bars with the wasted part, full command on hover, sizes that do not wrap,
+    the file list in a scroll box, the filter on its label's line."""
+    li = LayerInspector(build_image())
+    table = li.layers_table.value
+    widths = [float(w) for w in re.findall(r'<div style="width:([\d.]+)%;height:10px;background:#60a5fa', table)]
+    from overlaykit.images import inspect
+    ins = inspect(build_image())
+    biggest = max(r.size for r in ins.layers)
+    assert widths == [pytest.approx(100 * r.size / biggest, abs=0.1) for r in ins.layers]
+    waste = [float(w) for w in re.findall(r'class="overlaykit-waste" style="width:([\d.]+)%', table)]
+    # layer 0's var/cache/big (1000 B) and etc/motd (5 B) are hidden in the final image; layer 1 wastes nothing
+    assert waste == [pytest.approx(100 * 1005 / ins.layers[0].size, abs=0.1), 0.0]
+    assert "10.2\u00a0kB" in table and " kB<" not in table
+    assert 'title="RUN cleanup"' in table
+    assert li.layer_choice.tooltip == "layer 1: RUN cleanup"
+    assert li.tree.layout.max_height == "420px" and li.tree.layout.overflow == "auto"
+    assert li.filter.style.button_width == "auto"
+
+
 def test_layer_inspector_switches_images():
     img = build_image()
     images = pytest.importorskip("overlaykit.images")
@@ -250,10 +270,167 @@ def test_widgets_carry_stable_css_classes(explorer):
     assert "overlaykit-layer-inspector" in inspector.widget._dom_classes
 
 
-def test_trees_keep_long_notes_on_one_line(explorer):
-    # a browser must not wrap "…hides l / ower[0]'s entry": the trees are pre-formatted and scroll instead
+def test_tree_lines_end_in_an_ellipsis_with_the_whole_note_on_hover(explorer):
+    """Issue 13.5/13.7: tree columns never run into each other, the trace wraps instead of scrolling."""
     run(explorer, "delete", "d/f")
-    for view in (explorer.lower_tree, explorer.upper_tree, explorer.merged_tree, explorer.trace_view):
-        style = re.search(r'<pre class="overlaykit-\w+" style="([^"]*)"', view.value).group(1)
-        assert "white-space:pre;" in style and "overflow-x:auto" in style
-    assert "hides lower[0]&#x27;s entry]" in explorer.upper_tree.value
+    for view in (explorer.lower_tree, explorer.upper_tree, explorer.merged_tree):
+        spans = re.findall(r'<span title="([^"]*)" style="([^"]*)">', view.value)
+        assert spans and all("text-overflow:ellipsis" in st and "overflow:hidden" in st for _, st in spans)
+    assert "f (whiteout)  [whiteout, hides lower[0]&#x27;s entry]" in \
+        [t for t, _ in re.findall(r'<span title="([^"]*)" style="([^"]*)">', explorer.upper_tree.value)]
+    style = re.search(r'<pre class="overlaykit-trace" style="([^"]*)"', explorer.trace_view.value).group(1)
+    assert "white-space:pre-wrap" in style and "overflow-wrap:anywhere" in style
+
+
+def test_enter_in_the_path_field_applies(explorer):
+    explorer.op.value, explorer.path.value = "delete", "d/f"
+    explorer.path._handle_string_msg(None, {"event": "submit"}, None)  # what Enter sends
+    assert explorer.message_text == "done: delete /d/f"
+
+
+def test_the_diagram_draws_the_entry_just_touched_beyond_the_limit(tmp_path):
+    """Issue 13.6: deleting etc/motd, alphabetically past the first 10 entries, still draws the whiteout
+    and the lower etc/motd it hides."""
+    for d in ("l0/a", "upper", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    for k in range(12):
+        (tmp_path / f"l0/a/f{k:02d}").write_text("x")
+    (tmp_path / "l0/etc").mkdir()
+    (tmp_path / "l0/etc/motd").write_text("hi")
+    ov = Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim")
+    ex = OverlayExplorer(ov)
+    try:
+        assert "etc/motd (2 B)" not in ex.diagram.value  # cut by the limit before anything happens
+        assert run(ex, "delete", "etc/motd") == "done: delete /etc/motd"
+        svg = ex.diagram.value
+        assert "etc/motd (whiteout)" in svg and "etc/motd (2 B)" in svg and "hidden by a whiteout in upper" in svg
+        assert "more" in svg  # the rest is still summarised
+    finally:
+        ex.close()
+
+
+def test_rerunning_the_workspace_cell_retires_the_explorer(tmp_path, monkeypatch):
+    """Issue 13.8: the explorer says in one sentence that its layers were reset, instead of ENOENT."""
+    from overlaykit import course
+    monkeypatch.chdir(tmp_path)
+    ws = course.workspace("t")
+    ex = OverlayExplorer(course.lesson_overlay(ws, backend="sim"))
+    ws = course.workspace("t")  # the workspace cell runs again
+    assert not ex.ov.mounted
+    for button in (ex.apply_button, ex.reset_button):
+        button.click()
+        assert ex.message_text.startswith("This explorer stopped: its workspace was reset")
+        assert "ENOENT" not in ex.message_text and "whiteout" not in ex.message_text
+    # folders deleted some other way are noticed at the next action too
+    new = OverlayExplorer(course.lesson_overlay(ws, backend="sim"))
+    (ws / "upper").rename(ws / "upper.old")  # kept, so that the new folder cannot reuse its inode
+    (ws / "upper").mkdir()
+    run(new, "write", "x", content="1")
+    assert new.message_text.startswith("This explorer stopped: its layer folders were deleted or made again")
+    new.close()
+
+
+def test_a_new_explorer_on_the_same_upper_retires_the_old_one(tmp_path):
+    for d in ("l0", "upper", "work"):
+        (tmp_path / d).mkdir()
+    old = OverlayExplorer(Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim"))
+    new = OverlayExplorer(Overlay([tmp_path / "l0"], tmp_path / "upper", tmp_path / "work", backend="sim"))
+    assert not old.ov.mounted and old.stale and new.ov.mounted and not new.stale
+    new.close()
+
+
+def test_text_fallbacks_are_sentences_not_reprs(explorer):
+    """Issue 13.1: where a widget cannot be drawn (untrusted notebook, static viewer) its text/plain shows."""
+    from overlaykit import course
+    q = PredictExercise("Which layer serves /etc/hosts?", ["upper", "lower[0]"], answer="lower[0]")
+    t = PredictExercise("How many?", answer="4")
+    layer = course.layer_from_files({"etc/hosts": "x"})
+    ins = LayerInspector(course.image_from_layers("demo", [("COPY hosts /etc/", layer)]))
+    texts = {k: w._repr_mimebundle_()["text/plain"] for k, w in
+             {"q": q, "t": t, "explorer": explorer, "inspector": ins}.items()}
+    for k, text in texts.items():
+        assert "children=" not in text and "VBox" not in text and not ADDRESS.search(text), text
+        assert "Run this cell" in text or "run this cell" in text, text
+        assert "application/vnd.jupyter.widget-view+json" in \
+            {"q": q, "t": t, "explorer": explorer, "inspector": ins}[k]._repr_mimebundle_()
+    assert texts["q"].splitlines()[:3] == ["Exercise: Which layer serves /etc/hosts?", "  ( ) upper",
+                                           "  ( ) lower[0]"]
+    assert "demo" in texts["inspector"]
+
+
+def test_second_wrong_answer_says_try_2_and_enter_checks():
+    """Issue 13.4: a repeated wrong answer visibly changes; Enter (the front end's submit event) checks."""
+    import warnings
+    q = PredictExercise("How many?", answer="4")
+    q.input.value = "3"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning may reach the learner's output
+        q.input._handle_string_msg(None, {"event": "submit"}, None)  # what Enter sends
+    first = q.feedback_text
+    assert first.startswith("Not quite.")
+    q.check_button.click()
+    assert q.feedback_text.startswith("Not quite (try 2).") and q.feedback_text != first
+    q.input.value = "4"  # a value set from Python alone does not check
+    assert q.feedback_text.startswith("Not quite (try 2).")
+    q.check_button.click()
+    assert q.correct is True and q.feedback_text.startswith("Right!")
+    assert "line-height:1.4" in q.feedback.value  # not ipywidgets' 28 px line (double spacing)
+
+
+def _helpers() -> list[int]:
+    """This process's live kernel-overlay helpers (``python -m overlaykit._nsworker``)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == os.getpid() and b"overlaykit._nsworker" in cmd:
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.kernel
+def test_rerunning_workspace_and_explorer_cells_leaves_one_helper(tmp_path, monkeypatch):
+    """Issue 13.8: each re-run used to leave one more helper process until the kernel stopped."""
+    from overlaykit import course
+    from overlaykit.capabilities import capabilities
+    info = capabilities()["kernel"]
+    if not info.available:
+        pytest.skip(f"kernel backend not allowed: {info.reason}")
+    monkeypatch.chdir(tmp_path)
+    kept = []  # what ipywidgets' registry and IPython's Out[] keep alive in a real kernel
+    try:
+        for _ in range(4):
+            ws = course.workspace("leak")
+            kept.append(OverlayExplorer(course.lesson_overlay(ws, backend="kernel")))
+            assert len(_helpers()) == 1, _helpers()
+        # the explorer's cell alone running again (same workspace) retires the previous explorer too
+        kept.append(OverlayExplorer(course.lesson_overlay(ws, backend="kernel")))
+        assert len(_helpers()) == 1 and kept[-2].stale
+    finally:
+        for ex in kept:
+            ex.close()
+    assert _helpers() == []
+
+
+def test_enter_waits_for_keystrokes_that_arrive_after_it(explorer):
+    """In a kernel, the submit event can overtake the last value update (ipywidgets holds those back while
+    the kernel is busy): the explorer must apply what was typed, not a prefix of it."""
+    import asyncio
+
+    async def scenario():
+        explorer.op.value, explorer.path.value = "write", "b"
+        explorer.path._handle_string_msg(None, {"event": "submit"}, None)   # Enter, overtaking...
+        explorer.path.value = "browser-test.txt"                            # ...the rest of the typing
+        await asyncio.sleep(0.05)
+        first = explorer.message_text
+        explorer.path._handle_string_msg(None, {"event": "submit"}, None)   # Enter, nothing pending
+        await asyncio.sleep(0.5)
+        return first, explorer.message_text, explorer.trees()["upper"]
+    first, second, upper = asyncio.run(scenario())
+    assert first == "done: write /browser-test.txt"
+    assert second == "done: write /browser-test.txt"
+    assert "b (" not in upper.replace("browser-test.txt", "")

@@ -131,6 +131,9 @@ def lab_server(tmp_path) -> LabServer:
     for plugin, values in {
         "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
         "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+        # every cell in the DOM (JupyterLab 4 otherwise renders only those near the viewport): the layout
+        # checks read the whole notebook
+        "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
     }.items():
         f = settings / f"{plugin}.jupyterlab-settings"
         f.parent.mkdir(parents=True, exist_ok=True)
