@@ -10,9 +10,9 @@ import os
 import re
 import shutil
 import stat as st
-import weakref
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 from . import ondisk
