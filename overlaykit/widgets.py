@@ -334,6 +334,7 @@ class OverlayExplorer:
         self.limit = limit
         self.show_diagram = diagram
         self._owns_mount = not ov.mounted
+        _retire_explorers_of(ov)  # first: upper/ takes one live overlay at a time (EBUSY)
         ov.mount()
         self._start = snapshot_tree(ov.upper) if ov.upper is not None else ()
         self._undo: list[tuple[str, tuple]] = []
@@ -342,7 +343,6 @@ class OverlayExplorer:
         self.focus: tuple[str, ...] = ()  # the paths last acted on: the diagram always draws them
         self.stale: str = ""              # why this explorer no longer works on its layers, if it does not
         self._dirs = _dir_ids(ov)
-        _retire_explorers_of(ov)
         _LIVE.add(self)
 
         self.op = W.Dropdown(options=list(OPERATIONS), value="write", description="operation")
