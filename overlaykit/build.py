@@ -115,7 +115,8 @@ class Builder:
     """Runs one Dockerfile; `build()` is the convenient entry point."""
 
     def __init__(self, store: Store, context_dir, *, backend: str = "auto", progress=None,
-                 build_args: dict[str, str] | None = None, run_mode: str = "auto"):
+                 build_args: dict[str, str] | None = None, run_mode: str = "auto",
+                 source_date_epoch: int | None = None):
         self.store = store
         self.context = Path(context_dir).resolve() if context_dir is not None else None
         self.backend = backend
@@ -124,7 +125,7 @@ class Builder:
         self.run_mode = run_mode  # "auto", "sim" (always simulate) or "real" (fail if RUN cannot run for real)
         self.steps: list[Step] = []
         self._scratch_root = Path(store.root) / "build-scratch"
-        self.epoch = _source_date_epoch()
+        self.epoch = _source_date_epoch() if source_date_epoch is None else int(source_date_epoch)
         self.clamp = BUILD_EPOCH if self.epoch is None else self.epoch
 
     def _now(self) -> str:
@@ -1080,15 +1081,17 @@ def _rmtree(p: Path):
 # ---------------------------------------------------------------------- API
 
 def build(dockerfile, context_dir, store: Store, tag: str, *, backend: str = "auto", progress=None,
-          build_args: dict[str, str] | None = None, run_mode: str = "auto") -> Image:
+          build_args: dict[str, str] | None = None, run_mode: str = "auto",
+          source_date_epoch: int | None = None) -> Image:
     """Build a Dockerfile (a path, or its text) with `context_dir` as context; the image is stored as `tag`.
 
     `progress(event, step)` is called with event "start" and "done" for every instruction; a "done" step
-    carries the new layer's size (None for config-only instructions).
+    carries the new layer's size (None for config-only instructions). `source_date_epoch` stands for the
+    ``SOURCE_DATE_EPOCH`` environment variable (which it overrides): the instant recorded as ``created``.
     """
     text = _read_dockerfile(dockerfile)
     builder = Builder(store, context_dir, backend=backend, progress=progress, build_args=build_args,
-                      run_mode=run_mode)
+                      run_mode=run_mode, source_date_epoch=source_date_epoch)
     return builder.build(text, tag)
 
 

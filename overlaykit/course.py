@@ -401,9 +401,11 @@ def build(dockerfile, context, store, tag: str, *, log: bool = True, width: int 
     """`overlaykit.build.build`, printing one line per step and what it made, like ``docker build``.
 
     Unlike `build.TextProgress` the log does not say which backend ran the step, so it reads the same
-    on every machine. ``dockerfile`` is a path or the Dockerfile's text.
+    on every machine. ``dockerfile`` is a path or the Dockerfile's text. The lessons' builds are
+    reproducible: ``created`` is pinned (``source_date_epoch``, as SOURCE_DATE_EPOCH would), so the image
+    ids a lesson prints are the same on every run.
     """
-    from .build import build as run_build
+    from .build import BUILD_EPOCH, build as run_build
     from .diagrams import human_size
 
     def progress(event, step):
@@ -418,6 +420,7 @@ def build(dockerfile, context, store, tag: str, *, log: bool = True, width: int 
         else:
             print(f" ---> new layer, {human_size(step.layer_size)}")
 
+    options.setdefault("source_date_epoch", int(BUILD_EPOCH))
     return run_build(dockerfile, context, store, tag, progress=progress if log else None, **options)
 
 

@@ -172,3 +172,16 @@ def test_long_printed_lines_wrap_at_word_boundaries():
     assert " ".join(line.strip() for line in lines) == text
     assert any("`nsenter -t 4242 -m ls -la merged/`" in line for line in lines)  # a command stays whole
     assert wrap("a\n\nb") == "a\n\nb"
+
+
+def test_lesson_builds_print_the_same_image_ids_on_every_run(tmp_path, monkeypatch):
+    """A lesson's stored `history` names image ids: course.build pins `created`, so they never change."""
+    from overlaykit.images import Store
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    ids = []
+    for n in range(2):
+        store = Store(tmp_path / f"store{n}")
+        image = course.build(course.example("hello-scratch.Dockerfile"), course.example("hello"), store, "hello",
+                             log=False)
+        ids.append(image.id)
+    assert ids[0] == ids[1]
