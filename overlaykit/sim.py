@@ -166,7 +166,7 @@ class SimBackend(Backend):
                 hops += 1
                 if hops > MAXSYMLINKS:
                     raise _err(errno.ELOOP, p)
-                with nofollow.at(L.roots[node.layer], node.path) as real:
+                with L.at(node.layer, node.path) as real:
                     target = os.readlink(real)
                 if target.startswith("/"):
                     stack = [L.root()]
@@ -212,7 +212,7 @@ class SimBackend(Backend):
         if self.root_user or node is None:
             return
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 ok = os.access(real, mode, follow_symlinks=False)
         except OSError:
             ok = False
@@ -222,11 +222,11 @@ class SimBackend(Backend):
     def _up(self, path: str):
         """``with self._up(path) as real``: ``path`` in upper/, reached without following a host symlink
         (the last component too, with ``follow_symlinks=False`` or ``O_NOFOLLOW``)."""
-        return nofollow.at(self.upper, path)
+        return self.L.at(0, path)
 
     def _updir(self, path: str):
         """``with self._updir(path) as d``: directory ``path`` of upper/ itself, opened without following."""
-        return nofollow.at_dir(self.upper, path)
+        return self.L.at_dir(0, path)
 
     def _upper_dir(self, d: MergedDir) -> str:
         """Make sure directory ``d`` exists in upper/, copying it and its parents up (one at a time,
@@ -249,7 +249,7 @@ class SimBackend(Backend):
         return d.path
 
     def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
-        with nofollow.at(self.L.roots[layer], path) as real:
+        with self.L.at(layer, path) as real:
             return os.lstat(real)
 
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
@@ -265,7 +265,7 @@ class SimBackend(Backend):
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
         tmp = "#" + os.urandom(6).hex()
-        with nofollow.at(self.L.roots[layer], path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+        with self.L.at(layer, path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
             try:
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
@@ -393,7 +393,7 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         try:
-            with nofollow.at(self.L.roots[node.layer], node.path) as real, \
+            with self.L.at(node.layer, node.path) as real, \
                     open(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 return f.read()
         except OSError as e:
@@ -661,7 +661,7 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -758,12 +758,23 @@ class SimBackend(Backend):
     def _stat(self, node) -> Stat:
         if isinstance(node, Leaf):
             s = node.lstat
-            with nofollow.at(self.L.roots[node.layer], node.path) as real:
-                if node.layer == 0 and self.L.has_upper:
+            upper = node.layer == 0 and self.L.has_upper
+            if not (upper or st.S_ISLNK(s.st_mode)):
+                return Stat.from_os(s)
+            with self.L.at(node.layer, node.path) as real:
+                if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
             return Stat.from_os(s, target)
-        s = self._lower_lstat(node.layers[0], node.path)
+        layer = node.layers[0]
+        s = None
+        if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
+            parent, _, name = node.path.rpartition("/")
+            s = (self.L.entries(layer, parent) or {}).get(name)
+            if s is WHITEOUT or s is None or s.st_uid == -1:  # -1: only readdir's d_type was known
+                s = None
+        if s is None:
+            s = self._lower_lstat(layer, node.path)
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
 
 
