@@ -841,3 +841,25 @@ def _reset_workdir(wd: str, mode: int) -> None:
     except FileExistsError:  # it could not be removed (another user's): use it as it is
         return
     os.chmod(wd, mode)
+
+
+def _caller_paths(method, which: tuple[int, ...]):
+    """Errors name the caller's path(s), never a host path (nor a /proc/self/fd one from nofollow)."""
+    def op(self, *args):
+        try:
+            return method(self, *args)
+        except OSError as e:
+            paths = [args[i] for i in which]
+            if e.filename in paths and e.filename2 in paths + [None]:
+                raise
+            raise _err(e.errno, *paths) from None
+    op.__name__, op.__qualname__, op.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return op
+
+
+for _name, _which in {"read_bytes": (0,), "write_bytes": (0,), "touch": (0,), "remove": (0,), "mkdir": (0,),
+                      "rmdir": (0,), "rename": (0, 1), "chmod": (0,), "chown": (0,), "utime": (0,),
+                      "setxattr": (0,), "getxattr": (0,), "symlink": (1,), "link": (0, 1), "truncate": (0,),
+                      "listdir": (0,), "stat": (0,)}.items():
+    setattr(SimBackend, _name, _caller_paths(getattr(SimBackend, _name), _which))
+del _name, _which
