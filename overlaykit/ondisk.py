@@ -249,13 +249,21 @@ class Layers:
     def at_dir(self, index: int, path: str):
         return nofollow.at_dir(self.roots[index], path, self._root_fd(index))
 
-    def __del__(self):
-        for fd in getattr(self, "_root_fds", ()):
+    def close(self) -> None:
+        """Close the layer roots' fds (at unmount); they are opened again if the layers are read later."""
+        fds, self._root_fds = getattr(self, "_root_fds", ()), [None] * len(self.roots)
+        for fd in fds:
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def name(self, index: int) -> str:
         if self.has_upper:

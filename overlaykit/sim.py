@@ -107,7 +107,7 @@ class SimBackend(Backend):
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
 
     def unmount(self) -> None:
-        pass
+        self.L.close()
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
