@@ -8,6 +8,7 @@ the differential tests (tests/test_differential.py) say where.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import stat as st
@@ -17,6 +18,7 @@ from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+_temp_names = itertools.count(1)
 
 
 def _join(parent: str, name: str) -> str:
@@ -100,14 +102,29 @@ class SimBackend(Backend):
         self.L = layers
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
+        self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
         if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
+            try:  # where copy-ups are built; held open like the layer roots
+                self._workdir_fd = nofollow.open_dir(self.work, "work")
+            except OSError:
+                self._workdir_fd = None  # copy-ups will say why
 
     def unmount(self) -> None:
-        pass
+        self.L.close()
+        fd, self._workdir_fd = self._workdir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _temp(self):
+        """``with self._temp() as temp``: a fresh ``#<hex>`` name in work/work, as the kernel names its temps."""
+        name = f"#{os.getpid():x}.{next(_temp_names):x}"
+        if self._workdir_fd is None:
+            return nofollow.at(self.work, "work/" + name)
+        return nofollow.at("", name, self._workdir_fd)
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
@@ -166,7 +183,7 @@ class SimBackend(Backend):
                 hops += 1
                 if hops > MAXSYMLINKS:
                     raise _err(errno.ELOOP, p)
-                with nofollow.at(L.roots[node.layer], node.path) as real:
+                with L.at(node.layer, node.path) as real:
                     target = os.readlink(real)
                 if target.startswith("/"):
                     stack = [L.root()]
@@ -212,7 +229,7 @@ class SimBackend(Backend):
         if self.root_user or node is None:
             return
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 ok = os.access(real, mode, follow_symlinks=False)
         except OSError:
             ok = False
@@ -222,11 +239,11 @@ class SimBackend(Backend):
     def _up(self, path: str):
         """``with self._up(path) as real``: ``path`` in upper/, reached without following a host symlink
         (the last component too, with ``follow_symlinks=False`` or ``O_NOFOLLOW``)."""
-        return nofollow.at(self.upper, path)
+        return self.L.at(0, path)
 
     def _updir(self, path: str):
         """``with self._updir(path) as d``: directory ``path`` of upper/ itself, opened without following."""
-        return nofollow.at_dir(self.upper, path)
+        return self.L.at_dir(0, path)
 
     def _upper_dir(self, d: MergedDir) -> str:
         """Make sure directory ``d`` exists in upper/, copying it and its parents up (one at a time,
@@ -249,7 +266,7 @@ class SimBackend(Backend):
         return d.path
 
     def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
-        with nofollow.at(self.L.roots[layer], path) as real:
+        with self.L.at(layer, path) as real:
             return os.lstat(real)
 
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
@@ -264,8 +281,7 @@ class SimBackend(Backend):
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
-        tmp = "#" + os.urandom(6).hex()
-        with nofollow.at(self.L.roots[layer], path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+        with self.L.at(layer, path) as src, self._temp() as temp:
             try:
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
@@ -393,7 +409,7 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         try:
-            with nofollow.at(self.L.roots[node.layer], node.path) as real, \
+            with self.L.at(node.layer, node.path) as real, \
                     open(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 return f.read()
         except OSError as e:
@@ -661,7 +677,7 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -758,12 +774,23 @@ class SimBackend(Backend):
     def _stat(self, node) -> Stat:
         if isinstance(node, Leaf):
             s = node.lstat
-            with nofollow.at(self.L.roots[node.layer], node.path) as real:
-                if node.layer == 0 and self.L.has_upper:
+            upper = node.layer == 0 and self.L.has_upper
+            if not (upper or st.S_ISLNK(s.st_mode)):
+                return Stat.from_os(s)
+            with self.L.at(node.layer, node.path) as real:
+                if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
             return Stat.from_os(s, target)
-        s = self._lower_lstat(node.layers[0], node.path)
+        layer = node.layers[0]
+        s = None
+        if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
+            parent, _, name = node.path.rpartition("/")
+            s = (self.L.entries(layer, parent) or {}).get(name)
+            if s is WHITEOUT or s is None or s.st_uid == -1:  # -1: only readdir's d_type was known
+                s = None
+        if s is None:
+            s = self._lower_lstat(layer, node.path)
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
 
 
@@ -830,3 +857,25 @@ def _reset_workdir(wd: str, mode: int) -> None:
     except FileExistsError:  # it could not be removed (another user's): use it as it is
         return
     os.chmod(wd, mode)
+
+
+def _caller_paths(method, which: tuple[int, ...]):
+    """Errors name the caller's path(s), never a host path (nor a /proc/self/fd one from nofollow)."""
+    def op(self, *args):
+        try:
+            return method(self, *args)
+        except OSError as e:
+            paths = [args[i] for i in which]
+            if e.filename in paths and e.filename2 in paths + [None]:
+                raise
+            raise _err(e.errno, *paths) from None
+    op.__name__, op.__qualname__, op.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return op
+
+
+for _name, _which in {"read_bytes": (0,), "write_bytes": (0,), "touch": (0,), "remove": (0,), "mkdir": (0,),
+                      "rmdir": (0,), "rename": (0, 1), "chmod": (0,), "chown": (0,), "utime": (0,),
+                      "setxattr": (0,), "getxattr": (0,), "symlink": (1,), "link": (0, 1), "truncate": (0,),
+                      "listdir": (0,), "stat": (0,)}.items():
+    setattr(SimBackend, _name, _caller_paths(getattr(SimBackend, _name), _which))
+del _name, _which
