@@ -48,6 +48,35 @@ class LayerError(ValueError):
     """A layer tar (or image archive) is malformed or hostile."""
 
 
+class ApplyError(LayerError):
+    """A layer could not be applied on top of the layers below it (``flatten``/``export-rootfs``).
+
+    The message names the layer (index and diff_id) and the entry; ``errno`` is the filesystem's
+    errno when one caused it (ENOTDIR, ELOOP, ...), else None.
+    """
+
+    def __init__(self, message: str, *, layer_index: int | None = None, diff_id: str = "",
+                 entry: str = "", errno: int | None = None):
+        super().__init__(message)
+        self.layer_index, self.diff_id, self.entry, self.errno = layer_index, diff_id, entry, errno
+
+    @classmethod
+    def wrap(cls, err: Exception, index: int, layer: "Layer", entry: "LayerEntry | None") -> "ApplyError":
+        name = entry.tar_name if entry is not None else ""
+        if isinstance(err, OSError):
+            why = err.strerror or str(err)
+            if err.filename not in (None, "", name, entry.path if entry else None):
+                why = f"{why}: {err.filename!r}"
+            if err.errno == errno.ENOTDIR:
+                why += " (a lower layer has a non-directory there)"
+        else:
+            why = str(err)
+        where = f"layer {index} ({layer.diff_id})"
+        return cls(f"{where}: entry {name!r}: {why}" if entry is not None else f"{where}: {why}",
+                   layer_index=index, diff_id=layer.diff_id, entry=name,
+                   errno=err.errno if isinstance(err, OSError) else None)
+
+
 # --------------------------------------------------------------------------------------------------
 # compression
 
@@ -791,27 +820,94 @@ def flatten(image_or_layers, dest, *, devices: str = "skip") -> list[str]:
     below -- so an opaque whiteout applies before the layer's own entries wherever it sits in the tar,
     and a whiteout never removes a sibling of its own layer -- then the additions in tar order. A
     directory over a directory only updates attributes; anything else replaces the old path.
+
+    ``dest`` must be new or an empty folder (the caller's files are never touched). The layers are
+    applied in a temporary sibling that is renamed into place at the end, so a failure leaves nothing
+    behind; it raises ``ApplyError`` naming the layer and the entry. Where the layers disagree with
+    each other, we do what ``umoci unpack`` does: an opaque marker or whiteout below a lower layer's file
+    changes nothing, an opaque marker for a missing directory creates none; an entry below a lower
+    file, or below a symlink loop, is refused.
     """
     layers = image_or_layers.layers if hasattr(image_or_layers, "layers") else list(image_or_layers)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    existing = _check_destination(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.flatten-", dir=dest.parent))
+    try:
+        warnings = _apply_layers(layers, tmp, devices)
+        if existing is not None:  # keep the caller's folder attributes; rename(2) replaces an empty dir
+            os.chmod(tmp, stat.S_IMODE(existing.st_mode))
+            if os.geteuid() == 0:
+                os.chown(tmp, existing.st_uid, existing.st_gid)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, dest)
+    except BaseException:
+        _rmtree_force(tmp)
+        raise
+    return warnings
+
+
+def _check_destination(dest: Path):
+    """The lstat of ``dest`` if it is an empty folder, None if it does not exist; else a clear OSError."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.EEXIST, "the destination is a symlink; give a new or empty folder", str(dest))
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "the destination is a file, not a folder; give a new or "
+                                 "empty folder", str(dest))
+    with os.scandir(dest) as it:
+        if any(True for _ in it):
+            raise OSError(errno.ENOTEMPTY, "the destination folder is not empty (flatten never deletes "
+                          "files it did not write)", str(dest))
+    return st
+
+
+def _apply_layers(layers, root: Path, devices: str) -> list[str]:
     warnings: list[str] = []
-    for layer in layers:
-        ap = _Applier(dest, devices=devices)
-        for e in layer.entries():
-            if e.type == "opaque":
-                ap.clear_dir(e.path)
-        for e in layer.entries():
-            if e.type == "whiteout":
-                ap.remove(e.path)
-        for e in layer.entries():
-            if e.type == "opaque":
-                ap.ensure_dir(e.path)
-            elif not e.is_removal:
-                ap.add(e, layer)
-        ap.finish()
+    for i, layer in enumerate(layers):
+        ap = _Applier(root, devices=devices)
+        entries = layer.entries()
+        e = None
+        try:
+            for e in entries:
+                if e.type == "opaque":
+                    ap.clear_dir(e.path)
+            for e in entries:
+                if e.type == "whiteout":
+                    ap.remove(e.path)
+            for e in entries:
+                if not e.is_removal:
+                    ap.add(e, layer)
+            e = None
+            ap.finish()
+        except (OSError, LayerError) as err:
+            raise ApplyError.wrap(err, i, layer, e) from err
         warnings.extend(ap.warnings)
     return warnings
+
+
+def _rmtree_force(path: Path) -> None:
+    """Remove a tree we wrote, even where a layer left a directory without write permission."""
+    def fix(func, p, exc):
+        if isinstance(exc, PermissionError) or (isinstance(exc, tuple) and issubclass(exc[0], PermissionError)):
+            try:
+                os.chmod(os.path.dirname(p), 0o700)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    os.chmod(p, 0o700)
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
+                return
+            except OSError:
+                pass
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=lambda f, p, ei: fix(f, p, ei[1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,6 +942,11 @@ class History:
     def from_json(cls, d: dict) -> "History":
         return cls(created_by=d.get("created_by", "") or "", empty_layer=bool(d.get("empty_layer", False)),
                    comment=d.get("comment", "") or "", created=d.get("created"), author=d.get("author"))
+
+
+def _short(v) -> str:
+    r = json.dumps(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 @dataclass
@@ -896,10 +997,28 @@ class ImageConfig:
                 raise LayerError(f"image config: {key} must be a list of strings")
             return list(v)
 
+        def obj(key, *, str_values=False):
+            v = d.get(key)
+            if v is None:
+                return {}
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v) or (
+                    str_values and not all(isinstance(x, str) for x in v.values())):
+                want = "an object of strings" if str_values else "an object keyed by strings"
+                raise LayerError(f"image config: {key} must be {want}, not {type(v).__name__} {_short(v)}")
+            return v
+
+        def string(key):
+            v = d.get(key)
+            if v is not None and not isinstance(v, str):
+                raise LayerError(f"image config: {key} must be a string, not {type(v).__name__} {_short(v)}")
+            return v or ""
+
+        if not isinstance(d, dict):
+            raise LayerError(f"image config: config must be an object, not {type(d).__name__}")
         return cls(env=strlist("Env") or [], cmd=strlist("Cmd"), entrypoint=strlist("Entrypoint"),
-                   working_dir=d.get("WorkingDir") or "", labels=dict(d.get("Labels") or {}),
-                   user=d.get("User") or "", exposed_ports=sorted(d.get("ExposedPorts") or {}),
-                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "")
+                   working_dir=string("WorkingDir"), labels=dict(obj("Labels", str_values=True)),
+                   user=string("User"), exposed_ports=sorted(obj("ExposedPorts")),
+                   volumes=sorted(obj("Volumes")), stop_signal=string("StopSignal"))
 
     def env_dict(self) -> dict[str, str]:
         return dict(e.split("=", 1) if "=" in e else (e, "") for e in self.env)
@@ -1037,8 +1156,11 @@ class Store:
         os.replace(tmp, self.root / "images.json")
 
     def add_image(self, image: Image, name: str | None = None) -> Image:
+        """Store ``image`` under its name (or ``name``), which must follow Docker's reference grammar."""
+        from .refs import check_reference
         if name is not None:
             image = dataclasses.replace(image, name=name)
+        check_reference(image.name)
         for layer in image.layers:
             p = self._blob_path(layer.diff_id)
             if not p.exists():

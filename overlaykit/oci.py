@@ -171,7 +171,7 @@ def _load_docker(src: _Source, max_size: int) -> list[Image]:
         try:
             images.append(image_from_config(name, cfg, layers))
         except LayerError as e:
-            raise LayerError(f"{src.path}: {e}") from None
+            raise LayerError(f"{src.path}: config {m['Config']}: {e}") from None
     return images
 
 
@@ -236,7 +236,7 @@ def _load_manifest(src: _Source, m, name: str, max_size: int) -> Image:
     try:
         return image_from_config(name, cfg, layers)
     except LayerError as e:
-        raise LayerError(f"{src.path}: {e}") from None
+        raise LayerError(f"{src.path}: config {m['config'].get('digest')}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
