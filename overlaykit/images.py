@@ -1355,7 +1355,16 @@ class WastedPath:
 
 @dataclass(frozen=True)
 class Inspection:
-    """dive-like numbers for one image; opaque whiteouts are counted (dive ignores them)."""
+    """Layer-by-layer numbers for one image, in two definitions.
+
+    Ours: ``wasted_bytes`` = file bytes stored in the layers that the final root filesystem never shows
+    (overwritten, deleted by a whiteout or hidden by an opaque directory, which dive ignores);
+    ``efficiency`` = bytes visible in the final root filesystem / file bytes stored in all layers.
+
+    dive's (``dive_*``, as dive 0.13 computes them, for comparing CI thresholds): wasted = the total size
+    of every path that appears in two or more layers, the surviving copy included; efficiency = the sum
+    over paths of their smallest size / the sum of all their sizes; opaque markers are ignored.
+    """
 
     name: str
     layers: tuple[LayerReport, ...]
@@ -1364,6 +1373,9 @@ class Inspection:
     final_bytes: int
     wasted_bytes: int
     inefficiencies: tuple[WastedPath, ...]
+    dive_wasted_bytes: int = 0
+    dive_efficiency: float = 1.0
+    dive_inefficiencies: tuple[WastedPath, ...] = ()
 
     @property
     def efficiency(self) -> float:
@@ -1375,24 +1387,37 @@ class Inspection:
         return sum(len(l.opaque) for l in self.layers)
 
     def to_json(self) -> dict:
+        """JSON-ready dict. Names that are not UTF-8 keep their bytes as ``\\xNN`` escapes (Python's
+        ``backslashreplace``), so the output is valid UTF-8 and never holds lone surrogates."""
+        def paths(ps):
+            return [json_path(p) for p in ps]
+
         return {"name": self.name, "size": self.size, "content_bytes": self.content_bytes,
                 "final_bytes": self.final_bytes, "wasted_bytes": self.wasted_bytes,
                 "efficiency": round(self.efficiency, 6), "opaque_dirs": self.opaque_dirs,
-                "layers": [dataclasses.asdict(l) | {k: list(getattr(l, k)) for k in
-                                                    ("added", "modified", "removed", "opaque")}
+                "layers": [dataclasses.asdict(l) | {"tar_bytes": l.size, "file_bytes": l.content_bytes}
+                           | {k: paths(getattr(l, k)) for k in ("added", "modified", "removed", "opaque")}
                            for l in self.layers],
-                "inefficiencies": [dataclasses.asdict(w) for w in self.inefficiencies]}
+                "inefficiencies": [dataclasses.asdict(w) | {"path": json_path(w.path)}
+                                   for w in self.inefficiencies],
+                "dive": {"wasted_bytes": self.dive_wasted_bytes, "efficiency": round(self.dive_efficiency, 6),
+                         "inefficiencies": [dataclasses.asdict(w) | {"path": json_path(w.path)}
+                                            for w in self.dive_inefficiencies]}}
 
     def render(self, *, top: int = 10) -> str:
         lines = [f"Image {self.name}: {len(self.layers)} layers, {human_size(self.size)}",
-                 f"{'#':>3} {'size':>10} {'added':>6} {'modif':>6} {'remov':>6} {'opaq':>5} {'wasted':>10}  created by"]
+                 f"{'#':>3} {'tar size':>10} {'file bytes':>10} {'added':>6} {'modif':>6} {'remov':>6} "
+                 f"{'opaq':>5} {'wasted':>10}  created by"]
         for l in self.layers:
             cb = l.created_by.replace("\n", " ")
             cb = cb if len(cb) <= 60 else cb[:57] + "..."
-            lines.append(f"{l.index:>3} {human_size(l.size):>10} {len(l.added):>6} {len(l.modified):>6} "
+            lines.append(f"{l.index:>3} {human_size(l.size):>10} {human_size(l.content_bytes):>10} "
+                         f"{len(l.added):>6} {len(l.modified):>6} "
                          f"{len(l.removed):>6} {len(l.opaque):>5} {human_size(l.wasted_bytes):>10}  {cb}")
         lines.append(f"Wasted: {human_size(self.wasted_bytes)} of {human_size(self.content_bytes)} file bytes; "
                      f"efficiency {self.efficiency:.1%}; opaque directories: {self.opaque_dirs}")
+        lines.append(f"dive's definitions: wasted {human_size(self.dive_wasted_bytes)} "
+                     f"(every copy of a path in 2+ layers), efficiency {self.dive_efficiency:.1%}")
         if self.inefficiencies:
             lines.append(f"{'count':>5} {'wasted':>10}  path")
             for w in self.inefficiencies[:top]:
@@ -1401,6 +1426,78 @@ class Inspection:
 
     def __str__(self):
         return self.render()
+
+
+def json_path(p: str) -> str:
+    """A tar name for JSON: undecodable bytes (kept as surrogates by tarfile) become ``\\xNN``."""
+    try:
+        p.encode("utf-8")
+        return p
+    except UnicodeEncodeError:
+        return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def dive_efficiency(layers: Sequence["Layer"]) -> tuple[int, float, tuple[WastedPath, ...]]:
+    """dive 0.13's wasted bytes, efficiency score and inefficient paths (image/efficiency.go).
+
+    Every leaf of each layer's tree (a file, link, whiteout or a directory with no children in that
+    layer) is one version of its path; a whiteout weighs what it deletes if that was a directory (the
+    sizes below it in the layers beneath), else 0. Opaque markers are ignored, as dive ignores them.
+    """
+    below: dict[str, int] = {}        # dive's stacked tree so far: path -> size (directories 0)
+    below_dirs: set[str] = set()
+    total: dict[str, int] = {}
+    smallest: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for layer in layers:
+        entries = [e for e in layer.entries() if e.type != "opaque" and e.path != "."]
+        inner: set[str] = set()
+        for e in entries:
+            p = e.path
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                if p in inner:
+                    break
+                inner.add(p)
+        for e in entries:
+            if e.path in inner:
+                continue
+            if e.type == "whiteout":
+                size = 0
+                if e.path in below_dirs:
+                    pre = e.path + "/"
+                    size = sum(v for k, v in below.items() if k.startswith(pre))
+            else:
+                size = e.size if e.type == "file" else 0
+            total[e.path] = total.get(e.path, 0) + size
+            old = smallest.get(e.path)
+            smallest[e.path] = size if old is None or size < old else old
+            count[e.path] = count.get(e.path, 0) + 1
+        for e in entries:  # stack this layer on the tree below (dive's FileTree.Stack)
+            if e.type == "whiteout":
+                if e.path in below_dirs:
+                    pre = e.path + "/"
+                    for k in [k for k in below if k.startswith(pre)]:
+                        del below[k]
+                    below_dirs.difference_update([d for d in below_dirs if d.startswith(pre)])
+                    below_dirs.discard(e.path)
+                below.pop(e.path, None)
+                continue
+            below[e.path] = e.size if e.type == "file" else 0
+            if e.type == "dir":
+                below_dirs.add(e.path)
+            p = e.path
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                if p in below_dirs:
+                    break
+                below_dirs.add(p)
+                below.setdefault(p, 0)
+    all_sizes = sum(total.values())
+    score = 1.0 if all_sizes == 0 else sum(smallest.values()) / all_sizes
+    ineff = tuple(sorted((WastedPath(p, n, total[p]) for p, n in count.items() if n >= 2),
+                         key=lambda w: (-w.wasted_bytes, w.path)))
+    return sum(w.wasted_bytes for w in ineff), score, ineff
 
 
 def human_size(n: int) -> str:
@@ -1475,4 +1572,6 @@ def inspect(image: Image) -> Inspection:
     final_bytes = sum(v[2] for v in state.values())
     ineff = sorted((WastedPath(p, counts.get(p, 0), b) for p, b in wasted_by_path.items() if b or counts.get(p, 0) > 1),
                    key=lambda w: (-w.wasted_bytes, w.path))
-    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff))
+    dive_wasted, dive_score, dive_ineff = dive_efficiency(image.layers)
+    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff),
+                      dive_wasted, dive_score, dive_ineff)

@@ -325,8 +325,7 @@ def _write_dir(files: dict[str, bytes], dest: Path) -> None:
 
 def _write_tar(files: dict[str, bytes], path: Path) -> None:
     dirs = sorted({str(Path(r).parents[i]) for r in files for i in range(len(Path(r).parts) - 1)})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for d in dirs:
             ti = tarfile.TarInfo(d + "/")
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
@@ -335,7 +334,6 @@ def _write_tar(files: dict[str, bytes], path: Path) -> None:
             ti = tarfile.TarInfo(rel)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
             tf.addfile(ti, io.BytesIO(data))
-    Path(path).write_bytes(buf.getvalue())
 
 
 def save_oci_layout(images, dest, *, compression: str | None = None) -> None:
@@ -354,6 +352,14 @@ def save_docker(images, path, *, compression: str = "none") -> None:
 # command line helpers (overlaykit/cli.py calls these)
 
 
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.zstd", ".oci", ".docker")
+
+
+def _looks_like_path(ref: str) -> bool:
+    from .refs import is_reference
+    return ref.startswith(("/", "./", "../", "~")) or ref.lower().endswith(_ARCHIVE_SUFFIXES) or not is_reference(ref)
+
+
 def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
     """An image from an archive/layout path (``name`` picks one of several) or from a store by name."""
     p = Path(ref)
@@ -368,11 +374,26 @@ def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
             raise LookupError(f"{ref} holds {len(images)} images; pick one by name: "
                               f"{', '.join(im.name for im in images) or 'none'}")
         return images[0]
-    if store is not None:
-        from .images import Store
-        st = store if isinstance(store, Store) else Store(store)
+    if _looks_like_path(ref) or store is None:
+        raise LookupError(f"no such file: {ref}")
+    from .images import Store
+    st = store if isinstance(store, Store) else Store(store)
+    try:
         return st.image(ref)
-    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), ref)
+    except KeyError:
+        have = ", ".join(im.name for im in st.images()) or "none"
+        raise LookupError(f"no such file or stored image: {ref} (the store {st.root} has: {have})") from None
+
+
+def error_text(e: BaseException) -> str:
+    """One clear sentence for the command line: 'PATH: what is wrong' rather than '[Errno N] ...'."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        if e.errno == errno.ENOENT:
+            return f"no such file: {e.filename}"
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e)
 
 
 def cli_inspect(image: str, *, as_json: bool = False, name: str | None = None, store=None,
@@ -382,7 +403,7 @@ def cli_inspect(image: str, *, as_json: bool = False, name: str | None = None, s
     try:
         report = inspect(resolve_image(image, name=name, store=store))
     except (OSError, LookupError, ValueError) as e:
-        print(f"overlaykit inspect: {e}", file=err)
+        print(f"overlaykit inspect: {error_text(e)}", file=err)
         return 1
     if as_json:
         json.dump(report.to_json(), out, indent=2, sort_keys=True)
@@ -397,14 +418,69 @@ def cli_export_rootfs(image: str, dest: str, *, name: str | None = None, store=N
     out, err = out or sys.stdout, err or sys.stderr
     try:
         im = resolve_image(image, name=name, store=store)
-        d = Path(dest)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(d))
-        warnings = flatten(im, d)
+        warnings = flatten(im, Path(dest))
     except (OSError, LookupError, ValueError) as e:
-        print(f"overlaykit export-rootfs: {e}", file=err)
+        print(f"overlaykit export-rootfs: {error_text(e)}", file=err)
         return 1
     for w in warnings:
         print(f"warning: {w}", file=err)
     print(f"{im.name}: {len(im.layers)} layers flattened into {dest}", file=out)
+    return 0
+
+
+SAVE_FORMATS = ("oci", "oci-layout", "docker")
+
+
+def save(images, dest, *, format: str = "oci", compression: str | None = None) -> None:
+    """Write ``images`` as an OCI archive, an OCI image layout folder or a ``docker save`` archive.
+
+    The result appears atomically: it is written to a temporary sibling and renamed into place.
+    ``compression`` None keeps each layer's blob as it is (docker archives: uncompressed).
+    """
+    from .images import _rmtree_force
+    from .refs import check_reference
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown format {format!r} (expected {', '.join(SAVE_FORMATS)})")
+    if compression not in (None, "none", "gzip", "zstd"):
+        raise ValueError(f"unknown compression {compression!r} (expected gzip, zstd or none)")
+    for im in _as_list(images):
+        check_reference(im.name)
+    dest = Path(dest)
+    if os.path.lexists(dest) and (format != "oci-layout" or not dest.is_dir() or dest.is_symlink()
+                                  or any(dest.iterdir())):
+        raise FileExistsError(errno.EEXIST, "already exists; give a new path" + (
+            " or an empty folder" if format == "oci-layout" else ""), str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.save-{os.getpid()}"
+    try:
+        if format == "oci-layout":
+            save_oci_layout(images, tmp, compression=compression)
+        elif format == "oci":
+            save_oci_archive(images, tmp, compression=compression)
+        else:
+            save_docker(images, tmp, compression=compression or "none")
+        os.replace(tmp, dest) if format != "oci-layout" else os.rename(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            _rmtree_force(tmp)
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cli_save(image: str, output: str, *, format: str = "oci", compression: str | None = None,
+             name: str | None = None, store=None, out=None, err=None) -> int:
+    """``overlaykit save NAME -o FILE --format oci|oci-layout|docker [--compression gzip|zstd|none]``."""
+    from .refs import check_reference
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        if not Path(image).exists():
+            check_reference(image)
+        im = resolve_image(image, name=name, store=store)
+        save(im, output, format=format, compression=compression)
+    except (OSError, LookupError, ValueError) as e:
+        print(f"overlaykit save: {error_text(e)}", file=err)
+        return 1
+    print(f"{im.name}: {len(im.layers)} layers saved to {output} ({format}"
+          f"{', ' + compression if compression else ''})", file=out)
     return 0
