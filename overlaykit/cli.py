@@ -120,6 +120,8 @@ def _run(args) -> int:
             from .oci import cli_save
             return cli_save(args.image, args.output, format=args.format, compression=args.compression,
                             name=args.name, store=_store(args.store))
+    except BrokenPipeError:
+        raise
     except (OSError, ValueError) as e:
         print(f"overlaykit {args.cmd}: {e}", file=sys.stderr)
         return 1

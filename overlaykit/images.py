@@ -1442,10 +1442,13 @@ def dive_efficiency(layers: Sequence["Layer"]) -> tuple[int, float, tuple[Wasted
 
     Every leaf of each layer's tree (a file, link, whiteout or a directory with no children in that
     layer) is one version of its path; a whiteout weighs what it deletes if that was a directory (the
-    sizes below it in the layers beneath), else 0. Opaque markers are ignored, as dive ignores them.
+    sizes below it in the layers beneath), else 0 -- also for a directory that only exists as the parent
+    of other entries, which dive does not count as a directory. Opaque markers are ignored, as dive
+    ignores them.
     """
     below: dict[str, int] = {}        # dive's stacked tree so far: path -> size (directories 0)
-    below_dirs: set[str] = set()
+    below_dirs: set[str] = set()      # directories that had a tar entry (dive: IsDir)
+    below_parents: set[str] = set()   # paths with children (implicit parents are not IsDir for dive)
     total: dict[str, int] = {}
     smallest: dict[str, int] = {}
     count: dict[str, int] = {}
@@ -1475,23 +1478,27 @@ def dive_efficiency(layers: Sequence["Layer"]) -> tuple[int, float, tuple[Wasted
             count[e.path] = count.get(e.path, 0) + 1
         for e in entries:  # stack this layer on the tree below (dive's FileTree.Stack)
             if e.type == "whiteout":
-                if e.path in below_dirs:
+                if e.path in below_parents:
                     pre = e.path + "/"
                     for k in [k for k in below if k.startswith(pre)]:
                         del below[k]
                     below_dirs.difference_update([d for d in below_dirs if d.startswith(pre)])
-                    below_dirs.discard(e.path)
+                    below_parents.difference_update([d for d in below_parents if d.startswith(pre)])
                 below.pop(e.path, None)
+                below_dirs.discard(e.path)
+                below_parents.discard(e.path)
                 continue
             below[e.path] = e.size if e.type == "file" else 0
             if e.type == "dir":
                 below_dirs.add(e.path)
+            else:
+                below_dirs.discard(e.path)
             p = e.path
             while "/" in p:
                 p = p.rpartition("/")[0]
-                if p in below_dirs:
+                if p in below_parents:
                     break
-                below_dirs.add(p)
+                below_parents.add(p)
                 below.setdefault(p, 0)
     all_sizes = sum(total.values())
     score = 1.0 if all_sizes == 0 else sum(smallest.values()) / all_sizes

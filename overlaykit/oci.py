@@ -363,7 +363,7 @@ def _looks_like_path(ref: str) -> bool:
 def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
     """An image from an archive/layout path (``name`` picks one of several) or from a store by name."""
     p = Path(ref)
-    if p.exists():
+    if ref and p.exists():
         images = load(p)
         if name is not None:
             for im in images:
@@ -474,7 +474,7 @@ def cli_save(image: str, output: str, *, format: str = "oci", compression: str |
     from .refs import check_reference
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        if not Path(image).exists():
+        if not image or not Path(image).exists():
             check_reference(image)
         im = resolve_image(image, name=name, store=store)
         save(im, output, format=format, compression=compression)
