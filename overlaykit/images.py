@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import zstandard
 
+from . import tarstream
+
 WH_PREFIX = ".wh."
 WH_META_PREFIX = ".wh..wh."
 WH_OPAQUE = ".wh..wh..opq"
@@ -187,6 +189,10 @@ def normalize_path(name: str, *, what: str = "entry") -> str:
     Leading ``/`` is dropped, as containerd and moby do (names are relative to the layer root);
     ``..`` components are rejected outright rather than cleaned.
     """
+    if (len(name) <= _NAME_MAX and name.isascii() and ".." not in name and "//" not in name
+            and "/./" not in name and "\x00" not in name and name[:1] not in ("/", ".", "")
+            and name[-1] != "/" and not name.endswith("/.")):
+        return name  # the common case, already clean (an ASCII name: bytes == characters)
     if "\x00" in name:
         raise LayerError(f"{what} {name!r}: NUL in name")
     if len(name.encode("utf-8", "surrogateescape")) > _PATH_MAX:
@@ -207,80 +213,55 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0] or "."
 
 
-def _parse_tar(data: bytes) -> tuple[list[LayerEntry], dict[str, tuple[int, int]]]:
-    """Parse and validate an uncompressed layer tar.
+def _parse_tar(chunks, *, what: str = "layer") -> tuple[list[LayerEntry], dict[str, tuple[int, int]], int, str]:
+    """Parse and validate an uncompressed layer tar stream in one pass (``tarstream.scan``).
 
-    Returns the entries in tar order and, for regular files, (offset, size) of their data in ``data``.
+    Returns the entries in tar order; for regular files, (offset, size) of their data in the tar; the
+    tar's size and its sha256 (the diff_id).
     """
-    if len(data) == 0:
-        raise LayerError("layer tar is empty (not even an end-of-archive marker)")
+    members, size, diff_id = tarstream.scan(chunks, what=what)
     entries: list[LayerEntry] = []
     offsets: dict[str, tuple[int, int]] = {}
-    seen: dict[str, str] = {}
-    try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:", errorlevel=2)
-    except tarfile.ReadError as e:
-        if data.count(0) == len(data):
-            return entries, offsets  # an empty tar: only end-of-archive blocks
-        raise LayerError(f"not a tar archive: {e}") from None
-    try:
-        while True:
-            try:
-                ti = tf.next()
-            except (tarfile.TarError, UnicodeError, ValueError, OverflowError) as e:
-                raise LayerError(f"malformed tar header near offset {tf.offset}: {e}") from None
-            if ti is None:
-                break
-            entry = _entry_from_tarinfo(ti, data)
-            if entry is None:
-                continue
-            cat = entry.type if entry.is_removal else "add"
-            prev = seen.get((entry.path, cat))
-            if prev is not None and not (prev == "dir" and entry.type == "dir"):
-                raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
-            seen[(entry.path, cat)] = entry.type
-            if entry.type == "file":
-                offsets[entry.path] = (ti.offset_data, ti.size)
-            entries.append(entry)
-        end = tf.offset
-    finally:
-        tf.close()
-    # tarfile stops quietly at a bad header after the first one; Go's archive/tar and we do not.
-    rest = data[end:end + tarfile.BLOCKSIZE]
-    if rest and rest.count(0) != len(rest):
-        raise LayerError(f"malformed tar header at offset {end}")
+    seen: dict[tuple[str, str], str] = {}
+    for m in members:
+        entry = _entry_from_member(m)
+        if entry is None:
+            continue
+        cat = entry.type if entry.is_removal else "add"
+        prev = seen.get((entry.path, cat))
+        if prev is not None and not (prev == "dir" and entry.type == "dir"):
+            raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
+        seen[(entry.path, cat)] = entry.type
+        if entry.type == "file":
+            offsets[entry.path] = (m[10], m[2])
+        entries.append(entry)
     _check_links(entries)
-    return entries, offsets
+    return entries, offsets, size, diff_id
 
 
-def _entry_from_tarinfo(ti: tarfile.TarInfo, data: bytes) -> LayerEntry | None:
-    name = ti.name
-    kind = _TAR_TYPES.get(ti.type)
+_MEMBER_TYPES = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink", b"1": "hardlink",
+                 b"3": "char", b"4": "block", b"6": "fifo"}
+
+
+def _entry_from_member(m: tuple) -> LayerEntry | None:
+    name, t, tsize, tmode, uid, gid, mtime, tlink, devmajor, devminor, _off, pax_xattrs = m
+    kind = _MEMBER_TYPES.get(t)
     if kind is None:
-        raise LayerError(f"entry {name!r}: unsupported tar entry type {ti.type!r}")
+        raise LayerError(f"entry {name!r}: unsupported tar entry type {t.decode('latin-1')!r}")
     path = normalize_path(name)
-    if ti.size < 0:
-        raise LayerError(f"entry {name!r}: negative size")
-    if kind == "file" and ti.offset_data + ti.size > len(data):
-        raise LayerError(f"entry {name!r}: truncated archive (declares {ti.size} bytes, "
-                         f"{max(0, len(data) - ti.offset_data)} present)")
-    for what, v in (("uid", ti.uid), ("gid", ti.gid)):
+    for what, v in (("uid", uid), ("gid", gid)):
         if not 0 <= v <= _ID_MAX:
             raise LayerError(f"entry {name!r}: absurd {what} {v}")
     xattrs = {}
-    for k, v in (ti.pax_headers or {}).items():
-        if k.startswith(_XATTR_PAX):
+    if pax_xattrs:
+        for k, v in pax_xattrs.items():
             xattrs[k[len(_XATTR_PAX):]] = v.encode("utf-8", "surrogateescape")
-    try:
-        mtime = float(ti.mtime)
-    except (TypeError, ValueError):
-        raise LayerError(f"entry {name!r}: bad mtime") from None
     comps = path.split("/") if path != "." else []
     for comp in comps[:-1]:
         if comp.startswith(WH_PREFIX):
             raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
     base = comps[-1] if comps else ""
-    common = dict(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime=mtime)
+    common = dict(mode=tmode & 0o7777, uid=uid, gid=gid, mtime=mtime)
     if base.startswith(WH_PREFIX):
         if kind not in ("file", "hardlink"):
             raise LayerError(f"entry {name!r}: whiteout must be a regular file, not a {kind}")
@@ -297,27 +278,39 @@ def _entry_from_tarinfo(ti: tarfile.TarInfo, data: bytes) -> LayerEntry | None:
         raise LayerError(f"entry {name!r}: the root can only be a directory")
     linkname = ""
     if kind == "symlink":
-        linkname = ti.linkname
+        linkname = tlink
         if "\x00" in linkname or len(linkname) > _PATH_MAX:
             raise LayerError(f"entry {name!r}: bad symlink target")
     elif kind == "hardlink":
-        linkname = normalize_path(ti.linkname, what=f"hardlink {name!r} ->")
+        linkname = normalize_path(tlink, what=f"hardlink {name!r} ->")
         if linkname == ".":
             raise LayerError(f"entry {name!r}: hardlink to the root")
         if linkname == path:
             raise LayerError(f"entry {name!r}: hardlink to itself")
         if any(c.startswith(WH_PREFIX) for c in linkname.split("/")):
             raise LayerError(f"entry {name!r}: hardlink to a whiteout name")
-    size = ti.size if kind == "file" else 0
-    return LayerEntry(path, kind, size=size, linkname=linkname, xattrs=xattrs,
-                      devmajor=ti.devmajor if kind in ("char", "block") else 0,
-                      devminor=ti.devminor if kind in ("char", "block") else 0, **common)
+    e = _new_entry(LayerEntry)  # a frozen dataclass: filling __dict__ skips its slow __setattr__ path
+    e.__dict__.update(path=path, type=kind, size=tsize if kind == "file" else 0, mode=tmode & 0o7777, uid=uid,
+                      gid=gid, mtime=mtime, linkname=linkname, xattrs=xattrs, devmajor=devmajor,
+                      devminor=devminor)
+    return e
+
+
+_new_entry = object.__new__
 
 
 def _check_links(entries: list[LayerEntry]) -> None:
     """Within one layer, no entry may sit below a non-directory of the same layer."""
     kinds = {e.path: e.type for e in entries if not e.is_removal}
-    for e in entries:
+    parents: set[str] = set()
+    for e in entries:  # every directory some entry needs (amortized: stop at one already seen)
+        p = e.path if e.type == "opaque" else e.path.rpartition("/")[0]
+        while p and p != "." and p not in parents:
+            parents.add(p)
+            p = p.rpartition("/")[0]
+    if all(kinds.get(p, "dir") in ("dir", "symlink") for p in parents):
+        return
+    for e in entries:  # find the first offending entry, for the message
         if e.path == ".":
             continue
         p = _parent(e.path) if e.type != "opaque" else e.path
@@ -333,37 +326,67 @@ def _check_links(entries: list[LayerEntry]) -> None:
 
 
 class Layer:
-    """An immutable OCI changeset, content addressed by the sha256 of its uncompressed tar (diff_id)."""
+    """An immutable OCI changeset, content addressed by the sha256 of its uncompressed tar (diff_id).
 
-    __slots__ = ("_tar", "_blob", "_compression", "_entries", "_offsets", "_diff_id", "_digest")
+    The layer's bytes are never held whole: the blob is a ``tarstream.Source`` (a region of the archive
+    or store file it came from, or small ``bytes``), parsed once when the layer is made; file data is
+    read back by offset, or in one forward pass through a compressed blob.
+    """
 
-    def __init__(self, tar: bytes, *, blob: bytes | None = None, compression: str = "none",
-                 _parsed=None):
-        self._tar = tar
+    __slots__ = ("_blob_src", "_tar_src", "_compression", "_entries", "_offsets", "_size", "_diff_id",
+                 "_digest", "_max_size", "__weakref__")
+
+    def __init__(self, tar: bytes, *, blob: bytes | None = None, compression: str = "none", _parsed=None):
         if compression not in MEDIA_BY_COMPRESSION:
             raise ValueError(f"unknown compression {compression!r}")
-        self._compression = compression
-        self._blob = blob
-        self._entries, self._offsets = _parsed if _parsed is not None else _parse_tar(tar)
-        self._diff_id = sha256_digest(tar)
-        self._digest: str | None = None
+        tar_src = tarstream.MemorySource(tar)
+        entries, offsets, size, diff_id = _parsed if _parsed is not None else _parse_tar(tar_src.chunks())
+        blob_src = tar_src if compression == "none" else (
+            tarstream.MemorySource(blob) if blob is not None else None)
+        self._init(blob_src, tar_src, compression, entries, offsets, size, diff_id)
+
+    def _init(self, blob_src, tar_src, compression, entries, offsets, size, diff_id, digest=None):
+        self._blob_src, self._tar_src, self._compression = blob_src, tar_src, compression
+        self._entries, self._offsets, self._size, self._diff_id = entries, offsets, size, diff_id
+        self._digest = digest
+        self._max_size = MAX_LAYER_BYTES
+
+    @classmethod
+    def _make(cls, blob_src, tar_src, compression, parsed, digest=None) -> "Layer":
+        layer = cls.__new__(cls)
+        layer._init(blob_src, tar_src, compression, *parsed, digest=digest)
+        return layer
 
     # -- construction
     @classmethod
     def from_tar(cls, data: bytes | str | os.PathLike, *, compression: str | None = None,
                  max_size: int = MAX_LAYER_BYTES) -> "Layer":
-        """Validate a (possibly compressed) layer tar. ``compression`` None means detect from the bytes.
+        """Validate a (possibly compressed) layer tar, given as bytes or as a file path (streamed,
+        never read whole). ``compression`` None means detect from the bytes.
 
         The blob keeps its original bytes, so ``digest`` matches the manifest that named it.
         """
-        blob = Path(data).read_bytes() if isinstance(data, (str, os.PathLike)) else bytes(data)
-        detected = detect_compression(blob)
+        if isinstance(data, (str, os.PathLike)):
+            src: tarstream.Source = tarstream.FileSource.open(data)
+        else:
+            src = tarstream.MemorySource(data)
+        return cls.from_source(src, compression=compression, max_size=max_size)
+
+    @classmethod
+    def from_source(cls, src: "tarstream.Source", *, compression: str | None = None,
+                    max_size: int = MAX_LAYER_BYTES, what: str = "layer", digest: str | None = None) -> "Layer":
+        """A layer whose blob is ``src`` (parsed here in one streaming pass)."""
+        detected = tarstream.detect(src.pread(4, 0))
         if compression is None:
             compression = detected
         elif compression != detected:
             raise LayerError(f"layer declared {compression} but its bytes look like {detected}")
-        tar = decompress(blob, compression, max_size=max_size)
-        return cls(tar, blob=None if compression == "none" else blob, compression=compression)
+        chunks = tarstream.decompressed(src.chunks(), compression, max_size=max_size, what=what)
+        parsed = _parse_tar(chunks, what=what)
+        layer = cls._make(src, src if compression == "none" else None, compression, parsed,
+                          digest=digest if compression != "none" else None)
+        layer._max_size = max_size
+        return layer
 
     @classmethod
     def from_entries(cls, items: Iterable[tuple[LayerEntry, bytes | None]], *, sort: bool = True) -> "Layer":
@@ -385,10 +408,24 @@ class Layer:
         return cls.from_entries(_entries_from_upper(Path(upper_dir), encoding, mtime))
 
     def with_compression(self, compression: str) -> "Layer":
+        """The same layer with its blob compressed another way (compressed lazily, when first needed)."""
+        if compression not in MEDIA_BY_COMPRESSION:
+            raise ValueError(f"unknown compression {compression!r} (expected none, gzip or zstd)")
         if compression == self._compression:
             return self
-        blob = None if compression == "none" else compress(self._tar, compression)
-        return Layer(self._tar, blob=blob, compression=compression, _parsed=(self._entries, self._offsets))
+        parsed = (self._entries, self._offsets, self._size, self._diff_id)
+        if compression == "none":
+            if self._tar_src is None and self._size <= 32 << 20:
+                tar_src = tarstream.MemorySource(self.tar_bytes())
+            else:
+                tar_src = self._tar_src
+            layer = Layer._make(tar_src, tar_src, "none", parsed)
+            if tar_src is None:
+                layer._blob_src = layer._tar_src = _SpooledTar(self)
+            return layer
+        layer = Layer._make(_LazyBlob(self, compression), self._tar_src, compression, parsed)
+        layer._max_size = self._max_size
+        return layer
 
     # -- identity
     @property
@@ -397,13 +434,20 @@ class Layer:
 
     @property
     def digest(self) -> str:
+        if self._compression == "none":
+            return self._diff_id
         if self._digest is None:
-            self._digest = sha256_digest(self.blob())
+            self._digest = self._blob().sha256()
         return self._digest
 
     @property
     def size(self) -> int:
-        return len(self._tar)
+        """Bytes of the uncompressed tar."""
+        return self._size
+
+    @property
+    def blob_size(self) -> int:
+        return self._blob().size
 
     @property
     def compression(self) -> str:
@@ -418,12 +462,20 @@ class Layer:
         """Bytes of regular-file data the layer adds (what ``du`` would roughly see)."""
         return sum(e.size for e in self._entries if e.type == "file")
 
+    def _blob(self) -> "tarstream.Source":
+        b = self._blob_src
+        if isinstance(b, (_LazyBlob, _SpooledTar)):
+            b = self._blob_src = b.source()
+            if self._compression == "none":
+                self._tar_src = b
+        return b
+
     def blob(self) -> bytes:
-        if self._compression == "none":
-            return self._tar
-        if self._blob is None:
-            self._blob = compress(self._tar, self._compression)
-        return self._blob
+        """The blob's bytes (whole, in memory: for small layers; exports stream ``blob_chunks``)."""
+        return self._blob().read_all()
+
+    def blob_chunks(self):
+        return self._blob().chunks()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         """A notebook shows the layer as its diagram (text where graphviz is missing)."""
@@ -443,13 +495,48 @@ class Layer:
     def entries(self) -> list[LayerEntry]:
         return list(self._entries)
 
+    def tar_chunks(self):
+        """The uncompressed tar, chunk by chunk."""
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return self._tar_src.chunks()
+        return tarstream.decompressed(self._blob().chunks(), self._compression, max_size=self._max_size,
+                                      what=f"layer {self._diff_id}")
+
     def tar_bytes(self) -> bytes:
-        return self._tar
+        """The uncompressed tar (whole, in memory: for small layers)."""
+        return b"".join(self.tar_chunks())
+
+    def write_tar(self, f) -> None:
+        for c in self.tar_chunks():
+            f.write(c)
+
+    def data_reader(self) -> "tarstream.DataReader":
+        """File data in tar order (``copy_to(fd, offset, size)``), without reading the layer whole."""
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return tarstream.DataReader(self._tar_src, None)
+        return tarstream.DataReader(None, self.tar_chunks())
 
     def read(self, path: str) -> bytes:
         """Data of a regular file entry."""
         off, size = self._offsets[normalize_path(path)]
-        return self._tar[off:off + size]
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return self._tar_src.pread(size, off)
+        out = bytearray()  # one forward pass through the compressed blob
+        pos = 0
+        for c in self.tar_chunks():
+            if pos + len(c) > off + len(out):
+                lo = off + len(out) - pos
+                out += c[lo:lo + size - len(out)]
+                if len(out) >= size:
+                    break
+            pos += len(c)
+        return bytes(out)
 
     def unpack(self, dest, encoding, *, parents: Sequence[os.PathLike] = (), devices: str = "skip") -> list[str]:
         """Unpack into an overlay lowerdir ``dest`` (empty or missing).
@@ -461,6 +548,7 @@ class Layer:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         ap = _Applier(dest, devices=devices)
+        ap.reader = self.data_reader()
         for e in self._entries:
             if e.type == "opaque":
                 d = ap.ensure_dir(e.path)
@@ -469,7 +557,7 @@ class Layer:
             if e.type == "whiteout":
                 parent = ap.ensure_dir(_parent(e.path))
                 name = e.path.rpartition("/")[2]
-                target = parent / name
+                target = os.path.join(parent, name)
                 if not os.path.lexists(target):  # the layer itself may re-add the path; keep that
                     encoding.make_whiteout(str(parent), name)
         for e in self._entries:
@@ -479,6 +567,29 @@ class Layer:
                 ap.add(e, self)
         ap.finish()
         return ap.warnings
+
+
+class _LazyBlob:
+    """The compressed blob of ``with_compression``: made on first use (spooled to disk when large)."""
+
+    def __init__(self, layer: Layer, compression: str):
+        self.layer, self.compression = layer, compression
+
+    def source(self) -> "tarstream.Source":
+        return tarstream.compress_to(self.layer.tar_chunks(), self.compression, self.layer.size)
+
+
+class _SpooledTar:
+    """The uncompressed tar of a compressed layer, written to a temporary file on first use."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+    def source(self) -> "tarstream.Source":
+        tmp = tempfile.TemporaryFile()
+        self.layer.write_tar(tmp)
+        tmp.flush()
+        return tarstream.FileSource.spooled(tmp)
 
 
 def _sort_key(e: LayerEntry):
@@ -609,28 +720,67 @@ def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, 
 # applying changesets to a directory
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class _Applier:
     """Writes entries below ``root`` and nowhere else.
 
     Parent paths are resolved like securejoin/containerd's RootPath: a symlink on the way is followed
     but clamped to ``root`` (absolute targets and ``..`` are relative to ``root``), and the last
-    component is never followed.
+    component is never followed. Resolved directories are cached (as strings: ``pathlib`` cost more
+    than the system calls) until something that could be on a cached path is removed or replaced.
     """
 
-    def __init__(self, root: Path, *, devices: str = "skip"):
+    def __init__(self, root, *, devices: str = "skip"):
         if devices not in ("skip", "error", "create"):
             raise ValueError("devices must be skip, error or create")
-        self.root = Path(os.path.realpath(root))
+        self.root = os.path.realpath(root)
         self.devices = devices
-        self.dir_times: dict[Path, tuple[float, float]] = {}
+        self.dir_times: dict[str, tuple[float, float]] = {}
         self.warnings: list[str] = []
         self.as_root = os.geteuid() == 0
+        self.reader: tarstream.DataReader | None = None
+        self._dirs: dict[str, str] = {".": self.root}
 
-    def resolve(self, rel: str, *, create: bool = False) -> Path | None:
+    def _forget(self) -> None:
+        """A directory or symlink went away: every cached resolution may be stale."""
+        self._dirs = {".": self.root}
+
+    def resolve(self, rel: str, *, create: bool = False) -> str | None:
         """Real directory for ``rel`` inside root (None if missing and not ``create``)."""
-        todo = [] if rel == "." else rel.split("/")
-        todo.reverse()
-        stack: list[str] = []
+        hit = self._dirs.get(rel)
+        if hit is not None:
+            return hit
+        parent_rel, _, comp = rel.rpartition("/")
+        parent = self.resolve(parent_rel or ".", create=create)
+        if parent is None:
+            return None
+        cur = parent + "/" + comp
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(cur, 0o755)
+            self._dirs[rel] = cur
+            return cur
+        if stat.S_ISLNK(st.st_mode):
+            stack = [c for c in parent[len(self.root):].split("/") if c]
+            real = self._walk(stack, [comp], create, rel)
+            if real is not None:
+                self._dirs[rel] = real
+            return real
+        if not stat.S_ISDIR(st.st_mode):
+            if not create:
+                return None
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
+        self._dirs[rel] = cur
+        return cur
+
+    def _walk(self, stack: list[str], todo: list[str], create: bool, rel: str) -> str | None:
+        """Resolve ``todo`` from the real directory ``stack``, following (and clamping) symlinks."""
+        todo = list(reversed(todo))
         links = 0
         while todo:
             comp = todo.pop()
@@ -640,7 +790,7 @@ class _Applier:
                 if stack:
                     stack.pop()
                 continue
-            cur = self.root.joinpath(*stack, comp)
+            cur = "/".join([self.root, *stack, comp])
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
@@ -656,34 +806,43 @@ class _Applier:
                 target = os.readlink(cur)
                 if target.startswith("/"):
                     stack = []
-                parts = [p for p in target.split("/") if p]
-                todo.extend(reversed(parts))
+                todo.extend(reversed([p for p in target.split("/") if p]))
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if not create:
                     return None
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
             stack.append(comp)
-        return self.root.joinpath(*stack)
+        return "/".join([self.root, *stack])
 
-    def ensure_dir(self, rel: str) -> Path:
+    def ensure_dir(self, rel: str) -> str:
         return self.resolve(rel, create=True)
 
-    def lookup(self, rel: str) -> Path | None:
+    def lookup(self, rel: str) -> str | None:
         """The real path of ``rel`` (last component not followed), or None."""
         if rel == ".":
             return self.root
         parent = self.resolve(_parent(rel))
         if parent is None:
             return None
-        p = parent / rel.rpartition("/")[2]
+        p = parent + "/" + rel.rpartition("/")[2]
         return p if os.path.lexists(p) else None
+
+    def _remove(self, p: str) -> None:
+        st = os.lstat(p)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(p)
+            self._forget()
+        else:
+            os.unlink(p)
+            if stat.S_ISLNK(st.st_mode):
+                self._forget()
 
     def remove(self, rel: str) -> None:
         p = self.lookup(rel)
         if p is None or p == self.root:
             return
-        _remove_path(p)
+        self._remove(p)
 
     def clear_dir(self, rel: str, keep: set[str] = frozenset()) -> None:
         d = self.resolve(rel)
@@ -691,33 +850,60 @@ class _Applier:
             return
         for name in os.listdir(d):
             if name not in keep:
-                _remove_path(d / name)
+                self._remove(d + "/" + name)
 
     def add(self, e: LayerEntry, layer: Layer) -> None:
         if e.path == ".":
             return  # the destination's own attributes belong to the caller
-        if e.type in ("char", "block"):
+        t = e.type
+        if t in ("char", "block"):
             if self.devices == "error":
                 raise LayerError(f"entry {e.path!r}: device node {e.devmajor}:{e.devminor} not allowed")
             if self.devices == "skip" or not self.as_root:
-                self.warnings.append(f"skipped {e.type} device {e.path}")
+                self.warnings.append(f"skipped {t} device {e.path}")
                 return
-        parent = self.ensure_dir(_parent(e.path))
-        p = parent / e.path.rpartition("/")[2]
-        existing = os.path.lexists(p)
-        if existing:
-            if e.type == "dir" and p.is_dir() and not p.is_symlink():
-                self._attrs(p, e, is_dir=True)
-                return
-            _remove_path(p)
-        t = e.type
+        parent_rel, _, base = e.path.rpartition("/")
+        parent = self._dirs.get(parent_rel or ".") or self.resolve(parent_rel or ".", create=True)
+        p = parent + "/" + base
+        if t == "file":  # the common case, kept lean: one open, fd-based attributes
+            try:
+                fd = os.open(p, _CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                self._remove(p)
+                fd = os.open(p, _CREATE_FLAGS, 0o600)
+            try:
+                if e.size:
+                    if self.reader is None:
+                        self.reader = layer.data_reader()
+                    off, size = layer._offsets[e.path]
+                    self.reader.copy_to(fd, off, size)
+                if e.xattrs:
+                    self._attrs(fd, e, fd_based=True)
+                else:
+                    if self.as_root:
+                        os.chown(fd, e.uid, e.gid)
+                    os.chmod(fd, e.mode)
+                    try:
+                        os.utime(fd, (e.mtime, e.mtime))
+                    except (OverflowError, ValueError, OSError) as err:
+                        if isinstance(err, OSError) and err.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                            raise
+            finally:
+                os.close(fd)
+            return
         if t == "dir":
-            os.mkdir(p, 0o700)
-        elif t == "file":
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(layer.read(e.path))
-        elif t == "symlink":
+            try:
+                os.mkdir(p, 0o700)
+            except FileExistsError:
+                st = os.lstat(p)
+                if not stat.S_ISDIR(st.st_mode):
+                    self._remove(p)
+                    os.mkdir(p, 0o700)
+            self._attrs(p, e)
+            return
+        if os.path.lexists(p):
+            self._remove(p)
+        if t == "symlink":
             os.symlink(e.linkname, p)
         elif t == "hardlink":
             target = self.lookup(e.linkname)
@@ -732,12 +918,14 @@ class _Applier:
         elif t in ("char", "block"):
             os.mknod(p, (stat.S_IFCHR if t == "char" else stat.S_IFBLK) | 0o600,
                      os.makedev(e.devmajor, e.devminor))
-        self._attrs(p, e, is_dir=(t == "dir"))
+        self._attrs(p, e)
 
-    def _attrs(self, p: Path, e: LayerEntry, *, is_dir: bool) -> None:
+    def _attrs(self, p, e: LayerEntry, *, fd_based: bool = False) -> None:
+        """Owner, mode, xattrs and times of ``p`` (a path, or an open fd of a regular file)."""
         link = e.type == "symlink"
+        follow = {} if fd_based else {"follow_symlinks": False}
         if self.as_root:
-            os.chown(p, e.uid, e.gid, follow_symlinks=False)
+            os.chown(p, e.uid, e.gid, **follow)
         if not link:
             os.chmod(p, e.mode)
         for k, v in sorted(e.xattrs.items()):
@@ -745,45 +933,45 @@ class _Applier:
                 self.warnings.append(f"dropped overlay xattr {k} on {e.path}")
                 continue
             try:
-                os.setxattr(p, k, v, follow_symlinks=False)
+                os.setxattr(p, k, v, **follow)
             except OSError as err:
                 if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                     raise
                 self.warnings.append(f"could not set xattr {k} on {e.path}: {err.strerror}")
         times = (e.mtime, e.mtime)
-        if is_dir:
+        if e.type == "dir":
             self.dir_times[p] = times  # set after the children are written
         else:
-            _utime(p, times)
+            _utime(p, times, **follow)
 
     def copy_in_from(self, rel: str, parents: Sequence[os.PathLike], encoding) -> None:
         """Copy ``rel`` from the first lowerdir that has it (for a hardlink into an earlier layer)."""
         for lower in parents:
             src = _lower_lookup([Path(lower)], rel, encoding)
             if src is not None and not src.is_dir():
-                dst_parent = self.ensure_dir(_parent(rel))
-                shutil.copy2(src, dst_parent / rel.rpartition("/")[2], follow_symlinks=False)
+                dst = self.ensure_dir(_parent(rel)) + "/" + rel.rpartition("/")[2]
+                shutil.copy2(src, dst, follow_symlinks=False)
                 if self.as_root:
                     st = src.lstat()
-                    os.chown(dst_parent / rel.rpartition("/")[2], st.st_uid, st.st_gid, follow_symlinks=False)
+                    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
                 return
 
     def finish(self) -> None:
-        for p, times in sorted(self.dir_times.items(), key=lambda kv: -len(kv[0].parts)):
-            _utime(p, times)
+        for p, times in sorted(self.dir_times.items(), key=lambda kv: -kv[0].count("/")):
+            _utime(p, times, follow_symlinks=False)
         self.dir_times.clear()
 
 
-def _utime(p: Path, times) -> None:
+def _utime(p, times, **kw) -> None:
     try:
-        os.utime(p, times, follow_symlinks=False)
+        os.utime(p, times, **kw)
     except (OverflowError, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
             raise
 
 
-def _remove_path(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
+def _remove_path(p) -> None:
+    if os.path.isdir(p) and not os.path.islink(p):
         shutil.rmtree(p)
     else:
         os.unlink(p)
@@ -872,7 +1060,7 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
     warnings: list[str] = []
     for i, layer in enumerate(layers):
         ap = _Applier(root, devices=devices)
-        entries = layer.entries()
+        entries = layer._entries
         e = None
         try:
             for e in entries:
@@ -881,6 +1069,7 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
             for e in entries:
                 if e.type == "whiteout":
                     ap.remove(e.path)
+            ap.reader = layer.data_reader()
             for e in entries:
                 if not e.is_removal:
                     ap.add(e, layer)
@@ -1165,7 +1354,8 @@ class Store:
             p = self._blob_path(layer.diff_id)
             if not p.exists():
                 tmp = p.with_suffix(".tmp")
-                tmp.write_bytes(layer.tar_bytes())
+                with open(tmp, "wb") as f:
+                    layer.write_tar(f)
                 os.replace(tmp, p)
             self._layers.setdefault(layer.diff_id, layer)
         self._images[image.name] = image
