@@ -46,8 +46,9 @@ def _doctor(args) -> int:
 
 
 def _store(path: str | None):
-    from .images import Store, default_store_root
-    return Store(path or default_store_root())
+    """The store's folder: the Store itself is opened only if the command needs it (probing costs time)."""
+    from .images import default_store_root
+    return path or default_store_root()
 
 
 def main(argv: list[str] | None = None) -> int:

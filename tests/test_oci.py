@@ -287,3 +287,96 @@ def test_inspect_piped_into_head_exits_quietly(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.stdout == "{\n"
     assert p.stderr == "" and p.returncode == 0
+
+
+# --- issue 14, speed and memory: layers are streamed, never held whole ------------------------------------
+
+def _sparse_tar_member(f, name: str, size: int) -> None:
+    """A tar member of ``size`` zero bytes written as a hole (no disk used)."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime = size, 0o644, 0
+    f.write(ti.tobuf(format=tarfile.PAX_FORMAT))
+    f.seek(size + (-size % 512), os.SEEK_CUR)
+
+
+def _big_docker_archive(path: Path, size: int) -> tuple[int, int]:
+    """A docker archive with an uncompressed layer holding a ``size``-byte file of zeros (sparse on disk) and
+    a gzip layer holding another; returns the apparent size of the archive and the layers' total."""
+    import hashlib
+    import zlib
+    layer1 = path.parent / "l1.tar"
+    with open(layer1, "wb") as f:
+        _sparse_tar_member(f, "zeros", size)
+        f.write(b"\0" * 1024)
+    # the gzip layer: a tar of another zero file, compressed as a stream
+    gz = path.parent / "l2.tar.gz"
+    diff2 = hashlib.sha256()
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)
+    with open(gz, "wb") as f:
+        ti = tarfile.TarInfo("more-zeros")
+        ti.size = size
+        head = ti.tobuf(format=tarfile.PAX_FORMAT)
+        diff2.update(head)
+        f.write(comp.compress(head))
+        block = bytes(1 << 20)
+        left = size + (-size % 512) + 1024
+        while left:
+            n = min(left, len(block))
+            diff2.update(block[:n])
+            f.write(comp.compress(block[:n]))
+            left -= n
+        f.write(comp.flush())
+    diff1 = hashlib.sha256()
+    with open(layer1, "rb") as f:
+        while chunk := f.read(1 << 20):
+            diff1.update(chunk)
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff1.hexdigest(),
+                                                                "sha256:" + diff2.hexdigest()]}}).encode()
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["big:1"],
+                            "Layers": ["l1/layer.tar", "l2/layer.tar"]}]).encode()
+    with open(path, "wb") as f:
+        for name, data in (("config.json", cfg), ("manifest.json", manifest)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            f.write(ti.tobuf(format=tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512))
+        for name, src in (("l1/layer.tar", layer1), ("l2/layer.tar", gz)):
+            ti = tarfile.TarInfo(name)
+            ti.size = src.stat().st_size
+            f.write(ti.tobuf(format=tarfile.PAX_FORMAT))
+            if src == layer1:  # zeros with a tar header: copy the header, leave the rest a hole
+                with open(src, "rb") as s:
+                    f.write(s.read(1536))
+                f.seek(ti.size - 1536 + (-ti.size % 512), os.SEEK_CUR)
+            else:
+                f.write(src.read_bytes() + b"\0" * (-ti.size % 512))
+        f.write(b"\0" * 1024)
+    layer1.unlink()
+    gz.unlink()
+    return path.stat().st_size, 2 * size
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_for_an_archive_much_bigger_than_the_bound(tmp_path):
+    bound = 300 << 20
+    archive_size, layers = _big_docker_archive(tmp_path / "big.tar", 700 << 20)
+    assert layers > 4 * bound // 2  # far more than the bound (the old code held every layer: > 2.8 GB)
+    code = f"""
+import json, sys
+from overlaykit import oci
+from overlaykit.images import flatten, inspect
+(im,) = oci.load({str(tmp_path / 'big.tar')!r})
+report = inspect(im)
+flatten(im, {str(tmp_path / 'root')!r})
+with open("/proc/self/status") as f:
+    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+print(json.dumps({{"hwm_kib": hwm, "files": report.content_bytes}}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["files"] == layers
+    assert (tmp_path / "root/zeros").stat().st_size == 700 << 20
+    assert (tmp_path / "root/more-zeros").stat().st_size == 700 << 20
+    assert out["hwm_kib"] * 1024 < bound, f"peak RSS {out['hwm_kib'] >> 10} MiB"
