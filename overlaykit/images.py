@@ -18,7 +18,6 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -84,11 +83,7 @@ class ApplyError(LayerError):
 
 
 def detect_compression(blob: bytes) -> str:
-    if blob[:2] == b"\x1f\x8b":
-        return "gzip"
-    if blob[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
+    return tarstream.detect(blob)
 
 
 def compress(data: bytes, compression: str) -> bytes:
@@ -105,31 +100,8 @@ def compress(data: bytes, compression: str) -> bytes:
 def decompress(blob: bytes, compression: str | None = None, *, max_size: int = MAX_LAYER_BYTES,
                what: str = "layer") -> bytes:
     """Decompress in bounded chunks so a small bomb cannot allocate ``max_size`` + 1 bytes."""
-    compression = compression or detect_compression(blob)
-    if compression == "none":
-        if len(blob) > max_size:
-            raise LayerError(f"{what}: {len(blob)} bytes exceeds the limit of {max_size}")
-        return blob
-    if compression == "gzip":
-        reader: io.RawIOBase = gzip.GzipFile(fileobj=io.BytesIO(blob), mode="rb")
-        errors: tuple = (OSError, EOFError, zlib.error)
-    elif compression == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True)
-        errors = (zstandard.ZstdError, OSError, EOFError)
-    else:
-        raise ValueError(f"unknown compression {compression!r}")
-    out = io.BytesIO()
-    try:
-        while True:
-            chunk = reader.read(1 << 20)
-            if not chunk:
-                break
-            if out.tell() + len(chunk) > max_size:
-                raise LayerError(f"{what}: decompressed size exceeds the limit of {max_size} bytes")
-            out.write(chunk)
-    except errors as e:
-        raise LayerError(f"{what}: corrupt {compression} stream: {e}") from None
-    return out.getvalue()
+    return b"".join(tarstream.decompressed(iter([blob]), compression or detect_compression(blob),
+                                           max_size=max_size, what=what))
 
 
 def sha256_digest(data: bytes) -> str:
@@ -174,13 +146,6 @@ class LayerEntry:
     @property
     def is_removal(self) -> bool:
         return self.type in ("whiteout", "opaque")
-
-
-_TAR_TYPES = {
-    tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file", tarfile.GNUTYPE_SPARSE: "file",
-    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
-    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
-}
 
 
 def normalize_path(name: str, *, what: str = "entry") -> str:

@@ -279,7 +279,7 @@ def test_json_escapes_non_utf8_names(tmp_path, capsys):
 
 
 def test_inspect_piped_into_head_exits_quietly(tmp_path):
-    items = [(f"d{i // 100}/f{i}", "file", "x") for i in range(3000)]
+    items = [(f"d{i // 100}/f{i}", "file", "x") for i in range(20000)]  # output far beyond a pipe buffer
     oci.save_docker(Image("many", [Layer.from_tar(make_tar(*items))], history=[History("ADD")]), tmp_path / "m.tar")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     p = subprocess.run(f"{sys.executable} -m overlaykit --store {tmp_path / 's'} inspect --json {tmp_path / 'm.tar'}"
