@@ -187,18 +187,24 @@ def _parse_tar(chunks, *, what: str = "layer") -> tuple[list[LayerEntry], dict[s
     members, size, diff_id = tarstream.scan(chunks, what=what)
     entries: list[LayerEntry] = []
     offsets: dict[str, tuple[int, int]] = {}
-    seen: dict[tuple[str, str], str] = {}
+    added: dict[str, str] = {}                    # path -> type, for additions
+    removed: set[tuple[str, str]] = set()         # (path, whiteout|opaque)
     for m in members:
         entry = _entry_from_member(m)
         if entry is None:
             continue
-        cat = entry.type if entry.is_removal else "add"
-        prev = seen.get((entry.path, cat))
-        if prev is not None and not (prev == "dir" and entry.type == "dir"):
-            raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
-        seen[(entry.path, cat)] = entry.type
-        if entry.type == "file":
-            offsets[entry.path] = (m[10], m[2])
+        path, kind = entry.path, entry.type
+        if kind == "whiteout" or kind == "opaque":
+            if (path, kind) in removed:
+                raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
+            removed.add((path, kind))
+        else:
+            prev = added.get(path)
+            if prev is not None and not (prev == "dir" and kind == "dir"):
+                raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
+            added[path] = kind
+            if kind == "file":
+                offsets[path] = (m[10], m[2])
         entries.append(entry)
     _check_links(entries)
     return entries, offsets, size, diff_id
@@ -214,20 +220,22 @@ def _entry_from_member(m: tuple) -> LayerEntry | None:
     if kind is None:
         raise LayerError(f"entry {name!r}: unsupported tar entry type {t.decode('latin-1')!r}")
     path = normalize_path(name)
-    for what, v in (("uid", uid), ("gid", gid)):
-        if not 0 <= v <= _ID_MAX:
-            raise LayerError(f"entry {name!r}: absurd {what} {v}")
+    if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
+        what, v = ("uid", uid) if not 0 <= uid <= _ID_MAX else ("gid", gid)
+        raise LayerError(f"entry {name!r}: absurd {what} {v}")
     xattrs = {}
     if pax_xattrs:
         for k, v in pax_xattrs.items():
             xattrs[k[len(_XATTR_PAX):]] = v.encode("utf-8", "surrogateescape")
-    comps = path.split("/") if path != "." else []
-    for comp in comps[:-1]:
-        if comp.startswith(WH_PREFIX):
-            raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
-    base = comps[-1] if comps else ""
-    common = dict(mode=tmode & 0o7777, uid=uid, gid=gid, mtime=mtime)
+    base = ""
+    if WH_PREFIX in path:  # rare: only then look at each component
+        comps = path.split("/") if path != "." else []
+        for comp in comps[:-1]:
+            if comp.startswith(WH_PREFIX):
+                raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
+        base = comps[-1] if comps else ""
     if base.startswith(WH_PREFIX):
+        common = dict(mode=tmode & 0o7777, uid=uid, gid=gid, mtime=mtime)
         if kind not in ("file", "hardlink"):
             raise LayerError(f"entry {name!r}: whiteout must be a regular file, not a {kind}")
         if base == WH_OPAQUE:

@@ -380,3 +380,13 @@ print(json.dumps({{"hwm_kib": hwm, "files": report.content_bytes}}))
     assert (tmp_path / "root/zeros").stat().st_size == 700 << 20
     assert (tmp_path / "root/more-zeros").stat().st_size == 700 << 20
     assert out["hwm_kib"] * 1024 < bound, f"peak RSS {out['hwm_kib'] >> 10} MiB"
+
+
+def test_inspect_help_says_what_wasted_and_efficiency_mean(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "wasted (ours): file bytes stored in some layer that the final root filesystem never shows" in text
+    assert "efficiency (ours): bytes visible in the final root filesystem / all file bytes stored" in text
+    assert "dive's definitions" in text and "surviving copy included" in text and "opaque markers ignored" in text
+    assert "tar size" in text and "file bytes" in text and "backslashreplace" in text
