@@ -112,9 +112,9 @@ def sha256_digest(data: bytes) -> str:
 # layer entries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LayerEntry:
-    """One change in a layer.
+    """One change in a layer (slots: an image holds hundreds of thousands of them).
 
     ``path`` is the path the change is about, relative to the root with no leading ``/`` or ``./``
     ("." is the root): for a whiteout it is the removed path (``etc/.wh.motd`` -> ``etc/motd``), for an
@@ -262,14 +262,8 @@ def _entry_from_member(m: tuple) -> LayerEntry | None:
             raise LayerError(f"entry {name!r}: hardlink to itself")
         if any(c.startswith(WH_PREFIX) for c in linkname.split("/")):
             raise LayerError(f"entry {name!r}: hardlink to a whiteout name")
-    e = _new_entry(LayerEntry)  # a frozen dataclass: filling __dict__ skips its slow __setattr__ path
-    e.__dict__.update(path=path, type=kind, size=tsize if kind == "file" else 0, mode=tmode & 0o7777, uid=uid,
-                      gid=gid, mtime=mtime, linkname=linkname, xattrs=xattrs, devmajor=devmajor,
-                      devminor=devminor)
-    return e
-
-
-_new_entry = object.__new__
+    return LayerEntry(path, kind, tsize if kind == "file" else 0, tmode & 0o7777, uid, gid, mtime, linkname,
+                      xattrs, devmajor, devminor)
 
 
 def _check_links(entries: list[LayerEntry]) -> None:
