@@ -859,13 +859,15 @@ class _Applier:
                 os.close(fd)
             return
         if t == "dir":
-            try:
-                os.mkdir(p, 0o700)
-            except FileExistsError:
-                st = os.lstat(p)
-                if not stat.S_ISDIR(st.st_mode):
-                    self._remove(p)
+            if self._dirs.get(e.path) != p:  # not already known to be this very directory
+                try:
                     os.mkdir(p, 0o700)
+                except FileExistsError:
+                    st = os.lstat(p)
+                    if not stat.S_ISDIR(st.st_mode):
+                        self._remove(p)
+                        os.mkdir(p, 0o700)
+                self._dirs[e.path] = p
             self._attrs(p, e)
             return
         if os.path.lexists(p):
@@ -1025,8 +1027,10 @@ def _check_destination(dest: Path):
 
 def _apply_layers(layers, root: Path, devices: str) -> list[str]:
     warnings: list[str] = []
+    ap = _Applier(root, devices=devices)  # one for all layers: its directory cache carries over
     for i, layer in enumerate(layers):
-        ap = _Applier(root, devices=devices)
+        ap.warnings = []
+        ap.reader = None
         entries = layer._entries
         e = None
         try:

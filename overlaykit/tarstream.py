@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import struct
 import tempfile
+import threading
 import zlib
 from zlib import adler32
 from typing import Iterator
@@ -273,17 +275,49 @@ class ChunkReader(io.RawIOBase):
 # -------------------------------------------------------------------------------------------------- tar scan
 
 
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+
+class _ThreadedHash:
+    """sha256 on a second thread: hashlib releases the GIL on large updates, so hashing a layer overlaps
+    with reading it and parsing its headers (a queue of at most 8 chunks bounds the memory)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._t = threading.Thread(target=self._run, name="overlaykit-sha256", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (c := self._q.get()) is not None:
+            self._h.update(c)
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def close(self) -> None:
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+
 class _Reader:
-    """Sequential reads over a chunk stream, hashing and counting every byte."""
+    """Sequential reads over a chunk stream, hashing (if asked) and counting every byte."""
 
     __slots__ = ("_it", "_buf", "_pos", "_base", "hash", "eof")
 
-    def __init__(self, chunks: Iterator[bytes]):
+    def __init__(self, chunks: Iterator[bytes], *, hashed: bool = True):
         self._it = iter(chunks)
         self._buf = b""
         self._pos = 0        # position in _buf
         self._base = 0       # stream offset of _buf[0]
-        self.hash = hashlib.sha256()
+        self.hash = _ThreadedHash() if hashed else _NoHash()
         self.eof = False
 
     @property
@@ -408,6 +442,13 @@ def scan(chunks: Iterator[bytes], *, what: str = "layer") -> tuple[list[tuple], 
     block, as tar does, but requires the block after it to be zeros too (a garbage header after valid
     ones is an error, not a quiet end)."""
     r = _Reader(chunks)
+    try:
+        return _scan(r)
+    finally:
+        r.hash.close()
+
+
+def _scan(r: "_Reader") -> tuple[list[tuple], int, str]:
     out: list[tuple] = []
     glob: dict = {}
     first = True
@@ -547,7 +588,7 @@ class DataReader:
 
     def __init__(self, tar_source: Source | None, chunks: Iterator[bytes] | None):
         self.src = tar_source
-        self._r = _Reader(chunks) if chunks is not None else None
+        self._r = _Reader(chunks, hashed=False) if chunks is not None else None
 
     def copy_to(self, fd: int, offset: int, size: int) -> None:
         if isinstance(self.src, FileSource):
