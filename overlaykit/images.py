@@ -382,13 +382,11 @@ class Layer:
             return self
         parsed = (self._entries, self._offsets, self._size, self._diff_id)
         if compression == "none":
-            if self._tar_src is None and self._size <= 32 << 20:
+            tar_src = self._tar_src
+            if tar_src is None and self._size <= tarstream.IN_MEMORY_MAX:
                 tar_src = tarstream.MemorySource(self.tar_bytes())
-            else:
-                tar_src = self._tar_src
-            layer = Layer._make(tar_src, tar_src, "none", parsed)
-            if tar_src is None:
-                layer._blob_src = layer._tar_src = _SpooledTar(self)
+            layer = Layer._make(tar_src if tar_src is not None else _SpooledTar(self), tar_src, "none", parsed)
+            layer._max_size = self._max_size
             return layer
         layer = Layer._make(_LazyBlob(self, compression), self._tar_src, compression, parsed)
         layer._max_size = self._max_size

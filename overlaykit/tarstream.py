@@ -27,6 +27,7 @@ from typing import Iterator
 import zstandard
 
 CHUNK = 1 << 20
+IN_MEMORY_MAX = 32 << 20   # a blob made here (recompressed, or a decompressed copy) stays in memory up to this
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 
@@ -230,7 +231,7 @@ def compress_to(chunks: Iterator[bytes], compression: str, size: int) -> Source:
 
     Small tars use the one-shot calls the project always used (the same bytes give the same digest)."""
     from .images import compress
-    if size <= 32 << 20:
+    if size <= IN_MEMORY_MAX:
         return MemorySource(compress(b"".join(chunks), compression))
     tmp = tempfile.TemporaryFile()
     if compression == "gzip":
