@@ -797,11 +797,16 @@ class _Applier:
         st = os.lstat(p)
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(p)
-            self._forget()
         else:
             os.unlink(p)
-            if stat.S_ISLNK(st.st_mode):
-                self._forget()
+            if not stat.S_ISLNK(st.st_mode):
+                return
+        self._forget()
+        # directory times still to be set below p must not be: p may come back as a symlink, and
+        # os.utime(follow_symlinks=False) only holds for the last component of a path
+        pre = p + "/"
+        for k in [k for k in self.dir_times if k == p or k.startswith(pre)]:
+            del self.dir_times[k]
 
     def remove(self, rel: str) -> None:
         p = self.lookup(rel)

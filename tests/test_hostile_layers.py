@@ -370,3 +370,16 @@ def test_flatten_refuses_a_file_or_symlink_as_destination(arena):
     with pytest.raises(OSError, match="symlink"):
         flatten([Layer.from_tar(make_tar(("a", "file", "1")))], dest)
     check()
+
+
+def test_directory_times_are_never_set_through_a_symlink_that_replaced_the_directory(arena):
+    """Found by the fuzz test: 'lnk/file' (a dir) then 'lnk' -> ../../sentinel in the same layer. The directory
+    times set at the end of the layer must not follow the new symlink to the host's sentinel/file."""
+    dest, check = arena
+    layer = Layer.from_tar(make_tar(("lnk/file", "dir"), ("lnk", "symlink", "../../sentinel")))
+    flatten([layer], dest)
+    assert os.readlink(dest / "lnk") == "../../sentinel"
+    check()
+    for i, l in enumerate([layer]):
+        l.unpack(dest.parent / "dest" / f"u{i}", ondisk.FALLBACK)
+    check()
