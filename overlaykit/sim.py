@@ -521,15 +521,18 @@ class SimBackend(Backend):
             return
         self.utime(p, None)
 
-    def utime(self, p: str, times) -> None:
-        _, _, node = self._resolve(p, True)
+    def utime(self, p: str, times, ns=None, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
-        self._owner_or_writable(node, p, times is None)
+        self._owner_or_writable(node, p, times is None and ns is None)
         try:
             with self._up(self._copy_up(node)) as real:
-                os.utime(real, times, follow_symlinks=False)
+                if ns is not None:
+                    os.utime(real, ns=ns, follow_symlinks=False)
+                else:
+                    os.utime(real, times, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -701,8 +704,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
-    def chown(self, p: str, uid: int, gid: int) -> None:
-        _, _, node = self._resolve(p, True)
+    def chown(self, p: str, uid: int, gid: int, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -718,8 +721,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path)
 
-    def setxattr(self, p: str, name: str, value: bytes) -> None:
-        _, _, node = self._resolve(p, True)
+    def setxattr(self, p: str, name: str, value: bytes, flags: int = 0, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -729,14 +732,14 @@ class SimBackend(Backend):
             self._may(node, os.W_OK, p)
         try:
             with self._up(self._copy_up(node)) as real:
-                os.setxattr(real, self._escape(name), value, follow_symlinks=False)
+                os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
-    def getxattr(self, p: str, name: str) -> bytes:
-        _, _, node = self._resolve(p, True)
+    def getxattr(self, p: str, name: str, follow: bool = True) -> bytes:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
@@ -744,6 +747,112 @@ class SimBackend(Backend):
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
+
+    def listxattr(self, p: str, follow: bool = True) -> list[str]:
+        """The entry's xattrs as ovl_listxattr shows them: overlayfs's own markers hidden, escaped
+        ones (a nested overlay's) shown under their own names."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        try:
+            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+                names = os.listxattr(real, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        private = self.encoding.private_prefix
+        escaped = private + "overlay."
+        out = [private + n[len(escaped):] if n.startswith(escaped) else n
+               for n in names if not n.startswith(private) or n.startswith(escaped)]
+        return sorted(out)
+
+    def removexattr(self, p: str, name: str, follow: bool = True) -> None:
+        """ovl_xattr_set with no value: a lower entry without that xattr is ENODATA and stays where it
+        is; otherwise it is copied up and the xattr removed there."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        if name.startswith("trusted.") and not self.root_user:
+            raise _err(errno.EPERM, p)
+        if not self.root_user:
+            self._may(node, os.W_OK, p)
+        try:
+            layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+            if not (self.L.has_upper and layer == 0):
+                with nofollow.at(self.L.roots[layer], node.path) as real:
+                    os.getxattr(real, self._escape(name), follow_symlinks=False)
+            with self._up(self._copy_up(node)) as real:
+                os.removexattr(real, self._escape(name), follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
+
+    def statfs(self, p: str):
+        """ovl_statfs: the upper filesystem's figures (the top lower's on a read-only overlay)."""
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        return os.statvfs(self.upper or self.lowers[0])
+
+    def mknod(self, p: str, mode: int, device: int) -> None:
+        parent, name, node = self._resolve(p, False)
+        if node is not None or parent is None:
+            raise _err(errno.EEXIST, p)
+        self._writable(p)
+        kind = st.S_IFMT(mode) or st.S_IFREG
+        if kind not in (st.S_IFREG, st.S_IFIFO, st.S_IFSOCK, st.S_IFCHR, st.S_IFBLK):
+            raise _err(errno.EINVAL, p)
+        if kind in (st.S_IFCHR, st.S_IFBLK) and not self.root_user:
+            raise _err(errno.EPERM, p)
+        self._create_prep(parent, name, p)
+        rel = _join(parent.path, name)
+        try:
+            with self._up(rel) as real:
+                os.mknod(real, mode, device)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(rel)
+
+    def rename2(self, src: str, dst: str, flags: int) -> None:
+        """renameat2 as ovl_rename takes it: RENAME_NOREPLACE and RENAME_EXCHANGE, nothing else (EINVAL)."""
+        from ._nsworker import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == RENAME_EXCHANGE | RENAME_NOREPLACE:
+            raise _err(errno.EINVAL, src, dst)
+        if flags == RENAME_NOREPLACE:
+            _, _, dnode = self._resolve(dst, False)
+            _, _, snode = self._resolve(src, False)
+            if snode is None:
+                raise _err(errno.ENOENT, src, dst)
+            if dnode is not None:
+                raise _err(errno.EEXIST, src, dst)
+            return self.rename(src, dst)
+        if not flags:
+            return self.rename(src, dst)
+        sparent, sname, snode = self._resolve(src, False)
+        dparent, dname, dnode = self._resolve(dst, False)
+        if snode is None or dnode is None:
+            raise _err(errno.ENOENT, src, dst)
+        self._writable(src)
+        if snode.path == dnode.path:
+            return
+        if snode.path.startswith(dnode.path + "/") or dnode.path.startswith(snode.path + "/"):
+            raise _err(errno.EINVAL, src, dst)
+        for node in (snode, dnode):  # redirect_dir=off: a lower or merged directory cannot move
+            if isinstance(node, MergedDir) and not (self.L.has_upper and node.layers == (0,)):
+                raise _err(errno.EXDEV, src, dst)
+        self._may(sparent, os.W_OK | os.X_OK, src)
+        self._may(dparent, os.W_OK | os.X_OK, dst)
+        s_rel, d_rel = self._copy_up(snode), self._copy_up(dnode)
+        try:
+            with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
+                renameat2(s_real, d_real, RENAME_EXCHANGE)
+        except OSError as e:
+            raise _err(e.errno, src, dst) from None
+        finally:
+            self.L.refresh_upper(s_rel, subtree=True)
+            self.L.refresh_upper(d_rel, subtree=True)
 
     def _escape(self, name: str) -> str:
         """Xattrs in overlayfs's own namespace are stored escaped (kernel 6.7+), so a nested overlay's
