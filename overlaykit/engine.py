@@ -18,8 +18,8 @@ import stat as st
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import islice
+from pathlib import Path
 from typing import Iterator
 
 from . import arguments, ondisk

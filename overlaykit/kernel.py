@@ -77,7 +77,8 @@ class _DeferInterrupt:
         self.active = False
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             try:
                 self.old = signal.signal(signal.SIGINT, self._flag)
                 self.active = True
