@@ -101,6 +101,7 @@ class SimBackend(Backend):
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
+        self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
@@ -284,6 +285,8 @@ class SimBackend(Backend):
                 _discard(temp)
                 raise
         self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
+        if not st.S_ISDIR(s.st_mode):
+            self._copied_here.add(path)
         if self.handles:
             self._redirect_readers(layer, path)
 
@@ -970,7 +973,7 @@ class SimBackend(Backend):
         """The inode number the kernel reports (overlayfs.rst "Inode properties", all layers on one
         filesystem, xino=off): the real inode's, except that a copied-up entry keeps its origin's
         number (the lower inode it was copied from, found by its ``origin`` xattr) -- so the number
-        survives copy-up and remount; a hard-linked lower file gets no origin (index=off) and so a new
+        survives copy-up and remount (as root); a hard-linked lower file gets no origin (index=off) and so a new
         number when copied up, which breaks the link as the kernel does."""
         if isinstance(node, MergedDir):
             lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
@@ -981,6 +984,10 @@ class SimBackend(Backend):
                     pass
             return s.st_ino
         if not (self.L.has_upper and node.layer == 0) or not node.path:
+            return s.st_ino
+        if not self.root_user and node.path not in self._copied_here:
+            # Measured (6.x): an unprivileged (userxattr) mount does not follow a non-directory's origin
+            # at lookup, so after a remount its copied-up files show their upper inode's number.
             return s.st_ino
         with self._up(node.path) as real:
             try:
