@@ -620,12 +620,13 @@ class Overlay:
         self.chown(path, uid, gid, follow_symlinks=False)
 
     def utime(self, path, times=None, *, ns=None, follow_symlinks: bool = True) -> None:
-        """Like os.utime: ``times`` (seconds) or ``ns`` (nanoseconds) as (atime, mtime), or now."""
+        """Like os.utime: ``times`` (seconds) or ``ns`` (nanoseconds) as (atime, mtime), or now.  In ``ns``
+        either time may be ``"now"`` or ``"omit"`` (utimensat's UTIME_NOW / UTIME_OMIT)."""
         p = normpath(path)
         if times is not None and ns is not None:
             raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
         if ns is not None:
-            arguments.ns_times(ns)
+            arguments.ns_times(tuple(0 if v in ("now", "omit") else v for v in ns))
             self._run("utime", [p], lambda b: b.utime(p, None, tuple(ns), follow_symlinks))
             return
         times = arguments.times(times)

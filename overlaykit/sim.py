@@ -483,7 +483,7 @@ class SimBackend(Backend):
 
     def pread(self, h: int, n: int, offset: int) -> bytes:
         try:
-            return os.pread(self._h(h).fd, n, offset)
+            return os.pread(self._h(h).fd, min(n, 1 << 20), offset)  # at most 1 MiB, as the kernel helper
         except OSError as e:
             raise _err(e.errno, self._h(h).path) from None
 
@@ -530,10 +530,14 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
-        self._owner_or_writable(node, p, times is None and ns is None)
+        # Setting both times to "now" needs only write access; anything else needs the owner (utimensat(2)).
+        self._owner_or_writable(node, p, times is None and (ns is None or tuple(ns) == ("now", "now")))
         try:
             with self._up(self._copy_up(node)) as real:
-                if ns is not None:
+                if ns is not None and any(isinstance(v, str) for v in ns):
+                    from ._nsworker import utimensat
+                    utimensat(real, ns, False)
+                elif ns is not None:
                     os.utime(real, ns=ns, follow_symlinks=False)
                 else:
                     os.utime(real, times, follow_symlinks=False)

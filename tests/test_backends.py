@@ -540,3 +540,16 @@ def test_lchown_and_lutimes_act_on_the_link(tmp_path, backend):
         assert ov.layer_of("in_lower.txt") == "lower[0]"
         ov.mkdir("private", 0o700)
         assert ov.stat("private").mode == 0o700
+
+
+def test_utime_now_and_omit(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.utime("in_lower.txt", ns=(10**18, 2 * 10**18))
+        ov.utime("in_lower.txt", ns=("omit", 3 * 10**18))
+        s = ov.stat("in_lower.txt")
+        assert (s.atime_ns, s.mtime_ns) == (10**18, 3 * 10**18)
+        ov.utime("in_lower.txt", ns=("now", "omit"))
+        s = ov.stat("in_lower.txt")
+        assert s.mtime_ns == 3 * 10**18 and abs(s.atime_ns - s.ctime_ns) < 10**9
+        with pytest.raises(ValueError):
+            ov.utime("in_lower.txt", (1, 2), ns=(1, 2))
