@@ -8,6 +8,7 @@ the differential tests (tests/test_differential.py) say where.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import stat as st
@@ -17,6 +18,7 @@ from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+_temp_names = itertools.count(1)
 
 
 def _join(parent: str, name: str) -> str:
@@ -105,16 +107,31 @@ class SimBackend(Backend):
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
+        self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
         if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
+            try:  # where copy-ups are built; held open like the layer roots
+                self._workdir_fd = nofollow.open_dir(self.work, "work")
+            except OSError:
+                self._workdir_fd = None  # copy-ups will say why
 
     def unmount(self) -> None:
         for h in list(self.handles):
             self.close(h)
         self.L.close()
+        fd, self._workdir_fd = self._workdir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _temp(self):
+        """``with self._temp() as temp``: a fresh ``#<hex>`` name in work/work, as the kernel names its temps."""
+        name = f"#{os.getpid():x}.{next(_temp_names):x}"
+        if self._workdir_fd is None:
+            return nofollow.at(self.work, "work/" + name)
+        return nofollow.at("", name, self._workdir_fd)
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
@@ -271,8 +288,7 @@ class SimBackend(Backend):
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
-        tmp = "#" + os.urandom(6).hex()
-        with self.L.at(layer, path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+        with self.L.at(layer, path) as src, self._temp() as temp:
             try:
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
