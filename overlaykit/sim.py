@@ -104,6 +104,7 @@ class SimBackend(Backend):
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
         self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
+        self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
@@ -303,6 +304,12 @@ class SimBackend(Backend):
         self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
         if not st.S_ISDIR(s.st_mode):
             self._copied_here.add(path)
+            if s.st_nlink == 1:  # the in-memory inode keeps its origin's number, whatever its name becomes
+                try:
+                    with self._up(path) as real:
+                        self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                except OSError:
+                    pass
         if self.handles:
             self._redirect_readers(layer, path)
 
@@ -1005,6 +1012,8 @@ class SimBackend(Backend):
             return s.st_ino
         if not (self.L.has_upper and node.layer == 0) or not node.path:
             return s.st_ino
+        if s.st_ino in self._origin_ino:
+            return self._origin_ino[s.st_ino]
         if not self.root_user and node.path not in self._copied_here:
             # Measured (6.x): an unprivileged (userxattr) mount does not follow a non-directory's origin
             # at lookup, so after a remount its copied-up files show their upper inode's number.
