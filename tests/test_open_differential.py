@@ -159,3 +159,57 @@ def test_inode_relations_agree(tmp_path):
     assert kernel["kept through copy-up"]["f"] and kernel["kept through copy-up"]["d"]
     assert not kernel["kept through copy-up"]["g"]  # index=off: a hard link's copy-up gets a new number
     assert kernel["shared"]["before"] == [("g", "g2")] and kernel["shared"]["after copy-up"] == []
+
+
+# -- random sequences of open-file calls ------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+NAMES = ["f", "g", "d/x", "u", "new", "d"]
+FLAGS = [os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND,
+         os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_RDONLY | os.O_NOFOLLOW]
+STEP = hs.one_of(
+    hs.tuples(hs.just("open"), hs.sampled_from(NAMES), hs.sampled_from(FLAGS)),
+    hs.tuples(hs.just("pwrite"), hs.integers(0, 3), hs.binary(max_size=6), hs.integers(0, 12)),
+    hs.tuples(hs.just("pread"), hs.integers(0, 3), hs.integers(0, 16), hs.integers(0, 12)),
+    hs.tuples(hs.just("ftruncate"), hs.integers(0, 3), hs.integers(0, 8)),
+    hs.tuples(hs.just("close"), hs.integers(0, 3)),
+    hs.tuples(hs.just("rename"), hs.sampled_from(NAMES), hs.sampled_from(NAMES)),
+    hs.tuples(hs.just("remove"), hs.sampled_from(NAMES)),
+)
+
+
+def replay(ov, steps) -> list:
+    handles, out = [], []
+    for step in steps:
+        name, *args = step
+        if name == "open":
+            r = outcome(lambda: ov.os_open(args[0], args[1], 0o644))
+            if r[0] == "ok":
+                handles.append(r[1])
+                r = ("ok", len(handles) - 1)
+            out.append((r, copied(ov)))
+            continue
+        if name in ("pwrite", "pread", "ftruncate", "close"):
+            if args[0] >= len(handles):
+                continue
+            h = handles[args[0]]
+            fn = {"pwrite": lambda: ov.pwrite(h, args[1], args[2]), "pread": lambda: ov.pread(h, args[1], args[2]),
+                  "ftruncate": lambda: ov.ftruncate(h, args[1]), "close": lambda: ov.close(h)}[name]
+            out.append(outcome(fn))
+            continue
+        out.append(outcome(lambda: getattr(ov, name)(*args)))
+    return out
+
+
+@settings(max_examples=int(os.environ.get("OVERLAYKIT_OPEN_EXAMPLES", "15")), deadline=None,
+          suppress_health_check=list(HealthCheck), derandomize=True)
+@given(hs.lists(STEP, max_size=10))
+def test_random_open_file_sequences_agree(tmp_path_factory, steps):
+    results = {}
+    tmp = str(tmp_path_factory.mktemp("open-seq"))
+    for backend in ("sim", "kernel"):
+        lowers, upper, work = layers(tmp, backend)
+        with Overlay(lowers, upper, work, backend=backend) as ov:
+            results[backend] = (replay(ov, steps), snapshot_upper(ov), snapshot_merged(ov))
+    assert results["sim"] == results["kernel"], steps
