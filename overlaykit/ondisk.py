@@ -378,9 +378,13 @@ class Layers:
             return cache[path]
         except KeyError:
             pass
-        try:
-            with self.at_dir(index, path) as real:
-                value = self.encoding.is_opaque(real)
+        enc = self.encoding
+        try:  # the xattr is read by name from the parent, so a dir without search permission still tells
+            with self.at(index, path) as real:
+                value = _xattr(real, enc.opaque_xattr) == b"y"
+            if not value and enc.kind == "fallback":
+                with self.at_dir(index, path) as real:
+                    value = os.path.lexists(os.path.join(real, OPAQUE_MARKER))
         except OSError:  # not searchable, or changed behind our back
             value = False
         cache[path] = value

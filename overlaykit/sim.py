@@ -407,6 +407,14 @@ class SimBackend(Backend):
             self.encoding.make_whiteout(up, name)
         self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
+    def _set_opaque(self, rel: str) -> None:
+        if self.encoding.kind == "kernel":  # the xattr, set by name from the parent (no search permission needed)
+            with self._up(rel) as real:
+                os.setxattr(real, self.encoding.opaque_xattr, b"y", follow_symlinks=False)
+        else:
+            with self._updir(rel) as real:
+                self.encoding.set_opaque(real)
+
     def _create_prep(self, parent: MergedDir, name: str, p: str) -> bool:
         """Parent copied up, any whiteout at ``name`` removed: whether a whiteout was there."""
         self._reserved_name(name, p)
@@ -615,8 +623,7 @@ class SimBackend(Backend):
             with self._up(rel) as real:
                 os.mkdir(real, mode)
             if was_whiteout:
-                with self._updir(rel) as real:
-                    self.encoding.set_opaque(real)
+                self._set_opaque(rel)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -702,8 +709,7 @@ class SimBackend(Backend):
         if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
             # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
             # same name at the destination cannot show through; the mark stays even if the rename fails.
-            with self._updir(src_rel) as d:
-                self.encoding.set_opaque(d)
+            self._set_opaque(src_rel)
             self.L.refresh_upper(snode.path, subtree=True)
         self._clear_whiteout(dparent, dname)
         dst_path = _join(dparent.path, dname)

@@ -229,3 +229,20 @@ def test_kernel_encoding_keeps_wh_names_as_ordinary_files(tmp_path):
     with Overlay([d["lower"]], d["upper"], d["work"], backend="sim", encoding="kernel") as ov:
         ov.write_text(".wh.passwd", "just a file")
         assert ov.read_text(".wh.passwd") == "just a file"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_opaque_dir_without_search_permission_stays_opaque(tmp_path, backend):
+    """The opaque xattr is read by name from the parent: the dir's own mode 0600 must not hide it
+    (found by the differential test as an unprivileged user)."""
+    d = layers(tmp_path)
+    (d["lower"] / "d" / "sub").mkdir()
+    with Overlay([d["lower"]], d["upper"], d["work"], backend=backend) as ov:
+        ov.rmdir("d/sub")
+        ov.remove("d/f")
+        ov.rmdir("d")
+        ov.mkdir("d")  # over a whiteout: an opaque dir
+        ov.chmod("d", 0o600)
+        s = ov.stat("d")
+        assert (s.kind, s.mode, s.nlink) == ("dir", 0o600, 2)
+        assert [(c.path, c.kind) for c in ov.upper_changes()] == [("d", "opaque")]
