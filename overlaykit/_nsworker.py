@@ -38,6 +38,48 @@ PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path: str, ns: tuple, follow: bool = True) -> None:
+    """utimensat(2) with times in ns, where each may be "now" or "omit" (UTIME_NOW / UTIME_OMIT)."""
+    ts = (_Timespec * 2)()
+    for t, v in zip(ts, ns):
+        if v == "now":
+            t.tv_sec, t.tv_nsec = 0, UTIME_NOW
+        elif v == "omit":
+            t.tv_sec, t.tv_nsec = 0, UTIME_OMIT
+        else:
+            t.tv_sec, t.tv_nsec = divmod(int(v), 10**9)
+    if _libc.utimensat(ctypes.c_int(AT_FDCWD), os.fsencode(path), ts,
+                       ctypes.c_int(0 if follow else AT_SYMLINK_NOFOLLOW)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+
+
+def _utime(p: str, times, ns=None, follow: bool = True) -> None:
+    if ns is not None and any(isinstance(v, str) for v in ns):
+        utimensat(_abs(p), ns, follow)
+    elif ns is not None:
+        os.utime(_abs(p), ns=ns, follow_symlinks=follow)
+    else:
+        os.utime(_abs(p), times, follow_symlinks=follow)
+
+
+def renameat2(src: str, dst: str, flags: int, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD) -> None:
+    """rename(2) with flags (Python's os.rename has none); OSError with the kernel's errno."""
+    if _libc.renameat2(ctypes.c_int(src_dir_fd), os.fsencode(src), ctypes.c_int(dst_dir_fd), os.fsencode(dst),
+                       ctypes.c_uint(flags)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src, None, dst)
 _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
@@ -304,11 +346,11 @@ def _touch(p: str) -> None:
 _USERNS = False
 
 
-def _chown(p: str, uid: int, gid: int) -> None:
+def _chown(p: str, uid: int, gid: int, follow: bool = True) -> None:
     """In our user namespace only the caller's own uid/gid are mapped, and chown to any other id fails
     with EINVAL; outside, the same unprivileged call fails with EPERM, which is what the caller sees."""
     try:
-        os.chown(_abs(p), uid, gid)
+        os.chown(_abs(p), uid, gid, follow_symlinks=follow)
     except OSError as e:
         if _USERNS and e.errno == errno.EINVAL:
             raise OSError(errno.EPERM, os.strerror(errno.EPERM)) from None
@@ -390,7 +432,36 @@ def _run_mounts(action: str, made: list | None = None, targets=()) -> list:
     return made
 
 
+_FDS: set[int] = set()  # the files the parent has open here (its handles are these fds)
+
+
+def _open(p: str, flags: int, perm: int) -> int:
+    fd = os.open(_abs(p), flags | os.O_CLOEXEC, perm)
+    _FDS.add(fd)
+    return fd
+
+
+def _fd(h: int) -> int:
+    if h not in _FDS:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return h
+
+
+def _close(h: int) -> None:
+    os.close(_fd(h))
+    _FDS.discard(h)
+
+
+#: The most one pread returns: a larger read is several requests, so no reply is ever a whole big file.
+READ_CHUNK = 1 << 20
+
 OPS = {
+    "open": _open,
+    "pread": lambda h, n, offset: os.pread(_fd(h), min(n, READ_CHUNK), offset),
+    "pwrite": lambda h, data, offset: os.pwrite(_fd(h), data, offset),
+    "fstat": lambda h: os.fstat(_fd(h)),
+    "ftruncate": lambda h, size: os.ftruncate(_fd(h), size),
+    "close": _close,
     "read_bytes": _read,
     "write_bytes": _write,
     "touch": _touch,
@@ -400,9 +471,15 @@ OPS = {
     "rename": lambda s, d: os.rename(_abs(s), _abs(d)),
     "chmod": lambda p, mode: os.chmod(_abs(p), mode),
     "chown": _chown,
-    "utime": lambda p, times: os.utime(_abs(p), times),
-    "setxattr": lambda p, name, value: os.setxattr(_abs(p), name, value),
-    "getxattr": lambda p, name: os.getxattr(_abs(p), name),
+    "utime": _utime,
+    "setxattr": lambda p, name, value, flags=0, follow=True: os.setxattr(_abs(p), name, value, flags,
+                                                                          follow_symlinks=follow),
+    "getxattr": lambda p, name, follow=True: os.getxattr(_abs(p), name, follow_symlinks=follow),
+    "listxattr": lambda p, follow=True: sorted(os.listxattr(_abs(p), follow_symlinks=follow)),
+    "removexattr": lambda p, name, follow=True: os.removexattr(_abs(p), name, follow_symlinks=follow),
+    "statfs": lambda p: os.statvfs(_abs(p)),
+    "mknod": lambda p, mode, device: os.mknod(_abs(p), mode, device),
+    "rename2": lambda s, d, flags: renameat2(_abs(s), _abs(d), flags),
     "symlink": lambda target, p: os.symlink(target, _abs(p)),
     "link": lambda s, d: os.link(_abs(s), _abs(d), follow_symlinks=False),
     "truncate": lambda p, size: os.truncate(_abs(p), size),

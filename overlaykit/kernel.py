@@ -49,7 +49,7 @@ class WorkerGone(ConnectionError):
 #: Every other operation, once sent, runs to its end in the helper and the interrupt is raised after
 #: its reply, so that after Ctrl-C a change is either wholly made (it was sent) or not made at all.
 #: A second interrupt stops waiting for that reply (the helper still completes the change).
-_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat"})
+_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat", "pread", "fstat", "listxattr", "statfs"})
 #: Frame header: body length and the request id the frame belongs to (0 for the start-up exchange).
 _HEAD = struct.Struct(">IQ")
 _CHUNK = 1 << 20
@@ -442,18 +442,21 @@ class KernelBackend(Backend):
     def alive(self) -> bool:
         return self.worker is not None and self.worker.alive
 
-    def read_bytes(self, p): return self._do("read_bytes", (p,), p)
-    def write_bytes(self, p, data, append): self._do("write_bytes", (p,), p, data, append)
     def touch(self, p): self._do("touch", (p,), p)
     def remove(self, p): self._do("remove", (p,), p)
     def mkdir(self, p, mode): self._do("mkdir", (p,), p, mode)
     def rmdir(self, p): self._do("rmdir", (p,), p)
     def rename(self, src, dst): self._do("rename", (src, dst), src, dst)
     def chmod(self, p, mode): self._do("chmod", (p,), p, mode)
-    def chown(self, p, uid, gid): self._do("chown", (p,), p, uid, gid)
-    def utime(self, p, times): self._do("utime", (p,), p, times)
-    def setxattr(self, p, name, value): self._do("setxattr", (p,), p, name, value)
-    def getxattr(self, p, name): return self._do("getxattr", (p,), p, name)
+    def chown(self, p, uid, gid, follow=True): self._do("chown", (p,), p, uid, gid, follow)
+    def utime(self, p, times, ns=None, follow=True): self._do("utime", (p,), p, times, ns, follow)
+    def setxattr(self, p, name, value, flags=0, follow=True): self._do("setxattr", (p,), p, name, value, flags, follow)
+    def getxattr(self, p, name, follow=True): return self._do("getxattr", (p,), p, name, follow)
+    def listxattr(self, p, follow=True): return self._do("listxattr", (p,), p, follow)
+    def removexattr(self, p, name, follow=True): self._do("removexattr", (p,), p, name, follow)
+    def statfs(self, p): return self._do("statfs", (p,), p)
+    def mknod(self, p, mode, device): self._do("mknod", (p,), p, mode, device)
+    def rename2(self, src, dst, flags): self._do("rename2", (src, dst), src, dst, flags)
     def symlink(self, target, p): self._do("symlink", (p,), target, p)
     def link(self, src, dst): self._do("link", (src, dst), src, dst)
     def truncate(self, p, size): self._do("truncate", (p,), p, size)
@@ -462,6 +465,18 @@ class KernelBackend(Backend):
     def stat(self, p, follow):
         s, target = self._do("stat", (p,), p, follow)
         return Stat.from_os(s, target)
+
+    # Open files live in the helper (a handle is its fd there); data crosses in chunks of at most 1 MiB.
+    def open(self, p, flags, perm): return self._do("open", (p,), p, flags, perm)
+    def pread(self, h, n, offset): return self._do("pread", (None,), h, n, offset)
+    def pwrite(self, h, data, offset): return self._do("pwrite", (None,), h, data, offset)
+    def fstat(self, h): return Stat.from_os(self._do("fstat", (None,), h))
+    def ftruncate(self, h, size): self._do("ftruncate", (None,), h, size)
+    def close(self, h): self._do("close", (None,), h)
+
+    def write_all(self, p, flags, data):
+        """One request (open, write, close in the helper): after Ctrl-C the write is whole or not made."""
+        self._do("write_bytes", (p,), p, data, bool(flags & os.O_APPEND))
 
 
 def diagnose_mount_error(cfg: dict, code: int, message: str | None) -> tuple[str | None, str | None]:

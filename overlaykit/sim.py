@@ -102,6 +102,12 @@ class SimBackend(Backend):
         self.L = layers
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
+        self.handles: dict[int, _Handle] = {}
+        self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
+        self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
+        # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
+        # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
+        self.dev = os.stat(self.upper or self.lowers[0]).st_dev
         self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -114,6 +120,8 @@ class SimBackend(Backend):
                 self._workdir_fd = None  # copy-ups will say why
 
     def unmount(self) -> None:
+        for h in list(self.handles):
+            self.close(h)
         self.L.close()
         fd, self._workdir_fd = self._workdir_fd, None
         if fd is not None:
@@ -275,7 +283,7 @@ class SimBackend(Backend):
         if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
             raise _err(errno.EOVERFLOW, path)
 
-    def _install(self, path: str, layer: int, s: os.stat_result) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -286,7 +294,7 @@ class SimBackend(Backend):
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
                 else:
-                    self._copy_leaf(src, temp, s)
+                    self._copy_leaf(src, temp, s, data)
                 self._copy_meta(src, temp, s)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
                     os.rename(temp, os.path.join(up_parent, name))
@@ -294,6 +302,16 @@ class SimBackend(Backend):
                 _discard(temp)
                 raise
         self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
+        if not st.S_ISDIR(s.st_mode):
+            self._copied_here.add(path)
+            if s.st_nlink == 1:  # the in-memory inode keeps its origin's number, whatever its name becomes
+                try:
+                    with self._up(path) as real:
+                        self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                except OSError:
+                    pass
+        if self.handles:
+            self._redirect_readers(layer, path)
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -325,7 +343,7 @@ class SimBackend(Backend):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
 
-    def _copy_up(self, node) -> str:
+    def _copy_up(self, node, data: bool = True) -> str:
         """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/)."""
         if isinstance(node, MergedDir):
             return self._upper_dir(node)
@@ -338,14 +356,16 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
-            self._install(node.path, node.layer, node.lstat)
+            self._install(node.path, node.layer, node.lstat, data)
         except OSError as e:
             raise _err(e.errno, node.path) from None
         return node.path
 
-    def _copy_leaf(self, src: str, dst: str, s: os.stat_result) -> None:
+    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True) -> None:
         mode = s.st_mode
-        if st.S_ISREG(mode):
+        if st.S_ISREG(mode) and not data:  # O_TRUNC: ovl_copy_up_one copies size 0
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif st.S_ISREG(mode):
             fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -410,45 +430,115 @@ class SimBackend(Backend):
                           "delete or hide a name after the next mount", p)
 
     # -- operations --------------------------------------------------------------------------------
-    def read_bytes(self, p: str) -> bytes:
-        _, _, node = self._resolve(p, True)
+    # -- open files ------------------------------------------------------------------------------
+    def open(self, p: str, flags: int, perm: int) -> int:
+        """open(2) as ovl_open does it: look up, create in upper/ (O_CREAT), or copy up first when the
+        open asks for write access (a truncating open copies metadata only), then open the real file."""
+        parent, name, node = self._resolve(p, not flags & os.O_NOFOLLOW)
+        writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        real_flags = (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW | os.O_CLOEXEC
         if node is None:
-            raise _err(errno.ENOENT, p)
-        if isinstance(node, MergedDir):
-            raise _err(errno.EISDIR, p)
-        try:
-            with self.L.at(node.layer, node.path) as real, \
-                    open(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise _err(e.errno, p) from None
-
-    def write_bytes(self, p: str, data: bytes, append: bool) -> None:
-        parent, name, node = self._resolve(p, True)
-        if isinstance(node, MergedDir):
-            raise _err(errno.EISDIR, p)
-        self._writable(p)
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
-        if node is None:
+            if not flags & os.O_CREAT or parent is None:
+                raise _err(errno.ENOENT, p)
+            if flags & os.O_DIRECTORY:
+                raise _err(errno.EINVAL, p)  # O_CREAT|O_DIRECTORY creates nothing (Linux 6.4+)
+            self._writable(p)
             self._create_prep(parent, name, p)
             rel = _join(parent.path, name)
-            flags |= os.O_CREAT | os.O_EXCL
-        else:
-            self._may(node, os.W_OK, p)
-            rel = self._copy_up(node)
-        try:
-            with self._up(rel) as real:
-                fd = os.open(real, flags, 0o666)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                with self._up(rel) as real:
+                    fd = os.open(real, real_flags | os.O_CREAT | os.O_EXCL, perm)
+            except OSError as e:
+                raise _err(e.errno, p) from None
             finally:
-                os.close(fd)
+                self.L.refresh_upper(rel)
+            return self._keep(_Handle(fd, 0, rel, flags, os.fstat(fd).st_ino))
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            raise _err(errno.EEXIST, p)
+        if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode):
+            raise _err(errno.ELOOP, p)  # only reached with O_NOFOLLOW
+        if isinstance(node, MergedDir):
+            if writes or flags & os.O_CREAT:
+                raise _err(errno.EISDIR, p)
+            layer, rel = node.layers[0], node.path
+        else:
+            if flags & os.O_DIRECTORY:
+                raise _err(errno.ENOTDIR, p)
+            layer, rel = node.layer, node.path
+            if writes:
+                self._writable(p)
+                self._may(node, os.W_OK, p)
+                if layer != 0 or not self.L.has_upper:
+                    self._copy_up(node, data=not flags & os.O_TRUNC)
+                    layer = 0
+            elif not self.root_user:
+                self._may(node, os.R_OK, p)
+        try:
+            with self.L.at(layer, rel) as real:
+                fd = os.open(real, real_flags)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
-            self.L.refresh_upper(rel)
+            if writes:
+                self.L.refresh_upper(rel)
+        try:
+            ino = self._stat(self.L.lookup(rel)).ino
+        except (OSError, AttributeError):
+            ino = None
+        return self._keep(_Handle(fd, layer, rel, flags, ino))
+
+    def _keep(self, h: "_Handle") -> int:
+        self._next_handle = getattr(self, "_next_handle", 0) + 1
+        self.handles[self._next_handle] = h
+        return self._next_handle
+
+    def _h(self, h: int) -> "_Handle":
+        try:
+            return self.handles[h]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def _redirect_readers(self, layer: int, path: str) -> None:
+        """After ``path`` of ``layer`` was copied up: handles opened read-only on the lower file read the
+        upper copy from now on (ovl_real_fdget_meta reopens the real file when the inode was copied up,
+        so on Linux 4.19+ an fd opened before a copy-up sees what is written after it)."""
+        for h in self.handles.values():
+            if (h.layer, h.path) == (layer, path):
+                try:
+                    with self._up(path) as real:
+                        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                os.close(h.fd)
+                h.fd, h.layer = fd, 0
+
+    def pread(self, h: int, n: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._h(h).fd, min(n, 1 << 20), offset)  # at most 1 MiB, as the kernel helper
+        except OSError as e:
+            raise _err(e.errno, self._h(h).path) from None
+
+    def pwrite(self, h: int, data: bytes, offset: int) -> int:
+        hd = self._h(h)
+        try:
+            return os.pwrite(hd.fd, data, offset)
+        except OSError as e:
+            raise _err(e.errno, hd.path) from None
+
+    def fstat(self, h: int) -> Stat:
+        hd = self._h(h)
+        s = os.fstat(hd.fd)
+        return Stat.from_os(s, ino=hd.ino if hd.ino is not None else s.st_ino, dev=self.dev)
+
+    def ftruncate(self, h: int, size: int) -> None:
+        hd = self._h(h)
+        try:
+            os.ftruncate(hd.fd, size)
+        except OSError as e:
+            raise _err(e.errno, hd.path) from None
+
+    def close(self, h: int) -> None:
+        os.close(self.handles.pop(h).fd) if h in self.handles else self._h(h)
 
     def touch(self, p: str) -> None:
         parent, name, node = self._resolve(p, True)
@@ -466,15 +556,22 @@ class SimBackend(Backend):
             return
         self.utime(p, None)
 
-    def utime(self, p: str, times) -> None:
-        _, _, node = self._resolve(p, True)
+    def utime(self, p: str, times, ns=None, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
-        self._owner_or_writable(node, p, times is None)
+        # Setting both times to "now" needs only write access; anything else needs the owner (utimensat(2)).
+        self._owner_or_writable(node, p, times is None and (ns is None or tuple(ns) == ("now", "now")))
         try:
             with self._up(self._copy_up(node)) as real:
-                os.utime(real, times, follow_symlinks=False)
+                if ns is not None and any(isinstance(v, str) for v in ns):
+                    from ._nsworker import utimensat
+                    utimensat(real, ns, False)
+                elif ns is not None:
+                    os.utime(real, ns=ns, follow_symlinks=False)
+                else:
+                    os.utime(real, times, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -644,8 +741,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
-    def chown(self, p: str, uid: int, gid: int) -> None:
-        _, _, node = self._resolve(p, True)
+    def chown(self, p: str, uid: int, gid: int, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -661,8 +758,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path)
 
-    def setxattr(self, p: str, name: str, value: bytes) -> None:
-        _, _, node = self._resolve(p, True)
+    def setxattr(self, p: str, name: str, value: bytes, flags: int = 0, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -672,14 +769,14 @@ class SimBackend(Backend):
             self._may(node, os.W_OK, p)
         try:
             with self._up(self._copy_up(node)) as real:
-                os.setxattr(real, self._escape(name), value, follow_symlinks=False)
+                os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
-    def getxattr(self, p: str, name: str) -> bytes:
-        _, _, node = self._resolve(p, True)
+    def getxattr(self, p: str, name: str, follow: bool = True) -> bytes:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
@@ -687,6 +784,112 @@ class SimBackend(Backend):
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
+
+    def listxattr(self, p: str, follow: bool = True) -> list[str]:
+        """The entry's xattrs as ovl_listxattr shows them: overlayfs's own markers hidden, escaped
+        ones (a nested overlay's) shown under their own names."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        try:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
+                names = os.listxattr(real, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        private = self.encoding.private_prefix
+        escaped = private + "overlay."
+        out = [private + n[len(escaped):] if n.startswith(escaped) else n
+               for n in names if not n.startswith(private) or n.startswith(escaped)]
+        return sorted(out)
+
+    def removexattr(self, p: str, name: str, follow: bool = True) -> None:
+        """ovl_xattr_set with no value: a lower entry without that xattr is ENODATA and stays where it
+        is; otherwise it is copied up and the xattr removed there."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        if name.startswith("trusted.") and not self.root_user:
+            raise _err(errno.EPERM, p)
+        if not self.root_user:
+            self._may(node, os.W_OK, p)
+        try:
+            layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+            if not (self.L.has_upper and layer == 0):
+                with self.L.at(layer, node.path) as real:
+                    os.getxattr(real, self._escape(name), follow_symlinks=False)
+            with self._up(self._copy_up(node)) as real:
+                os.removexattr(real, self._escape(name), follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
+
+    def statfs(self, p: str):
+        """ovl_statfs: the upper filesystem's figures (the top lower's on a read-only overlay)."""
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        return os.statvfs(self.upper or self.lowers[0])
+
+    def mknod(self, p: str, mode: int, device: int) -> None:
+        parent, name, node = self._resolve(p, False)
+        if node is not None or parent is None:
+            raise _err(errno.EEXIST, p)
+        self._writable(p)
+        kind = st.S_IFMT(mode) or st.S_IFREG
+        if kind not in (st.S_IFREG, st.S_IFIFO, st.S_IFSOCK, st.S_IFCHR, st.S_IFBLK):
+            raise _err(errno.EINVAL, p)
+        if kind in (st.S_IFCHR, st.S_IFBLK) and not self.root_user:
+            raise _err(errno.EPERM, p)
+        self._create_prep(parent, name, p)
+        rel = _join(parent.path, name)
+        try:
+            with self._up(rel) as real:
+                os.mknod(real, mode, device)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(rel)
+
+    def rename2(self, src: str, dst: str, flags: int) -> None:
+        """renameat2 as ovl_rename takes it: RENAME_NOREPLACE and RENAME_EXCHANGE, nothing else (EINVAL)."""
+        from ._nsworker import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == RENAME_EXCHANGE | RENAME_NOREPLACE:
+            raise _err(errno.EINVAL, src, dst)
+        if flags == RENAME_NOREPLACE:
+            _, _, dnode = self._resolve(dst, False)
+            _, _, snode = self._resolve(src, False)
+            if snode is None:
+                raise _err(errno.ENOENT, src, dst)
+            if dnode is not None:
+                raise _err(errno.EEXIST, src, dst)
+            return self.rename(src, dst)
+        if not flags:
+            return self.rename(src, dst)
+        sparent, sname, snode = self._resolve(src, False)
+        dparent, dname, dnode = self._resolve(dst, False)
+        if snode is None or dnode is None:
+            raise _err(errno.ENOENT, src, dst)
+        self._writable(src)
+        if snode.path == dnode.path:
+            return
+        if snode.path.startswith(dnode.path + "/") or dnode.path.startswith(snode.path + "/"):
+            raise _err(errno.EINVAL, src, dst)
+        for node in (snode, dnode):  # redirect_dir=off: a lower or merged directory cannot move
+            if isinstance(node, MergedDir) and not (self.L.has_upper and node.layers == (0,)):
+                raise _err(errno.EXDEV, src, dst)
+        self._may(sparent, os.W_OK | os.X_OK, src)
+        self._may(dparent, os.W_OK | os.X_OK, dst)
+        s_rel, d_rel = self._copy_up(snode), self._copy_up(dnode)
+        try:
+            with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
+                renameat2(s_real, d_real, RENAME_EXCHANGE)
+        except OSError as e:
+            raise _err(e.errno, src, dst) from None
+        finally:
+            self.L.refresh_upper(s_rel, subtree=True)
+            self.L.refresh_upper(d_rel, subtree=True)
 
     def _escape(self, name: str) -> str:
         """Xattrs in overlayfs's own namespace are stored escaped (kernel 6.7+), so a nested overlay's
@@ -782,12 +985,12 @@ class SimBackend(Backend):
             s = node.lstat
             upper = node.layer == 0 and self.L.has_upper
             if not (upper or st.S_ISLNK(s.st_mode)):
-                return Stat.from_os(s)
+                return Stat.from_os(s, dev=self.dev)
             with self.L.at(node.layer, node.path) as real:
                 if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
-            return Stat.from_os(s, target)
+            return Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
         layer = node.layers[0]
         s = None
         if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
@@ -797,7 +1000,52 @@ class SimBackend(Backend):
                 s = None
         if s is None:
             s = self._lower_lstat(layer, node.path)
-        return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
+        return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None, ino=self._ino(node, s), dev=self.dev)
+
+    def _ino(self, node, s: os.stat_result) -> int:
+        """The inode number the kernel reports (overlayfs.rst "Inode properties", all layers on one
+        filesystem, xino=off): the real inode's, except that a copied-up entry keeps its origin's
+        number (the lower inode it was copied from, found by its ``origin`` xattr) -- so the number
+        survives copy-up and remount (as root); a hard-linked lower file gets no origin (index=off) and so a new
+        number when copied up, which breaks the link as the kernel does."""
+        if isinstance(node, MergedDir):
+            lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
+            if lower and lower[0] != node.layers[0]:
+                try:
+                    return self._lower_lstat(lower[0], node.path).st_ino
+                except OSError:
+                    pass
+            return s.st_ino
+        if not (self.L.has_upper and node.layer == 0) or not node.path:
+            return s.st_ino
+        if s.st_ino in self._origin_ino:
+            return self._origin_ino[s.st_ino]
+        if not self.root_user and node.path not in self._copied_here:
+            # Measured (6.x): an unprivileged (userxattr) mount does not follow a non-directory's origin
+            # at lookup, so after a remount its copied-up files show their upper inode's number.
+            return s.st_ino
+        with self._up(node.path) as real:
+            try:
+                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+            except OSError:
+                return s.st_ino
+        parent_path, _, name = node.path.rpartition("/")
+        parent = self.L.lookup(parent_path)
+        if isinstance(parent, MergedDir):
+            low = self.L.child(MergedDir(parent.path, tuple(i for i in parent.layers if i != 0)), name) \
+                if any(i != 0 for i in parent.layers) else None
+            if isinstance(low, Leaf):
+                return low.lstat.st_ino
+        return s.st_ino
+
+
+class _Handle:
+    """An open file of the sim: the real fd (in upper/ or a lower layer) and where it was opened."""
+
+    __slots__ = ("fd", "layer", "path", "flags", "ino")
+
+    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None):
+        self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:
@@ -879,7 +1127,8 @@ def _caller_paths(method, which: tuple[int, ...]):
     return op
 
 
-for _name, _which in {"read_bytes": (0,), "write_bytes": (0,), "touch": (0,), "remove": (0,), "mkdir": (0,),
+for _name, _which in {"open": (0,), "listxattr": (0,), "removexattr": (0,), "statfs": (0,), "mknod": (0,),
+                      "rename2": (0, 1), "touch": (0,), "remove": (0,), "mkdir": (0,),
                       "rmdir": (0,), "rename": (0, 1), "chmod": (0,), "chown": (0,), "utime": (0,),
                       "setxattr": (0,), "getxattr": (0,), "symlink": (1,), "link": (0, 1), "truncate": (0,),
                       "listdir": (0,), "stat": (0,)}.items():
