@@ -1,0 +1,474 @@
+"""``overlaykit-fuse``: the simulator as a real filesystem, with fuse-overlayfs's command line.
+
+Every FUSE request becomes one call of the public `Overlay` API on the sim backend (never a direct look at
+the layer directories), so what a shell, ``ls -la`` or a test suite sees through the mount is the
+simulator itself, judged by the same tools as the kernel's overlay.  The kernel checks permissions
+(``default_permissions``) against the attributes reported here, with the caller's uid, gid and groups.
+
+Forms accepted (the second is what ``mount -t fuse.overlaykit-fuse overlaykit MNT -o ...`` runs)::
+
+    overlaykit-fuse -o lowerdir=A:B,upperdir=U,workdir=W[,options] MOUNTPOINT
+    overlaykit-fuse SOURCE MOUNTPOINT -o OPTIONS
+
+It returns once the mount is up and serves in the background; ``-f`` stays in the foreground.
+``fusermount3 -u MOUNTPOINT`` ends it.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import inspect
+import os
+import shutil
+import stat as st
+import sys
+import threading
+import time
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+PROG = "overlaykit-fuse"
+
+#: The kernel overlay's own options: their default values are what the engine implements today.
+KERNEL_DEFAULTS = {"redirect_dir": "off", "index": "off", "metacopy": "off", "xino": "off",
+                   "nfs_export": "off", "volatile": None}
+#: Options handed to libfuse / the kernel's FUSE mount as they are (mount.fuse3 adds some of them).
+FUSE_PASSTHROUGH = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                    "relatime", "norelatime", "strictatime", "nostrictatime", "sync", "async", "dirsync",
+                    "lazytime", "nolazytime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
+                    "silent", "loud", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
+#: Options the kernel's FUSE mount itself rejects or libfuse 3 does not know: dropped like mount(8) does.
+DROPPED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "silent", "loud",
+           "atime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "async", "sync",
+           "dirsync", "relatime", "noatime"}
+
+
+class UsageError(Exception):
+    """A bad command line or option: printed as one sentence, exit status 1."""
+
+
+def fuse_unavailable() -> str | None:
+    """Why FUSE cannot be used here, in one sentence, or None when it can (used by ``doctor`` too)."""
+    if not os.path.exists("/dev/fuse"):
+        return "FUSE is not available here: there is no /dev/fuse (a container without it, e.g. Binder)"
+    if os.geteuid() != 0:
+        helper = shutil.which("fusermount3") or shutil.which("fusermount3", path="/usr/bin:/bin")
+        if not helper:
+            return "FUSE is not available here: fusermount3 is missing (apt-get install fuse3)"
+        if not (os.stat(helper).st_mode & st.S_ISUID) and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "FUSE is not available here: fusermount3 is not setuid root and /dev/fuse is not yours"
+    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "FUSE is not available here: /dev/fuse cannot be opened (no permission)"
+    try:
+        import mfusepy  # noqa: F401
+    except ImportError:
+        return "FUSE is not available here: the binding is missing (pip install 'overlaykit[fuse]')"
+    except OSError as e:
+        return f"FUSE is not available here: libfuse could not be loaded ({e}; apt-get install fuse3)"
+    return None
+
+
+# -- command line --------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> dict:
+    """fuse-overlayfs's and mount.fuse3's command lines → {"mountpoint", "source", "foreground", "opts"}."""
+    opts: list[str] = []
+    positional: list[str] = []
+    foreground = debug = False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-o":
+            if i + 1 >= len(argv):
+                raise UsageError("-o needs a list of options (lowerdir=A:B,upperdir=U,workdir=W)")
+            opts.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            opts.append(a[2:])
+        elif a == "-f":
+            foreground = True
+        elif a == "-d":
+            foreground = debug = True
+        elif a in ("-h", "--help"):
+            raise UsageError(__doc__.split("\n\n")[2].strip())
+        elif a.startswith("-"):
+            raise UsageError(f"unknown flag {a!r}: use -o OPTIONS, -f (foreground) or -d (debug)")
+        else:
+            positional.append(a)
+        i += 1
+    if len(positional) == 1:
+        source, mountpoint = PROG, positional[0]
+    elif len(positional) == 2:
+        source, mountpoint = positional
+    else:
+        raise UsageError(f"usage: {PROG} -o lowerdir=A:B,upperdir=U,workdir=W MOUNTPOINT "
+                         f"(or: {PROG} SOURCE MOUNTPOINT -o OPTIONS)")
+    parsed: dict[str, str | None] = {}
+    for group in opts:
+        for item in _split_options(group):
+            key, eq, value = item.partition("=")
+            parsed[key] = value if eq else None
+    return {"mountpoint": mountpoint, "source": source, "foreground": foreground, "debug": debug,
+            "opts": parsed}
+
+
+def _split_options(text: str) -> list[str]:
+    """Split at commas; ``\\,`` keeps a comma in a path (as mount(8) and fuse-overlayfs allow)."""
+    items, cur, esc = [], [], False
+    for ch in text:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [x for x in items if x]
+
+
+def overlay_config(opts: dict) -> dict:
+    """The Overlay arguments from the -o options; refuses what the engine cannot honour, naming the option."""
+    from .engine import Overlay
+    lower = opts.pop("lowerdir", None)
+    if not lower:
+        raise UsageError("no lowerdir= given: -o lowerdir=A:B,upperdir=U,workdir=W")
+    lowers = [x for x in lower.replace("::", ":").split(":") if x]  # data-only "::" layers: treat as lowers
+    upper, work = opts.pop("upperdir", None), opts.pop("workdir", None)
+    if (upper is None) != (work is None):
+        raise UsageError("upperdir= and workdir= go together (or give neither for a read-only overlay)")
+    userxattr = "userxattr" in opts
+    opts.pop("userxattr", None)
+    kernel_opts = {}
+    for key in list(opts):
+        if key in KERNEL_DEFAULTS:
+            kernel_opts[key] = opts.pop(key)
+    accepts_options = "options" in inspect.signature(Overlay).parameters
+    config = {"lowers": lowers, "upper": upper, "work": work, "userxattr": userxattr}
+    if accepts_options:
+        config["options"] = {k: v for k, v in kernel_opts.items()}
+    else:
+        for key, value in kernel_opts.items():
+            if value != KERNEL_DEFAULTS[key] or value is None:
+                raise UsageError(f"option {key}{'=' + value if value else ''} is not supported by the "
+                                 f"simulator yet (only the kernel's default {key}="
+                                 f"{KERNEL_DEFAULTS[key] or 'unset'})")
+    unknown = [k for k in opts if k not in FUSE_PASSTHROUGH and k not in ("fsname", "subtype")]
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r}: give lowerdir=, upperdir=, workdir=, the overlay "
+                         f"options (redirect_dir=, index=, metacopy=, xino=, userxattr) or FUSE mount options")
+    return config
+
+
+def make_overlay(config: dict):
+    from . import ondisk
+    from .engine import Overlay
+    kw = {}
+    if config.get("options"):
+        kw["options"] = config["options"]
+    if config["userxattr"]:
+        kw["encoding"] = ondisk.Encoding("kernel", "user")
+    return Overlay(config["lowers"], config["upper"], config["work"], backend="sim", trace=False, **kw)
+
+
+# -- the filesystem ------------------------------------------------------------------------------------
+def _rel(path: str) -> str:
+    return path.lstrip("/") or "."
+
+
+_FMT = {"file": st.S_IFREG, "dir": st.S_IFDIR, "symlink": st.S_IFLNK, "char": st.S_IFCHR,
+        "block": st.S_IFBLK, "fifo": st.S_IFIFO, "socket": st.S_IFSOCK}
+
+
+def path_inode(path: str) -> int:
+    """A stable inode number derived from the merged path (until the engine's Stat carries st_ino):
+    it survives remounts, but a rename changes it and hard links do not share it."""
+    if path in ("", "."):
+        return 1
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                          "little") >> 1 | 2
+
+
+def build_operations(ov, *, as_root: bool):
+    """An mfusepy `Operations` object whose every method is one or a few `Overlay` calls."""
+    import mfusepy
+
+    lock = threading.Lock()
+
+    def engine(fn):
+        """Serialise engine calls; the engine's OSError errno goes back to the kernel as is."""
+        def wrapper(self, *args):
+            with lock:
+                return fn(self, *args)
+        wrapper.__name__ = fn.__name__
+        return wrapper
+
+    def owner_of_caller(p: str) -> None:
+        if as_root:
+            uid, gid, _pid = mfusepy.fuse_get_context()
+            if (uid, gid) != (os.geteuid(), os.getegid()):
+                ov.chown(p, uid, gid)
+
+    def attributes(p: str) -> dict:
+        s = ov.lstat(p)
+        ino = getattr(s, "st_ino", None) or getattr(s, "ino", None) or path_inode(p)
+        size = len(os.fsencode(s.target)) if s.kind == "symlink" and s.target is not None else s.size
+        mtime = s.mtime_ns
+        return {"st_mode": _FMT.get(s.kind, 0) | s.mode, "st_ino": ino, "st_nlink": s.nlink,
+                "st_uid": s.uid, "st_gid": s.gid, "st_size": size,
+                "st_atime": getattr(s, "atime_ns", mtime), "st_mtime": mtime,
+                "st_ctime": getattr(s, "ctime_ns", mtime), "st_rdev": getattr(s, "rdev", 0),
+                "st_blocks": getattr(s, "blocks", (size + 511) // 512)}
+
+    class Ops(mfusepy.Operations):
+        use_ns = True
+
+        @engine
+        def getattr(self, path, fh=None):
+            return attributes(_rel(path))
+
+        @engine
+        def readlink(self, path):
+            s = ov.lstat(_rel(path))
+            if s.kind != "symlink":
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+            return s.target
+
+        @engine
+        def readdir(self, path, fh):
+            # with use_ino, a name listed without its inode number would read as d_ino 0, which
+            # readdir(3) skips: give each name its mode and number (a whited-out name is never listed)
+            d = _rel(path)
+            entries = [(".", attributes(d), 0), ("..", {"st_mode": st.S_IFDIR, "st_ino": 1}, 0)]
+            for name in ov.listdir(d):
+                entries.append((name, attributes(name if d == "." else f"{d}/{name}"), 0))
+            return entries
+
+        @engine
+        def mkdir(self, path, mode):
+            p = _rel(path)
+            ov.mkdir(p, st.S_IMODE(mode))
+            owner_of_caller(p)
+
+        @engine
+        def rmdir(self, path):
+            ov.rmdir(_rel(path))
+
+        @engine
+        def unlink(self, path):
+            ov.remove(_rel(path))
+
+        @engine
+        def symlink(self, target, source):
+            # mfusepy: symlink(name_of_the_link, what_it_points_to)
+            p = _rel(target)
+            ov.symlink(source, p)
+            owner_of_caller(p)
+
+        @engine
+        def link(self, target, source):
+            ov.link(_rel(source), _rel(target))
+
+        @engine
+        def rename(self, old, new, flags=0):
+            if flags:
+                raise OSError(errno.EINVAL, "rename flags are not supported by the engine yet", old)
+            ov.rename(_rel(old), _rel(new))
+
+        @engine
+        def chmod(self, path, mode):
+            ov.chmod(_rel(path), st.S_IMODE(mode))
+
+        @engine
+        def chown(self, path, uid, gid):
+            p = _rel(path)
+            s = ov.lstat(p)
+            ov.chown(p, s.uid if uid == -1 else uid, s.gid if gid == -1 else gid)
+
+        @engine
+        def utimens(self, path, times=None):
+            """``times`` holds (sec, nsec) pairs as the kernel sent them, UTIME_NOW/UTIME_OMIT included."""
+            p = _rel(path)
+            if times is None or all(ns == UTIME_NOW for _, ns in times):
+                ov.utime(p, None)
+                return
+            s = ov.lstat(p)
+            current = (getattr(s, "atime_ns", s.mtime_ns), s.mtime_ns)
+            now = time.time_ns()
+            values = tuple(now if ns == UTIME_NOW else cur if ns == UTIME_OMIT else sec * 10**9 + ns
+                           for (sec, ns), cur in zip(times, current))
+            if _utime_takes_ns(ov):
+                ov.utime(p, ns=values)
+            else:
+                ov.utime(p, (values[0] / 1e9, values[1] / 1e9))
+
+        @engine
+        def truncate(self, path, length, fh=None):
+            ov.truncate(_rel(path), length)
+
+        @engine
+        def create(self, path, mode, flags=0):
+            p = _rel(path)
+            ov.write_bytes(p, b"")
+            ov.chmod(p, st.S_IMODE(mode))
+            owner_of_caller(p)
+            return 0
+
+        @engine
+        def mknod(self, path, mode, dev):
+            if not hasattr(ov, "mknod"):
+                raise OSError(errno.EPERM, "mknod is not supported by the engine yet", path)
+            p = _rel(path)
+            ov.mknod(p, mode, dev)
+            owner_of_caller(p)
+
+        @engine
+        def open(self, path, flags):
+            p = _rel(path)
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                # copy-up happens at open(2) with write access, before anything is written
+                ov.write_bytes(p, b"", append=True)
+            else:
+                ov.stat(p)
+            return 0
+
+        @engine
+        def read(self, path, size, offset, fh):
+            return ov.read_bytes(_rel(path))[offset:offset + size]
+
+        @engine
+        def write(self, path, data, offset, fh):
+            p = _rel(path)
+            current = ov.stat(p).size
+            if offset == current:
+                ov.write_bytes(p, bytes(data), append=True)
+            else:
+                old = ov.read_bytes(p)
+                old = old + b"\0" * max(0, offset - len(old))
+                ov.write_bytes(p, old[:offset] + bytes(data) + old[offset + len(data):])
+            return len(data)
+
+        def flush(self, path, fh):
+            return 0
+
+        def release(self, path, fh):
+            return 0
+
+        def fsync(self, path, datasync, fh):
+            return 0
+
+        @engine
+        def getxattr(self, path, name, position=0):
+            try:
+                return ov.getxattr(_rel(path), name)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    raise OSError(mfusepy.ENOATTR, os.strerror(mfusepy.ENOATTR), path) from None
+                raise
+
+        @engine
+        def setxattr(self, path, name, value, options, position=0):
+            ov.setxattr(_rel(path), name, value)
+
+        @engine
+        def listxattr(self, path):
+            p = _rel(path)
+            if hasattr(ov, "listxattr"):
+                return ov.listxattr(p)
+            ov.lstat(p)
+            return []
+
+        @engine
+        def removexattr(self, path, name):
+            if not hasattr(ov, "removexattr"):
+                raise OSError(errno.ENOTSUP, "removexattr is not supported by the engine yet", path)
+            ov.removexattr(_rel(path), name)
+
+        @engine
+        def statfs(self, path):
+            if hasattr(ov, "statfs"):
+                s = ov.statfs(_rel(path))
+            else:  # the overlay reports the upper layer's filesystem (the first lower's when read-only)
+                s = os.statvfs(ov.upper or ov.lowers[0])
+            return {k: getattr(s, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                                               "f_files", "f_ffree", "f_favail", "f_namemax")}
+
+        def destroy(self, path):
+            with lock:
+                ov.unmount()
+
+    return Ops()
+
+
+def _utime_takes_ns(ov) -> bool:
+    return "ns" in inspect.signature(ov.utime).parameters
+
+
+def _fuse_class():
+    import mfusepy
+
+    class FUSE(mfusepy.FUSE):
+        """mfusepy drops renameat2's flags; pass them on so RENAME_NOREPLACE is never silently ignored."""
+
+        def rename_fuse_3(self, old, new, flags):
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+
+        def utimens_fuse_3(self, path, buf, fip):
+            times = None
+            if buf:
+                times = tuple((t.tv_sec, t.tv_nsec) for t in (buf.contents.actime, buf.contents.modtime))
+            return self.operations.utimens(path.decode(self.encoding, self.errors), times)
+
+    return FUSE
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        opts = dict(args["opts"])
+        config = overlay_config(opts)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    why = fuse_unavailable()
+    if why:
+        print(f"{PROG}: {why}.", file=sys.stderr)
+        return 1
+    mountpoint = os.path.abspath(args["mountpoint"])
+    if not os.path.isdir(mountpoint):
+        print(f"{PROG}: the mount point {mountpoint} is not a directory.", file=sys.stderr)
+        return 1
+    os.umask(0)  # the kernel has applied the caller's umask to every mode it sends
+    ov = make_overlay(config)
+    try:
+        ov.mount()
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"{PROG}: the overlay cannot be mounted: {e}", file=sys.stderr)
+        return 1
+    as_root = os.geteuid() == 0
+    fuse_opts = {k: (v if v is not None else True) for k, v in opts.items() if k not in DROPPED}
+    fuse_opts.pop("fsname", None)
+    fuse_opts.pop("subtype", None)
+    if as_root:
+        fuse_opts.setdefault("allow_other", True)  # like a kernel mount: every user may look (permissions apply)
+    ops = build_operations(ov, as_root=as_root)
+    try:
+        _fuse_class()(ops, mountpoint, foreground=args["foreground"], debug=args["debug"], nothreads=True,
+                      fsname=args["source"], subtype=PROG, default_permissions=True, use_ino=True,
+                      **fuse_opts)
+    except RuntimeError as e:
+        print(f"{PROG}: FUSE could not mount {mountpoint}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ov.unmount()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
