@@ -320,7 +320,36 @@ def _stat(p: str, follow: bool):
     return s, (os.readlink(_abs(p)) if st.S_ISLNK(s.st_mode) else None)
 
 
+_FDS: set[int] = set()  # the files the parent has open here (its handles are these fds)
+
+
+def _open(p: str, flags: int, perm: int) -> int:
+    fd = os.open(_abs(p), flags | os.O_CLOEXEC, perm)
+    _FDS.add(fd)
+    return fd
+
+
+def _fd(h: int) -> int:
+    if h not in _FDS:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return h
+
+
+def _close(h: int) -> None:
+    os.close(_fd(h))
+    _FDS.discard(h)
+
+
+#: The most one pread returns: a larger read is several requests, so no reply is ever a whole big file.
+READ_CHUNK = 1 << 20
+
 OPS = {
+    "open": _open,
+    "pread": lambda h, n, offset: os.pread(_fd(h), min(n, READ_CHUNK), offset),
+    "pwrite": lambda h, data, offset: os.pwrite(_fd(h), data, offset),
+    "fstat": lambda h: os.fstat(_fd(h)),
+    "ftruncate": lambda h, size: os.ftruncate(_fd(h), size),
+    "close": _close,
     "read_bytes": _read,
     "write_bytes": _write,
     "touch": _touch,

@@ -88,3 +88,12 @@ def link_target(target) -> str:
     if "\0" in target:
         raise ValueError("embedded null byte")
     return target
+
+
+def open_flags(value) -> int:
+    """open(2) flags: a C int, as ``os.open`` takes it (O_CLOEXEC is the helpers' business: dropped)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"'{type(value).__name__}' object cannot be interpreted as an integer")
+    if value < 0 or value > 0x7FFFFFFF:
+        raise OverflowError("signed integer is greater than maximum")
+    return value & ~os.O_CLOEXEC

@@ -45,11 +45,40 @@ class Stat:
     gid: int
     mtime_ns: int
     target: str | None = None
+    # The rest of stat(2).  Not compared by ``==`` (which keeps meaning "the same portable stat" on both
+    # backends): inode numbers and times are the host's, and only their relations are portable.
+    ino: int = field(default=0, compare=False)
+    dev: int = field(default=0, compare=False)
+    atime_ns: int = field(default=0, compare=False)
+    ctime_ns: int = field(default=0, compare=False)
+    blocks: int = field(default=0, compare=False)
+    rdev: int = field(default=0, compare=False)
+
+    # os.stat_result spellings, so code written for os.stat() reads a Stat too
+    st_ino = property(lambda self: self.ino)
+    st_dev = property(lambda self: self.dev)
+    st_size = property(lambda self: self.size)
+    st_nlink = property(lambda self: self.nlink)
+    st_uid = property(lambda self: self.uid)
+    st_gid = property(lambda self: self.gid)
+    st_atime_ns = property(lambda self: self.atime_ns)
+    st_mtime_ns = property(lambda self: self.mtime_ns)
+    st_ctime_ns = property(lambda self: self.ctime_ns)
+    st_blocks = property(lambda self: self.blocks)
+    st_rdev = property(lambda self: self.rdev)
+    st_mode = property(lambda self: _KIND_BITS.get(self.kind, 0) | self.mode)
 
     @classmethod
-    def from_os(cls, s: os.stat_result, target: str | None = None, nlink: int | None = None) -> "Stat":
+    def from_os(cls, s: os.stat_result, target: str | None = None, nlink: int | None = None, *,
+                ino: int | None = None, dev: int | None = None) -> "Stat":
         return cls(kind_of(s.st_mode), st.S_IMODE(s.st_mode), s.st_size,
-                   s.st_nlink if nlink is None else nlink, s.st_uid, s.st_gid, s.st_mtime_ns, target)
+                   s.st_nlink if nlink is None else nlink, s.st_uid, s.st_gid, s.st_mtime_ns, target,
+                   s.st_ino if ino is None else ino, s.st_dev if dev is None else dev,
+                   s.st_atime_ns, s.st_ctime_ns, s.st_blocks, s.st_rdev)
+
+
+_KIND_BITS = {"file": st.S_IFREG, "dir": st.S_IFDIR, "symlink": st.S_IFLNK, "fifo": st.S_IFIFO,
+              "socket": st.S_IFSOCK, "char": st.S_IFCHR, "block": st.S_IFBLK}
 
 
 @dataclass(frozen=True)
@@ -224,11 +253,19 @@ class Backend:
     def truncate(self, p: str, size: int) -> None: raise NotImplementedError
     def listdir(self, p: str) -> list[str]: raise NotImplementedError
     def stat(self, p: str, follow: bool) -> Stat: raise NotImplementedError
+    # Open files: ``open`` does open(2) on the merged view (copy-up included) and returns a handle
+    # number; the others act on that handle, whatever has happened to its name since.
+    def open(self, p: str, flags: int, perm: int) -> int: raise NotImplementedError
+    def pread(self, h: int, n: int, offset: int) -> bytes: raise NotImplementedError
+    def pwrite(self, h: int, data: bytes, offset: int) -> int: raise NotImplementedError
+    def fstat(self, h: int) -> Stat: raise NotImplementedError
+    def ftruncate(self, h: int, size: int) -> None: raise NotImplementedError
+    def close(self, h: int) -> None: raise NotImplementedError
 
 
 #: Why an operation copies a lower entry up, in the kernel documentation's words.
 COPY_UP_REASON = {
-    "write": "opened for write", "append": "opened for append", "truncate": "truncate",
+    "write": "opened for write", "append": "opened for append", "open": "opened for write", "truncate": "truncate",
     "chmod": "chmod (metadata change)", "chown": "chown (metadata change)", "utime": "utimes (metadata change)",
     "touch": "utimes (metadata change)", "setxattr": "setxattr (metadata change)", "link": "link(2) needs the inode in upper",
     "rename": "rename of a lower entry", "mkdir": "parent of a new entry", "symlink": "parent of a new entry",
@@ -292,6 +329,8 @@ class Overlay:
         self._last: list[TraceEvent] = []
         self._recorders: list[Trace] = []
         self._impl: Backend | None = None
+        self._handles: dict[int, str] = {}  # open handle -> the path it was opened by
+        self._truncating = False  # the running open truncates: its copy-up copies no data
         self._layers: Layers | None = None
         self._lower_layers: Layers | None = None
 
@@ -329,7 +368,13 @@ class Overlay:
 
     def unmount(self) -> None:
         impl, self._impl = self._impl, None
+        handles, self._handles = self._handles, {}
         if impl is not None:
+            for h in handles:  # open files end with the mount (the kernel helper's close with its process)
+                try:
+                    impl.close(h)
+                except Exception:
+                    pass
             try:
                 impl.unmount()
             finally:
@@ -380,10 +425,101 @@ class Overlay:
         up = self.upper.name if self.upper else None
         return f"Overlay(lowers=[{lowers}], upper={up}, backend={self.backend!r}, mounted={self.mounted})"
 
+    # -- open files --------------------------------------------------------------------------------
+    def open(self, path, mode: str = "r", *, flags: int | None = None, perm: int = 0o666, buffering: int = -1,
+             encoding: str | None = None, errors: str | None = None, newline: str | None = None):
+        """Open a file of the merged view, like the built-in ``open()``: a binary or text file object.
+
+        Copy-up happens here, before anything is written, when the open asks for write access (``w``,
+        ``a``, ``x``, ``+``, or ``flags`` with O_WRONLY/O_RDWR/O_TRUNC), exactly as open(2) on the
+        kernel's overlay decides it; a truncating open copies metadata only.  ``flags`` (os.O_*) replaces
+        what ``mode`` says about access and creation; ``mode`` still says binary or text.  ``perm`` is
+        the new file's mode (before the umask).  The file keeps working after its name is renamed or
+        removed, as an open file does on the kernel.
+        """
+        from .openfile import OverlayRawFile, parse_mode, wrap
+        mflags, binary = parse_mode(mode)
+        if flags is None:
+            flags = mflags
+        if binary and encoding is not None:
+            raise ValueError("binary mode doesn't take an encoding argument")
+        h = self.os_open(path, flags, perm)
+        try:
+            raw = OverlayRawFile(self, h, os.fspath(path) if not isinstance(path, bytes) else os.fsdecode(path),
+                                 flags)
+            return wrap(raw, binary, buffering, encoding, errors, newline)
+        except BaseException:
+            self.close(h)
+            raise
+
+    def os_open(self, path, flags: int, perm: int = 0o666) -> int:
+        """open(2) on the merged view: a handle for `pread`, `pwrite`, `fstat`, `ftruncate`, `close`."""
+        p = normpath(path)
+        flags, perm = arguments.open_flags(flags), arguments.mode(perm)
+        writes = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        op = ("append" if flags & os.O_APPEND else "write") if writes else ("create" if flags & os.O_CREAT else "open")
+        self._truncating = bool(flags & os.O_TRUNC)
+        try:
+            h = self._run(op, [p], lambda b: b.open(p, flags, perm))
+        finally:
+            self._truncating = False
+        self._handles[h] = p
+        return h
+
+    def pread(self, handle: int, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` of an open handle (b"" at the end)."""
+        self._handle(handle)
+        if n < 0 or offset < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self._handles[handle])
+        return self._need().pread(handle, n, offset)
+
+    def pwrite(self, handle: int, data, offset: int) -> int:
+        """Write ``data`` at ``offset`` (at the end for a handle opened with O_APPEND): bytes written."""
+        self._handle(handle)
+        data = arguments.data(data)
+        if offset < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self._handles[handle])
+        return self._need().pwrite(handle, data, offset)
+
+    def fstat(self, handle: int) -> Stat:
+        self._handle(handle)
+        return self._need().fstat(handle)
+
+    def ftruncate(self, handle: int, size: int) -> None:
+        self._handle(handle)
+        size = arguments.size(self._handles[handle], size)
+        self._need().ftruncate(handle, size)
+
+    def close(self, handle: int) -> None:
+        """Close a handle (closing one twice is EBADF, as close(2))."""
+        self._handle(handle)
+        p = self._handles.pop(handle)
+        try:
+            self._need().close(handle)
+        finally:
+            self._invalidate(self._need())
+            if self._layers is not None and self._need().keeps_cache_fresh:
+                self._layers.refresh_upper(p)
+
+    def _handle(self, handle: int) -> None:
+        if handle not in self._handles:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
     # -- operations --------------------------------------------------------------------------------
     def read_bytes(self, path) -> bytes:
         p = normpath(path)
-        return self._run("read", [p], lambda b: b.read_bytes(p))
+        return self._run("read", [p], lambda b: self._read_all(b, p))
+
+    def _read_all(self, b: Backend, p: str) -> bytes:
+        h = b.open(p, os.O_RDONLY, 0)
+        try:
+            chunks, offset = [], 0
+            while chunk := b.pread(h, _CHUNK, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            return b"".join(chunks)
+        finally:
+            b.close(h)
 
     def read_text(self, path, encoding: str = "utf-8") -> str:
         return self.read_bytes(path).decode(encoding)
@@ -391,7 +527,22 @@ class Overlay:
     def write_bytes(self, path, data: bytes, *, append: bool = False) -> None:
         p = normpath(path)
         data = arguments.data(data)
-        self._run("append" if append else "write", [p], lambda b: b.write_bytes(p, data, append))
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        self._truncating = not append
+        try:
+            self._run("append" if append else "write", [p], lambda b: self._write_all(b, p, flags, data))
+        finally:
+            self._truncating = False
+
+    @staticmethod
+    def _write_all(b: Backend, p: str, flags: int, data: bytes) -> None:
+        h = b.open(p, flags, 0o666)
+        try:
+            view, offset = memoryview(data), 0
+            while offset < len(view):
+                offset += b.pwrite(h, view[offset:offset + _CHUNK].tobytes(), offset)
+        finally:
+            b.close(h)
 
     def write_text(self, path, text: str, *, append: bool = False, encoding: str = "utf-8") -> None:
         self.write_bytes(path, text.encode(encoding), append=append)
@@ -789,8 +940,11 @@ class Overlay:
             elif old is None and new is not None and low is not None:
                 nbytes = low.lstat.st_size if isinstance(low, Leaf) and new[0] == "file" else 0
                 reason = COPY_UP_REASON.get(op, op)
+                copied = f"{nbytes} bytes copied"
+                if self._truncating and new[0] == "file":  # ovl_copy_up_one: O_TRUNC copies no data
+                    nbytes, copied = 0, "0 bytes copied (O_TRUNC: metadata only)"
                 # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
-                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {nbytes} bytes copied into work/, "
+                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {copied} into work/, "
                                         "renamed into upper/, from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
@@ -808,7 +962,9 @@ class Overlay:
         return overlay_mimebundle(self)
 
 
-_READ_OPS = frozenset({"read", "getxattr", "listdir", "stat"})
+_READ_OPS = frozenset({"read", "getxattr", "listdir", "stat", "open", "listxattr", "statfs"})
+#: How much one read or write request moves (the kernel backend's helper streams files in these).
+_CHUNK = 1 << 20
 
 
 def _lookup_detail(steps, where, p) -> str:

@@ -49,7 +49,7 @@ class WorkerGone(ConnectionError):
 #: Every other operation, once sent, runs to its end in the helper and the interrupt is raised after
 #: its reply, so that after Ctrl-C a change is either wholly made (it was sent) or not made at all.
 #: A second interrupt stops waiting for that reply (the helper still completes the change).
-_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat"})
+_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat", "pread", "fstat"})
 #: Frame header: body length and the request id the frame belongs to (0 for the start-up exchange).
 _HEAD = struct.Struct(">IQ")
 _CHUNK = 1 << 20
@@ -461,6 +461,14 @@ class KernelBackend(Backend):
     def stat(self, p, follow):
         s, target = self._do("stat", (p,), p, follow)
         return Stat.from_os(s, target)
+
+    # Open files live in the helper (a handle is its fd there); data crosses in chunks of at most 1 MiB.
+    def open(self, p, flags, perm): return self._do("open", (p,), p, flags, perm)
+    def pread(self, h, n, offset): return self._do("pread", (None,), h, n, offset)
+    def pwrite(self, h, data, offset): return self._do("pwrite", (None,), h, data, offset)
+    def fstat(self, h): return Stat.from_os(self._do("fstat", (None,), h))
+    def ftruncate(self, h, size): self._do("ftruncate", (None,), h, size)
+    def close(self, h): self._do("close", (None,), h)
 
 
 def diagnose_mount_error(cfg: dict, code: int, message: str | None) -> tuple[str | None, str | None]:

@@ -100,6 +100,10 @@ class SimBackend(Backend):
         self.L = layers
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
+        self.handles: dict[int, _Handle] = {}
+        # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
+        # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
+        self.dev = os.stat(self.upper or self.lowers[0]).st_dev
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -107,7 +111,8 @@ class SimBackend(Backend):
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
 
     def unmount(self) -> None:
-        pass
+        for h in list(self.handles):
+            self.close(h)
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
@@ -258,7 +263,7 @@ class SimBackend(Backend):
         if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
             raise _err(errno.EOVERFLOW, path)
 
-    def _install(self, path: str, layer: int, s: os.stat_result) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -270,7 +275,7 @@ class SimBackend(Backend):
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
                 else:
-                    self._copy_leaf(src, temp, s)
+                    self._copy_leaf(src, temp, s, data)
                 self._copy_meta(src, temp, s)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
                     os.rename(temp, os.path.join(up_parent, name))
@@ -278,6 +283,8 @@ class SimBackend(Backend):
                 _discard(temp)
                 raise
         self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
+        if self.handles:
+            self._redirect_readers(layer, path)
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -309,7 +316,7 @@ class SimBackend(Backend):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
 
-    def _copy_up(self, node) -> str:
+    def _copy_up(self, node, data: bool = True) -> str:
         """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/)."""
         if isinstance(node, MergedDir):
             return self._upper_dir(node)
@@ -322,14 +329,16 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
-            self._install(node.path, node.layer, node.lstat)
+            self._install(node.path, node.layer, node.lstat, data)
         except OSError as e:
             raise _err(e.errno, node.path) from None
         return node.path
 
-    def _copy_leaf(self, src: str, dst: str, s: os.stat_result) -> None:
+    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True) -> None:
         mode = s.st_mode
-        if st.S_ISREG(mode):
+        if st.S_ISREG(mode) and not data:  # O_TRUNC: ovl_copy_up_one copies size 0
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif st.S_ISREG(mode):
             fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -386,45 +395,115 @@ class SimBackend(Backend):
                           "delete or hide a name after the next mount", p)
 
     # -- operations --------------------------------------------------------------------------------
-    def read_bytes(self, p: str) -> bytes:
-        _, _, node = self._resolve(p, True)
+    # -- open files ------------------------------------------------------------------------------
+    def open(self, p: str, flags: int, perm: int) -> int:
+        """open(2) as ovl_open does it: look up, create in upper/ (O_CREAT), or copy up first when the
+        open asks for write access (a truncating open copies metadata only), then open the real file."""
+        parent, name, node = self._resolve(p, not flags & os.O_NOFOLLOW)
+        writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        real_flags = (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW | os.O_CLOEXEC
         if node is None:
-            raise _err(errno.ENOENT, p)
-        if isinstance(node, MergedDir):
-            raise _err(errno.EISDIR, p)
-        try:
-            with nofollow.at(self.L.roots[node.layer], node.path) as real, \
-                    open(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise _err(e.errno, p) from None
-
-    def write_bytes(self, p: str, data: bytes, append: bool) -> None:
-        parent, name, node = self._resolve(p, True)
-        if isinstance(node, MergedDir):
-            raise _err(errno.EISDIR, p)
-        self._writable(p)
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
-        if node is None:
+            if not flags & os.O_CREAT or parent is None:
+                raise _err(errno.ENOENT, p)
+            if flags & os.O_DIRECTORY:
+                raise _err(errno.EINVAL, p)  # O_CREAT|O_DIRECTORY creates nothing (Linux 6.4+)
+            self._writable(p)
             self._create_prep(parent, name, p)
             rel = _join(parent.path, name)
-            flags |= os.O_CREAT | os.O_EXCL
-        else:
-            self._may(node, os.W_OK, p)
-            rel = self._copy_up(node)
-        try:
-            with self._up(rel) as real:
-                fd = os.open(real, flags, 0o666)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                with self._up(rel) as real:
+                    fd = os.open(real, real_flags | os.O_CREAT | os.O_EXCL, perm)
+            except OSError as e:
+                raise _err(e.errno, p) from None
             finally:
-                os.close(fd)
+                self.L.refresh_upper(rel)
+            return self._keep(_Handle(fd, 0, rel, flags, os.fstat(fd).st_ino))
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            raise _err(errno.EEXIST, p)
+        if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode):
+            raise _err(errno.ELOOP, p)  # only reached with O_NOFOLLOW
+        if isinstance(node, MergedDir):
+            if writes or flags & os.O_CREAT:
+                raise _err(errno.EISDIR, p)
+            layer, rel = node.layers[0], node.path
+        else:
+            if flags & os.O_DIRECTORY:
+                raise _err(errno.ENOTDIR, p)
+            layer, rel = node.layer, node.path
+            if writes:
+                self._writable(p)
+                self._may(node, os.W_OK, p)
+                if layer != 0 or not self.L.has_upper:
+                    self._copy_up(node, data=not flags & os.O_TRUNC)
+                    layer = 0
+            elif not self.root_user:
+                self._may(node, os.R_OK, p)
+        try:
+            with nofollow.at(self.L.roots[layer], rel) as real:
+                fd = os.open(real, real_flags)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
-            self.L.refresh_upper(rel)
+            if writes:
+                self.L.refresh_upper(rel)
+        try:
+            ino = self._stat(self.L.lookup(rel)).ino
+        except (OSError, AttributeError):
+            ino = None
+        return self._keep(_Handle(fd, layer, rel, flags, ino))
+
+    def _keep(self, h: "_Handle") -> int:
+        self._next_handle = getattr(self, "_next_handle", 0) + 1
+        self.handles[self._next_handle] = h
+        return self._next_handle
+
+    def _h(self, h: int) -> "_Handle":
+        try:
+            return self.handles[h]
+        except KeyError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    def _redirect_readers(self, layer: int, path: str) -> None:
+        """After ``path`` of ``layer`` was copied up: handles opened read-only on the lower file read the
+        upper copy from now on (ovl_real_fdget_meta reopens the real file when the inode was copied up,
+        so on Linux 4.19+ an fd opened before a copy-up sees what is written after it)."""
+        for h in self.handles.values():
+            if (h.layer, h.path) == (layer, path):
+                try:
+                    with self._up(path) as real:
+                        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                os.close(h.fd)
+                h.fd, h.layer = fd, 0
+
+    def pread(self, h: int, n: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._h(h).fd, n, offset)
+        except OSError as e:
+            raise _err(e.errno, self._h(h).path) from None
+
+    def pwrite(self, h: int, data: bytes, offset: int) -> int:
+        hd = self._h(h)
+        try:
+            return os.pwrite(hd.fd, data, offset)
+        except OSError as e:
+            raise _err(e.errno, hd.path) from None
+
+    def fstat(self, h: int) -> Stat:
+        hd = self._h(h)
+        s = os.fstat(hd.fd)
+        return Stat.from_os(s, ino=hd.ino if hd.ino is not None else s.st_ino, dev=self.dev)
+
+    def ftruncate(self, h: int, size: int) -> None:
+        hd = self._h(h)
+        try:
+            os.ftruncate(hd.fd, size)
+        except OSError as e:
+            raise _err(e.errno, hd.path) from None
+
+    def close(self, h: int) -> None:
+        os.close(self.handles.pop(h).fd) if h in self.handles else self._h(h)
 
     def touch(self, p: str) -> None:
         parent, name, node = self._resolve(p, True)
@@ -762,9 +841,48 @@ class SimBackend(Backend):
                 if node.layer == 0 and self.L.has_upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
-            return Stat.from_os(s, target)
+            return Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
         s = self._lower_lstat(node.layers[0], node.path)
-        return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
+        return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None, ino=self._ino(node, s), dev=self.dev)
+
+    def _ino(self, node, s: os.stat_result) -> int:
+        """The inode number the kernel reports (overlayfs.rst "Inode properties", all layers on one
+        filesystem, xino=off): the real inode's, except that a copied-up entry keeps its origin's
+        number (the lower inode it was copied from, found by its ``origin`` xattr) -- so the number
+        survives copy-up and remount; a hard-linked lower file gets no origin (index=off) and so a new
+        number when copied up, which breaks the link as the kernel does."""
+        if isinstance(node, MergedDir):
+            lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
+            if lower and lower[0] != node.layers[0]:
+                try:
+                    return self._lower_lstat(lower[0], node.path).st_ino
+                except OSError:
+                    pass
+            return s.st_ino
+        if not (self.L.has_upper and node.layer == 0) or not node.path:
+            return s.st_ino
+        with self._up(node.path) as real:
+            try:
+                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+            except OSError:
+                return s.st_ino
+        parent_path, _, name = node.path.rpartition("/")
+        parent = self.L.lookup(parent_path)
+        if isinstance(parent, MergedDir):
+            low = self.L.child(MergedDir(parent.path, tuple(i for i in parent.layers if i != 0)), name) \
+                if any(i != 0 for i in parent.layers) else None
+            if isinstance(low, Leaf):
+                return low.lstat.st_ino
+        return s.st_ino
+
+
+class _Handle:
+    """An open file of the sim: the real fd (in upper/ or a lower layer) and where it was opened."""
+
+    __slots__ = ("fd", "layer", "path", "flags", "ino")
+
+    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None):
+        self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:
