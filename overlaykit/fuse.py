@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
 PROG = "overlaykit-fuse"
@@ -212,9 +213,11 @@ def build_operations(ov, *, as_root: bool):
             if (uid, gid) != (os.geteuid(), os.getegid()):
                 ov.chown(p, uid, gid)
 
-    def attributes(p: str) -> dict:
-        s = ov.lstat(p)
-        ino = getattr(s, "st_ino", None) or getattr(s, "ino", None) or path_inode(p)
+    has_handles = hasattr(ov, "os_open")
+
+    def attributes(p: str, s=None) -> dict:
+        s = ov.lstat(p) if s is None else s
+        ino = getattr(s, "ino", None) or path_inode(p or "")
         size = len(os.fsencode(s.target)) if s.kind == "symlink" and s.target is not None else s.size
         mtime = s.mtime_ns
         return {"st_mode": _FMT.get(s.kind, 0) | s.mode, "st_ino": ino, "st_nlink": s.nlink,
@@ -225,9 +228,13 @@ def build_operations(ov, *, as_root: bool):
 
     class Ops(mfusepy.Operations):
         use_ns = True
+        # an open file whose name was removed keeps working through its handle (path None, as fstat)
+        flag_nopath = flag_nullpath_ok = True
 
         @engine
         def getattr(self, path, fh=None):
+            if fh and has_handles:  # an open file whose name may be gone (fstat)
+                return attributes(path and _rel(path), ov.fstat(fh))
             return attributes(_rel(path))
 
         @engine
@@ -307,15 +314,22 @@ def build_operations(ov, *, as_root: bool):
 
         @engine
         def truncate(self, path, length, fh=None):
-            ov.truncate(_rel(path), length)
+            if fh and has_handles:
+                ov.ftruncate(fh, length)
+            else:
+                ov.truncate(_rel(path), length)
 
         @engine
         def create(self, path, mode, flags=0):
             p = _rel(path)
-            ov.write_bytes(p, b"")
-            ov.chmod(p, st.S_IMODE(mode))
+            if has_handles:
+                h = ov.os_open(p, flags | os.O_CREAT, st.S_IMODE(mode))
+            else:
+                h = 0
+                ov.write_bytes(p, b"")
+                ov.chmod(p, st.S_IMODE(mode))
             owner_of_caller(p)
-            return 0
+            return h
 
         @engine
         def mknod(self, path, mode, dev):
@@ -327,23 +341,28 @@ def build_operations(ov, *, as_root: bool):
 
         @engine
         def open(self, path, flags):
+            """Copy-up happens here when write access is asked for (O_TRUNC reaches us: atomic_o_trunc)."""
             p = _rel(path)
+            if has_handles:
+                return ov.os_open(p, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
             if flags & os.O_ACCMODE != os.O_RDONLY:
-                # copy-up happens at open(2) with write access, before anything is written
-                ov.write_bytes(p, b"", append=True)
+                ov.write_bytes(p, b"", append=not flags & os.O_TRUNC)
             else:
                 ov.stat(p)
             return 0
 
         @engine
         def read(self, path, size, offset, fh):
+            if has_handles:
+                return ov.pread(fh, size, offset)
             return ov.read_bytes(_rel(path))[offset:offset + size]
 
         @engine
         def write(self, path, data, offset, fh):
+            if has_handles:
+                return ov.pwrite(fh, bytes(data), offset)
             p = _rel(path)
-            current = ov.stat(p).size
-            if offset == current:
+            if offset == ov.stat(p).size:
                 ov.write_bytes(p, bytes(data), append=True)
             else:
                 old = ov.read_bytes(p)
@@ -354,11 +373,18 @@ def build_operations(ov, *, as_root: bool):
         def flush(self, path, fh):
             return 0
 
+        @engine
         def release(self, path, fh):
+            if has_handles:
+                ov.close(fh)
             return 0
 
         def fsync(self, path, datasync, fh):
             return 0
+
+        def init_with_config(self, conn, config):
+            if conn is not None:  # O_TRUNC reaches open(): a truncating open copies metadata only
+                conn.want |= FUSE_CAP_ATOMIC_O_TRUNC
 
         @engine
         def getxattr(self, path, name, position=0):
@@ -460,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = build_operations(ov, as_root=as_root)
     try:
         _fuse_class()(ops, mountpoint, foreground=args["foreground"], debug=args["debug"], nothreads=True,
-                      fsname=args["source"], subtype=PROG, default_permissions=True, use_ino=True,
+                      fsname=args["source"], subtype=PROG, default_permissions=True, use_ino=True, hard_remove=True,
                       **fuse_opts)
     except RuntimeError as e:
         print(f"{PROG}: FUSE could not mount {mountpoint}: {e}", file=sys.stderr)
