@@ -38,6 +38,9 @@ FUSE_PASSTHROUGH = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexe
                     "relatime", "norelatime", "strictatime", "nostrictatime", "sync", "async", "dirsync",
                     "lazytime", "nolazytime", "allow_other", "allow_root", "auto_unmount", "default_permissions",
                     "silent", "loud", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
+#: libfuse's own tuning options, passed on (e.g. attr_timeout=1 trades exact link counts for speed).
+LIBFUSE_TUNING = {"attr_timeout", "entry_timeout", "negative_timeout", "ac_attr_timeout", "max_read",
+                  "kernel_cache", "auto_cache", "noforget", "remember"}
 #: Options the kernel's FUSE mount itself rejects or libfuse 3 does not know: dropped like mount(8) does.
 DROPPED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "silent", "loud",
            "atime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "async", "sync",
@@ -157,7 +160,8 @@ def overlay_config(opts: dict) -> dict:
                 raise UsageError(f"option {key}{'=' + value if value else ''} is not supported by the "
                                  f"simulator yet (only the kernel's default {key}="
                                  f"{KERNEL_DEFAULTS[key] or 'unset'})")
-    unknown = [k for k in opts if k not in FUSE_PASSTHROUGH and k not in ("fsname", "subtype")]
+    unknown = [k for k in opts if k not in FUSE_PASSTHROUGH and k not in LIBFUSE_TUNING
+               and k not in ("fsname", "subtype")]
     if unknown:
         raise UsageError(f"unknown option {unknown[0]!r}: give lowerdir=, upperdir=, workdir=, the overlay "
                          f"options (redirect_dir=, index=, metacopy=, xino=, userxattr) or FUSE mount options")
@@ -176,7 +180,9 @@ def make_overlay(config: dict):
 
 
 # -- the filesystem ------------------------------------------------------------------------------------
-def _rel(path: str) -> str:
+def _rel(path: str | None) -> str:
+    if path is None:  # libfuse gives no path for a removed name reached without its handle
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
     return path.lstrip("/") or "."
 
 
@@ -214,6 +220,7 @@ def build_operations(ov, *, as_root: bool):
                 ov.chown(p, uid, gid)
 
     has_handles = hasattr(ov, "os_open")
+    dirs: dict[int, str] = {}  # open directory handle -> its path (libfuse passes no path with nullpath_ok)
 
     def attributes(p: str, s=None) -> dict:
         s = ov.lstat(p) if s is None else s
@@ -245,10 +252,22 @@ def build_operations(ov, *, as_root: bool):
             return s.target
 
         @engine
+        def opendir(self, path):
+            d = _rel(path)
+            if ov.lstat(d).kind != "dir":
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+            dirs[id(d)] = d
+            return id(d)
+
+        def releasedir(self, path, fh):
+            dirs.pop(fh, None)
+            return 0
+
+        @engine
         def readdir(self, path, fh):
             # with use_ino, a name listed without its inode number would read as d_ino 0, which
             # readdir(3) skips: give each name its mode and number (a whited-out name is never listed)
-            d = _rel(path)
+            d = dirs[fh] if path is None else _rel(path)
             entries = [(".", attributes(d), 0), ("..", {"st_mode": st.S_IFDIR, "st_ino": 1}, 0)]
             for name in ov.listdir(d):
                 entries.append((name, attributes(name if d == "." else f"{d}/{name}"), 0))
@@ -481,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     fuse_opts = {k: (v if v is not None else True) for k, v in opts.items() if k not in DROPPED}
     fuse_opts.pop("fsname", None)
     fuse_opts.pop("subtype", None)
+    # no attribute cache by default: one operation can change another name's attributes (a hard link's
+    # count, an inode number after copy-up), and the kernel must see what the engine says at once
+    fuse_opts.setdefault("attr_timeout", 0)
     if as_root:
         fuse_opts.setdefault("allow_other", True)  # like a kernel mount: every user may look (permissions apply)
     ops = build_operations(ov, as_root=as_root)
