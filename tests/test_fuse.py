@@ -184,7 +184,7 @@ def test_scenarios_do_something(stack, tmp_path):
     assert up["openw"][3] == len("keep me")  # copied up at open(2) without a write
     assert up["otrunc"][3] == 3  # O_TRUNC: no data copied, then "new"
     assert r["pwrite at offsets"] == ["ok", "0000XY0000\x00\x00Z"]  # a hole past the old end
-    assert r["shell: echo, >>, rm, mv, rm -rf, ls"][0] == 0
+    assert r["shell: echo, >>, rm, mv, rm -rf, ls"][1][0] == 0
 
 
 def test_fuse_overlayfs_differs_from_the_kernel_only_where_expected(stack, tmp_path):
