@@ -55,14 +55,17 @@ def fuse_unavailable() -> str | None:
     """Why FUSE cannot be used here, in one sentence, or None when it can (used by ``doctor`` too)."""
     if not os.path.exists("/dev/fuse"):
         return "FUSE is not available here: there is no /dev/fuse (a container without it, e.g. Binder)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # fusermount3 opens the device with the caller's rights, so its setuid bit does not help
+        mode = oct(st.S_IMODE(os.stat("/dev/fuse").st_mode))
+        return (f"FUSE is not available to this user: /dev/fuse (mode {mode[2:]}) cannot be opened by uid "
+                f"{os.geteuid()} (Debian's default is 0666)")
     if os.geteuid() != 0:
         helper = shutil.which("fusermount3") or shutil.which("fusermount3", path="/usr/bin:/bin")
         if not helper:
             return "FUSE is not available here: fusermount3 is missing (apt-get install fuse3)"
-        if not (os.stat(helper).st_mode & st.S_ISUID) and not os.access("/dev/fuse", os.R_OK | os.W_OK):
-            return "FUSE is not available here: fusermount3 is not setuid root and /dev/fuse is not yours"
-    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "FUSE is not available here: /dev/fuse cannot be opened (no permission)"
+        if not os.stat(helper).st_mode & st.S_ISUID:
+            return "FUSE is not available here: fusermount3 is not setuid root, so users cannot mount"
     try:
         import mfusepy  # noqa: F401
     except ImportError:

@@ -220,8 +220,10 @@ def play(mnt: str) -> dict:
 
 
 def kernel_mount_options(lowers, upper, work) -> str:
-    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},redirect_dir=off,index=off,metacopy=off"
-    return opts + (",userxattr" if os.geteuid() != 0 or _in_userns() else "")
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},index=off,metacopy=off"
+    if os.geteuid() != 0 or _in_userns():
+        return opts + ",userxattr"  # (a user namespace's mount refuses an explicit redirect_dir)
+    return opts + ",redirect_dir=off"
 
 
 def _in_userns() -> bool:
