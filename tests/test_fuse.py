@@ -26,7 +26,7 @@ from overlaykit import fuse as okfuse  # noqa: E402
 from overlaykit.capabilities import capabilities  # noqa: E402
 
 WHY_NOT = okfuse.fuse_unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+needs_fuse = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parent.parent
@@ -155,6 +155,7 @@ def differences(a: dict, b: dict) -> dict:
     return out
 
 
+@needs_fuse
 def test_overlaykit_fuse_equals_the_kernel(stack, tmp_path):
     """Outcomes, merged tree and upper/ on disk through overlaykit-fuse are the kernel's."""
     make, mount = stack
@@ -164,6 +165,7 @@ def test_overlaykit_fuse_equals_the_kernel(stack, tmp_path):
     assert diff == {}, "\n".join(f"{k}: overlaykit-fuse={v[0]} kernel={v[1]}" for k, v in diff.items())
 
 
+@needs_fuse
 @pytest.mark.xfail(reason="engine gaps, not the FUSE front's: " + ", ".join(k[1] for k in sorted(ENGINE_GAPS)))
 def test_engine_gaps_seen_through_fuse(stack, tmp_path):
     make, mount = stack
@@ -173,6 +175,7 @@ def test_engine_gaps_seen_through_fuse(stack, tmp_path):
     assert all(k not in diff for k in ENGINE_GAPS), {k: diff[k] for k in ENGINE_GAPS if k in diff}
 
 
+@needs_fuse
 def test_scenarios_do_something(stack, tmp_path):
     """The scenarios are not vacuous: copy-ups, a whiteout, an opaque dir, EXDEV, errnos as the kernel says."""
     make, mount = stack
@@ -190,6 +193,7 @@ def test_scenarios_do_something(stack, tmp_path):
     assert r["shell: echo, >>, rm, mv, rm -rf, ls"][1][0] == 0
 
 
+@needs_fuse
 def test_fuse_overlayfs_differs_from_the_kernel_only_where_expected(stack, tmp_path):
     """The third implementation on the same scenarios; its known differences from the kernel are listed."""
     if not shutil.which("fuse-overlayfs"):
@@ -204,3 +208,83 @@ def test_fuse_overlayfs_differs_from_the_kernel_only_where_expected(stack, tmp_p
                   if not (k[0] == "results" and k[1] in EXPECTED_FUSE_OVERLAYFS_RESULTS)
                   and k[0] == "results"}
     assert unexpected == {}, "\n".join(f"{k}: fuse-overlayfs={v[0]} kernel={v[1]}" for k, v in unexpected.items())
+
+
+@needs_fuse
+@pytest.mark.skipif(not ROOT, reason="mount(8) of a fuse.* type and a private mount namespace need root")
+def test_mount_t_fuse_overlaykit_fuse(tmp_path):
+    """``mount -t fuse.overlaykit-fuse overlaykit MNT -o lowerdir=..`` (mount.fuse3 runs the program with PATH
+    unset: it is found in /usr/local/sbin, bind-mounted over in a private namespace only)."""
+    os.chmod(tmp_path, 0o755)
+    lowers, upper, work = sc.build(str(tmp_path))
+    mnt = tmp_path / "merged"
+    mnt.mkdir()
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    prog = sbin / "overlaykit-fuse"
+    prog.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m overlaykit.fuse \"$@\"\n")
+    prog.chmod(0o755)
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    script = f"""set -e
+trap 'fusermount3 -u {mnt} 2>/dev/null || true' EXIT
+mount --bind {sbin} /usr/local/sbin
+mount -t fuse.overlaykit-fuse overlaykit {mnt} -o {opts}
+grep " {mnt} " /proc/self/mountinfo | grep -q "fuse.overlaykit-fuse overlaykit"
+echo x > {mnt}/f
+rm {mnt}/gone
+ls -a {mnt}
+"""
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)  # (cwd: mount(8) would canonicalize
+    # a source name that exists as a path)
+    assert r.returncode == 0, r.stderr
+    assert "f" in r.stdout.split() and "gone" not in r.stdout.split()
+    up = sc.upper_snapshot(upper, "trusted")
+    assert up["gone"] == "whiteout" and up["f"][0] == "file"
+    deadline = time.monotonic() + 20
+    while daemons(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemons(str(tmp_path)) == []
+
+
+def run_main(argv, capsys):
+    rc = okfuse.main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["redirect_dir=on", "index=on", "metacopy=on", "xino=auto", "volatile"])
+def test_kernel_options_the_engine_lacks_are_refused_by_name(option, tmp_path, capsys):
+    if "options" in __import__("inspect").signature(Overlay).parameters:
+        pytest.skip("the engine takes kernel options: they are passed through")
+    rc, err = run_main(["-o", f"lowerdir={tmp_path},upperdir={tmp_path}/u,workdir={tmp_path}/w,{option}",
+                        str(tmp_path)], capsys)
+    assert rc == 1 and option.split("=")[0] in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_default_kernel_options_and_bad_command_lines(tmp_path, capsys, monkeypatch):
+    assert okfuse.overlay_config({"lowerdir": "a:b", "upperdir": "u", "workdir": "w", "redirect_dir": "off",
+                                  "index": "off", "metacopy": "off", "xino": "off", "userxattr": None}) \
+        == {"lowers": ["a", "b"], "upper": "u", "work": "w", "userxattr": True}
+    assert okfuse.parse_args(["overlaykit", "/m", "-o", "rw,lowerdir=a,dev"])["opts"] == \
+        {"rw": None, "lowerdir": "a", "dev": None}
+    for argv, word in [(["-o", "upperdir=u", "/m"], "lowerdir"), (["-o", "lowerdir=a,bogus=1", "/m"], "bogus"),
+                       (["-o", "lowerdir=a,upperdir=u", "/m"], "workdir"), (["-x", "/m"], "-x"),
+                       (["a", "b", "c"], "usage")]:
+        rc, err = run_main(argv, capsys)
+        assert rc == 1 and word in err, (argv, err)
+
+
+def test_no_fuse_says_so_in_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(okfuse, "fuse_unavailable", lambda: "FUSE is not available here: there is no /dev/fuse")
+    (tmp_path / "l").mkdir()
+    rc, err = run_main(["-o", f"lowerdir={tmp_path}/l", str(tmp_path)], capsys)
+    assert rc == 1 and err.strip() == "overlaykit-fuse: FUSE is not available here: there is no /dev/fuse."
+
+
+def test_doctor_reports_fuse():
+    from overlaykit.capabilities import doctor
+    text = doctor()
+    assert "fuse" in text.lower()
+    line = next(x for x in text.splitlines() if x.strip().startswith("overlaykit-fuse"))
+    assert ("NOT available" in line) == (WHY_NOT is not None)
