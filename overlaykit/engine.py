@@ -236,8 +236,6 @@ class Backend:
 
     def mount(self) -> None: raise NotImplementedError
     def unmount(self) -> None: raise NotImplementedError
-    def read_bytes(self, p: str) -> bytes: raise NotImplementedError
-    def write_bytes(self, p: str, data: bytes, append: bool) -> None: raise NotImplementedError
     def touch(self, p: str) -> None: raise NotImplementedError
     def remove(self, p: str) -> None: raise NotImplementedError
     def mkdir(self, p: str, mode: int) -> None: raise NotImplementedError
@@ -261,6 +259,16 @@ class Backend:
     def fstat(self, h: int) -> Stat: raise NotImplementedError
     def ftruncate(self, h: int, size: int) -> None: raise NotImplementedError
     def close(self, h: int) -> None: raise NotImplementedError
+
+    def write_all(self, p: str, flags: int, data: bytes) -> None:
+        """open, write everything, close (a backend may do it as one step, e.g. to stay whole under Ctrl-C)."""
+        h = self.open(p, flags, 0o666)
+        try:
+            view, offset = memoryview(data), 0
+            while offset < len(view):
+                offset += self.pwrite(h, view[offset:offset + _CHUNK].tobytes(), offset)
+        finally:
+            self.close(h)
 
 
 #: Why an operation copies a lower entry up, in the kernel documentation's words.
@@ -530,19 +538,9 @@ class Overlay:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         self._truncating = not append
         try:
-            self._run("append" if append else "write", [p], lambda b: self._write_all(b, p, flags, data))
+            self._run("append" if append else "write", [p], lambda b: b.write_all(p, flags, data))
         finally:
             self._truncating = False
-
-    @staticmethod
-    def _write_all(b: Backend, p: str, flags: int, data: bytes) -> None:
-        h = b.open(p, flags, 0o666)
-        try:
-            view, offset = memoryview(data), 0
-            while offset < len(view):
-                offset += b.pwrite(h, view[offset:offset + _CHUNK].tobytes(), offset)
-        finally:
-            b.close(h)
 
     def write_text(self, path, text: str, *, append: bool = False, encoding: str = "utf-8") -> None:
         self.write_bytes(path, text.encode(encoding), append=append)

@@ -441,8 +441,6 @@ class KernelBackend(Backend):
     def alive(self) -> bool:
         return self.worker is not None and self.worker.alive
 
-    def read_bytes(self, p): return self._do("read_bytes", (p,), p)
-    def write_bytes(self, p, data, append): self._do("write_bytes", (p,), p, data, append)
     def touch(self, p): self._do("touch", (p,), p)
     def remove(self, p): self._do("remove", (p,), p)
     def mkdir(self, p, mode): self._do("mkdir", (p,), p, mode)
@@ -469,6 +467,10 @@ class KernelBackend(Backend):
     def fstat(self, h): return Stat.from_os(self._do("fstat", (None,), h))
     def ftruncate(self, h, size): self._do("ftruncate", (None,), h, size)
     def close(self, h): self._do("close", (None,), h)
+
+    def write_all(self, p, flags, data):
+        """One request (open, write, close in the helper): after Ctrl-C the write is whole or not made."""
+        self._do("write_bytes", (p,), p, data, bool(flags & os.O_APPEND))
 
 
 def diagnose_mount_error(cfg: dict, code: int, message: str | None) -> tuple[str | None, str | None]:
