@@ -216,11 +216,24 @@ def build_operations(ov, *, as_root: bool):
         wrapper.__name__ = fn.__name__
         return wrapper
 
+    def nofollow(method, p: str, *args) -> None:
+        """chown/utime on the name itself, as FUSE's setattr means (never on a symlink's target)."""
+        if "follow_symlinks" in inspect.signature(method).parameters:
+            method(p, *args, follow_symlinks=False)
+        elif ov.lstat(p).kind == "symlink":  # the engine would follow it: refuse rather than change the target
+            raise OSError(errno.EOPNOTSUPP, "the engine cannot change a symlink itself yet", p)
+        else:
+            method(p, *args)
+
     def owner_of_caller(p: str) -> None:
         if as_root:
             uid, gid, _pid = mfusepy.fuse_get_context()
             if (uid, gid) != (os.geteuid(), os.getegid()):
-                ov.chown(p, uid, gid)
+                try:
+                    nofollow(ov.chown, p, uid, gid)
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
 
     has_handles = hasattr(ov, "os_open")
     dirs: dict[int, str] = {}  # open directory handle -> its path (libfuse passes no path with nullpath_ok)
@@ -315,24 +328,21 @@ def build_operations(ov, *, as_root: bool):
         def chown(self, path, uid, gid):
             p = _rel(path)
             s = ov.lstat(p)
-            ov.chown(p, s.uid if uid == -1 else uid, s.gid if gid == -1 else gid)
+            nofollow(ov.chown, p, s.uid if uid == -1 else uid, s.gid if gid == -1 else gid)
 
         @engine
         def utimens(self, path, times=None):
             """``times`` holds (sec, nsec) pairs as the kernel sent them, UTIME_NOW/UTIME_OMIT included."""
             p = _rel(path)
             if times is None or all(ns == UTIME_NOW for _, ns in times):
-                ov.utime(p, None)
+                nofollow(ov.utime, p, None)
                 return
             s = ov.lstat(p)
             current = (getattr(s, "atime_ns", s.mtime_ns), s.mtime_ns)
             now = time.time_ns()
             values = tuple(now if ns == UTIME_NOW else cur if ns == UTIME_OMIT else sec * 10**9 + ns
                            for (sec, ns), cur in zip(times, current))
-            if _utime_takes_ns(ov):
-                ov.utime(p, ns=values)
-            else:
-                ov.utime(p, (values[0] / 1e9, values[1] / 1e9))
+            nofollow(ov.utime, p, (values[0] / 1e9, values[1] / 1e9))
 
         @engine
         def truncate(self, path, length, fh=None):
@@ -449,10 +459,6 @@ def build_operations(ov, *, as_root: bool):
                 ov.unmount()
 
     return Ops()
-
-
-def _utime_takes_ns(ov) -> bool:
-    return "ns" in inspect.signature(ov.utime).parameters
 
 
 def _fuse_class():

@@ -8,6 +8,7 @@ where /dev/fuse, fusermount3 or the binding is missing.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -254,7 +255,7 @@ def run_main(argv, capsys):
 
 @pytest.mark.parametrize("option", ["redirect_dir=on", "index=on", "metacopy=on", "xino=auto", "volatile"])
 def test_kernel_options_the_engine_lacks_are_refused_by_name(option, tmp_path, capsys):
-    if "options" in __import__("inspect").signature(Overlay).parameters:
+    if "options" in inspect.signature(Overlay).parameters:
         pytest.skip("the engine takes kernel options: they are passed through")
     rc, err = run_main(["-o", f"lowerdir={tmp_path},upperdir={tmp_path}/u,workdir={tmp_path}/w,{option}",
                         str(tmp_path)], capsys)
@@ -288,3 +289,68 @@ def test_doctor_reports_fuse():
     assert "fuse" in text.lower()
     line = next(x for x in text.splitlines() if x.strip().startswith("overlaykit-fuse"))
     assert ("NOT available" in line) == (WHY_NOT is not None)
+
+
+LEARNER = os.environ.get("OVERLAYKIT_TEST_USER", "learner")
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@needs_fuse
+@pytest.mark.skipif(not ROOT or not _user_exists(LEARNER), reason=f"needs root and a user {LEARNER!r}")
+def test_another_users_rights_and_ownership_are_the_kernels():
+    """A root mount used by another user: the kernel checks that user's rights on both overlays (FUSE with
+    default_permissions), and what the user creates is the user's, in merged/ and in upper/."""
+    import tempfile
+    base = tempfile.mkdtemp(prefix="okfuse-perm-")
+    try:
+        os.chmod(base, 0o755)
+        for name in ("kernel", "fuse"):
+            t = Path(base, name)
+            for d in ("lower", "upper", "work", "merged"):
+                (t / d).mkdir(parents=True)
+            (t / "lower/pub").mkdir(mode=0o777)
+            os.chmod(t / "lower/pub", 0o777)
+            (t / "lower/private").mkdir(mode=0o700)
+            (t / "lower/private/f").write_text("secret")
+            (t / "lower/rootfile").write_text("root's")
+            (t / "lower/pub/theirs").write_text("root's, in a public dir")
+        steps = ["echo x > M/pub/mine", "stat -c %U:%a M/pub/mine", "mkdir M/pub/d", "stat -c %U:%a M/pub/d",
+                 "echo y >> M/rootfile", "rm M/rootfile", "ls M/private", "cat M/private/f", "chmod 600 M/rootfile",
+                 "rm M/pub/theirs", "mv M/pub/mine M/pub/mine2", "ln -s x M/pub/sl", "stat -c %U M/pub/sl",
+                 "touch -d 2001-01-01 M/rootfile", "ls M/pub"]
+        if "follow_symlinks" not in inspect.signature(Overlay.chown).parameters:
+            steps.remove("stat -c %U M/pub/sl")  # engine gap: no lchown, so a new symlink stays the mounter's
+        user_script = "; ".join(f'out=$({s.replace("M/", "$1/")} 2>&1); rc=$?; echo "$out" | sed "s|$1|M|g"; '
+                                f'echo "rc=$rc"' for s in steps)
+        kt, ft = Path(base, "kernel"), Path(base, "fuse")
+        script = f"""set -e
+trap 'fusermount3 -u {ft}/merged 2>/dev/null || true; umount {kt}/merged 2>/dev/null || true' EXIT
+mount -t overlay overlay -o lowerdir={kt}/lower,upperdir={kt}/upper,workdir={kt}/work,redirect_dir=off {kt}/merged
+{' '.join(overlaykit_fuse_argv([str(ft / 'lower')], str(ft / 'upper'), str(ft / 'work'), str(ft / 'merged')))}
+echo === kernel
+runuser -u {LEARNER} -- sh -c '{user_script}' sh {kt}/merged
+echo === fuse
+runuser -u {LEARNER} -- sh -c '{user_script}' sh {ft}/merged
+"""
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=base, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        _, kernel_out, fuse_out = r.stdout.split("=== ")
+        assert fuse_out.replace("fuse\n", "", 1) == kernel_out.replace("kernel\n", "", 1)
+        assert f"{LEARNER}:644" in fuse_out and "Permission denied" in fuse_out  # not vacuous
+        assert sc.upper_snapshot(str(ft / "upper"), "trusted") == sc.upper_snapshot(str(kt / "upper"), "trusted")
+        assert os.stat(ft / "upper/pub/mine2").st_uid == os.stat(kt / "upper/pub/mine2").st_uid != 0
+        deadline = time.monotonic() + 20
+        while daemons(base) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemons(base) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
