@@ -38,6 +38,15 @@ PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
+def renameat2(src: str, dst: str, flags: int, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD) -> None:
+    """rename(2) with flags (Python's os.rename has none); OSError with the kernel's errno."""
+    if _libc.renameat2(ctypes.c_int(src_dir_fd), os.fsencode(src), ctypes.c_int(dst_dir_fd), os.fsencode(dst),
+                       ctypes.c_uint(flags)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src, None, dst)
 _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
@@ -304,11 +313,11 @@ def _touch(p: str) -> None:
 _USERNS = False
 
 
-def _chown(p: str, uid: int, gid: int) -> None:
+def _chown(p: str, uid: int, gid: int, follow: bool = True) -> None:
     """In our user namespace only the caller's own uid/gid are mapped, and chown to any other id fails
     with EINVAL; outside, the same unprivileged call fails with EPERM, which is what the caller sees."""
     try:
-        os.chown(_abs(p), uid, gid)
+        os.chown(_abs(p), uid, gid, follow_symlinks=follow)
     except OSError as e:
         if _USERNS and e.errno == errno.EINVAL:
             raise OSError(errno.EPERM, os.strerror(errno.EPERM)) from None
@@ -359,9 +368,16 @@ OPS = {
     "rename": lambda s, d: os.rename(_abs(s), _abs(d)),
     "chmod": lambda p, mode: os.chmod(_abs(p), mode),
     "chown": _chown,
-    "utime": lambda p, times: os.utime(_abs(p), times),
-    "setxattr": lambda p, name, value: os.setxattr(_abs(p), name, value),
-    "getxattr": lambda p, name: os.getxattr(_abs(p), name),
+    "utime": lambda p, times, ns=None, follow=True: os.utime(_abs(p), times, **({"ns": ns} if ns else {}),
+                                                            follow_symlinks=follow),
+    "setxattr": lambda p, name, value, flags=0, follow=True: os.setxattr(_abs(p), name, value, flags,
+                                                                          follow_symlinks=follow),
+    "getxattr": lambda p, name, follow=True: os.getxattr(_abs(p), name, follow_symlinks=follow),
+    "listxattr": lambda p, follow=True: sorted(os.listxattr(_abs(p), follow_symlinks=follow)),
+    "removexattr": lambda p, name, follow=True: os.removexattr(_abs(p), name, follow_symlinks=follow),
+    "statfs": lambda p: os.statvfs(_abs(p)),
+    "mknod": lambda p, mode, device: os.mknod(_abs(p), mode, device),
+    "rename2": lambda s, d, flags: renameat2(_abs(s), _abs(d), flags),
     "symlink": lambda target, p: os.symlink(target, _abs(p)),
     "link": lambda s, d: os.link(_abs(s), _abs(d), follow_symlinks=False),
     "truncate": lambda p, size: os.truncate(_abs(p), size),

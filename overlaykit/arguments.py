@@ -97,3 +97,8 @@ def open_flags(value) -> int:
     if value < 0 or value > 0x7FFFFFFF:
         raise OverflowError("signed integer is greater than maximum")
     return value & ~os.O_CLOEXEC
+
+
+def ns_times(value) -> None:
+    """utime's ``ns``: a tuple of two integers, as ``os.utime`` takes it."""
+    _convert_as_os(lambda fd, ns: os.utime(fd, ns=ns), value)

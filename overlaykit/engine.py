@@ -18,8 +18,8 @@ import stat as st
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import islice
+from pathlib import Path
 from typing import Iterator
 
 from . import arguments, ondisk
@@ -31,6 +31,8 @@ MAX_LOWERS = 500
 DOCKER_MAX_LOWERS = 128
 
 BACKENDS = ("sim", "kernel")
+#: renameat2 flags for `Overlay.rename` (linux/fs.h); os has no names for them.
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,8 @@ class Backend:
 COPY_UP_REASON = {
     "write": "opened for write", "append": "opened for append", "open": "opened for write", "truncate": "truncate",
     "chmod": "chmod (metadata change)", "chown": "chown (metadata change)", "utime": "utimes (metadata change)",
-    "touch": "utimes (metadata change)", "setxattr": "setxattr (metadata change)", "link": "link(2) needs the inode in upper",
+    "touch": "utimes (metadata change)", "setxattr": "setxattr (metadata change)",
+    "removexattr": "removexattr (metadata change)", "create": "opened for write", "link": "link(2) needs the inode in upper",
     "rename": "rename of a lower entry", "mkdir": "parent of a new entry", "symlink": "parent of a new entry",
     "remove": "parent of a whiteout", "rmdir": "parent of a whiteout",
 }
@@ -576,34 +579,86 @@ class Overlay:
         p = normpath(path)
         self._run("rmdir", [p], lambda b: b.rmdir(p))
 
-    def rename(self, src, dst) -> None:
+    def rename(self, src, dst, *, flags: int = 0) -> None:
+        """rename(2); ``flags`` as renameat2: RENAME_NOREPLACE (EEXIST if ``dst`` exists) and
+        RENAME_EXCHANGE (swap two existing names).  The kernel's overlay refuses RENAME_WHITEOUT (EINVAL)."""
         s, d = normpath(src), normpath(dst)
-        self._run("rename", [s, d], lambda b: b.rename(s, d))
+        flags = arguments.open_flags(flags)
+        if flags:
+            self._run("rename", [s, d], lambda b: b.rename2(s, d, flags))
+        else:
+            self._run("rename", [s, d], lambda b: b.rename(s, d))
 
     def chmod(self, path, mode: int) -> None:
         p = normpath(path)
         mode = arguments.mode(mode)
         self._run("chmod", [p], lambda b: b.chmod(p, mode))
 
-    def chown(self, path, uid: int, gid: int) -> None:
+    def chown(self, path, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
         p = normpath(path)
         uid, gid = arguments.owner(uid, gid)
-        self._run("chown", [p], lambda b: b.chown(p, uid, gid))
+        if follow_symlinks:
+            self._run("chown", [p], lambda b: b.chown(p, uid, gid))
+        else:
+            self._run("chown", [p], lambda b: b.chown(p, uid, gid, False))
 
-    def utime(self, path, times=None) -> None:
+    def lchown(self, path, uid: int, gid: int) -> None:
+        self.chown(path, uid, gid, follow_symlinks=False)
+
+    def utime(self, path, times=None, *, ns=None, follow_symlinks: bool = True) -> None:
+        """Like os.utime: ``times`` (seconds) or ``ns`` (nanoseconds) as (atime, mtime), or now."""
         p = normpath(path)
+        if times is not None and ns is not None:
+            raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+        if ns is not None:
+            arguments.ns_times(ns)
+            self._run("utime", [p], lambda b: b.utime(p, None, tuple(ns), follow_symlinks))
+            return
         times = arguments.times(times)
-        self._run("utime", [p], lambda b: b.utime(p, times))
+        if follow_symlinks:
+            self._run("utime", [p], lambda b: b.utime(p, times))
+        else:
+            self._run("utime", [p], lambda b: b.utime(p, times, None, False))
 
-    def setxattr(self, path, name: str, value) -> None:
+    def setxattr(self, path, name: str, value, flags: int = 0, *, follow_symlinks: bool = True) -> None:
+        """Like os.setxattr; ``flags`` os.XATTR_CREATE (EEXIST if set) or os.XATTR_REPLACE (ENODATA if not)."""
         p = normpath(path)
         name, value = arguments.xattr_name(name), arguments.xattr_value(value)
-        self._run("setxattr", [p], lambda b: b.setxattr(p, name, value))
+        flags = arguments.open_flags(flags)
+        if flags or not follow_symlinks:
+            self._run("setxattr", [p], lambda b: b.setxattr(p, name, value, flags, follow_symlinks))
+        else:
+            self._run("setxattr", [p], lambda b: b.setxattr(p, name, value))
 
-    def getxattr(self, path, name: str) -> bytes:
+    def getxattr(self, path, name: str, *, follow_symlinks: bool = True) -> bytes:
         p = normpath(path)
         name = arguments.xattr_name(name)
-        return self._run("getxattr", [p], lambda b: b.getxattr(p, name))
+        if follow_symlinks:
+            return self._run("getxattr", [p], lambda b: b.getxattr(p, name))
+        return self._run("getxattr", [p], lambda b: b.getxattr(p, name, False))
+
+    def listxattr(self, path=".", *, follow_symlinks: bool = True) -> list[str]:
+        """The xattr names of an entry, sorted (overlayfs's own markers are not listed)."""
+        p = normpath(path)
+        return sorted(self._run("listxattr", [p], lambda b: b.listxattr(p, follow_symlinks)))
+
+    def removexattr(self, path, name: str, *, follow_symlinks: bool = True) -> None:
+        p = normpath(path)
+        name = arguments.xattr_name(name)
+        self._run("removexattr", [p], lambda b: b.removexattr(p, name, follow_symlinks))
+
+    def statfs(self, path=".") -> os.statvfs_result:
+        """statvfs(2) of the overlay (the upper layer's filesystem figures, as the kernel reports them)."""
+        p = normpath(path)
+        return self._run("statfs", [p], lambda b: b.statfs(p))
+
+    def mknod(self, path, mode: int = 0o600 | st.S_IFREG, device: int = 0) -> None:
+        """Like os.mknod: a fifo (stat.S_IFIFO), socket, regular file, or a device where allowed (root)."""
+        p = normpath(path)
+        mode = arguments.mode(mode)
+        if not isinstance(device, int):
+            raise TypeError(f"'{type(device).__name__}' object cannot be interpreted as an integer")
+        self._run("mknod", [p], lambda b: b.mknod(p, mode, device))
 
     def symlink(self, target: str, link_path) -> None:
         p = normpath(link_path)

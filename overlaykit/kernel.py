@@ -49,7 +49,7 @@ class WorkerGone(ConnectionError):
 #: Every other operation, once sent, runs to its end in the helper and the interrupt is raised after
 #: its reply, so that after Ctrl-C a change is either wholly made (it was sent) or not made at all.
 #: A second interrupt stops waiting for that reply (the helper still completes the change).
-_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat", "pread", "fstat"})
+_ABANDONABLE = frozenset({"read_bytes", "getxattr", "listdir", "stat", "pread", "fstat", "listxattr", "statfs"})
 #: Frame header: body length and the request id the frame belongs to (0 for the start-up exchange).
 _HEAD = struct.Struct(">IQ")
 _CHUNK = 1 << 20
@@ -77,7 +77,8 @@ class _DeferInterrupt:
         self.active = False
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             try:
                 self.old = signal.signal(signal.SIGINT, self._flag)
                 self.active = True
@@ -447,10 +448,15 @@ class KernelBackend(Backend):
     def rmdir(self, p): self._do("rmdir", (p,), p)
     def rename(self, src, dst): self._do("rename", (src, dst), src, dst)
     def chmod(self, p, mode): self._do("chmod", (p,), p, mode)
-    def chown(self, p, uid, gid): self._do("chown", (p,), p, uid, gid)
-    def utime(self, p, times): self._do("utime", (p,), p, times)
-    def setxattr(self, p, name, value): self._do("setxattr", (p,), p, name, value)
-    def getxattr(self, p, name): return self._do("getxattr", (p,), p, name)
+    def chown(self, p, uid, gid, follow=True): self._do("chown", (p,), p, uid, gid, follow)
+    def utime(self, p, times, ns=None, follow=True): self._do("utime", (p,), p, times, ns, follow)
+    def setxattr(self, p, name, value, flags=0, follow=True): self._do("setxattr", (p,), p, name, value, flags, follow)
+    def getxattr(self, p, name, follow=True): return self._do("getxattr", (p,), p, name, follow)
+    def listxattr(self, p, follow=True): return self._do("listxattr", (p,), p, follow)
+    def removexattr(self, p, name, follow=True): self._do("removexattr", (p,), p, name, follow)
+    def statfs(self, p): return self._do("statfs", (p,), p)
+    def mknod(self, p, mode, device): self._do("mknod", (p,), p, mode, device)
+    def rename2(self, src, dst, flags): self._do("rename2", (src, dst), src, dst, flags)
     def symlink(self, target, p): self._do("symlink", (p,), target, p)
     def link(self, src, dst): self._do("link", (src, dst), src, dst)
     def truncate(self, p, size): self._do("truncate", (p,), p, size)

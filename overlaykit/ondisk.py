@@ -230,6 +230,40 @@ class Layers:
         self._names: dict[str, list[str]] = {}
         #: Whatever a backend derives from lookups (resolved paths, stat results); dropped with the rest.
         self.memo: dict = {}
+        self._root_fds: list[int | None] = [None] * len(self.roots)
+
+    # -- reaching entries on disk, never through a host symlink (see nofollow.py) --------------------
+    def _root_fd(self, index: int) -> int | None:
+        fd = self._root_fds[index]
+        if fd is None:
+            try:
+                fd = self._root_fds[index] = os.open(self.roots[index], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        return fd
+
+    def at(self, index: int, path: str):
+        """``with layers.at(i, path) as real``: see `nofollow.at` (the layer root's fd is kept open)."""
+        return nofollow.at(self.roots[index], path, self._root_fd(index))
+
+    def at_dir(self, index: int, path: str):
+        return nofollow.at_dir(self.roots[index], path, self._root_fd(index))
+
+    def close(self) -> None:
+        """Close the layer roots' fds (at unmount); they are opened again if the layers are read later."""
+        fds, self._root_fds = getattr(self, "_root_fds", ()), [None] * len(self.roots)
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def name(self, index: int) -> str:
         if self.has_upper:
@@ -280,7 +314,7 @@ class Layers:
             return
         entry = None
         try:
-            with nofollow.at_dir(self.roots[0], parent) as real_parent:  # never through a host symlink
+            with self.at_dir(0, parent) as real_parent:  # never through a host symlink
                 try:
                     s = os.lstat(os.path.join(real_parent, name))
                     entry = WHITEOUT if is_char_whiteout(s) else s
@@ -314,7 +348,7 @@ class Layers:
         enc = self.encoding
         result: dict | None = {}
         try:
-            with nofollow.read_dir(self.roots[index], path) as (real, fd), os.scandir(fd) as it:
+            with nofollow.read_dir(self.roots[index], path, self._root_fd(index)) as (real, fd), os.scandir(fd) as it:
                 xwh = _fxattr(fd, enc.opaque_xattr) == b"x"
                 for de in it:
                     name = de.name
@@ -345,7 +379,7 @@ class Layers:
         except KeyError:
             pass
         try:
-            with nofollow.at_dir(self.roots[index], path) as real:
+            with self.at_dir(index, path) as real:
                 value = self.encoding.is_opaque(real)
         except OSError:  # not searchable, or changed behind our back
             value = False

@@ -113,6 +113,7 @@ class SimBackend(Backend):
     def unmount(self) -> None:
         for h in list(self.handles):
             self.close(h)
+        self.L.close()
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
@@ -171,7 +172,7 @@ class SimBackend(Backend):
                 hops += 1
                 if hops > MAXSYMLINKS:
                     raise _err(errno.ELOOP, p)
-                with nofollow.at(L.roots[node.layer], node.path) as real:
+                with L.at(node.layer, node.path) as real:
                     target = os.readlink(real)
                 if target.startswith("/"):
                     stack = [L.root()]
@@ -217,7 +218,7 @@ class SimBackend(Backend):
         if self.root_user or node is None:
             return
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 ok = os.access(real, mode, follow_symlinks=False)
         except OSError:
             ok = False
@@ -227,11 +228,11 @@ class SimBackend(Backend):
     def _up(self, path: str):
         """``with self._up(path) as real``: ``path`` in upper/, reached without following a host symlink
         (the last component too, with ``follow_symlinks=False`` or ``O_NOFOLLOW``)."""
-        return nofollow.at(self.upper, path)
+        return self.L.at(0, path)
 
     def _updir(self, path: str):
         """``with self._updir(path) as d``: directory ``path`` of upper/ itself, opened without following."""
-        return nofollow.at_dir(self.upper, path)
+        return self.L.at_dir(0, path)
 
     def _upper_dir(self, d: MergedDir) -> str:
         """Make sure directory ``d`` exists in upper/, copying it and its parents up (one at a time,
@@ -254,7 +255,7 @@ class SimBackend(Backend):
         return d.path
 
     def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
-        with nofollow.at(self.L.roots[layer], path) as real:
+        with self.L.at(layer, path) as real:
             return os.lstat(real)
 
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
@@ -270,7 +271,7 @@ class SimBackend(Backend):
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
         tmp = "#" + os.urandom(6).hex()
-        with nofollow.at(self.L.roots[layer], path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+        with self.L.at(layer, path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
             try:
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
@@ -439,7 +440,7 @@ class SimBackend(Backend):
             elif not self.root_user:
                 self._may(node, os.R_OK, p)
         try:
-            with nofollow.at(self.L.roots[layer], rel) as real:
+            with self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -521,15 +522,18 @@ class SimBackend(Backend):
             return
         self.utime(p, None)
 
-    def utime(self, p: str, times) -> None:
-        _, _, node = self._resolve(p, True)
+    def utime(self, p: str, times, ns=None, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
-        self._owner_or_writable(node, p, times is None)
+        self._owner_or_writable(node, p, times is None and ns is None)
         try:
             with self._up(self._copy_up(node)) as real:
-                os.utime(real, times, follow_symlinks=False)
+                if ns is not None:
+                    os.utime(real, ns=ns, follow_symlinks=False)
+                else:
+                    os.utime(real, times, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
@@ -701,8 +705,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
-    def chown(self, p: str, uid: int, gid: int) -> None:
-        _, _, node = self._resolve(p, True)
+    def chown(self, p: str, uid: int, gid: int, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -718,8 +722,8 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(node.path)
 
-    def setxattr(self, p: str, name: str, value: bytes) -> None:
-        _, _, node = self._resolve(p, True)
+    def setxattr(self, p: str, name: str, value: bytes, flags: int = 0, follow: bool = True) -> None:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
@@ -729,21 +733,127 @@ class SimBackend(Backend):
             self._may(node, os.W_OK, p)
         try:
             with self._up(self._copy_up(node)) as real:
-                os.setxattr(real, self._escape(name), value, follow_symlinks=False)
+                os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
-    def getxattr(self, p: str, name: str) -> bytes:
-        _, _, node = self._resolve(p, True)
+    def getxattr(self, p: str, name: str, follow: bool = True) -> bytes:
+        _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
-            with nofollow.at(self.L.roots[node.layer if isinstance(node, Leaf) else node.layers[0]], node.path) as real:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
+
+    def listxattr(self, p: str, follow: bool = True) -> list[str]:
+        """The entry's xattrs as ovl_listxattr shows them: overlayfs's own markers hidden, escaped
+        ones (a nested overlay's) shown under their own names."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        try:
+            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
+                names = os.listxattr(real, follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        private = self.encoding.private_prefix
+        escaped = private + "overlay."
+        out = [private + n[len(escaped):] if n.startswith(escaped) else n
+               for n in names if not n.startswith(private) or n.startswith(escaped)]
+        return sorted(out)
+
+    def removexattr(self, p: str, name: str, follow: bool = True) -> None:
+        """ovl_xattr_set with no value: a lower entry without that xattr is ENODATA and stays where it
+        is; otherwise it is copied up and the xattr removed there."""
+        _, _, node = self._resolve(p, follow)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        self._writable(p)
+        if name.startswith("trusted.") and not self.root_user:
+            raise _err(errno.EPERM, p)
+        if not self.root_user:
+            self._may(node, os.W_OK, p)
+        try:
+            layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+            if not (self.L.has_upper and layer == 0):
+                with self.L.at(layer, node.path) as real:
+                    os.getxattr(real, self._escape(name), follow_symlinks=False)
+            with self._up(self._copy_up(node)) as real:
+                os.removexattr(real, self._escape(name), follow_symlinks=False)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(node.path)
+
+    def statfs(self, p: str):
+        """ovl_statfs: the upper filesystem's figures (the top lower's on a read-only overlay)."""
+        _, _, node = self._resolve(p, True)
+        if node is None:
+            raise _err(errno.ENOENT, p)
+        return os.statvfs(self.upper or self.lowers[0])
+
+    def mknod(self, p: str, mode: int, device: int) -> None:
+        parent, name, node = self._resolve(p, False)
+        if node is not None or parent is None:
+            raise _err(errno.EEXIST, p)
+        self._writable(p)
+        kind = st.S_IFMT(mode) or st.S_IFREG
+        if kind not in (st.S_IFREG, st.S_IFIFO, st.S_IFSOCK, st.S_IFCHR, st.S_IFBLK):
+            raise _err(errno.EINVAL, p)
+        if kind in (st.S_IFCHR, st.S_IFBLK) and not self.root_user:
+            raise _err(errno.EPERM, p)
+        self._create_prep(parent, name, p)
+        rel = _join(parent.path, name)
+        try:
+            with self._up(rel) as real:
+                os.mknod(real, mode, device)
+        except OSError as e:
+            raise _err(e.errno, p) from None
+        finally:
+            self.L.refresh_upper(rel)
+
+    def rename2(self, src: str, dst: str, flags: int) -> None:
+        """renameat2 as ovl_rename takes it: RENAME_NOREPLACE and RENAME_EXCHANGE, nothing else (EINVAL)."""
+        from ._nsworker import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == RENAME_EXCHANGE | RENAME_NOREPLACE:
+            raise _err(errno.EINVAL, src, dst)
+        if flags == RENAME_NOREPLACE:
+            _, _, dnode = self._resolve(dst, False)
+            _, _, snode = self._resolve(src, False)
+            if snode is None:
+                raise _err(errno.ENOENT, src, dst)
+            if dnode is not None:
+                raise _err(errno.EEXIST, src, dst)
+            return self.rename(src, dst)
+        if not flags:
+            return self.rename(src, dst)
+        sparent, sname, snode = self._resolve(src, False)
+        dparent, dname, dnode = self._resolve(dst, False)
+        if snode is None or dnode is None:
+            raise _err(errno.ENOENT, src, dst)
+        self._writable(src)
+        if snode.path == dnode.path:
+            return
+        if snode.path.startswith(dnode.path + "/") or dnode.path.startswith(snode.path + "/"):
+            raise _err(errno.EINVAL, src, dst)
+        for node in (snode, dnode):  # redirect_dir=off: a lower or merged directory cannot move
+            if isinstance(node, MergedDir) and not (self.L.has_upper and node.layers == (0,)):
+                raise _err(errno.EXDEV, src, dst)
+        self._may(sparent, os.W_OK | os.X_OK, src)
+        self._may(dparent, os.W_OK | os.X_OK, dst)
+        s_rel, d_rel = self._copy_up(snode), self._copy_up(dnode)
+        try:
+            with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
+                renameat2(s_real, d_real, RENAME_EXCHANGE)
+        except OSError as e:
+            raise _err(e.errno, src, dst) from None
+        finally:
+            self.L.refresh_upper(s_rel, subtree=True)
+            self.L.refresh_upper(d_rel, subtree=True)
 
     def _escape(self, name: str) -> str:
         """Xattrs in overlayfs's own namespace are stored escaped (kernel 6.7+), so a nested overlay's
@@ -837,12 +947,23 @@ class SimBackend(Backend):
     def _stat(self, node) -> Stat:
         if isinstance(node, Leaf):
             s = node.lstat
-            with nofollow.at(self.L.roots[node.layer], node.path) as real:
-                if node.layer == 0 and self.L.has_upper:
+            upper = node.layer == 0 and self.L.has_upper
+            if not (upper or st.S_ISLNK(s.st_mode)):
+                return Stat.from_os(s, dev=self.dev)
+            with self.L.at(node.layer, node.path) as real:
+                if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
             return Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
-        s = self._lower_lstat(node.layers[0], node.path)
+        layer = node.layers[0]
+        s = None
+        if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
+            parent, _, name = node.path.rpartition("/")
+            s = (self.L.entries(layer, parent) or {}).get(name)
+            if s is WHITEOUT or s is None or s.st_uid == -1:  # -1: only readdir's d_type was known
+                s = None
+        if s is None:
+            s = self._lower_lstat(layer, node.path)
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None, ino=self._ino(node, s), dev=self.dev)
 
     def _ino(self, node, s: os.stat_result) -> int:
@@ -948,3 +1069,26 @@ def _reset_workdir(wd: str, mode: int) -> None:
     except FileExistsError:  # it could not be removed (another user's): use it as it is
         return
     os.chmod(wd, mode)
+
+
+def _caller_paths(method, which: tuple[int, ...]):
+    """Errors name the caller's path(s), never a host path (nor a /proc/self/fd one from nofollow)."""
+    def op(self, *args):
+        try:
+            return method(self, *args)
+        except OSError as e:
+            paths = [args[i] for i in which]
+            if e.filename in paths and e.filename2 in paths + [None]:
+                raise
+            raise _err(e.errno, *paths) from None
+    op.__name__, op.__qualname__, op.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return op
+
+
+for _name, _which in {"open": (0,), "listxattr": (0,), "removexattr": (0,), "statfs": (0,), "mknod": (0,),
+                      "rename2": (0, 1), "touch": (0,), "remove": (0,), "mkdir": (0,),
+                      "rmdir": (0,), "rename": (0, 1), "chmod": (0,), "chown": (0,), "utime": (0,),
+                      "setxattr": (0,), "getxattr": (0,), "symlink": (1,), "link": (0, 1), "truncate": (0,),
+                      "listdir": (0,), "stat": (0,)}.items():
+    setattr(SimBackend, _name, _caller_paths(getattr(SimBackend, _name), _which))
+del _name, _which

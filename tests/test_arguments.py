@@ -5,7 +5,6 @@ compares the exception's type and errno.  On the kernel backend the helper must 
 """
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest

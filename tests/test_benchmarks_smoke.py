@@ -15,7 +15,7 @@ SCRIPT = REPO / "benchmarks" / "run.py"
 
 TINY = ["--files", "300", "--layers", "1,3", "--big", "300,3", "--image", "300,3", "--lookups", "40",
         "--reps", "2", "--walk-reps", "1", "--copy-sizes", "1K,8K", "--copy-reps", "1", "--image-reps", "1",
-        "--build-reps", "1", "--skip", "notebooks"]
+        "--build-reps", "1", "--trace-ops", "4000", "--skip", "notebooks"]
 
 
 def run(args, tmp_path, timeout=600):
@@ -42,7 +42,8 @@ def test_tiny_run_prints_ratios_and_summary(tmp_path):
     assert len(table) == len(rows) + 2
     whats = [r["what"] for r in rows]
     for expected in ("stat, existing paths (300 files, 1 layers)", "stat, missing paths (300 files, 3 layers)",
-                     "full walk", "listdir /usr/bin", "peak RSS", "import + flatten vs tar -x",
+                     "full walk", "listdir /usr/bin", "peak RSS", "RSS growth, 4000 traced operations",
+                     "import + flatten vs tar -x",
                      "inspect (300 files, 3 layers)", "modify (append 1 byte), file of 8.0 KiB",
                      "chmod (metadata only), file of 1.0 KiB"):
         assert any(expected in w for w in whats), (expected, whats)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import pwd
-import shutil
 import tempfile
 
 import pytest
