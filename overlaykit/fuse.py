@@ -16,8 +16,8 @@ It returns once the mount is up and serves in the background; ``-f`` stays in th
 from __future__ import annotations
 
 import errno
-import hashlib
 import inspect
+import itertools
 import os
 import shutil
 import stat as st
@@ -189,18 +189,6 @@ def _rel(path: str | None) -> str:
     return path.lstrip("/") or "."
 
 
-_FMT = {"file": st.S_IFREG, "dir": st.S_IFDIR, "symlink": st.S_IFLNK, "char": st.S_IFCHR,
-        "block": st.S_IFBLK, "fifo": st.S_IFIFO, "socket": st.S_IFSOCK}
-
-
-def path_inode(path: str) -> int:
-    """A stable inode number derived from the merged path (until the engine's Stat carries st_ino):
-    it survives remounts, but a rename changes it and hard links do not share it."""
-    if path in ("", "."):
-        return 1
-    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                          "little") >> 1 | 2
-
 
 def build_operations(ov, *, as_root: bool):
     """An mfusepy `Operations` object whose every method is one or a few `Overlay` calls."""
@@ -216,38 +204,21 @@ def build_operations(ov, *, as_root: bool):
         wrapper.__name__ = fn.__name__
         return wrapper
 
-    def nofollow(method, p: str, *args) -> None:
-        """chown/utime on the name itself, as FUSE's setattr means (never on a symlink's target)."""
-        if "follow_symlinks" in inspect.signature(method).parameters:
-            method(p, *args, follow_symlinks=False)
-        elif ov.lstat(p).kind == "symlink":  # the engine would follow it: refuse rather than change the target
-            raise OSError(errno.EOPNOTSUPP, "the engine cannot change a symlink itself yet", p)
-        else:
-            method(p, *args)
-
     def owner_of_caller(p: str) -> None:
+        """What a caller creates is the caller's (the kernel creates with the caller's fsuid/fsgid)."""
         if as_root:
             uid, gid, _pid = mfusepy.fuse_get_context()
             if (uid, gid) != (os.geteuid(), os.getegid()):
-                try:
-                    nofollow(ov.chown, p, uid, gid)
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
+                ov.chown(p, uid, gid, follow_symlinks=False)
 
-    has_handles = hasattr(ov, "os_open")
+    counter = itertools.count(1)
     dirs: dict[int, str] = {}  # open directory handle -> its path (libfuse passes no path with nullpath_ok)
 
     def attributes(p: str, s=None) -> dict:
         s = ov.lstat(p) if s is None else s
-        ino = getattr(s, "ino", None) or path_inode(p or "")
-        size = len(os.fsencode(s.target)) if s.kind == "symlink" and s.target is not None else s.size
-        mtime = s.mtime_ns
-        return {"st_mode": _FMT.get(s.kind, 0) | s.mode, "st_ino": ino, "st_nlink": s.nlink,
-                "st_uid": s.uid, "st_gid": s.gid, "st_size": size,
-                "st_atime": getattr(s, "atime_ns", mtime), "st_mtime": mtime,
-                "st_ctime": getattr(s, "ctime_ns", mtime), "st_rdev": getattr(s, "rdev", 0),
-                "st_blocks": getattr(s, "blocks", (size + 511) // 512)}
+        return {"st_mode": s.st_mode, "st_ino": s.ino, "st_nlink": s.nlink, "st_uid": s.uid, "st_gid": s.gid,
+                "st_size": s.size, "st_atime": s.atime_ns, "st_mtime": s.mtime_ns, "st_ctime": s.ctime_ns,
+                "st_rdev": s.rdev, "st_blocks": s.blocks}
 
     class Ops(mfusepy.Operations):
         use_ns = True
@@ -256,7 +227,7 @@ def build_operations(ov, *, as_root: bool):
 
         @engine
         def getattr(self, path, fh=None):
-            if fh and has_handles:  # an open file whose name may be gone (fstat)
+            if fh:  # an open file whose name may be gone (fstat)
                 return attributes(path and _rel(path), ov.fstat(fh))
             return attributes(_rel(path))
 
@@ -272,8 +243,9 @@ def build_operations(ov, *, as_root: bool):
             d = _rel(path)
             if ov.lstat(d).kind != "dir":
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-            dirs[id(d)] = d
-            return id(d)
+            h = next(counter)
+            dirs[h] = d
+            return h
 
         def releasedir(self, path, fh):
             dirs.pop(fh, None)
@@ -316,9 +288,7 @@ def build_operations(ov, *, as_root: bool):
 
         @engine
         def rename(self, old, new, flags=0):
-            if flags:
-                raise OSError(errno.EINVAL, "rename flags are not supported by the engine yet", old)
-            ov.rename(_rel(old), _rel(new))
+            ov.rename(_rel(old), _rel(new), flags=flags)
 
         @engine
         def chmod(self, path, mode):
@@ -328,25 +298,25 @@ def build_operations(ov, *, as_root: bool):
         def chown(self, path, uid, gid):
             p = _rel(path)
             s = ov.lstat(p)
-            nofollow(ov.chown, p, s.uid if uid == -1 else uid, s.gid if gid == -1 else gid)
+            ov.chown(p, s.uid if uid == -1 else uid, s.gid if gid == -1 else gid, follow_symlinks=False)
 
         @engine
         def utimens(self, path, times=None):
             """``times`` holds (sec, nsec) pairs as the kernel sent them, UTIME_NOW/UTIME_OMIT included."""
             p = _rel(path)
             if times is None or all(ns == UTIME_NOW for _, ns in times):
-                nofollow(ov.utime, p, None)
+                ov.utime(p, None, follow_symlinks=False)
                 return
             s = ov.lstat(p)
-            current = (getattr(s, "atime_ns", s.mtime_ns), s.mtime_ns)
+            current = (s.atime_ns, s.mtime_ns)
             now = time.time_ns()
             values = tuple(now if ns == UTIME_NOW else cur if ns == UTIME_OMIT else sec * 10**9 + ns
                            for (sec, ns), cur in zip(times, current))
-            nofollow(ov.utime, p, (values[0] / 1e9, values[1] / 1e9))
+            ov.utime(p, ns=values, follow_symlinks=False)
 
         @engine
         def truncate(self, path, length, fh=None):
-            if fh and has_handles:
+            if fh:
                 ov.ftruncate(fh, length)
             else:
                 ov.truncate(_rel(path), length)
@@ -354,19 +324,12 @@ def build_operations(ov, *, as_root: bool):
         @engine
         def create(self, path, mode, flags=0):
             p = _rel(path)
-            if has_handles:
-                h = ov.os_open(p, flags | os.O_CREAT, st.S_IMODE(mode))
-            else:
-                h = 0
-                ov.write_bytes(p, b"")
-                ov.chmod(p, st.S_IMODE(mode))
+            h = ov.os_open(p, flags | os.O_CREAT, st.S_IMODE(mode))
             owner_of_caller(p)
             return h
 
         @engine
         def mknod(self, path, mode, dev):
-            if not hasattr(ov, "mknod"):
-                raise OSError(errno.EPERM, "mknod is not supported by the engine yet", path)
             p = _rel(path)
             ov.mknod(p, mode, dev)
             owner_of_caller(p)
@@ -375,40 +338,22 @@ def build_operations(ov, *, as_root: bool):
         def open(self, path, flags):
             """Copy-up happens here when write access is asked for (O_TRUNC reaches us: atomic_o_trunc)."""
             p = _rel(path)
-            if has_handles:
-                return ov.os_open(p, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-            if flags & os.O_ACCMODE != os.O_RDONLY:
-                ov.write_bytes(p, b"", append=not flags & os.O_TRUNC)
-            else:
-                ov.stat(p)
-            return 0
+            return ov.os_open(p, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
 
         @engine
         def read(self, path, size, offset, fh):
-            if has_handles:
-                return ov.pread(fh, size, offset)
-            return ov.read_bytes(_rel(path))[offset:offset + size]
+            return ov.pread(fh, size, offset)
 
         @engine
         def write(self, path, data, offset, fh):
-            if has_handles:
-                return ov.pwrite(fh, bytes(data), offset)
-            p = _rel(path)
-            if offset == ov.stat(p).size:
-                ov.write_bytes(p, bytes(data), append=True)
-            else:
-                old = ov.read_bytes(p)
-                old = old + b"\0" * max(0, offset - len(old))
-                ov.write_bytes(p, old[:offset] + bytes(data) + old[offset + len(data):])
-            return len(data)
+            return ov.pwrite(fh, bytes(data), offset)
 
         def flush(self, path, fh):
             return 0
 
         @engine
         def release(self, path, fh):
-            if has_handles:
-                ov.close(fh)
+            ov.close(fh)
             return 0
 
         def fsync(self, path, datasync, fh):
@@ -421,7 +366,7 @@ def build_operations(ov, *, as_root: bool):
         @engine
         def getxattr(self, path, name, position=0):
             try:
-                return ov.getxattr(_rel(path), name)
+                return ov.getxattr(_rel(path), name, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     raise OSError(mfusepy.ENOATTR, os.strerror(mfusepy.ENOATTR), path) from None
@@ -429,28 +374,19 @@ def build_operations(ov, *, as_root: bool):
 
         @engine
         def setxattr(self, path, name, value, options, position=0):
-            ov.setxattr(_rel(path), name, value)
+            ov.setxattr(_rel(path), name, value, options, follow_symlinks=False)
 
         @engine
         def listxattr(self, path):
-            p = _rel(path)
-            if hasattr(ov, "listxattr"):
-                return ov.listxattr(p)
-            ov.lstat(p)
-            return []
+            return ov.listxattr(_rel(path), follow_symlinks=False)
 
         @engine
         def removexattr(self, path, name):
-            if not hasattr(ov, "removexattr"):
-                raise OSError(errno.ENOTSUP, "removexattr is not supported by the engine yet", path)
-            ov.removexattr(_rel(path), name)
+            ov.removexattr(_rel(path), name, follow_symlinks=False)
 
         @engine
         def statfs(self, path):
-            if hasattr(ov, "statfs"):
-                s = ov.statfs(_rel(path))
-            else:  # the overlay reports the upper layer's filesystem (the first lower's when read-only)
-                s = os.statvfs(ov.upper or ov.lowers[0])
+            s = ov.statfs(_rel(path))
             return {k: getattr(s, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                                "f_files", "f_ffree", "f_favail", "f_namemax")}
 
