@@ -143,6 +143,17 @@ def _kept_across_rename(m) -> bytes:
         return f.read()
 
 
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), flags) != 0:  # AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src)
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
 def _ls(mnt: str) -> list:
     """``ls -lan``: type+mode, links, owner, group, size (not for dirs) and name of each entry."""
     text = subprocess.run(["ls", "-lan", "--time-style=+T", mnt], capture_output=True, text=True,
@@ -212,6 +223,10 @@ def play(mnt: str) -> dict:
         ("rmdir a file", lambda: os.rmdir(m("a"))),
         ("hard link a dir", lambda: os.link(m("dir"), m("dirlink"))),
         ("create with O_EXCL over a file", lambda: os.open(m("a"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)),
+        ("rename NOREPLACE onto a file", lambda: _renameat2(m("trunc"), m("a"), RENAME_NOREPLACE)),
+        ("rename NOREPLACE to a new name", lambda: _renameat2(m("trunc"), m("trunc2"), RENAME_NOREPLACE)),
+        ("rename EXCHANGE of two lower files", lambda: _renameat2(m("xa"), m("hl"), RENAME_EXCHANGE)),
+        ("rename WHITEOUT", lambda: _renameat2(m("openw"), m("openw2"), RENAME_WHITEOUT)),
         ("ls -la", lambda: _ls(mnt)),
         ("shell: echo, >>, rm, mv, rm -rf, ls", lambda: _shell(mnt)),
     ]
