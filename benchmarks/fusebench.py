@@ -34,7 +34,12 @@ def daemon_pids(marker: str) -> list[int]:
 
 def fuse_mount(impl: str, lowers, upper, work, merged) -> None:
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
-    argv = ([sys.executable, "-m", "overlaykit.fuse"] if impl == "overlaykit-fuse" else ["fuse-overlayfs"])
+    if impl.startswith("overlaykit-fuse"):
+        argv = [sys.executable, "-m", "overlaykit.fuse"]
+        if impl.endswith("attr_timeout=1"):  # the kernel caches attributes for a second: faster, and a
+            opts += ",attr_timeout=1"       # hard link's count may then be a second late
+    else:
+        argv = ["fuse-overlayfs"]
     subprocess.run(argv + ["-o", opts, merged], check=True, capture_output=True, timeout=300)
 
 
@@ -46,7 +51,7 @@ def fuse_umount(merged: str) -> None:
 
 
 def measure(impl: str, job: dict) -> dict:
-    scratch = os.path.join(job["root"], f"fuse-{impl}")
+    scratch = os.path.join(job["root"], f"fuse-{impl.replace('=', '-')}")
     upper, work, merged = (os.path.join(scratch, x) for x in ("upper", "work", "merged"))
     for d in (upper, work, merged):
         os.makedirs(d)
