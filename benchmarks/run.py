@@ -632,7 +632,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-ops", type=int, help="operations for the traced-memory figure (default 200000; "
                                                    "quick 50000)")
     ap.add_argument("--fuse-stack", help="FILES,LAYERS of the stack measured through overlaykit-fuse, the kernel and "
-                    "fuse-overlayfs (default 10000,128; the issue's figure: 100000,128)")
+                    "fuse-overlayfs (default: the smallest --files and up to 128 layers, i.e. 10000,128; "
+                    "the issue's figure: 100000,128)")
     ap.add_argument("--no-kernel", action="store_true", help="measure the sim only")
     ap.add_argument("--tmp", help="scratch directory (default /dev/shm when it has room, else the temp dir)")
     ap.add_argument("--json", help="write every raw figure to this file")
@@ -653,7 +654,7 @@ def main(argv=None) -> int:
     args.build_reps = args.build_reps or (1 if q else 3)
     args.trace_ops = args.trace_ops or (50000 if q else 200000)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    args.fuse_stack = ints(args.fuse_stack) if args.fuse_stack else [10000, 128]
+    args.fuse_stack = ints(args.fuse_stack) if args.fuse_stack else [min(args.files), min(128, max(args.layers))]
 
     # a terminated run still removes its scratch directory (the mounts die with their child process)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
