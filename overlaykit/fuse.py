@@ -12,6 +12,13 @@ Forms accepted (the second is what ``mount -t fuse.overlaykit-fuse overlaykit MN
 
 It returns once the mount is up and serves in the background; ``-f`` stays in the foreground.
 ``fusermount3 -u MOUNTPOINT`` ends it.
+
+Inode numbers, times in ns, blocks and rdev come from the engine's `Stat`; files are created with the
+caller's uid/gid (a root daemon chowns them, as the kernel creates with the caller's fsuid).  The kernel
+caches no attributes by default (``attr_timeout=0``): libfuse's path-based API gives each name of a hard
+link its own kernel inode, so a cached link count would be stale; ``-o attr_timeout=1`` is ~70x faster
+for ``stat`` and may show a link count a second late.  Known limit of that API: ``fstat`` on an open file
+whose last name was removed fails with ESTALE (reads and writes through it work).
 """
 from __future__ import annotations
 
@@ -45,6 +52,12 @@ LIBFUSE_TUNING = {"attr_timeout", "entry_timeout", "negative_timeout", "ac_attr_
 DROPPED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "silent", "loud",
            "atime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "async", "sync",
            "dirsync", "relatime", "noatime"}
+
+
+USAGE = (f"usage: {PROG} -o lowerdir=A:B,upperdir=U,workdir=W[,options] [-f] [-d] MOUNTPOINT\n"
+         f"   or: {PROG} SOURCE MOUNTPOINT -o OPTIONS   (mount -t fuse.{PROG} SOURCE MOUNTPOINT -o ...)\n"
+         "options: the kernel overlay's (redirect_dir=, index=, metacopy=, xino=, userxattr), FUSE mount options "
+         "(allow_other, ro, nosuid, ...), attr_timeout=SECONDS; -f: stay in the foreground; -d: debug")
 
 
 class UsageError(Exception):
@@ -97,7 +110,7 @@ def parse_args(argv: list[str]) -> dict:
         elif a == "-d":
             foreground = debug = True
         elif a in ("-h", "--help"):
-            raise UsageError(__doc__.split("\n\n")[2].strip())
+            raise UsageError(USAGE)
         elif a.startswith("-"):
             raise UsageError(f"unknown flag {a!r}: use -o OPTIONS, -f (foreground) or -d (debug)")
         else:
@@ -108,8 +121,7 @@ def parse_args(argv: list[str]) -> dict:
     elif len(positional) == 2:
         source, mountpoint = positional
     else:
-        raise UsageError(f"usage: {PROG} -o lowerdir=A:B,upperdir=U,workdir=W MOUNTPOINT "
-                         f"(or: {PROG} SOURCE MOUNTPOINT -o OPTIONS)")
+        raise UsageError(USAGE)
     parsed: dict[str, str | None] = {}
     for group in opts:
         for item in _split_options(group):
@@ -424,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         opts = dict(args["opts"])
         config = overlay_config(opts)
     except UsageError as e:
+        if any(a in ("-h", "--help") for a in argv):
+            print(USAGE)
+            return 0
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     why = fuse_unavailable()
