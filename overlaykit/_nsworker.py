@@ -41,6 +41,39 @@ _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path: str, ns: tuple, follow: bool = True) -> None:
+    """utimensat(2) with times in ns, where each may be "now" or "omit" (UTIME_NOW / UTIME_OMIT)."""
+    ts = (_Timespec * 2)()
+    for t, v in zip(ts, ns):
+        if v == "now":
+            t.tv_sec, t.tv_nsec = 0, UTIME_NOW
+        elif v == "omit":
+            t.tv_sec, t.tv_nsec = 0, UTIME_OMIT
+        else:
+            t.tv_sec, t.tv_nsec = divmod(int(v), 10**9)
+    if _libc.utimensat(ctypes.c_int(AT_FDCWD), os.fsencode(path), ts,
+                       ctypes.c_int(0 if follow else AT_SYMLINK_NOFOLLOW)) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+
+
+def _utime(p: str, times, ns=None, follow: bool = True) -> None:
+    if ns is not None and any(isinstance(v, str) for v in ns):
+        utimensat(_abs(p), ns, follow)
+    elif ns is not None:
+        os.utime(_abs(p), ns=ns, follow_symlinks=follow)
+    else:
+        os.utime(_abs(p), times, follow_symlinks=follow)
+
+
 def renameat2(src: str, dst: str, flags: int, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD) -> None:
     """rename(2) with flags (Python's os.rename has none); OSError with the kernel's errno."""
     if _libc.renameat2(ctypes.c_int(src_dir_fd), os.fsencode(src), ctypes.c_int(dst_dir_fd), os.fsencode(dst),
@@ -368,8 +401,7 @@ OPS = {
     "rename": lambda s, d: os.rename(_abs(s), _abs(d)),
     "chmod": lambda p, mode: os.chmod(_abs(p), mode),
     "chown": _chown,
-    "utime": lambda p, times, ns=None, follow=True: os.utime(_abs(p), times, **({"ns": ns} if ns else {}),
-                                                            follow_symlinks=follow),
+    "utime": _utime,
     "setxattr": lambda p, name, value, flags=0, follow=True: os.setxattr(_abs(p), name, value, flags,
                                                                           follow_symlinks=follow),
     "getxattr": lambda p, name, follow=True: os.getxattr(_abs(p), name, follow_symlinks=follow),

@@ -482,7 +482,8 @@ class Overlay:
         self._handle(handle)
         if n < 0 or offset < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self._handles[handle])
-        return self._need().pread(handle, n, offset)
+        with self._named(handle):
+            return self._need().pread(handle, n, offset)
 
     def pwrite(self, handle: int, data, offset: int) -> int:
         """Write ``data`` at ``offset`` (at the end for a handle opened with O_APPEND): bytes written."""
@@ -490,16 +491,19 @@ class Overlay:
         data = arguments.data(data)
         if offset < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), self._handles[handle])
-        return self._need().pwrite(handle, data, offset)
+        with self._named(handle):
+            return self._need().pwrite(handle, data, offset)
 
     def fstat(self, handle: int) -> Stat:
         self._handle(handle)
-        return self._need().fstat(handle)
+        with self._named(handle):
+            return self._need().fstat(handle)
 
     def ftruncate(self, handle: int, size: int) -> None:
         self._handle(handle)
         size = arguments.size(self._handles[handle], size)
-        self._need().ftruncate(handle, size)
+        with self._named(handle):
+            self._need().ftruncate(handle, size)
 
     def close(self, handle: int) -> None:
         """Close a handle (closing one twice is EBADF, as close(2))."""
@@ -511,6 +515,16 @@ class Overlay:
             self._invalidate(self._need())
             if self._layers is not None and self._need().keeps_cache_fresh:
                 self._layers.refresh_upper(p)
+
+    @contextmanager
+    def _named(self, handle: int):
+        """Errors of a handle call name the path the handle was opened by."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename == self._handles.get(handle) or not e.errno or isinstance(e, ConnectionError):
+                raise
+            raise errno_error(e.errno, self._handles[handle]) from None
 
     def _handle(self, handle: int) -> None:
         if handle not in self._handles:
@@ -606,12 +620,13 @@ class Overlay:
         self.chown(path, uid, gid, follow_symlinks=False)
 
     def utime(self, path, times=None, *, ns=None, follow_symlinks: bool = True) -> None:
-        """Like os.utime: ``times`` (seconds) or ``ns`` (nanoseconds) as (atime, mtime), or now."""
+        """Like os.utime: ``times`` (seconds) or ``ns`` (nanoseconds) as (atime, mtime), or now.  In ``ns``
+        either time may be ``"now"`` or ``"omit"`` (utimensat's UTIME_NOW / UTIME_OMIT)."""
         p = normpath(path)
         if times is not None and ns is not None:
             raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
         if ns is not None:
-            arguments.ns_times(ns)
+            arguments.ns_times(tuple(0 if v in ("now", "omit") else v for v in ns))
             self._run("utime", [p], lambda b: b.utime(p, None, tuple(ns), follow_symlinks))
             return
         times = arguments.times(times)

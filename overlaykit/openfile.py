@@ -120,7 +120,8 @@ class OverlayRawFile(io.RawIOBase):
             try:
                 super().close()
             finally:
-                self._ov.close(self._h)
+                if self._h in self._ov._handles:  # not when the overlay was unmounted (that closed it)
+                    self._ov.close(self._h)
 
     def __repr__(self) -> str:
         return f"<OverlayRawFile name={self.name!r} mode={self.mode!r}{' closed' if self.closed else ''}>"

@@ -8,6 +8,7 @@ the differential tests (tests/test_differential.py) say where.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import stat as st
@@ -17,6 +18,7 @@ from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+_temp_names = itertools.count(1)
 
 
 def _join(parent: str, name: str) -> str:
@@ -101,19 +103,36 @@ class SimBackend(Backend):
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
+        self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
+        self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
+        self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
         if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
+            try:  # where copy-ups are built; held open like the layer roots
+                self._workdir_fd = nofollow.open_dir(self.work, "work")
+            except OSError:
+                self._workdir_fd = None  # copy-ups will say why
 
     def unmount(self) -> None:
         for h in list(self.handles):
             self.close(h)
         self.L.close()
+        fd, self._workdir_fd = self._workdir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _temp(self):
+        """``with self._temp() as temp``: a fresh ``#<hex>`` name in work/work, as the kernel names its temps."""
+        name = f"#{os.getpid():x}.{next(_temp_names):x}"
+        if self._workdir_fd is None:
+            return nofollow.at(self.work, "work/" + name)
+        return nofollow.at("", name, self._workdir_fd)
 
     # -- path resolution ---------------------------------------------------------------------------
     def _resolve(self, p: str, follow: bool):
@@ -270,8 +289,7 @@ class SimBackend(Backend):
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
-        tmp = "#" + os.urandom(6).hex()
-        with self.L.at(layer, path) as src, nofollow.at(self.work, "work/" + tmp) as temp:
+        with self.L.at(layer, path) as src, self._temp() as temp:
             try:
                 if st.S_ISDIR(s.st_mode):
                     os.mkdir(temp, 0o700)
@@ -284,6 +302,14 @@ class SimBackend(Backend):
                 _discard(temp)
                 raise
         self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
+        if not st.S_ISDIR(s.st_mode):
+            self._copied_here.add(path)
+            if s.st_nlink == 1:  # the in-memory inode keeps its origin's number, whatever its name becomes
+                try:
+                    with self._up(path) as real:
+                        self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                except OSError:
+                    pass
         if self.handles:
             self._redirect_readers(layer, path)
 
@@ -480,7 +506,7 @@ class SimBackend(Backend):
 
     def pread(self, h: int, n: int, offset: int) -> bytes:
         try:
-            return os.pread(self._h(h).fd, n, offset)
+            return os.pread(self._h(h).fd, min(n, 1 << 20), offset)  # at most 1 MiB, as the kernel helper
         except OSError as e:
             raise _err(e.errno, self._h(h).path) from None
 
@@ -527,10 +553,14 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         self._writable(p)
-        self._owner_or_writable(node, p, times is None and ns is None)
+        # Setting both times to "now" needs only write access; anything else needs the owner (utimensat(2)).
+        self._owner_or_writable(node, p, times is None and (ns is None or tuple(ns) == ("now", "now")))
         try:
             with self._up(self._copy_up(node)) as real:
-                if ns is not None:
+                if ns is not None and any(isinstance(v, str) for v in ns):
+                    from ._nsworker import utimensat
+                    utimensat(real, ns, False)
+                elif ns is not None:
                     os.utime(real, ns=ns, follow_symlinks=False)
                 else:
                     os.utime(real, times, follow_symlinks=False)
@@ -970,7 +1000,7 @@ class SimBackend(Backend):
         """The inode number the kernel reports (overlayfs.rst "Inode properties", all layers on one
         filesystem, xino=off): the real inode's, except that a copied-up entry keeps its origin's
         number (the lower inode it was copied from, found by its ``origin`` xattr) -- so the number
-        survives copy-up and remount; a hard-linked lower file gets no origin (index=off) and so a new
+        survives copy-up and remount (as root); a hard-linked lower file gets no origin (index=off) and so a new
         number when copied up, which breaks the link as the kernel does."""
         if isinstance(node, MergedDir):
             lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
@@ -981,6 +1011,12 @@ class SimBackend(Backend):
                     pass
             return s.st_ino
         if not (self.L.has_upper and node.layer == 0) or not node.path:
+            return s.st_ino
+        if s.st_ino in self._origin_ino:
+            return self._origin_ino[s.st_ino]
+        if not self.root_user and node.path not in self._copied_here:
+            # Measured (6.x): an unprivileged (userxattr) mount does not follow a non-directory's origin
+            # at lookup, so after a remount its copied-up files show their upper inode's number.
             return s.st_ino
         with self._up(node.path) as real:
             try:

@@ -70,6 +70,11 @@ def interrupted(action, *, delay: float | None = None, stage: str | None = None,
     return result
 
 
+def _read_through_open(ov, path: str) -> bytes:
+    with ov.open(path, "rb") as f:
+        return f.read()
+
+
 def main() -> None:
     t = tempfile.mkdtemp(prefix="overlaykit-interrupt-", dir=sys.argv[1] if len(sys.argv) > 1 else None)
     lower, upper, work = (os.path.join(t, x) for x in ("lower", "upper", "work"))
@@ -91,6 +96,8 @@ def main() -> None:
 
     data = os.urandom(1 << 16) * ((16 << 20) >> 16)
     ov = Overlay([lower], upper, work, backend="kernel").mount()
+    hb = ov.os_open("big.bin", os.O_RDONLY)  # handles that live through every round
+    hw = ov.os_open("pw.bin", os.O_RDWR | os.O_CREAT)
     try:
         for i, (how, when) in enumerate(rounds):
             kw = {"delay": when} if how == "delay" else {"stage": when, "times": 2 if how == "twice" else 1}
@@ -100,11 +107,13 @@ def main() -> None:
                 "write_bytes": lambda: ov.write_bytes(f"w{i}.bin", data),
                 "copy-up": lambda: ov.write_bytes(f"cu{i}.bin", b"+", append=True),
                 "stat": lambda: ov.stat("a.txt"),
+                "open-read": lambda: _read_through_open(ov, "big.bin"),
+                "pwrite": lambda: ov.pwrite(hw, data, 0),
             }
             for name, action in actions.items():
                 label = f"{name} interrupted by {how} {when}"
                 r = interrupted(action, **kw)
-                if name == "read_bytes" and r != "interrupted":
+                if name in ("read_bytes", "open-read") and r != "interrupted":
                     check(f"{label}: own answer", len(r) == BIG and r[-3:] == b"END")
                 # whatever happened, the next calls get their own answers
                 check(f"{label}: read a.txt", ov.read_bytes("a.txt") == b"a")
@@ -117,6 +126,12 @@ def main() -> None:
                     wname = f"w{i}.bin"
                     check(f"{label}: write whole or absent", wname not in names
                           or ov.read_bytes(wname) == data)
+                check(f"{label}: pread on a handle", ov.pread(hb, 3, BIG - 3) == b"END")
+                if name == "pwrite":  # one request: made wholly or not at all
+                    size = ov.fstat(hw).size
+                    check(f"{label}: pwrite whole or absent", size in (0, len(data))
+                          and (size == 0 or ov.pread(hw, 1 << 20, len(data) - (1 << 20)) == data[-(1 << 20):]))
+                    ov.ftruncate(hw, 0)
                 if name == "copy-up":
                     body = ov.read_bytes(f"cu{i}.bin")
                     check(f"{label}: copy-up whole or not made", len(body) in (COPY, COPY + 1)
@@ -124,6 +139,8 @@ def main() -> None:
         big = ov.read_bytes("big.bin")
         check("big.bin in full at the end", len(big) == BIG and big.endswith(b"END"))
         check("the helper is still the first one", ov._impl.worker.restarts == 0)
+        ov.close(hb)
+        ov.close(hw)
     finally:
         ov.unmount()
         kernel.remove_tree(t)

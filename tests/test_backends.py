@@ -448,3 +448,108 @@ def test_open_handles_end_with_the_mount(tmp_path, backend):
     with ov:  # a new mount starts without the old handles
         assert errno_of(lambda: ov.pread(h, 1, 0)) == "EBADF"
     del f
+
+
+# -- the calls a filesystem needs (issue 11, item 2) ----------------------------------------------------
+def test_stat_has_inode_device_times_blocks(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.write_bytes("data", b"x" * 10000)
+        s = ov.stat("data")
+        assert s.ino > 0 and s.dev == ov.stat(".").dev == ov.stat("in_lower.txt").dev  # one st_dev
+        assert s.blocks >= 16 and s.rdev == 0 and s.atime_ns > 0 and s.ctime_ns >= s.mtime_ns > 0
+        assert (s.st_ino, s.st_size, st.S_ISREG(s.st_mode)) == (s.ino, 10000, True)
+        ov.utime("data", ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+        s2 = ov.stat("data")
+        assert (s2.atime_ns, s2.mtime_ns) == (1_500_000_000_123_456_789, 1_600_000_000_987_654_321)
+        assert s2 == ov.stat("data") and s2.ino == s.ino
+        assert ov.fstat(h := ov.os_open("data", os.O_RDONLY)).ino == s.ino
+        ov.close(h)
+
+
+def test_statfs(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        f = ov.statfs()
+        host = os.statvfs(tmp_path / "upper")
+        assert (f.f_bsize, f.f_blocks, f.f_namemax) == (host.f_bsize, host.f_blocks, host.f_namemax)
+        assert errno_of(lambda: ov.statfs("nope")) == "ENOENT"
+
+
+def test_xattr_list_remove_and_flags(tmp_path, backend):
+    lesson_dirs(tmp_path)
+    os.setxattr(tmp_path / "lower" / "in_lower.txt", "user.colour", b"blue")
+    with Overlay([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work", backend=backend) as ov:
+        assert ov.listxattr("in_lower.txt") == ["user.colour"]
+        assert errno_of(lambda: ov.removexattr("in_both.txt", "user.none")) == "ENODATA"
+        assert errno_of(lambda: ov.removexattr("in_lower.txt", "user.none")) == "ENODATA"
+        assert ov.layer_of("in_lower.txt") == "lower[0]"  # ENODATA before any copy-up
+        assert errno_of(lambda: ov.setxattr("in_lower.txt", "user.colour", b"red", os.XATTR_CREATE)) == "EEXIST"
+        assert errno_of(lambda: ov.setxattr("in_upper.txt", "user.new", b"1", os.XATTR_REPLACE)) == "ENODATA"
+        ov.setxattr("in_lower.txt", "user.colour", b"red", os.XATTR_REPLACE)
+        assert ov.layer_of("in_lower.txt") == "upper"
+        # the copy carries the kernel's origin marker, which the merged view does not list
+        assert ov.listxattr("in_lower.txt") == ["user.colour"]
+        ov.removexattr("in_lower.txt", "user.colour")
+        assert ov.listxattr("in_lower.txt") == []
+        assert os.getxattr(tmp_path / "lower" / "in_lower.txt", "user.colour") == b"blue"
+        assert errno_of(lambda: ov.listxattr("nope")) == "ENOENT"
+
+
+def test_mknod_fifo_and_devices(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.mknod("pipe", st.S_IFIFO | 0o640)
+        assert ov.lstat("pipe").kind == "fifo"
+        assert st.S_ISFIFO(os.lstat(tmp_path / "upper" / "pipe").st_mode)
+        assert errno_of(lambda: ov.mknod("pipe", st.S_IFIFO | 0o640)) == "EEXIST"
+        ov.mknod("plain")
+        assert ov.lstat("plain").kind == "file"
+        dev = os.makedev(1, 3)
+        if os.geteuid() == 0:
+            ov.mknod("null", st.S_IFCHR | 0o600, dev)
+            assert (ov.lstat("null").kind, ov.lstat("null").rdev) == ("char", dev)
+        else:  # no device nodes without CAP_MKNOD (in a user namespace neither)
+            assert errno_of(lambda: ov.mknod("null", st.S_IFCHR | 0o600, dev)) == "EPERM"
+
+
+def test_rename_flags(tmp_path, backend):
+    from overlaykit import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
+    with lesson(tmp_path, backend) as ov:
+        assert errno_of(lambda: ov.rename("in_lower.txt", "in_upper.txt", flags=RENAME_NOREPLACE)) == "EEXIST"
+        assert errno_of(lambda: ov.rename("in_lower.txt", "x", flags=RENAME_WHITEOUT)) == "EINVAL"
+        assert errno_of(lambda: ov.rename("in_lower.txt", "x", flags=RENAME_EXCHANGE)) == "ENOENT"
+        assert ov.layer_of("in_lower.txt") == "lower[0]"
+        ov.rename("in_lower.txt", "in_upper.txt", flags=RENAME_EXCHANGE)
+        assert ov.read_text("in_upper.txt") == LESSON_LOWER["in_lower.txt"]
+        assert ov.read_text("in_lower.txt") == LESSON_UPPER["in_upper.txt"]
+        ov.mkdir("d")
+        ov.rename("in_upper.txt", "new.txt", flags=RENAME_NOREPLACE)
+        assert ov.read_text("new.txt") == LESSON_LOWER["in_lower.txt"] and not ov.exists("in_upper.txt")
+        assert errno_of(lambda: ov.rename("new.txt", "d", flags=RENAME_EXCHANGE | RENAME_NOREPLACE)) == "EINVAL"
+        ov.rename("new.txt", "d", flags=RENAME_EXCHANGE)
+        assert ov.stat("new.txt").kind == "dir" and ov.stat("d").kind == "file"
+
+
+def test_lchown_and_lutimes_act_on_the_link(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.symlink("in_lower.txt", "link")
+        before = ov.stat("link")
+        ov.utime("link", ns=(10**18, 10**18), follow_symlinks=False)
+        assert ov.lstat("link").mtime_ns == 10**18 and ov.stat("link").mtime_ns == before.mtime_ns
+        assert ov.layer_of("in_lower.txt") == "lower[0]"  # the target was not touched, so not copied up
+        ov.lchown("link", os.geteuid(), os.getegid())
+        ov.chown("link", -1, -1, follow_symlinks=False)
+        assert ov.layer_of("in_lower.txt") == "lower[0]"
+        ov.mkdir("private", 0o700)
+        assert ov.stat("private").mode == 0o700
+
+
+def test_utime_now_and_omit(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.utime("in_lower.txt", ns=(10**18, 2 * 10**18))
+        ov.utime("in_lower.txt", ns=("omit", 3 * 10**18))
+        s = ov.stat("in_lower.txt")
+        assert (s.atime_ns, s.mtime_ns) == (10**18, 3 * 10**18)
+        ov.utime("in_lower.txt", ns=("now", "omit"))
+        s = ov.stat("in_lower.txt")
+        assert s.mtime_ns == 3 * 10**18 and abs(s.atime_ns - s.ctime_ns) < 10**9
+        with pytest.raises(ValueError):
+            ov.utime("in_lower.txt", (1, 2), ns=(1, 2))

@@ -33,8 +33,9 @@ def ov(tmp_path):
 
 def test_sigint_at_many_moments_leaves_every_next_call_its_own_answer(tmp_path):
     """A child process interrupts itself (timer thread, and at fixed points of the protocol) during
-    read_bytes of a 128 MiB file, a large listdir, a 16 MiB write, a copy-up and a stat; after each,
-    reads, listings and stats answer right, writes are whole or absent, and no helper was restarted."""
+    read_bytes of a 128 MiB file, a large listdir, a 16 MiB write, a copy-up, a stat, a read through
+    ``ov.open`` and a pwrite on an open handle; after each, reads, listings, stats and pread on handles
+    that stay open answer right, writes are whole or absent, and no helper was restarted."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "interrupt_child.py"), str(tmp_path)], env=env,
