@@ -357,3 +357,98 @@ runuser -u {LEARNER} -- sh -c '{user_script}' sh {ft}/merged
         assert daemons(base) == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the project's named differential scenarios, through the mount with os.* calls ----------------------
+
+class OsView:
+    """The `Overlay` calls the differential scenarios use, done with plain os.* calls on a mount point, so
+    that differential.apply/snapshot_merged drive a FUSE mount exactly as they drive the engine."""
+
+    def __init__(self, mnt: str, upper: str, encoding):
+        self.mnt, self.upper, self.encoding = mnt, Path(upper), encoding
+
+    def _p(self, p: str) -> str:
+        return self.mnt if p in (".", "") else os.path.join(self.mnt, p)
+
+    def read_bytes(self, p):
+        with open(self._p(p), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, p, data, *, append=False):
+        with open(self._p(p), "ab" if append else "wb") as f:
+            f.write(data)
+
+    def touch(self, p):
+        try:
+            os.utime(self._p(p))
+        except FileNotFoundError:
+            os.close(os.open(self._p(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+    def exists(self, p):
+        try:
+            os.stat(self._p(p))
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def stat(self, p, *, follow_symlinks=True):
+        from overlaykit.engine import Stat
+        real = self._p(p)
+        s = os.stat(real, follow_symlinks=follow_symlinks)
+        return Stat.from_os(s, os.readlink(real) if not follow_symlinks and os.path.islink(real) else None)
+
+    def listdir(self, p="."):
+        return sorted(os.listdir(self._p(p)))
+
+    def remove(self, p): os.unlink(self._p(p))
+    def mkdir(self, p, mode=0o777): os.mkdir(self._p(p), mode)
+    def rmdir(self, p): os.rmdir(self._p(p))
+    def rename(self, a, b): os.rename(self._p(a), self._p(b))
+    def chmod(self, p, mode): os.chmod(self._p(p), mode)
+    def chown(self, p, uid, gid): os.chown(self._p(p), uid, gid)
+    def utime(self, p, times=None): os.utime(self._p(p), times)
+    def setxattr(self, p, name, value): os.setxattr(self._p(p), name, value)
+    def getxattr(self, p, name): return os.getxattr(self._p(p), name)
+    def symlink(self, target, p): os.symlink(target, self._p(p))
+    def link(self, a, b): os.link(self._p(a), self._p(b))
+    def truncate(self, p, size): os.truncate(self._p(p), size)
+
+
+def _differential_scenarios():
+    try:
+        from test_differential import SCENARIOS
+    except ImportError:
+        return {}
+    return SCENARIOS
+
+
+@needs_fuse
+@pytest.mark.parametrize("name", sorted(_differential_scenarios()))
+def test_differential_scenario_through_fuse(tmp_path, name):
+    """Each named sim-vs-kernel scenario of tests/test_differential.py, done with os.* on overlaykit-fuse:
+    outcomes, merged view and upper/ equal the engine's own (which those tests hold equal to the kernel's)."""
+    import differential as df
+    from overlaykit.ondisk import Encoding, default_xattr_ns
+    lowers_spec, ops, upper_spec = _differential_scenarios()[name]
+    want = df.run("sim", str(tmp_path / "engine"), lowers_spec, ops, upper_spec=upper_spec)
+    t = str(tmp_path / "fuse")
+    enc = Encoding("kernel", default_xattr_ns())
+    lowers, upper, work = df.layer_roots(t, len(lowers_spec))
+    for root, spec in zip(lowers, lowers_spec):
+        df.build_layer(root, spec, enc)
+    df.build_layer(upper, upper_spec or {}, enc)
+    os.makedirs(work)
+    mnt = os.path.join(t, "merged")
+    os.makedirs(mnt)
+    m = FuseMount(overlaykit_fuse_argv(lowers, upper, work, mnt), mnt, str(tmp_path))
+    try:
+        view = OsView(mnt, upper, enc)
+        results = [df.apply(view, op) for op in ops]
+        merged = df.snapshot_merged(view)
+    finally:
+        m.unmount()
+    got = {"results": results, "merged": merged, "upper": df.snapshot_upper(view)}
+    for key in got:
+        assert got[key] == want[key], f"{name}: {key} through overlaykit-fuse differs from the engine's\n" \
+            f"fuse:   {got[key]}\nengine: {want[key]}"
