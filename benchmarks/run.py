@@ -633,6 +633,58 @@ def bench_notebooks(res: Results, args, base: str, kernel_ok: bool) -> None:
 
 # -- main --------------------------------------------------------------------------------------------
 
+# -- the FUSE front ------------------------------------------------------------------------------------
+
+def bench_fuse(res: Results, args, base: str, kernel_ok: bool) -> None:
+    """os.stat and os.walk through overlaykit-fuse beside the kernel's overlay and fuse-overlayfs, on one
+    stack (--fuse-stack; the issue's figure is 100000,128), all mounted in turn in benchmarks/fusebench.py."""
+    from overlaykit.fuse import fuse_unavailable
+    n_files, n_layers = args.fuse_stack
+    tag = f"{files_tag(n_files)} files, {n_layers} layers"
+    why = fuse_unavailable() or (None if os.geteuid() == 0 else "the FUSE section runs as root")
+    if why or not kernel_ok:
+        res.skipped(f"FUSE front, {tag}", why or "no kernel overlay to compare with")
+        return
+    root = os.path.join(base, f"fuse-stack-{n_files}-{n_layers}")
+    os.mkdir(root)
+    t = time.perf_counter()
+    from overlaykit.ondisk import default_xattr_ns
+    stack = make_stack(root, n_layers, n_files, opaque_xattr=f"{default_xattr_ns()}.overlay.opaque")
+    print(f"stack {tag} for the FUSE front: {stack.describe()} (generated in {time.perf_counter() - t:.1f} s)",
+          flush=True)
+    existing, _missing = sample_paths(stack, args.lookups)
+    impls = ["kernel", "overlaykit-fuse", "overlaykit-fuse -o attr_timeout=1"] + \
+        (["fuse-overlayfs"] if shutil.which("fuse-overlayfs") else [])
+    job = dict(lowers=stack.lowers, root=root, existing=existing, reps=args.reps, walk_reps=args.walk_reps,
+               budget=args.budget, impls=impls)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "fusebench.py")], input=json.dumps(job),
+                       capture_output=True, text=True, env=child_env())
+    shutil.rmtree(root, ignore_errors=True)
+    if p.returncode != 0:
+        res.skipped(f"FUSE front, {tag}", f"benchmarks/fusebench.py failed: {p.stderr.strip()[-300:]}")
+        return
+    got = json.loads(p.stdout)
+    res.raw.setdefault("fuse", {})[tag] = got
+    ours = got.get("overlaykit-fuse", {})
+    if "error" in ours:
+        res.skipped(f"FUSE front, {tag}", f"overlaykit-fuse: {ours['error']}")
+        return
+    cached = got.get(impls[2], {})
+    for ref in [impls[0]] + impls[3:]:
+        theirs = got.get(ref, {})
+        if "error" in theirs:
+            res.skipped(f"FUSE front vs {ref}, {tag}", theirs["error"])
+            continue
+        for name, mine in (("overlaykit-fuse", ours), ("overlaykit-fuse, attr_timeout=1", cached)):
+            if "stat" not in mine:
+                continue
+            res.compare(f"os.stat through {name}, {tag}", median(mine["stat"]) / len(existing),
+                        median(theirs["stat"]) / len(existing), "s", ref_name=ref,
+                        note="per stat of an existing file")
+            res.compare(f"os.walk through {name}, {tag}", median(mine["walk"]), median(theirs["walk"]), "s",
+                        ref_name=ref, note=f"{mine['walk_entries']} entries (warm)")
+
+
 def parse_sizes(text: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -680,9 +732,12 @@ def main(argv=None) -> int:
     ap.add_argument("--image-reps", type=int, help="repetitions of import/flatten/inspect (default 3; quick 1)")
     ap.add_argument("--build-reps", type=int, help="repetitions of each Dockerfile build (default 3; quick 1)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: import,stacks,memory,images,"
-                                               "copyup,build,notebooks")
+                                               "copyup,build,notebooks,fuse")
     ap.add_argument("--trace-ops", type=int, help="operations for the traced-memory figure (default 200000; "
                                                    "quick 50000)")
+    ap.add_argument("--fuse-stack", help="FILES,LAYERS of the stack measured through overlaykit-fuse, the kernel and "
+                    "fuse-overlayfs (default: the smallest --files and up to 128 layers, i.e. 10000,128; "
+                    "the issue's figure: 100000,128)")
     ap.add_argument("--no-kernel", action="store_true", help="measure the sim only")
     ap.add_argument("--tmp", help="scratch directory (default /dev/shm when it has room, else the temp dir)")
     ap.add_argument("--json", help="write every raw figure to this file")
@@ -705,6 +760,7 @@ def main(argv=None) -> int:
     args.build_reps = args.build_reps or (1 if q else 3)
     args.trace_ops = args.trace_ops or (50000 if q else 200000)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.fuse_stack = ints(args.fuse_stack) if args.fuse_stack else [min(args.files), min(128, max(args.layers))]
 
     # a terminated run still removes its scratch directory (the mounts die with their child process)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
@@ -764,6 +820,8 @@ def main(argv=None) -> int:
             bench_copyup(res, args, base, kernel_ok)
         if "build" not in skip:
             bench_redis(res, args, base)
+        if "fuse" not in skip:
+            bench_fuse(res, args, base, kernel_ok)
         if "notebooks" not in skip and q:
             res.skipped("execute every notebook (nbconvert)", "not in a --quick run")
         elif "notebooks" not in skip:

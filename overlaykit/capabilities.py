@@ -121,6 +121,15 @@ def capabilities() -> dict[str, BackendInfo]:
     return {"sim": sim, "kernel": BackendInfo("kernel", ok, reason)}
 
 
+def fuse_line() -> str:
+    """doctor's line for overlaykit-fuse: can this user mount the simulator as a real filesystem, or why not."""
+    from .fuse import fuse_unavailable
+    why = fuse_unavailable()
+    if why:
+        return f"  {'overlaykit-fuse':<16} NOT available: {why}"
+    return f"  {'overlaykit-fuse':<16} available: the simulator can be mounted as a FUSE filesystem"
+
+
 def dot_available() -> tuple[bool, str]:
     path = shutil.which("dot")
     if path:
@@ -155,4 +164,5 @@ def doctor() -> str:
     lines += ["", "facts:"] + [f"  {k:<30} {v}" for k, v in facts]
     ok, why = dot_available()
     lines += ["", "diagrams:", f"  {'dot' :<7} {'available' if ok else 'NOT available'}: {why}"]
+    lines += ["", "filesystem front:", fuse_line()]
     return "\n".join(lines)
