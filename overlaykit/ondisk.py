@@ -52,16 +52,22 @@ class Encoding:
 
     # -- reading -------------------------------------------------------------------------------
     def is_whiteout(self, dir_path: str, name: str) -> bool:
-        """Is ``name`` in ``dir_path`` a whiteout marker (in this encoding or the kernel's)?"""
+        """Is ``name`` in ``dir_path`` a whiteout marker (in this encoding or the kernel's)?
+
+        Like ovl_lookup (kernel 6.7+), a zero-size file with ``overlay.whiteout`` counts wherever it is:
+        the parent's ``overlay.opaque="x"`` only tells readdir to filter it."""
         if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, WHITEOUT_PREFIX + name)):
             return True
+        real = os.path.join(dir_path, name)
         try:
-            s = os.lstat(os.path.join(dir_path, name))
+            s = os.lstat(real)
         except FileNotFoundError:
             return False
-        return is_char_whiteout(s) or (
-            st.S_ISREG(s.st_mode) and s.st_size == 0 and _xattr(dir_path, self.opaque_xattr) == b"x"
-            and _xattr(os.path.join(dir_path, name), self.whiteout_xattr) is not None)
+        return is_char_whiteout(s) or self.is_xattr_whiteout(real, s)
+
+    def is_xattr_whiteout(self, real: str, s: os.stat_result) -> bool:
+        """The kernel's other whiteout (6.7+): a zero-size regular file carrying ``overlay.whiteout``."""
+        return st.S_ISREG(s.st_mode) and s.st_size == 0 and _xattr(real, self.whiteout_xattr) is not None
 
     def is_opaque(self, dir_path: str) -> bool:
         if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, OPAQUE_MARKER)):
@@ -213,6 +219,12 @@ class Layers:
         self.has_upper = has_upper
         self._dirs: list[dict[str, dict | None]] = [{} for _ in self.roots]
         self._opaque: list[dict[str, bool]] = [{} for _ in self.roots]
+        # Names that are xattr whiteouts, per layer and directory: lookups treat them as whiteouts, but
+        # readdir lists them unless the layer's directory is marked overlay.opaque="x" (see names()).
+        self._xwh: list[dict[str, set[str]]] = [{} for _ in self.roots]
+        self._xdir: list[dict[str, bool]] = [{} for _ in self.roots]
+        #: Layers in which a lookup met an "x" directory: ovl_layer_set_xwhiteouts, sticky while mounted.
+        self.xwhiteout_layers: set[int] = set()
         # The dentry cache: path -> the node a lookup from the root gives (None = negative entry), and
         # the merged listing of each looked-up directory.  Only lookups through these canonical nodes
         # are cached; like the per-layer listings, both are dropped whenever upper/ changes.
@@ -234,6 +246,7 @@ class Layers:
         if self.has_upper:
             self._dirs[0] = {}
             self._opaque[0] = {}
+            self._xwh[0] = {}
             self._drop_derived()
 
     def _drop_derived(self) -> None:
@@ -254,10 +267,10 @@ class Layers:
             self.invalidate_upper()
             return
         self._drop_derived()
-        dirs, opaque = self._dirs[0], self._opaque[0]
+        dirs, opaque, xwh = self._dirs[0], self._opaque[0], self._xwh[0]
         if subtree:
             prefix = path + "/"
-            for cache in (dirs, opaque):
+            for cache in (dirs, opaque, xwh):
                 for key in [k for k in cache if k == path or k.startswith(prefix)]:
                     del cache[key]
         else:
@@ -271,9 +284,13 @@ class Layers:
             return
         real = os.path.join(self.roots[0], path)
         entry = None
+        xwh.get(parent, set()).discard(name)
         try:
             s = os.lstat(real)
             entry = WHITEOUT if is_char_whiteout(s) else s
+            if entry is s and self.encoding.is_xattr_whiteout(real, s):
+                entry = WHITEOUT
+                xwh.setdefault(parent, set()).add(name)
         except FileNotFoundError:
             pass
         except NotADirectoryError:
@@ -304,8 +321,8 @@ class Layers:
         real = self.real(index, path)
         enc = self.encoding
         result: dict | None = {}
+        xwh: set[str] = set()
         try:
-            xwh = _xattr(real, enc.opaque_xattr) == b"x"
             with os.scandir(real) as it:
                 for de in it:
                     name = de.name
@@ -319,15 +336,30 @@ class Layers:
                         s = _dtype_stat(de)
                     if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
                         result[name] = WHITEOUT
-                    elif xwh and st.S_ISREG(s.st_mode) and s.st_size == 0 and \
-                            _xattr(de.path, enc.whiteout_xattr) is not None:
+                    elif s.st_size == 0 and enc.is_xattr_whiteout(de.path, s):
                         result[name] = WHITEOUT
+                        xwh.add(name)
                     elif result.get(name) is not WHITEOUT:
                         result[name] = s
         except (NotADirectoryError, FileNotFoundError):
             result = None
         cache[path] = result
+        self._xwh[index][path] = xwh
         return result
+
+    def is_xwhiteouts_dir(self, index: int, path: str) -> bool:
+        """Does ovl_lookup take this layer's directory as holding xattr whiteouts?  Only for
+        ``overlay.opaque="x"`` on a lower layer other than the last one (the kernel checks neither the
+        upper layer nor the bottom layer for it)."""
+        if (self.has_upper and index == 0) or index == len(self.roots) - 1:
+            return False
+        cache = self._xdir[index]
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        value = cache[path] = _xattr(self.real(index, path), self.encoding.opaque_xattr) == b"x"
+        return value
 
     def is_opaque(self, index: int, path: str) -> bool:
         cache = self._opaque[index]
@@ -376,6 +408,8 @@ class Layers:
                 break
             if st.S_ISDIR(e.st_mode):
                 found.append(index)
+                if self.is_xwhiteouts_dir(index, path):
+                    self.xwhiteout_layers.add(index)
                 if self.is_opaque(index, path):
                     if visited is not None:
                         visited.append((index, "opaque dir"))
@@ -407,22 +441,35 @@ class Layers:
         if len(d.layers) == 1 and d.path:
             names = sorted(self.entries(d.layers[0], d.path) or ())
         else:
-            names = self.visible_names(d)
+            names = self.visible_names(d, readdir=True)
         if canonical:
             self._names[d.path] = names
             return list(names)
         return names
 
-    def visible_names(self, d: MergedDir) -> list[str]:
-        """Names a lookup would find: what rmdir's emptiness check (ovl_check_empty_dir) counts."""
+    def visible_names(self, d: MergedDir, readdir: bool = False) -> list[str]:
+        """Names of a merged directory: what rmdir's emptiness check (ovl_check_empty_dir) counts.
+
+        Xattr whiteouts count there as names [verified on 6.18: rmdir says ENOTEMPTY]; ``readdir=True``
+        filters them where ovl_iterate does: in a lower layer whose directory is marked "x" (any layer of
+        this merge, when that layer has had an "x" directory looked up), and in the upper layer when the
+        directory is "impure" (ovl_iterate then looks every upper name up to fill in d_ino).
+        """
         seen: dict[str, bool] = {}
+        marked = readdir and any(self.is_xwhiteouts_dir(i, d.path) for i in d.layers)
         for index in d.layers:
             ents = self.entries(index, d.path)
             if not ents:
                 continue
+            xwh = self._xwh[index].get(d.path, ())
+            if self.has_upper and index == 0:
+                filtered = readdir and bool(xwh) and \
+                    _xattr(self.real(0, d.path), self.encoding.private_prefix + "impure") == b"y"
+            else:
+                filtered = marked and index in self.xwhiteout_layers
             for name, e in ents.items():
                 if name not in seen:
-                    seen[name] = e is not WHITEOUT
+                    seen[name] = e is not WHITEOUT or (name in xwh and not filtered)
         return sorted(n for n, visible in seen.items() if visible)
 
     def lookup(self, path: str) -> Leaf | MergedDir | None:

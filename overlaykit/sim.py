@@ -200,7 +200,8 @@ class SimBackend(Backend):
                 try:
                     os.setxattr(real, name, b"", follow_symlinks=False)
                 except OSError:
-                    pass
+                    return
+                self._set_impure(os.path.dirname(real))  # ovl_fix_origin marks the parent impure too
 
 
     def _writable(self, p: str) -> None:
@@ -240,14 +241,30 @@ class SimBackend(Backend):
         if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
             raise _err(errno.EOVERFLOW, path)
 
+    def _set_impure(self, up_dir: str) -> None:
+        """ovl_set_impure: a directory that received a copied-up entry is marked ``overlay.impure=y``
+        (readdir then looks its upper names up, which hides xattr whiteouts there)."""
+        try:
+            os.setxattr(up_dir, self.encoding.private_prefix + "impure", b"y", follow_symlinks=False)
+        except OSError:
+            pass
+
     def _copy_dir_up(self, node: MergedDir, real_up: str) -> None:
         src = self.L.real(node.layers[0], node.path)
         s = os.lstat(src)
         self._check_mapped(s, node.path)
+        self._set_impure(os.path.dirname(real_up))
         with _parent_times_kept(real_up):
             os.mkdir(real_up, 0o700)
             self._copy_meta(src, real_up, s)
         self.L.refresh_upper(node.path, subtree=True)
+
+    def _has_origin(self, real: str) -> bool:
+        try:
+            os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+            return True
+        except OSError:
+            return False
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -291,6 +308,7 @@ class SimBackend(Backend):
         src = self.L.real(node.layer, node.path)
         dst = self._upper_path(node.path)
         s = node.lstat
+        self._set_impure(os.path.dirname(dst))
         with _parent_times_kept(dst):
             self._copy_leaf(src, dst, s)
         self.L.refresh_upper(node.path)
@@ -521,6 +539,8 @@ class SimBackend(Backend):
             self.encoding.set_opaque(src_real)
             self.L.refresh_upper(snode.path, subtree=True)
         self._clear_whiteout(dparent, up_d, dname)
+        if sparent.path != dparent.path and self._has_origin(src_real):
+            self._set_impure(up_d)  # ovl_rename: a moved entry with an origin makes its new parent impure
         dst_real = os.path.join(up_d, dname)
         dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:

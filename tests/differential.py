@@ -29,9 +29,12 @@ class F:
 
 @dataclass(frozen=True)
 class D:
-    """A directory, optionally opaque (only meaningful in a layer that sits on others)."""
+    """A directory, optionally opaque (only meaningful in a layer that sits on others).
+
+    ``xwhiteouts`` marks it ``overlay.opaque="x"``: readdir then filters the xattr whiteouts in it."""
     mode: int = 0o755
     opaque: bool = False
+    xwhiteouts: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class L:
 
 @dataclass(frozen=True)
 class W:
-    """A whiteout (char 0/0)."""
+    """A whiteout: char 0/0, or with ``xattr="trusted"|"user"`` a zero-size file with ``<xattr>.overlay.whiteout``."""
+    xattr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,13 @@ def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
             os.chmod(real, item.mode)
             if item.opaque:
                 encoding.set_opaque(real)
+            if item.xwhiteouts:
+                os.setxattr(real, encoding.opaque_xattr, b"x")
         elif isinstance(item, L):
             os.symlink(item.target, real)
+        elif isinstance(item, W) and item.xattr:
+            open(real, "wb").close()
+            os.setxattr(real, f"{item.xattr}.overlay.whiteout", b"")
         elif isinstance(item, W):
             encoding.make_whiteout(os.path.dirname(real), os.path.basename(real))
         elif isinstance(item, H):

@@ -14,12 +14,17 @@ from hypothesis import strategies as hs
 
 from differential import D, F, H, L, W, diff, run
 from overlaykit import capabilities
+from overlaykit.ondisk import default_xattr_ns
 
 pytestmark = pytest.mark.kernel
 
 KERNEL = capabilities()["kernel"]
 needs_kernel = pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed here: {KERNEL.reason}")
 
+XNS = default_xattr_ns()  # the namespace this mount reads: trusted as root, user with userxattr
+#: Whiteout xattrs this process can set: its mount's own, and as root also the other (a plain xattr then).
+XATTR_NAMESPACES = ["trusted", "user"] if os.geteuid() == 0 else ["user"]
+XW = W(XNS)
 LESSON_LOWER = {"in_lower.txt": F("lower\n"), "in_both.txt": F("both, lower copy\n")}
 LESSON_UPPER = {"in_upper.txt": F("upper\n"), "in_both.txt": F("both, upper copy\n")}
 
@@ -88,11 +93,36 @@ SCENARIOS = {
     "errors on kinds": ([{"d/f": F("x"), "f": F("x")}],
                         [("remove", "d"), ("rmdir", "f"), ("read", "d"), ("write", "d", "x"), ("mkdir", "f"),
                          ("mkdir", "d"), ("link", "d", "d2"), ("truncate", "d", 0), ("symlink", "x", "f")], {}),
+    # xattr whiteouts (kernel 6.7+): lookups honour them anywhere; readdir filters them only under "x"
+    "xattr whiteout in a lower layer, parent unmarked": (
+        [{"d/f": XW, "d/g": F("g")}, {"d/f": F("lower"), "d/h": F("h")}],
+        [("exists", "d/f"), ("listdir", "d"), ("read", "d/f"), ("remove", "d/f"), ("rmdir", "d")], {}),
+    "xattr whiteout in a lower dir marked x": (
+        [{"d": D(xwhiteouts=True), "d/f": XW}, {"d/f": F("lower"), "d/h": F("h")}],
+        [("exists", "d/f"), ("listdir", "d"), ("write", "d/f", "new"), ("listdir", "d")], {}),
+    "rmdir counts xattr whiteouts that readdir filters": (
+        [{"d": D(xwhiteouts=True), "d/f": XW}, {"d/f": F("lower")}], [("listdir", "d"), ("rmdir", "d")], {}),
+    "x on the bottom layer is ignored": ([{"d": D()}, {"d": D(xwhiteouts=True), "d/f": XW}], [("listdir", "d"), ("stat", "d/f")], {}),
+    "xattr whiteout in upper": (
+        [{"d/f": F("lower"), "e/f": F("lower")}],
+        [("listdir", "d"), ("stat", "d/f"), ("remove", "d/f"), ("rmdir", "u"), ("mkdir", "d/f"), ("write", "e/f", "x"),
+         ("symlink", "t", "u/f"), ("listdir", "u")],
+        {"d/f": XW, "e": D(xwhiteouts=True), "e/f": XW, "u/f": XW}),
+    "readdir hides upper xattr whiteouts once the dir is impure": (
+        [{"d/f": F("lower"), "d/g": F("g"), "e/f": F("lower"), "h": F("h")}],
+        [("listdir", "d"), ("append", "d/g", "+"), ("listdir", "d"), ("listdir", "e"), ("rename", "h", "e/h"),
+         ("listdir", "e")], {"d/f": XW, "e/f": XW}),
+    "create over a lower xattr whiteout": (
+        [{"d/f": XW, "d/g": XW}, {"d/f": F("lower"), "d/g/x": F("x")}], [("mkdir", "d/g"), ("link", "d/f", "h"), ("rename", "d/f", "i"), ("symlink", "t", "d/f"), ("listdir", "d/g")], {}),
     "private overlay xattrs are hidden": ([{"d": D(opaque=True), "d/f": F("x")}, {"e": D()}],
                                           [("getxattr", "d", "trusted.overlay.opaque"), ("listdir", "d"),
                                            ("setxattr", "d/f", "trusted.overlay.opaque", b"y"),
                                            ("getxattr", "d/f", "trusted.overlay.opaque"), ("listdir", "d")], {}),
 }
+
+if XNS == "trusted":  # only root can set the other namespace's marker (trusted.*) next to its own
+    SCENARIOS["user.overlay.whiteout on a trusted mount is a plain file"] = (
+        [{"d/f": W("user")}, {"d/f": F("lower")}], [("stat", "d/f"), ("listdir", "d")], {})
 
 
 def _run_both(tmp_path, lowers, ops, upper, **kw):
@@ -141,6 +171,7 @@ contents = hs.sampled_from(["", "x", "hello\n", "0123456789"])
 def _layer(draw_top: bool):
     item = hs.one_of(
         contents.map(F), hs.just(D()), hs.sampled_from(["a", "b", "../a", "/c", "missing"]).map(L),
+        hs.sampled_from(XATTR_NAMESPACES).map(W), hs.just(D(xwhiteouts=True)),
         *([hs.just(W()), hs.just(D(opaque=True))] if draw_top else []),
     )
     return hs.dictionaries(paths, item, max_size=5).map(_consistent)
