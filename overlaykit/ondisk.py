@@ -343,6 +343,10 @@ class Layers:
                         result[name] = s
         except (NotADirectoryError, FileNotFoundError):
             result = None
+        except PermissionError:
+            if not os.access(real, os.X_OK):
+                raise
+            result = _SearchOnly(real, enc, xwh)  # e.g. a root-owned 0711 dir: names can be looked up
         cache[path] = result
         self._xwh[index][path] = xwh
         return result
@@ -456,6 +460,9 @@ class Layers:
         directory is "impure" (ovl_iterate then looks every upper name up to fill in d_ino).
         """
         seen: dict[str, bool] = {}
+        for index in d.layers:
+            if isinstance(self.entries(index, d.path), _SearchOnly):  # readdir needs read permission
+                raise PermissionError(13, os.strerror(13), self.real(index, d.path))
         marked = readdir and any(self.is_xwhiteouts_dir(i, d.path) for i in d.layers)
         for index in d.layers:
             ents = self.entries(index, d.path)
@@ -482,6 +489,36 @@ class Layers:
                 return None
             node = self.child(node, name)
         return node
+
+
+class _SearchOnly(dict):
+    """The entries of a directory this process may search but not read: like ovl_lookup, which looks a
+    name up without listing its directory, ``get`` finds a name by its own lstat.  Iterating gives only
+    the names found so far; a merged listing refuses such a directory (readdir needs read permission)."""
+
+    def __init__(self, real: str, encoding: Encoding, xwh: set):
+        super().__init__()
+        self.real, self.encoding, self.xwh, self.absent = real, encoding, xwh, set()
+
+    def __bool__(self) -> bool:  # unknown, not empty: callers test ``if ents`` before looking names up
+        return True
+
+    def get(self, name, default=None):
+        if name not in self and name not in self.absent:
+            real = os.path.join(self.real, name)
+            try:
+                s = os.lstat(real)
+            except (FileNotFoundError, NotADirectoryError):
+                self.absent.add(name)
+                return default
+            if is_char_whiteout(s):
+                self[name] = WHITEOUT
+            elif self.encoding.is_xattr_whiteout(real, s):
+                self[name] = WHITEOUT
+                self.xwh.add(name)
+            else:
+                self[name] = s
+        return super().get(name, default)
 
 
 def _dtype_stat(de: os.DirEntry) -> os.stat_result:

@@ -7,14 +7,32 @@ the differential tests (tests/test_differential.py) say where.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import os
 import stat as st
+import subprocess
 
 from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+NAME_MAX = 255  # bytes in one name (overlayfs takes the smallest of its layers', 255 on ext4, xfs, tmpfs)
+PATH_MAX = 4096  # bytes in a path given to a system call, with its final NUL
+
+
+def _sysctl(path: str, default: int) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+#: The ids a user namespace shows for owners it does not map (kernel.overflowuid / overflowgid).
+OVERFLOW_UID = _sysctl("/proc/sys/kernel/overflowuid", 65534)
+OVERFLOW_GID = _sysctl("/proc/sys/kernel/overflowgid", 65534)
 
 
 def _join(parent: str, name: str) -> str:
@@ -78,8 +96,17 @@ class _parent_times_kept:
 
     def __enter__(self):
         self.before = os.stat(self.parent)
+        # The kernel copies up with the mounter's rights: in its user namespace an unprivileged mounter may
+        # write into an upper dir it owns whatever its mode (copied from a 0555 lower dir, say).  This process
+        # owns upper/ too, so it lends itself u+wx on the parent for the copy and takes it back after.
+        mode = st.S_IMODE(self.before.st_mode)
+        self.lent = os.geteuid() != 0 and self.before.st_uid == os.geteuid() and mode & 0o300 != 0o300
+        if self.lent:
+            os.chmod(self.parent, mode | 0o300)
 
     def __exit__(self, *exc):
+        if self.lent:
+            os.chmod(self.parent, st.S_IMODE(self.before.st_mode))
         try:
             os.utime(self.parent, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
         except OSError:
@@ -118,6 +145,8 @@ class SimBackend(Backend):
         ``..`` stops there), as a process chrooted into merged/ would see them.  Results (and errnos) are
         memoized in ``Layers.memo``, which is dropped whenever upper/ changes.
         """
+        if len(os.fsencode(p)) >= PATH_MAX:
+            raise _err(errno.ENAMETOOLONG, p)
         memo = self.L.memo
         key = (p, follow)
         hit = memo.get(key)
@@ -151,12 +180,18 @@ class SimBackend(Backend):
                     stack.pop()
                 continue
             parent = stack[-1]
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise _err(errno.ENAMETOOLONG, p)
             if not self.root_user:
                 self._may(parent, os.X_OK, p)  # search permission on every directory walked through
             try:
                 node = L.child(parent, name)
             except PermissionError:
-                raise _err(errno.EACCES, p) from None
+                if self.root_user:
+                    raise _err(errno.EACCES, p) from None
+                raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator may not search a layer's "
+                              "directory on this path; the kernel looks names up with the rights of the user who "
+                              "mounted, which include searching any directory that user owns", p) from None
             if node is None:
                 if last:
                     return parent, name, None
@@ -235,6 +270,31 @@ class SimBackend(Backend):
             self._copy_dir_up(node, real_up)
         return self._upper_path(d.path)
 
+    def _check_copyable(self, node: Leaf) -> None:
+        """Refuse, before anything is written, a copy-up this process cannot do although the kernel can.
+
+        The kernel reads the lower file with the mounter's rights, and an unprivileged mounter may read any
+        file it owns whatever its mode (CAP_DAC_OVERRIDE in its user namespace).  This process may not, and
+        must not chmod a lower layer to get in."""
+        s = node.lstat
+        if self.root_user or not st.S_ISREG(s.st_mode) or s.st_uid != os.geteuid():
+            return
+        real = self.L.real(node.layer, node.path)
+        if not os.access(real, os.R_OK) and not _readable_as_owner(real):
+            raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator cannot copy up a lower file "
+                          f"it may not read (mode {st.S_IMODE(s.st_mode):04o}) where user namespaces are off; the "
+                          "kernel can, as it copies up with the rights of the user who mounted, which include "
+                          "reading any file that user owns",
+                          node.path)
+
+    def _check_sticky(self, parent: MergedDir, node, p: str) -> None:
+        """may_delete: in a sticky directory only the owner of the entry or of the directory may remove it."""
+        if self.root_user or node is None:
+            return
+        ds = self._node_stat(parent)
+        if ds.st_mode & st.S_ISVTX and os.geteuid() not in (ds.st_uid, self._node_stat(node).st_uid):
+            raise _err(errno.EPERM, p)
+
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
         """An unprivileged (user-namespace) mount maps only the caller's own uid and gid; the kernel
         refuses to copy up anything owned by another id (ovl_copy_up_one: EOVERFLOW)."""
@@ -302,6 +362,7 @@ class SimBackend(Backend):
             return self._upper_dir(node)
         if node.layer == 0 and self.L.has_upper:
             return self._upper_path(node.path)
+        self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
         self._upper_dir(self.L.lookup(parent_path))
         self._check_mapped(node.lstat, node.path)
@@ -319,7 +380,7 @@ class SimBackend(Backend):
         if st.S_ISREG(mode):
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                with open(src, "rb") as f:
+                with _open_lower(src) as f:
                     while chunk := f.read(1 << 20):
                         os.write(fd, chunk)
             finally:
@@ -375,7 +436,24 @@ class SimBackend(Backend):
         except OSError as e:
             raise _err(e.errno, p) from None
 
+    def _check_create_target(self, p: str) -> None:
+        """open(O_CREAT) refuses a final name with a trailing slash (EISDIR), also one that comes from a
+        followed symlink (``a -> a/``), before looking that name up."""
+        q = p
+        for _ in range(MAXSYMLINKS + 1):
+            parent, name, node = self._resolve(q.rstrip("/") or q, False)
+            if q.endswith("/") and q.strip("/"):
+                raise _err(errno.EISDIR, p)
+            if not (isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode)):
+                return
+            target = os.readlink(self.L.real(node.layer, node.path))
+            q = target.lstrip("/") if target.startswith("/") else _join(parent.path, target)
+            if not q:
+                return
+        raise _err(errno.ELOOP, p)
+
     def write_bytes(self, p: str, data: bytes, append: bool) -> None:
+        self._check_create_target(p)
         parent, name, node = self._resolve(p, True)
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
@@ -400,6 +478,7 @@ class SimBackend(Backend):
             self.L.refresh_upper(rel)
 
     def touch(self, p: str) -> None:
+        self._check_create_target(p)
         parent, name, node = self._resolve(p, True)
         if node is None:
             self._writable(p)
@@ -442,6 +521,7 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         self._may(parent, os.W_OK | os.X_OK, p)
+        self._check_sticky(parent, node, p)
         if node.layer == 0 and self.L.has_upper:
             os.unlink(self._upper_path(node.path))
             self.L.refresh_upper(node.path)
@@ -472,6 +552,7 @@ class SimBackend(Backend):
         if self.L.visible_names(node):
             raise _err(errno.ENOTEMPTY, p)
         self._may(parent, os.W_OK | os.X_OK, p)
+        self._check_sticky(parent, node, p)
         lower_positive = self._lower_positive(parent, name)
         if node.layers[0] == 0 and self.L.has_upper:
             real = self._upper_path(node.path)
@@ -528,6 +609,8 @@ class SimBackend(Backend):
             raise _err(errno.ENOTEMPTY, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
+        self._check_sticky(sparent, snode, src)
+        self._check_sticky(dparent, dnode, dst)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
         src_real = self._copy_up(snode)
         lower_positive = self._lower_positive(sparent, sname)
@@ -614,6 +697,8 @@ class SimBackend(Backend):
         return private + "overlay." + name[len(private):] if name.startswith(private) else name
 
     def symlink(self, target: str, p: str) -> None:
+        if not target:  # symlinkat: an empty target is ENOENT, before the new name is even looked up
+            raise _err(errno.ENOENT, p)
         parent, name, node = self._resolve(p, False)
         if node is not None or parent is None:
             raise _err(errno.EEXIST, p)
@@ -632,11 +717,26 @@ class SimBackend(Backend):
         self._writable(src)
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
+        self._check_hardlink_source(snode, src, dst)
+        self._may(dparent, os.W_OK | os.X_OK, dst)  # may_create comes before ovl_link's copy-up
         src_real = self._copy_up(snode)
         up, _ = self._create_prep(self._refresh(dparent), dname, dst)
         os.link(src_real, os.path.join(up, dname), follow_symlinks=False)
         self.L.refresh_upper(snode.path)
         self.L.refresh_upper(_join(dparent.path, dname))
+
+    def _check_hardlink_source(self, node: Leaf, src: str, dst: str) -> None:
+        """fs.protected_hardlinks (may_linkat): without CAP_FOWNER, link only to a file you own, or to a
+        regular, non-set-id file you may read and write."""
+        if self.root_user or _sysctl("/proc/sys/fs/protected_hardlinks", 0) != 1:
+            return
+        s = node.lstat
+        if s.st_uid == os.geteuid():
+            return
+        mode = s.st_mode
+        if not st.S_ISREG(mode) or mode & st.S_ISUID or (mode & (st.S_ISGID | st.S_IXGRP)) == (st.S_ISGID | st.S_IXGRP) \
+                or not os.access(self.L.real(node.layer, node.path), os.R_OK | os.W_OK):
+            raise _err(errno.EPERM, src, dst)
 
     def truncate(self, p: str, size: int) -> None:
         if size < 0:
@@ -670,6 +770,12 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         result = self._stat(node)
+        if not self.root_user and (result.uid != os.geteuid() or result.gid != os.getegid()):
+            # An unprivileged mount lives in a user namespace that maps only this user's own ids: any other
+            # owner shows as the overflow ids, as through the kernel backend.
+            result = dataclasses.replace(
+                result, uid=result.uid if result.uid == os.geteuid() else OVERFLOW_UID,
+                gid=result.gid if result.gid == os.getegid() else OVERFLOW_GID)
         if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0):
             memo[key] = result  # lower layers do not change while mounted; upper entries may
         return result
@@ -684,3 +790,64 @@ class SimBackend(Backend):
         s = os.lstat(self.L.real(node.layers[0], node.path))
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
 
+
+
+def _readable_as_owner(real: str) -> bool:
+    """Could this user read its own file ``real`` with the rights an unprivileged mounter has (root of a
+    user namespace that maps this user)?  Only where user namespaces are allowed."""
+    try:
+        return subprocess.run(["unshare", "--map-root-user", "test", "-r", real], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class _open_lower:
+    """Open a lower file for reading; one this user owns but may not read is read the way an unprivileged
+    mounter reads it, from inside a user namespace (the lower file itself is never changed)."""
+
+    def __init__(self, real: str):
+        self.real, self.proc = real, None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.real, "rb")
+        except PermissionError:
+            self.proc = subprocess.Popen(["unshare", "--map-root-user", "cat", "--", self.real],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.file = self.proc.stdout
+        return self.file
+
+    def __exit__(self, *exc):
+        self.file.close()
+        if self.proc is not None:
+            err = self.proc.stderr.read()
+            self.proc.stderr.close()
+            if self.proc.wait() != 0 and exc[0] is None:
+                raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: {err.decode(errors='replace').strip()}",
+                              self.real)
+
+
+def _with_caller_paths(method, two_paths: bool, index: int):
+    """Errors name the caller's path(s), as the kernel backend's do: never a host path under upper/ or a
+    lower, and both names for rename and link."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        try:
+            return method(self, *args)
+        except OSError as e:
+            paths = (args[0], args[1]) if two_paths else (args[index],)
+            if (e.filename, e.filename2) == (paths + (None,))[:2]:
+                raise
+            err = errno_error(e.errno, *paths)
+            if e.strerror and e.strerror != os.strerror(e.errno):  # keep an explanatory sentence
+                err.strerror = e.strerror
+            raise err from None
+    return wrapper
+
+
+for _name in ("read_bytes", "write_bytes", "touch", "utime", "remove", "mkdir", "rmdir", "rename", "chmod", "chown",
+              "setxattr", "getxattr", "symlink", "link", "truncate", "listdir", "stat"):
+    setattr(SimBackend, _name, _with_caller_paths(getattr(SimBackend, _name), _name in ("rename", "link"),
+                                                  1 if _name == "symlink" else 0))
