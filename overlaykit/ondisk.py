@@ -225,6 +225,9 @@ class Layers:
         self._xdir: list[dict[str, bool]] = [{} for _ in self.roots]
         #: Layers in which a lookup met an "x" directory: ovl_layer_set_xwhiteouts, sticky while mounted.
         self.xwhiteout_layers: set[int] = set()
+        #: redirect_dir=follow (root's default) or nofollow (forced by userxattr): it decides which layer
+        #: ovl_lookup takes as the last one, where it reads no overlay xattrs of a directory.
+        self.redirect_follow = encoding.xattr_ns != "user"
         # The dentry cache: path -> the node a lookup from the root gives (None = negative entry), and
         # the merged listing of each looked-up directory.  Only lookups through these canonical nodes
         # are cached; like the per-layer listings, both are dropped whenever upper/ changes.
@@ -344,6 +347,14 @@ class Layers:
         except (NotADirectoryError, FileNotFoundError):
             result = None
         except PermissionError:
+            s = os.lstat(real)
+            if self.has_upper and index == 0 and s.st_uid == os.geteuid() != 0 and s.st_mode & 0o500 != 0o500:
+                # upper/ is the mounter's own: the kernel reads it whatever its modes, and so may we
+                os.chmod(real, st.S_IMODE(s.st_mode) | 0o500)
+                try:
+                    return self.entries(index, path)
+                finally:
+                    os.chmod(real, st.S_IMODE(s.st_mode))
             if not os.access(real, os.X_OK):
                 raise
             result = _SearchOnly(real, enc, xwh)  # e.g. a root-owned 0711 dir: names can be looked up
@@ -351,11 +362,16 @@ class Layers:
         self._xwh[index][path] = xwh
         return result
 
-    def is_xwhiteouts_dir(self, index: int, path: str) -> bool:
+    def last_layer(self, parent: MergedDir) -> int:
+        """The layer ovl_lookup calls last for a child of ``parent``: the bottom one with redirect_dir=follow,
+        else the bottom one of the parent's own stack."""
+        return len(self.roots) - 1 if self.redirect_follow or not parent.layers else parent.layers[-1]
+
+    def is_xwhiteouts_dir(self, index: int, path: str, last: int) -> bool:
         """Does ovl_lookup take this layer's directory as holding xattr whiteouts?  Only for
-        ``overlay.opaque="x"`` on a lower layer other than the last one (the kernel checks neither the
-        upper layer nor the bottom layer for it)."""
-        if (self.has_upper and index == 0) or index == len(self.roots) - 1:
+        ``overlay.opaque="x"`` on a lower layer other than the ``last`` one (the kernel checks neither the
+        upper layer nor the last layer for it)."""
+        if (self.has_upper and index == 0) or index == last:
             return False
         cache = self._xdir[index]
         try:
@@ -411,8 +427,9 @@ class Layers:
                     visited.append((index, "whiteout"))
                 break
             if st.S_ISDIR(e.st_mode):
+                last = self.last_layer(parent)
                 found.append(index)
-                if self.is_xwhiteouts_dir(index, path):
+                if self.is_xwhiteouts_dir(index, path, last):
                     self.xwhiteout_layers.add(index)
                 if self.is_opaque(index, path):
                     if visited is not None:
@@ -463,7 +480,11 @@ class Layers:
         for index in d.layers:
             if isinstance(self.entries(index, d.path), _SearchOnly):  # readdir needs read permission
                 raise PermissionError(13, os.strerror(13), self.real(index, d.path))
-        marked = readdir and any(self.is_xwhiteouts_dir(i, d.path) for i in d.layers)
+        marked = False
+        if readdir and d.path:
+            parent = self.lookup(d.path.rpartition("/")[0])
+            last = self.last_layer(parent) if isinstance(parent, MergedDir) else len(self.roots) - 1
+            marked = any(self.is_xwhiteouts_dir(i, d.path, last) for i in d.layers)
         for index in d.layers:
             ents = self.entries(index, d.path)
             if not ents:

@@ -113,6 +113,12 @@ class _parent_times_kept:
             pass
 
 
+def _lend(dir_path: str) -> _parent_times_kept:
+    """The mounter's rights on an upper directory of ours while the kernel would write to it (an xattr,
+    say), whatever its mode; its times are kept too."""
+    return _parent_times_kept(os.path.join(dir_path, ""))
+
+
 class SimBackend(Backend):
     """Overlay semantics computed in Python; upper/ receives exactly what the kernel would write."""
 
@@ -196,6 +202,8 @@ class SimBackend(Backend):
                 if last:
                     return parent, name, None
                 raise _err(errno.ENOENT, p)
+            if isinstance(node, MergedDir) and not self.root_user:
+                self._check_dir_xattrs_readable(parent, node, p)
             if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
                 self._note_origin(node.path)
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
@@ -220,6 +228,19 @@ class SimBackend(Backend):
         return parent, node.path.rpartition("/")[2] if node.path else last_name, node
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _check_dir_xattrs_readable(self, parent: MergedDir, node: MergedDir, p: str) -> None:
+        """ovl_lookup reads overlay.opaque and overlay.redirect of each directory it meets, except in the
+        last layer it looks in; user.* xattrs (userxattr mounts) need read permission, which the mounter has
+        on what anyone may read and on what it owns (its user namespace maps only its own ids): EACCES."""
+        last = self.L.last_layer(parent)
+        for index in node.layers:
+            if index == last or (index == 0 and self.L.has_upper):
+                continue
+            real = self.L.real(index, node.path)
+            s = os.lstat(real)
+            if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not os.access(real, os.R_OK):
+                raise _err(errno.EACCES, p)
+
     def _note_origin(self, path: str) -> None:
         """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
         merge dir, e.g. made by hand), so that its inode number can stay constant."""
@@ -233,7 +254,8 @@ class SimBackend(Backend):
         except OSError as e:
             if e.errno == errno.ENODATA:
                 try:
-                    os.setxattr(real, name, b"", follow_symlinks=False)
+                    with _lend(real):
+                        os.setxattr(real, name, b"", follow_symlinks=False)
                 except OSError:
                     return
                 self._set_impure(os.path.dirname(real))  # ovl_fix_origin marks the parent impure too
@@ -305,7 +327,8 @@ class SimBackend(Backend):
         """ovl_set_impure: a directory that received a copied-up entry is marked ``overlay.impure=y``
         (readdir then looks its upper names up, which hides xattr whiteouts there)."""
         try:
-            os.setxattr(up_dir, self.encoding.private_prefix + "impure", b"y", follow_symlinks=False)
+            with _lend(up_dir):
+                os.setxattr(up_dir, self.encoding.private_prefix + "impure", b"y", follow_symlinks=False)
         except OSError:
             pass
 
@@ -537,7 +560,8 @@ class SimBackend(Backend):
         real = os.path.join(up, name)
         os.mkdir(real, mode)
         if was_whiteout:
-            self.encoding.set_opaque(real)
+            with _lend(real):
+                self.encoding.set_opaque(real)
         self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
     def rmdir(self, p: str) -> None:
@@ -619,7 +643,8 @@ class SimBackend(Backend):
         if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
             # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
             # same name at the destination cannot show through; the mark stays even if the rename fails.
-            self.encoding.set_opaque(src_real)
+            with _lend(src_real):
+                self.encoding.set_opaque(src_real)
             self.L.refresh_upper(snode.path, subtree=True)
         self._clear_whiteout(dparent, up_d, dname)
         if sparent.path != dparent.path and self._has_origin(src_real):
@@ -758,7 +783,21 @@ class SimBackend(Backend):
         if isinstance(node, Leaf):
             raise _err(errno.ENOTDIR, p)
         self._may(node, os.R_OK, p)
-        return self.L.names(node)
+        names = self.L.names(node)
+        if not self.root_user and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and \
+                _has_impure(self._upper_path(node.path), self.encoding.private_prefix):
+            # An impure merged dir: ovl_iterate looks every upper name up (for d_ino) and drops those whose
+            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk)
+            upper_names = self.L.entries(0, node.path) or {}
+            names = [n for n in names if n not in upper_names or self._looks_up(_join(node.path, n))]
+        return names
+
+    def _looks_up(self, path: str) -> bool:
+        try:
+            self._resolve(path, False)
+            return True
+        except OSError:
+            return False
 
     def stat(self, p: str, follow: bool) -> Stat:
         memo = self.L.memo
@@ -790,6 +829,13 @@ class SimBackend(Backend):
         s = os.lstat(self.L.real(node.layers[0], node.path))
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None)
 
+
+
+def _has_impure(real: str, prefix: str) -> bool:
+    try:
+        return os.getxattr(real, prefix + "impure", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
 
 
 def _readable_as_owner(real: str) -> bool:
