@@ -336,6 +336,8 @@ class Layers:
                     try:
                         s = de.stat(follow_symlinks=False)
                     except PermissionError:  # readable but not searchable: readdir's d_type is all there is
+                        if self.has_upper and index == 0 and os.geteuid() != 0:
+                            raise  # an upper dir of ours: read it again with u+x lent (below)
                         s = _dtype_stat(de)
                     if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
                         result[name] = WHITEOUT

@@ -388,6 +388,9 @@ class SimBackend(Backend):
         self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
         self._upper_dir(self.L.lookup(parent_path))
+        if not self.root_user and st.S_ISREG(node.lstat.st_mode) and node.lstat.st_uid != os.geteuid() and \
+                not os.access(self.L.real(node.layer, node.path), os.R_OK):
+            raise _err(errno.EACCES, node.path)  # the data is copied before the owner (EOVERFLOW) is set
         self._check_mapped(node.lstat, node.path)
         src = self.L.real(node.layer, node.path)
         dst = self._upper_path(node.path)
@@ -452,6 +455,7 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         if isinstance(node, MergedDir):
+            self._may(node, os.R_OK, p)  # open(O_RDONLY) checks read permission; read() then says EISDIR
             raise _err(errno.EISDIR, p)
         try:
             with open(self.L.real(node.layer, node.path), "rb") as f:
@@ -603,6 +607,11 @@ class SimBackend(Backend):
         self.L.refresh_upper(path, subtree=True)
 
     def rename(self, src: str, dst: str) -> None:
+        for q in (src, dst):  # renameat2 walks to both parents before it looks either name up
+            head = q.rstrip("/").rpartition("/")[0]
+            node = self._resolve(head, True)[2] if head else None
+            if head and not isinstance(node, MergedDir):
+                raise _err(errno.ENOENT if node is None else errno.ENOTDIR, src, dst)
         sparent, sname, snode = self._resolve(src, False)
         dparent, dname, dnode = self._resolve(dst, False)
         if not src or not dst:
