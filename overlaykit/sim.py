@@ -505,9 +505,13 @@ class SimBackend(Backend):
             self.L.refresh_upper(rel)
 
     def touch(self, p: str) -> None:
-        self._check_create_target(p)
-        parent, name, node = self._resolve(p, True)
-        if node is None:
+        try:
+            parent, name, node = self._resolve(p, True)
+        except FileNotFoundError:
+            self._check_create_target(p)  # the open(O_CREAT) after utime's ENOENT may say EISDIR instead
+            raise
+        if node is None:  # like touch(1): utime, and on ENOENT open(O_CREAT)
+            self._check_create_target(p)
             self._writable(p)
             up, _ = self._create_prep(parent, name, p)
             os.close(os.open(os.path.join(up, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
