@@ -351,3 +351,47 @@ def test_unprivileged_permission_shapes_as_learner():
         shutil.rmtree(base, ignore_errors=True)
     bad = [f"{name}: layers={c[0]} upper={c[2]} ops={c[1]}\n{d}" for (name, c), d in zip(cases, diffs) if d]
     assert not bad, f"{len(bad)} of {len(cases)} cases diverge:\n" + "\n".join(bad[:5])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or LEARNER is None or shutil.which("runuser") is None,
+                    reason="needs root (to build the layers), runuser and a user named learner")
+def test_what_the_sim_cannot_do_unprivileged_fails_first_and_says_why():
+    """Without user namespaces (Binder) the sim cannot read an owned lower file of mode 000 or 0222, which
+    the kernel's mounter can: it fails before writing anything to upper/, with EACCES and a sentence."""
+    base = tempfile.mkdtemp(prefix="overlaykit-perm-")
+    try:
+        prepare(os.path.join(base, "sim"), [{"d": D(owner=ME), "d/f000": F("zero", 0o000, ME), "d/f222": F("two", 0o222, ME),
+                                             "n": D(0o000, owner=ME), "n/f": F("x", 0o644, ME)}],
+                {}, xattr_ns="user", user=(LEARNER.pw_uid, LEARNER.pw_gid))
+        os.chmod(base, 0o755)
+        script = f"""
+import errno, os
+from overlaykit import Overlay
+t = {os.path.join(base, "sim")!r}
+with Overlay([t + "/lower0"], t + "/upper", t + "/work", backend="sim", trace=False) as ov:  # (the trace observer is not the sim)
+    out = []
+    for fn in (lambda: ov.chmod("d/f000", 0o600), lambda: ov.write_bytes("d/f222", b"+", append=True)):
+        try:
+            fn()
+            out.append("ok")
+        except OSError as e:
+            out.append((errno.errorcode[e.errno], e.filename, "simulator" in e.strerror, sorted(os.listdir(t + "/upper"))))
+    ov.chmod("n", 0o755)
+    try:
+        ov.read_text("n/f")
+        out.append("ok")
+    except OSError as e:
+        out.append((errno.errorcode[e.errno], e.filename, "simulator" in e.strerror))
+print(repr(out))
+"""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OVERLAYKIT_", "PYTEST_"))}
+        env.update(HOME=base, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", PATH="/nonexistent")  # no unshare(1)
+        out = subprocess.run(["/usr/sbin/runuser" if os.path.exists("/usr/sbin/runuser") else shutil.which("runuser"),
+                              "-u", LEARNER.pw_name, "--", sys.executable, "-c", script],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        results = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert results[:2] == [("EACCES", p, True, []) for p in ("d/f000", "d/f222")]  # nothing copied up, not even d
+    assert results[2] == ("EACCES", "n/f", True)  # the kernel reads n (mode 000, ours) as the mounter
