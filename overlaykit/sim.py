@@ -269,9 +269,16 @@ class SimBackend(Backend):
         """The permission check the kernel makes before any copy-up (root passes it)."""
         if self.root_user or node is None:
             return
-        real = self.L.real(node.layer if isinstance(node, Leaf) else node.layers[0], node.path)
+        layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+        real = self.L.real(layer, node.path)
         if not os.access(real, mode):
             raise _err(errno.EACCES, p)
+        if mode & os.W_OK and not (layer == 0 and self.L.has_upper):
+            # ovl_permission: to write a lower entry the mounter must be able to read it, for the copy-up
+            s = self._node_stat(node)
+            if not (st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode) or st.S_ISFIFO(s.st_mode) or st.S_ISSOCK(s.st_mode)) \
+                    and (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not os.access(real, os.R_OK):
+                raise _err(errno.EACCES, p)
 
     def _upper_path(self, path: str) -> str:
         return os.path.join(self.upper, path) if path else self.upper
@@ -388,9 +395,6 @@ class SimBackend(Backend):
         self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
         self._upper_dir(self.L.lookup(parent_path))
-        if not self.root_user and st.S_ISREG(node.lstat.st_mode) and node.lstat.st_uid != os.geteuid() and \
-                not os.access(self.L.real(node.layer, node.path), os.R_OK):
-            raise _err(errno.EACCES, node.path)  # the data is copied before the owner (EOVERFLOW) is set
         self._check_mapped(node.lstat, node.path)
         src = self.L.real(node.layer, node.path)
         dst = self._upper_path(node.path)
@@ -711,6 +715,10 @@ class SimBackend(Backend):
             raise _err(errno.EPERM, p)
         if not self.root_user:
             self._may(node, os.W_OK, p)
+            ns = self._node_stat(node)
+            if name.startswith("user.") and st.S_ISDIR(ns.st_mode) and ns.st_mode & st.S_ISVTX and \
+                    ns.st_uid != os.geteuid():
+                raise _err(errno.EPERM, p)  # xattr_permission: user.* on a sticky dir is for its owner only
         try:
             os.setxattr(self._copy_up(node), self._escape(name), value, follow_symlinks=False)
         except OSError as e:
@@ -753,22 +761,22 @@ class SimBackend(Backend):
         if dnode is not None or dparent is None:
             raise _err(errno.EEXIST, src, dst)
         self._writable(src)
+        self._check_hardlink_source(snode, src, dst)  # may_linkat, then vfs_link: may_create, then EPERM for a dir
+        self._may(dparent, os.W_OK | os.X_OK, dst)
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
-        self._check_hardlink_source(snode, src, dst)
-        self._may(dparent, os.W_OK | os.X_OK, dst)  # may_create comes before ovl_link's copy-up
         src_real = self._copy_up(snode)
         up, _ = self._create_prep(self._refresh(dparent), dname, dst)
         os.link(src_real, os.path.join(up, dname), follow_symlinks=False)
         self.L.refresh_upper(snode.path)
         self.L.refresh_upper(_join(dparent.path, dname))
 
-    def _check_hardlink_source(self, node: Leaf, src: str, dst: str) -> None:
+    def _check_hardlink_source(self, node, src: str, dst: str) -> None:
         """fs.protected_hardlinks (may_linkat): without CAP_FOWNER, link only to a file you own, or to a
         regular, non-set-id file you may read and write."""
         if self.root_user or _sysctl("/proc/sys/fs/protected_hardlinks", 0) != 1:
             return
-        s = node.lstat
+        s = self._node_stat(node)
         if s.st_uid == os.geteuid():
             return
         mode = s.st_mode

@@ -287,10 +287,10 @@ def _permission_case(rng: random.Random) -> tuple[list[dict], list[tuple], dict]
                 spec[path] = F(rng.choice(["", "x", "hello\n"]), rng.choice(file_modes), owner)
             elif r < 0.85:
                 # No lower dir of mode 0: one of ours the kernel reads with the mounter's rights and the sim
-                # cannot (README, "How faithful the simulator is"); one of another user's is left out too, for
-                # two kernel quirks not modelled (readdir of an impure parent fails with EACCES; a whiteout
-                # left in such a dir's upper copy)
-                modes = [m for m in dir_modes if m or upper]
+                # cannot (README, "How faithful the simulator is"); nor one of another user's that others may
+                # not search, for two kernel quirks not modelled (readdir of an impure parent then fails
+                # with EACCES; a whiteout left under such a dir)
+                modes = [m for m in dir_modes if (m or upper) and (owner == ME or m & 0o005)]
                 spec[path] = D(rng.choice(modes), owner=owner)
             elif top:
                 spec[path] = W()
