@@ -122,6 +122,15 @@ SCENARIOS = {
          ("listdir", "e")], {"d/f": XW, "e/f": XW}),
     "create over a lower xattr whiteout": (
         [{"d/f": XW, "d/g": XW}, {"d/f": F("lower"), "d/g/x": F("x")}], [("mkdir", "d/g"), ("link", "d/f", "h"), ("rename", "d/f", "i"), ("symlink", "t", "d/f"), ("listdir", "d/g")], {}),
+    # long names and paths
+    "names of 255 and 256 bytes": (
+        [{"d/" + "n" * 255: F("long"), "d/f": F("f")}],
+        [("read", "d/" + "n" * 255), ("stat", "d/" + "n" * 256), ("write", "n" * 256, "x"), ("mkdir", "m" * 255),
+         ("rename", "d/f", "d/" + "f" * 256), ("rename", "d/f", "m" * 255 + "/" + "f" * 255), ("listdir", "m" * 255)], {}),
+    "a long path": (
+        [{"/".join(["p" * 250] * 6) + "/f": F("deep")}],
+        [("read", "/".join(["p" * 250] * 6) + "/f"), ("append", "/".join(["p" * 250] * 6) + "/f", "+"),
+         ("mkdir", "/".join(["p" * 250] * 6) + "/" + "q" * 255)], {}),
     "private overlay xattrs are hidden": ([{"d": D(opaque=True), "d/f": F("x")}, {"e": D()}],
                                           [("getxattr", "d", "trusted.overlay.opaque"), ("listdir", "d"),
                                            ("setxattr", "d/f", "trusted.overlay.opaque", b"y"),
