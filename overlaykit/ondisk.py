@@ -10,6 +10,7 @@ losslessly, so a fallback upper can still be handed to the real kernel.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat as st
 from dataclasses import dataclass
@@ -398,8 +399,8 @@ class Layers:
                         return self.entries(index, path)
                     finally:
                         os.chmod(link, st.S_IMODE(s.st_mode))
-                if not os.access(link, os.X_OK):
-                    raise
+                if not os.access(link, os.X_OK):  # named by its host path, for messages (never opened by it)
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), self.real(index, path)) from None
             finally:
                 os.close(fd)
             result = _SearchOnly(self, index, path, xwh)  # e.g. a root-owned 0711 dir: names can be looked up
