@@ -10,6 +10,7 @@ losslessly, so a fallback upper can still be handed to the real kernel.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat as st
 from dataclasses import dataclass
@@ -54,16 +55,22 @@ class Encoding:
 
     # -- reading -------------------------------------------------------------------------------
     def is_whiteout(self, dir_path: str, name: str) -> bool:
-        """Is ``name`` in ``dir_path`` a whiteout marker (in this encoding or the kernel's)?"""
+        """Is ``name`` in ``dir_path`` a whiteout marker (in this encoding or the kernel's)?
+
+        Like ovl_lookup (kernel 6.7+), a zero-size file with ``overlay.whiteout`` counts wherever it is:
+        the parent's ``overlay.opaque="x"`` only tells readdir to filter it."""
         if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, WHITEOUT_PREFIX + name)):
             return True
+        real = os.path.join(dir_path, name)
         try:
-            s = os.lstat(os.path.join(dir_path, name))
+            s = os.lstat(real)
         except FileNotFoundError:
             return False
-        return is_char_whiteout(s) or (
-            st.S_ISREG(s.st_mode) and s.st_size == 0 and _xattr(dir_path, self.opaque_xattr) == b"x"
-            and _xattr(os.path.join(dir_path, name), self.whiteout_xattr) is not None)
+        return is_char_whiteout(s) or self.is_xattr_whiteout(real, s)
+
+    def is_xattr_whiteout(self, real: str, s: os.stat_result) -> bool:
+        """The kernel's other whiteout (6.7+): a zero-size regular file carrying ``overlay.whiteout``."""
+        return st.S_ISREG(s.st_mode) and s.st_size == 0 and _xattr(real, self.whiteout_xattr) is not None
 
     def is_opaque(self, dir_path: str) -> bool:
         if self.kind == "fallback" and os.path.lexists(os.path.join(dir_path, OPAQUE_MARKER)):
@@ -116,13 +123,6 @@ def is_char_whiteout(s: os.stat_result) -> bool:
 def _xattr(path: str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _fxattr(fd: int, name: str) -> bytes | None:
-    try:
-        return os.getxattr(fd, name)
     except OSError:
         return None
 
@@ -222,6 +222,15 @@ class Layers:
         self.has_upper = has_upper
         self._dirs: list[dict[str, dict | None]] = [{} for _ in self.roots]
         self._opaque: list[dict[str, bool]] = [{} for _ in self.roots]
+        # Names that are xattr whiteouts, per layer and directory: lookups treat them as whiteouts, but
+        # readdir lists them unless the layer's directory is marked overlay.opaque="x" (see names()).
+        self._xwh: list[dict[str, set[str]]] = [{} for _ in self.roots]
+        self._xdir: list[dict[str, bool]] = [{} for _ in self.roots]
+        #: Layers in which a lookup met an "x" directory: ovl_layer_set_xwhiteouts, sticky while mounted.
+        self.xwhiteout_layers: set[int] = set()
+        #: redirect_dir=follow (root's default) or nofollow (forced by userxattr): it decides which layer
+        #: ovl_lookup takes as the last one, where it reads no overlay xattrs of a directory.
+        self.redirect_follow = encoding.xattr_ns != "user"
         # The dentry cache: path -> the node a lookup from the root gives (None = negative entry), and
         # the merged listing of each looked-up directory.  Only lookups through these canonical nodes
         # are cached; like the per-layer listings, both are dropped whenever upper/ changes.
@@ -277,6 +286,7 @@ class Layers:
         if self.has_upper:
             self._dirs[0] = {}
             self._opaque[0] = {}
+            self._xwh[0] = {}
             self._drop_derived()
 
     def _drop_derived(self) -> None:
@@ -297,10 +307,10 @@ class Layers:
             self.invalidate_upper()
             return
         self._drop_derived()
-        dirs, opaque = self._dirs[0], self._opaque[0]
+        dirs, opaque, xwh = self._dirs[0], self._opaque[0], self._xwh[0]
         if subtree:
             prefix = path + "/"
-            for cache in (dirs, opaque):
+            for cache in (dirs, opaque, xwh):
                 for key in [k for k in cache if k == path or k.startswith(prefix)]:
                     del cache[key]
         else:
@@ -313,11 +323,16 @@ class Layers:
             del dirs[parent]
             return
         entry = None
+        xwh.get(parent, set()).discard(name)
         try:
             with self.at_dir(0, parent) as real_parent:  # never through a host symlink
+                real = os.path.join(real_parent, name)
                 try:
-                    s = os.lstat(os.path.join(real_parent, name))
+                    s = os.lstat(real)
                     entry = WHITEOUT if is_char_whiteout(s) else s
+                    if entry is s and self.encoding.is_xattr_whiteout(real, s):
+                        entry = WHITEOUT
+                        xwh.setdefault(parent, set()).add(name)
                 except FileNotFoundError:
                     pass
                 if entry is None and self.encoding.kind == "fallback" and \
@@ -347,9 +362,9 @@ class Layers:
                 return None
         enc = self.encoding
         result: dict | None = {}
+        xwh: set[str] = set()
         try:
             with nofollow.read_dir(self.roots[index], path, self._root_fd(index)) as (real, fd), os.scandir(fd) as it:
-                xwh = _fxattr(fd, enc.opaque_xattr) == b"x"
                 for de in it:
                     name = de.name
                     if enc.kind == "fallback" and name.startswith(WHITEOUT_PREFIX):
@@ -359,18 +374,63 @@ class Layers:
                     try:
                         s = de.stat(follow_symlinks=False)
                     except PermissionError:  # readable but not searchable: readdir's d_type is all there is
+                        if self.has_upper and index == 0 and os.geteuid() != 0:
+                            raise  # an upper dir of ours: read it again with u+x lent (below)
                         s = _dtype_stat(de)
                     if st.S_ISCHR(s.st_mode) and s.st_rdev == 0:
                         result[name] = WHITEOUT
-                    elif xwh and st.S_ISREG(s.st_mode) and s.st_size == 0 and \
-                            _xattr(os.path.join(real, name), enc.whiteout_xattr) is not None:
+                    elif s.st_size == 0 and enc.is_xattr_whiteout(os.path.join(real, name), s):
                         result[name] = WHITEOUT
+                        xwh.add(name)
                     elif result.get(name) is not WHITEOUT:
                         result[name] = s
         except (NotADirectoryError, FileNotFoundError):
             result = None
+        except PermissionError:
+            # The directory itself through an O_PATH fd (no permission on it needed, no symlink followed)
+            fd = nofollow.open_dir(self.roots[index], path, root_fd=self._root_fd(index))
+            try:
+                link = f"/proc/self/fd/{fd}"
+                s = os.stat(link)
+                if self.has_upper and index == 0 and s.st_uid == os.geteuid() != 0 and s.st_mode & 0o500 != 0o500:
+                    # upper/ is the mounter's own: the kernel reads it whatever its modes, and so may we
+                    os.chmod(link, st.S_IMODE(s.st_mode) | 0o500)
+                    try:
+                        return self.entries(index, path)
+                    finally:
+                        os.chmod(link, st.S_IMODE(s.st_mode))
+                if not os.access(link, os.X_OK):  # named by its host path, for messages (never opened by it)
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), self.real(index, path)) from None
+            finally:
+                os.close(fd)
+            result = _SearchOnly(self, index, path, xwh)  # e.g. a root-owned 0711 dir: names can be looked up
         cache[path] = result
+        self._xwh[index][path] = xwh
         return result
+
+    def last_layer(self, parent: MergedDir) -> int:
+        """The layer ovl_lookup calls last for a child of ``parent``: the bottom one with redirect_dir=follow,
+        else the bottom one of the parent's own stack."""
+        return len(self.roots) - 1 if self.redirect_follow or not parent.layers else parent.layers[-1]
+
+    def is_xwhiteouts_dir(self, index: int, path: str, last: int) -> bool:
+        """Does ovl_lookup take this layer's directory as holding xattr whiteouts?  Only for
+        ``overlay.opaque="x"`` on a lower layer other than the ``last`` one (the kernel checks neither the
+        upper layer nor the last layer for it)."""
+        if (self.has_upper and index == 0) or index == last:
+            return False
+        cache = self._xdir[index]
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        try:  # by name from the parent, never through a host symlink
+            with self.at(index, path) as real:
+                value = _xattr(real, self.encoding.opaque_xattr) == b"x"
+        except OSError:
+            value = False
+        cache[path] = value
+        return value
 
     def is_opaque(self, index: int, path: str) -> bool:
         cache = self._opaque[index]
@@ -426,7 +486,10 @@ class Layers:
                     visited.append((index, "whiteout"))
                 break
             if st.S_ISDIR(e.st_mode):
+                last = self.last_layer(parent)
                 found.append(index)
+                if self.is_xwhiteouts_dir(index, path, last):
+                    self.xwhiteout_layers.add(index)
                 if self.is_opaque(index, path):
                     if visited is not None:
                         visited.append((index, "opaque dir"))
@@ -458,23 +521,50 @@ class Layers:
         if len(d.layers) == 1 and d.path:
             names = sorted(self.entries(d.layers[0], d.path) or ())
         else:
-            names = self.visible_names(d)
+            names = self.visible_names(d, readdir=True)
         if canonical:
             self._names[d.path] = names
             return list(names)
         return names
 
-    def visible_names(self, d: MergedDir) -> list[str]:
-        """Names a lookup would find: what rmdir's emptiness check (ovl_check_empty_dir) counts."""
+    def visible_names(self, d: MergedDir, readdir: bool = False) -> list[str]:
+        """Names of a merged directory: what rmdir's emptiness check (ovl_check_empty_dir) counts.
+
+        Xattr whiteouts count there as names [verified on 6.18: rmdir says ENOTEMPTY]; ``readdir=True``
+        filters them where ovl_iterate does: in a lower layer whose directory is marked "x" (any layer of
+        this merge, when that layer has had an "x" directory looked up), and in the upper layer when the
+        directory is "impure" (ovl_iterate then looks every upper name up to fill in d_ino).
+        """
         seen: dict[str, bool] = {}
+        for index in d.layers:
+            if isinstance(self.entries(index, d.path), _SearchOnly):  # readdir needs read permission
+                raise PermissionError(13, os.strerror(13), self.real(index, d.path))
+        marked = False
+        if readdir and d.path:
+            parent = self.lookup(d.path.rpartition("/")[0])
+            last = self.last_layer(parent) if isinstance(parent, MergedDir) else len(self.roots) - 1
+            marked = any(self.is_xwhiteouts_dir(i, d.path, last) for i in d.layers)
         for index in d.layers:
             ents = self.entries(index, d.path)
             if not ents:
                 continue
+            xwh = self._xwh[index].get(d.path, ())
+            if self.has_upper and index == 0:
+                filtered = readdir and bool(xwh) and self.is_impure(d.path)
+            else:
+                filtered = marked and index in self.xwhiteout_layers
             for name, e in ents.items():
                 if name not in seen:
-                    seen[name] = e is not WHITEOUT
+                    seen[name] = e is not WHITEOUT or (name in xwh and not filtered)
         return sorted(n for n, visible in seen.items() if visible)
+
+    def is_impure(self, path: str) -> bool:
+        """Is upper directory ``path`` marked ``overlay.impure="y"`` (read by name from its parent)?"""
+        try:
+            with self.at(0, path) as real:
+                return _xattr(real, self.encoding.private_prefix + "impure") == b"y"
+        except OSError:
+            return False
 
     def lookup(self, path: str) -> Leaf | MergedDir | None:
         """Plain lookup of a normalized path, no symlinks followed."""
@@ -486,6 +576,37 @@ class Layers:
                 return None
             node = self.child(node, name)
         return node
+
+
+class _SearchOnly(dict):
+    """The entries of a directory this process may search but not read: like ovl_lookup, which looks a
+    name up without listing its directory, ``get`` finds a name by its own lstat.  Iterating gives only
+    the names found so far; a merged listing refuses such a directory (readdir needs read permission)."""
+
+    def __init__(self, layers: Layers, index: int, path: str, xwh: set):
+        super().__init__()
+        self.layers, self.index, self.path, self.xwh, self.absent = layers, index, path, xwh, set()
+
+    def __bool__(self) -> bool:  # unknown, not empty: callers test ``if ents`` before looking names up
+        return True
+
+    def get(self, name, default=None):
+        if name not in self and name not in self.absent:
+            try:
+                with self.layers.at(self.index, f"{self.path}/{name}" if self.path else name) as real:
+                    s = os.lstat(real)
+                    xattr_whiteout = not is_char_whiteout(s) and self.layers.encoding.is_xattr_whiteout(real, s)
+            except (FileNotFoundError, NotADirectoryError):
+                self.absent.add(name)
+                return default
+            if is_char_whiteout(s):
+                self[name] = WHITEOUT
+            elif xattr_whiteout:
+                self[name] = WHITEOUT
+                self.xwh.add(name)
+            else:
+                self[name] = s
+        return super().get(name, default)
 
 
 def _dtype_stat(de: os.DirEntry) -> os.stat_result:

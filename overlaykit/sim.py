@@ -7,11 +7,14 @@ the differential tests (tests/test_differential.py) say where.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import itertools
 import os
 import shutil
 import stat as st
+import subprocess
 
 from . import nofollow
 from .engine import MAX_LOWERS, Backend, Stat
@@ -19,6 +22,21 @@ from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, Merg
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 _temp_names = itertools.count(1)
+NAME_MAX = 255  # bytes in one name (overlayfs takes the smallest of its layers', 255 on ext4, xfs, tmpfs)
+PATH_MAX = 4096  # bytes in a path given to a system call, with its final NUL
+
+
+def _sysctl(path: str, default: int) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+#: The ids a user namespace shows for owners it does not map (kernel.overflowuid / overflowgid).
+OVERFLOW_UID = _sysctl("/proc/sys/kernel/overflowuid", 65534)
+OVERFLOW_GID = _sysctl("/proc/sys/kernel/overflowgid", 65534)
 
 
 def _join(parent: str, name: str) -> str:
@@ -78,12 +96,23 @@ class _parent_times_kept:
     room for a copied-up child does not count as a change of the directory."""
 
     def __init__(self, parent: str):
-        self.parent = parent
+        # An `at_dir` path (/proc/self/fd/N/.) is used as /proc/self/fd/N: the directory itself through its
+        # fd, which needs no search permission on it (the lending below may be what gives it).
+        self.parent = parent[:-2] if parent.startswith("/proc/self/fd/") and parent.endswith("/.") else parent
 
     def __enter__(self):
         self.before = os.stat(self.parent)
+        # The kernel copies up with the mounter's rights: in its user namespace an unprivileged mounter may
+        # write into an upper dir it owns whatever its mode (copied from a 0555 lower dir, say).  This process
+        # owns upper/ too, so it lends itself u+wx on the parent for the copy and takes it back after.
+        mode = st.S_IMODE(self.before.st_mode)
+        self.lent = os.geteuid() != 0 and self.before.st_uid == os.geteuid() and mode & 0o300 != 0o300
+        if self.lent:
+            os.chmod(self.parent, mode | 0o300)
 
     def __exit__(self, *exc):
+        if self.lent:
+            os.chmod(self.parent, st.S_IMODE(self.before.st_mode))
         try:
             os.utime(self.parent, ns=(self.before.st_atime_ns, self.before.st_mtime_ns))
         except OSError:
@@ -142,6 +171,8 @@ class SimBackend(Backend):
         ``..`` stops there), as a process chrooted into merged/ would see them.  Results (and errnos) are
         memoized in ``Layers.memo``, which is dropped whenever upper/ changes.
         """
+        if len(os.fsencode(p)) >= PATH_MAX:
+            raise _err(errno.ENAMETOOLONG, p)
         memo = self.L.memo
         key = (p, follow)
         hit = memo.get(key)
@@ -175,16 +206,24 @@ class SimBackend(Backend):
                     stack.pop()
                 continue
             parent = stack[-1]
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise _err(errno.ENAMETOOLONG, p)
             if not self.root_user:
                 self._may(parent, os.X_OK, p)  # search permission on every directory walked through
             try:
                 node = L.child(parent, name)
             except PermissionError:
-                raise _err(errno.EACCES, p) from None
+                if self.root_user:
+                    raise _err(errno.EACCES, p) from None
+                raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator may not search a layer's "
+                              "directory on this path; the kernel looks names up with the rights of the user who "
+                              "mounted, which include searching any directory that user owns", p) from None
             if node is None:
                 if last:
                     return parent, name, None
                 raise _err(errno.ENOENT, p)
+            if isinstance(node, MergedDir) and not self.root_user:
+                self._check_dir_xattrs_readable(parent, node, p)
             if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
                 self._note_origin(node.path)
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
@@ -210,6 +249,18 @@ class SimBackend(Backend):
         return parent, node.path.rpartition("/")[2] if node.path else last_name, node
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _check_dir_xattrs_readable(self, parent: MergedDir, node: MergedDir, p: str) -> None:
+        """ovl_lookup reads overlay.opaque and overlay.redirect of each directory it meets, except in the
+        last layer it looks in; user.* xattrs (userxattr mounts) need read permission, which the mounter has
+        on what anyone may read and on what it owns (its user namespace maps only its own ids): EACCES."""
+        last = self.L.last_layer(parent)
+        for index in node.layers:
+            if index == last or (index == 0 and self.L.has_upper):
+                continue
+            s = self._lower_lstat(index, node.path)
+            if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.path, os.R_OK):
+                raise _err(errno.EACCES, p)
+
     def _note_origin(self, path: str) -> None:
         """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
         merge dir, e.g. made by hand), so that its inode number can stay constant."""
@@ -221,11 +272,15 @@ class SimBackend(Backend):
             with self._up(path) as real:
                 try:
                     os.getxattr(real, name, follow_symlinks=False)
+                    return
                 except OSError as e:
-                    if e.errno == errno.ENODATA:
-                        os.setxattr(real, name, b"", follow_symlinks=False)
+                    if e.errno != errno.ENODATA:
+                        return
+            with self._lend(path), self._up(path) as real:
+                os.setxattr(real, name, b"", follow_symlinks=False)
         except OSError:
-            pass
+            return
+        self._set_impure(path.rpartition("/")[0])  # ovl_fix_origin marks the parent impure too
 
 
     def _writable(self, p: str) -> None:
@@ -236,13 +291,28 @@ class SimBackend(Backend):
         """The permission check the kernel makes before any copy-up (root passes it)."""
         if self.root_user or node is None:
             return
-        try:
-            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
-                ok = os.access(real, mode, follow_symlinks=False)
-        except OSError:
-            ok = False
-        if not ok:
+        layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+        if not self._access(layer, node.path, mode):
             raise _err(errno.EACCES, p)
+        if mode & os.W_OK and not (layer == 0 and self.L.has_upper):
+            # ovl_permission: to write a lower entry the mounter must be able to read it, for the copy-up
+            s = self._node_stat(node)
+            if not (st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode) or st.S_ISFIFO(s.st_mode) or st.S_ISSOCK(s.st_mode)) \
+                    and (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(layer, node.path, os.R_OK):
+                raise _err(errno.EACCES, p)
+
+    def _access(self, layer: int, path: str, mode: int) -> bool:
+        """os.access of a layer entry, reached without following a host symlink (False if unreachable)."""
+        try:
+            with self.L.at(layer, path) as real:
+                return os.access(real, mode, follow_symlinks=False)
+        except OSError:
+            return False
+
+    def _lend(self, path: str):
+        """``with self._lend(path)``: the mounter's rights (u+wx) on upper directory ``path``, one of ours,
+        while the kernel would write to it (an xattr, say) whatever its mode; its times are kept too."""
+        return _lent(self._updir(path))
 
     def _up(self, path: str):
         """``with self._up(path) as real``: ``path`` in upper/, reached without following a host symlink
@@ -277,11 +347,51 @@ class SimBackend(Backend):
         with self.L.at(layer, path) as real:
             return os.lstat(real)
 
+    def _check_copyable(self, node: Leaf) -> None:
+        """Refuse, before anything is written, a copy-up this process cannot do although the kernel can.
+
+        The kernel reads the lower file with the mounter's rights, and an unprivileged mounter may read any
+        file it owns whatever its mode (CAP_DAC_OVERRIDE in its user namespace).  This process may not, and
+        must not chmod a lower layer to get in."""
+        s = node.lstat
+        if self.root_user or not st.S_ISREG(s.st_mode) or s.st_uid != os.geteuid():
+            return
+        if not self._access(node.layer, node.path, os.R_OK) and not self._owner_may_read(node):
+            raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator cannot copy up a lower file "
+                          f"it may not read (mode {st.S_IMODE(s.st_mode):04o}) where user namespaces are off; the "
+                          "kernel can, as it copies up with the rights of the user who mounted, which include "
+                          "reading any file that user owns",
+                          node.path)
+
+    def _owner_may_read(self, node: Leaf) -> bool:
+        try:
+            with self.L.at(node.layer, node.path) as real:
+                return _readable_as_owner(real)
+        except OSError:
+            return False
+
+    def _check_sticky(self, parent: MergedDir, node, p: str) -> None:
+        """may_delete: in a sticky directory only the owner of the entry or of the directory may remove it."""
+        if self.root_user or node is None:
+            return
+        ds = self._node_stat(parent)
+        if ds.st_mode & st.S_ISVTX and os.geteuid() not in (ds.st_uid, self._node_stat(node).st_uid):
+            raise _err(errno.EPERM, p)
+
     def _check_mapped(self, s: os.stat_result, path: str) -> None:
         """An unprivileged (user-namespace) mount maps only the caller's own uid and gid; the kernel
         refuses to copy up anything owned by another id (ovl_copy_up_one: EOVERFLOW)."""
         if not self.root_user and (s.st_uid != os.geteuid() or s.st_gid != os.getegid()):
             raise _err(errno.EOVERFLOW, path)
+
+    def _set_impure(self, up_dir: str) -> None:
+        """ovl_set_impure: upper directory ``up_dir`` that received a copied-up entry is marked
+        ``overlay.impure=y`` (readdir then looks its upper names up, which hides xattr whiteouts there)."""
+        try:
+            with self._lend(up_dir), self._up(up_dir) as real:
+                os.setxattr(real, self.encoding.private_prefix + "impure", b"y", follow_symlinks=False)
+        except OSError:
+            pass
 
     def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
@@ -289,20 +399,29 @@ class SimBackend(Backend):
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
         work/work is emptied at the next mount), so upper/ only ever holds whole copies."""
         parent, _, name = path.rpartition("/")
+        self._set_impure(parent)
+        is_dir = st.S_ISDIR(s.st_mode)
+        # vfs_rename needs write permission on a directory that changes parent (its ".."); the unprivileged
+        # mounter has it on a dir it owns whatever the mode, so this process lends itself u+w for the rename
+        lend_w = is_dir and not self.root_user and not s.st_mode & 0o200
         with self.L.at(layer, path) as src, self._temp() as temp:
             try:
-                if st.S_ISDIR(s.st_mode):
+                if is_dir:
                     os.mkdir(temp, 0o700)
                 else:
                     self._copy_leaf(src, temp, s, data)
                 self._copy_meta(src, temp, s)
+                if lend_w:
+                    _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
                     os.rename(temp, os.path.join(up_parent, name))
+                    if lend_w:  # the mode only: a chmod leaves the times as copied
+                        _chmod_nofollow(os.path.join(up_parent, name), st.S_IMODE(s.st_mode))
             except BaseException:
                 _discard(temp)
                 raise
-        self.L.refresh_upper(path, subtree=st.S_ISDIR(s.st_mode))
-        if not st.S_ISDIR(s.st_mode):
+        self.L.refresh_upper(path, subtree=is_dir)
+        if not is_dir:
             self._copied_here.add(path)
             if s.st_nlink == 1:  # the in-memory inode keeps its origin's number, whatever its name becomes
                 try:
@@ -312,6 +431,14 @@ class SimBackend(Backend):
                     pass
         if self.handles:
             self._redirect_readers(layer, path)
+
+    def _has_origin(self, path: str) -> bool:
+        try:
+            with self._up(path) as real:
+                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+            return True
+        except OSError:
+            return False
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
@@ -349,6 +476,7 @@ class SimBackend(Backend):
             return self._upper_dir(node)
         if node.layer == 0 and self.L.has_upper:
             return node.path
+        self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
         parent = self.L.lookup(parent_path)
         if not isinstance(parent, MergedDir):  # a layer was changed behind our back
@@ -358,7 +486,7 @@ class SimBackend(Backend):
         try:
             self._install(node.path, node.layer, node.lstat, data)
         except OSError as e:
-            raise _err(e.errno, node.path) from None
+            raise _err_from(e, node.path) from None
         return node.path
 
     def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True) -> None:
@@ -366,15 +494,12 @@ class SimBackend(Backend):
         if st.S_ISREG(mode) and not data:  # O_TRUNC: ovl_copy_up_one copies size 0
             os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         elif st.S_ISREG(mode):
-            fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
+            with _open_lower(src) as fd_in:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 try:
                     _copy_data(fd_in, fd)
                 finally:
                     os.close(fd)
-            finally:
-                os.close(fd_in)
         elif st.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif st.S_ISFIFO(mode):
@@ -408,12 +533,13 @@ class SimBackend(Backend):
         self.L.refresh_upper(_join(parent.path, name), subtree=True)
 
     def _set_opaque(self, rel: str) -> None:
-        if self.encoding.kind == "kernel":  # the xattr, set by name from the parent (no search permission needed)
-            with self._up(rel) as real:
-                os.setxattr(real, self.encoding.opaque_xattr, b"y", follow_symlinks=False)
-        else:
-            with self._updir(rel) as real:
-                self.encoding.set_opaque(real)
+        with self._lend(rel):  # the mounter may write to its own dir whatever its mode
+            if self.encoding.kind == "kernel":  # the xattr, set by name from the parent (no search permission needed)
+                with self._up(rel) as real:
+                    os.setxattr(real, self.encoding.opaque_xattr, b"y", follow_symlinks=False)
+            else:
+                with self._updir(rel) as real:
+                    self.encoding.set_opaque(real)
 
     def _create_prep(self, parent: MergedDir, name: str, p: str) -> bool:
         """Parent copied up, any whiteout at ``name`` removed: whether a whiteout was there."""
@@ -430,10 +556,29 @@ class SimBackend(Backend):
                           "delete or hide a name after the next mount", p)
 
     # -- operations --------------------------------------------------------------------------------
+    def _check_create_target(self, p: str) -> None:
+        """open(O_CREAT) refuses a final name with a trailing slash (EISDIR), also one that comes from a
+        followed symlink (``a -> a/``), before looking that name up."""
+        q = p
+        for _ in range(MAXSYMLINKS + 1):
+            parent, name, node = self._resolve(q.rstrip("/") or q, False)
+            if q.endswith("/") and q.strip("/"):
+                raise _err(errno.EISDIR, p)
+            if not (isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode)):
+                return
+            with self.L.at(node.layer, node.path) as real:
+                target = os.readlink(real)
+            q = target.lstrip("/") if target.startswith("/") else _join(parent.path, target)
+            if not q:
+                return
+        raise _err(errno.ELOOP, p)
+
     # -- open files ------------------------------------------------------------------------------
     def open(self, p: str, flags: int, perm: int) -> int:
         """open(2) as ovl_open does it: look up, create in upper/ (O_CREAT), or copy up first when the
         open asks for write access (a truncating open copies metadata only), then open the real file."""
+        if flags & os.O_CREAT:
+            self._check_create_target(p)  # a trailing slash, also through a symlink (a -> a/): EISDIR
         parent, name, node = self._resolve(p, not flags & os.O_NOFOLLOW)
         writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         real_flags = (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -449,7 +594,7 @@ class SimBackend(Backend):
                 with self._up(rel) as real:
                     fd = os.open(real, real_flags | os.O_CREAT | os.O_EXCL, perm)
             except OSError as e:
-                raise _err(e.errno, p) from None
+                raise _err_from(e, p) from None
             finally:
                 self.L.refresh_upper(rel)
             return self._keep(_Handle(fd, 0, rel, flags, os.fstat(fd).st_ino))
@@ -460,6 +605,8 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             if writes or flags & os.O_CREAT:
                 raise _err(errno.EISDIR, p)
+            if not self.root_user:
+                self._may(node, os.R_OK, p)  # open(O_RDONLY) checks read permission; read() then says EISDIR
             layer, rel = node.layers[0], node.path
         else:
             if flags & os.O_DIRECTORY:
@@ -477,7 +624,7 @@ class SimBackend(Backend):
             with self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             if writes:
                 self.L.refresh_upper(rel)
@@ -541,8 +688,13 @@ class SimBackend(Backend):
         os.close(self.handles.pop(h).fd) if h in self.handles else self._h(h)
 
     def touch(self, p: str) -> None:
-        parent, name, node = self._resolve(p, True)
-        if node is None:
+        try:
+            parent, name, node = self._resolve(p, True)
+        except FileNotFoundError:
+            self._check_create_target(p)  # the open(O_CREAT) after utime's ENOENT may say EISDIR instead
+            raise
+        if node is None:  # like touch(1): utime, and on ENOENT open(O_CREAT)
+            self._check_create_target(p)
             self._writable(p)
             self._create_prep(parent, name, p)
             rel = _join(parent.path, name)
@@ -550,7 +702,7 @@ class SimBackend(Backend):
                 with self._up(rel) as real:
                     os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
             except OSError as e:
-                raise _err(e.errno, p) from None
+                raise _err_from(e, p) from None
             finally:
                 self.L.refresh_upper(rel)
             return
@@ -573,7 +725,7 @@ class SimBackend(Backend):
                 else:
                     os.utime(real, times, follow_symlinks=False)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
@@ -601,12 +753,13 @@ class SimBackend(Backend):
         if isinstance(node, MergedDir):
             raise _err(errno.EISDIR, p)
         self._may(parent, os.W_OK | os.X_OK, p)
+        self._check_sticky(parent, node, p)
         if node.layer == 0 and self.L.has_upper:
             try:
                 with self._up(node.path) as real:
                     os.unlink(real)
             except OSError as e:
-                raise _err(e.errno, p) from None
+                raise _err_from(e, p) from None
             finally:
                 self.L.refresh_upper(node.path)
         if self._lower_positive(parent, name):
@@ -625,7 +778,7 @@ class SimBackend(Backend):
             if was_whiteout:
                 self._set_opaque(rel)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(rel, subtree=True)
 
@@ -641,6 +794,7 @@ class SimBackend(Backend):
         if self.L.visible_names(node):
             raise _err(errno.ENOTEMPTY, p)
         self._may(parent, os.W_OK | os.X_OK, p)
+        self._check_sticky(parent, node, p)
         lower_positive = self._lower_positive(parent, name)
         if node.layers[0] == 0 and self.L.has_upper:
             if lower_positive:  # ovl_remove_and_whiteout clears the whiteouts inside first
@@ -654,7 +808,7 @@ class SimBackend(Backend):
                     with self._up(node.path) as real:
                         os.rmdir(real)
                 except OSError as e:
-                    raise _err(e.errno, p) from None
+                    raise _err_from(e, p) from None
                 finally:
                     self.L.refresh_upper(node.path, subtree=True)
         if lower_positive:
@@ -670,6 +824,11 @@ class SimBackend(Backend):
         self.L.refresh_upper(path, subtree=True)
 
     def rename(self, src: str, dst: str) -> None:
+        for q in (src, dst):  # renameat2 walks to both parents before it looks either name up
+            head = q.rstrip("/").rpartition("/")[0]
+            node = self._resolve(head, True)[2] if head else None
+            if head and not isinstance(node, MergedDir):
+                raise _err(errno.ENOENT if node is None else errno.ENOTDIR, src, dst)
         sparent, sname, snode = self._resolve(src, False)
         dparent, dname, dnode = self._resolve(dst, False)
         if not src or not dst:
@@ -700,6 +859,8 @@ class SimBackend(Backend):
             raise _err(errno.ENOTEMPTY, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
+        self._check_sticky(sparent, snode, src)
+        self._check_sticky(dparent, dnode, dst)
         self._reserved_name(dname, dst)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
         src_rel = self._copy_up(snode)
@@ -712,6 +873,8 @@ class SimBackend(Backend):
             self._set_opaque(src_rel)
             self.L.refresh_upper(snode.path, subtree=True)
         self._clear_whiteout(dparent, dname)
+        if sparent.path != dparent.path and self._has_origin(src_rel):
+            self._set_impure(dparent.path)  # ovl_rename: a moved entry with an origin makes its new parent impure
         dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:
             self._remove_upper_dir(dst_path)
@@ -719,7 +882,7 @@ class SimBackend(Backend):
             with self._up(src_rel) as src_real, self._up(dst_path) as dst_real:
                 os.rename(src_real, dst_real)
         except OSError as e:
-            raise _err(e.errno, src, dst) from None
+            raise _err_from(e, src, dst) from None
         finally:
             self.L.refresh_upper(snode.path, subtree=True)
             self.L.refresh_upper(dst_path, subtree=True)
@@ -737,7 +900,7 @@ class SimBackend(Backend):
             with self._up(self._copy_up(node)) as real:
                 _chmod_nofollow(real, mode)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path, subtree=isinstance(node, MergedDir))
 
@@ -754,7 +917,7 @@ class SimBackend(Backend):
             with self._up(self._copy_up(node)) as real:
                 os.chown(real, uid, gid, follow_symlinks=False)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
@@ -767,11 +930,15 @@ class SimBackend(Backend):
             raise _err(errno.EPERM, p)
         if not self.root_user:
             self._may(node, os.W_OK, p)
+            ns = self._node_stat(node)
+            if name.startswith("user.") and st.S_ISDIR(ns.st_mode) and ns.st_mode & st.S_ISVTX and \
+                    ns.st_uid != os.geteuid():
+                raise _err(errno.EPERM, p)  # xattr_permission: user.* on a sticky dir is for its owner only
         try:
             with self._up(self._copy_up(node)) as real:
                 os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
@@ -783,7 +950,7 @@ class SimBackend(Backend):
             with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
 
     def listxattr(self, p: str, follow: bool = True) -> list[str]:
         """The entry's xattrs as ovl_listxattr shows them: overlayfs's own markers hidden, escaped
@@ -898,6 +1065,8 @@ class SimBackend(Backend):
         return private + "overlay." + name[len(private):] if name.startswith(private) else name
 
     def symlink(self, target: str, p: str) -> None:
+        if not target:  # symlinkat: an empty target is ENOENT, before the new name is even looked up
+            raise _err(errno.ENOENT, p)
         parent, name, node = self._resolve(p, False)
         if node is not None or parent is None:
             raise _err(errno.EEXIST, p)
@@ -908,7 +1077,7 @@ class SimBackend(Backend):
             with self._up(rel) as real:
                 os.symlink(target, real)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(rel)
 
@@ -920,6 +1089,8 @@ class SimBackend(Backend):
         if dnode is not None or dparent is None:
             raise _err(errno.EEXIST, src, dst)
         self._writable(src)
+        self._check_hardlink_source(snode, src, dst)  # may_linkat, then vfs_link: may_create, then EPERM for a dir
+        self._may(dparent, os.W_OK | os.X_OK, dst)
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
         self._reserved_name(dname, dst)
@@ -930,10 +1101,23 @@ class SimBackend(Backend):
             with self._up(src_rel) as src_real, self._up(dst_rel) as dst_real:
                 os.link(src_real, dst_real, follow_symlinks=False)
         except OSError as e:
-            raise _err(e.errno, src, dst) from None
+            raise _err_from(e, src, dst) from None
         finally:
             self.L.refresh_upper(snode.path)
             self.L.refresh_upper(dst_rel)
+
+    def _check_hardlink_source(self, node, src: str, dst: str) -> None:
+        """fs.protected_hardlinks (may_linkat): without CAP_FOWNER, link only to a file you own, or to a
+        regular, non-set-id file you may read and write."""
+        if self.root_user or _sysctl("/proc/sys/fs/protected_hardlinks", 0) != 1:
+            return
+        s = self._node_stat(node)
+        if s.st_uid == os.geteuid():
+            return
+        mode = s.st_mode
+        if not st.S_ISREG(mode) or mode & st.S_ISUID or (mode & (st.S_ISGID | st.S_IXGRP)) == (st.S_ISGID | st.S_IXGRP) \
+                or not self._access(node.layer, node.path, os.R_OK | os.W_OK):
+            raise _err(errno.EPERM, src, dst)
 
     def truncate(self, p: str, size: int) -> None:
         if size < 0:
@@ -953,7 +1137,7 @@ class SimBackend(Backend):
             finally:
                 os.close(fd)
         except OSError as e:
-            raise _err(e.errno, p) from None
+            raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path)
 
@@ -964,7 +1148,21 @@ class SimBackend(Backend):
         if isinstance(node, Leaf):
             raise _err(errno.ENOTDIR, p)
         self._may(node, os.R_OK, p)
-        return self.L.names(node)
+        names = self.L.names(node)
+        if not self.root_user and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and \
+                self.L.is_impure(node.path):
+            # An impure merged dir: ovl_iterate looks every upper name up (for d_ino) and drops those whose
+            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk)
+            upper_names = self.L.entries(0, node.path) or {}
+            names = [n for n in names if n not in upper_names or self._looks_up(_join(node.path, n))]
+        return names
+
+    def _looks_up(self, path: str) -> bool:
+        try:
+            self._resolve(path, False)
+            return True
+        except OSError:
+            return False
 
     def stat(self, p: str, follow: bool) -> Stat:
         memo = self.L.memo
@@ -976,6 +1174,12 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         result = self._stat(node)
+        if not self.root_user and (result.uid != os.geteuid() or result.gid != os.getegid()):
+            # An unprivileged mount lives in a user namespace that maps only this user's own ids: any other
+            # owner shows as the overflow ids, as through the kernel backend.
+            result = dataclasses.replace(
+                result, uid=result.uid if result.uid == os.geteuid() else OVERFLOW_UID,
+                gid=result.gid if result.gid == os.getegid() else OVERFLOW_GID)
         if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0):
             memo[key] = result  # lower layers do not change while mounted; upper entries may
         return result
@@ -1113,17 +1317,100 @@ def _reset_workdir(wd: str, mode: int) -> None:
     os.chmod(wd, mode)
 
 
+class _lent:
+    """``with _lent(self._updir(path))``: u+wx lent on an upper directory of ours, and its times kept
+    (see _parent_times_kept); the directory is reached through an fd opened without following."""
+
+    def __init__(self, at_dir):
+        self.at_dir, self.kept = at_dir, None
+
+    def __enter__(self):
+        d = self.at_dir.__enter__()
+        try:
+            self.kept = _parent_times_kept(d)
+            self.kept.__enter__()
+        except BaseException:
+            self.at_dir.__exit__(None, None, None)
+            raise
+        return d
+
+    def __exit__(self, *exc):
+        try:
+            self.kept.__exit__(*exc)
+        finally:
+            self.at_dir.__exit__(*exc)
+
+
+def _fds_in(path: str) -> tuple[int, ...]:
+    """The fd of a `nofollow.at` path (/proc/self/fd/N/name), for a child process to inherit."""
+    if path.startswith("/proc/self/fd/"):
+        return (int(path.split("/")[4]),)
+    return ()
+
+
+def _readable_as_owner(real: str) -> bool:
+    """Could this user read its own file ``real`` with the rights an unprivileged mounter has (root of a
+    user namespace that maps this user)?  Only where user namespaces are allowed."""
+    try:
+        return subprocess.run(["unshare", "--map-root-user", "test", "-r", real], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30, pass_fds=_fds_in(real)).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class _open_lower:
+    """``with _open_lower(real) as fd``: a lower file open for reading, never through a symlink; one this
+    user owns but may not read is read the way an unprivileged mounter reads it, from inside a user
+    namespace (``dd iflag=nofollow`` through a pipe; the lower file itself is never changed)."""
+
+    def __init__(self, real: str):
+        self.real, self.proc, self.fd = real, None, -1
+
+    def __enter__(self) -> int:
+        try:
+            self.fd = os.open(self.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self.fd
+        except PermissionError:
+            pass
+        self.proc = subprocess.Popen(["unshare", "--map-root-user", "dd", f"if={self.real}", "iflag=nofollow",
+                                      "bs=1M", "status=none"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, pass_fds=_fds_in(self.real))
+        return self.proc.stdout.fileno()
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            os.close(self.fd)
+            return
+        self.proc.stdout.close()
+        err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        if self.proc.wait() != 0 and exc[0] is None:
+            raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: {err.decode(errors='replace').strip()}",
+                          self.real)
+
+
+def _err_from(e: OSError, path: str, path2: str | None = None) -> OSError:
+    """``e``'s errno with the caller's path(s); an explanatory sentence in ``e`` is kept."""
+    err = errno_error(e.errno, path, path2)
+    if e.strerror and e.strerror != os.strerror(e.errno):
+        err.strerror = e.strerror
+    return err
+
+
 def _caller_paths(method, which: tuple[int, ...]):
-    """Errors name the caller's path(s), never a host path (nor a /proc/self/fd one from nofollow)."""
+    """Errors name the caller's path(s), as the kernel backend's do: never a host path under upper/ or a
+    lower (nor a /proc/self/fd one from nofollow), and both names for rename and link; an explanatory
+    sentence is kept."""
+
+    @functools.wraps(method)
     def op(self, *args):
         try:
             return method(self, *args)
         except OSError as e:
-            paths = [args[i] for i in which]
-            if e.filename in paths and e.filename2 in paths + [None]:
+            paths = tuple(args[i] for i in which)
+            if (e.filename, e.filename2) == (paths + (None,))[:2]:
                 raise
-            raise _err(e.errno, *paths) from None
-    op.__name__, op.__qualname__, op.__doc__ = method.__name__, method.__qualname__, method.__doc__
+            raise _err_from(e, *paths) from None
     return op
 
 

@@ -25,13 +25,18 @@ class F:
     """A regular file."""
     content: bytes | str = b""
     mode: int = 0o644
+    owner: int | None = None  # uid and gid (only root can build such a layer)
 
 
 @dataclass(frozen=True)
 class D:
-    """A directory, optionally opaque (only meaningful in a layer that sits on others)."""
+    """A directory, optionally opaque (only meaningful in a layer that sits on others).
+
+    ``xwhiteouts`` marks it ``overlay.opaque="x"``: readdir then filters the xattr whiteouts in it."""
     mode: int = 0o755
     opaque: bool = False
+    xwhiteouts: bool = False
+    owner: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,8 @@ class L:
 
 @dataclass(frozen=True)
 class W:
-    """A whiteout (char 0/0)."""
+    """A whiteout: char 0/0, or with ``xattr="trusted"|"user"`` a zero-size file with ``<xattr>.overlay.whiteout``."""
+    xattr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,22 @@ def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
             os.chmod(real, item.mode)
             if item.opaque:
                 encoding.set_opaque(real)
+            if item.xwhiteouts:
+                os.setxattr(real, encoding.opaque_xattr, b"x")
         elif isinstance(item, L):
             os.symlink(item.target, real)
+        elif isinstance(item, W) and item.xattr:
+            open(real, "wb").close()
+            os.setxattr(real, f"{item.xattr}.overlay.whiteout", b"")
         elif isinstance(item, W):
             encoding.make_whiteout(os.path.dirname(real), os.path.basename(real))
         elif isinstance(item, H):
             os.link(os.path.join(root, item.other), real)
         else:
             raise TypeError(f"unknown layer item {item!r}")
+        if getattr(item, "owner", None) is not None:
+            os.chown(real, item.owner, item.owner, follow_symlinks=False)
+            os.chmod(real, item.mode)  # chown clears set-id bits
     # fixed times so that nothing depends on when the test ran
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames + dirnames + [""]:
@@ -104,7 +118,7 @@ def outcome(fn):
 
 
 def portable(s) -> tuple:
-    return (s.kind, oct(s.mode), s.size if s.kind != "dir" else None, s.nlink, s.target)
+    return (s.kind, oct(s.mode), s.size if s.kind != "dir" else None, s.nlink, s.target, s.uid, s.gid)
 
 
 def apply(ov: Overlay, op: tuple):
@@ -181,23 +195,44 @@ def snapshot_upper(ov: Overlay) -> dict:
             elif st.S_ISLNK(s.st_mode):
                 out[p] = ("symlink", os.readlink(real))
             else:
-                with open(real, "rb") as f:
-                    h = hashlib.sha256(f.read()).hexdigest()[:12]
+                try:
+                    with open(real, "rb") as f:
+                        h = hashlib.sha256(f.read()).hexdigest()[:12]
+                except PermissionError:  # a copied-up file of mode 000, say
+                    h = "unreadable"
                 out[p] = ("file", oct(st.S_IMODE(s.st_mode)), s.st_size, s.st_nlink, h)
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
     return out
 
 
-def run(backend: str, tmp: str, lowers_spec: list[dict], ops: list[tuple], *, upper_spec: dict | None = None,
-        read_only: bool = False, encoding: str = "auto") -> dict:
-    """Build the layers under ``tmp``, mount on ``backend``, apply ``ops``; everything observable."""
-    enc = Encoding("kernel", default_xattr_ns())
+def prepare(tmp: str, lowers_spec: list[dict], upper_spec: dict | None, *, read_only: bool = False,
+            xattr_ns: str | None = None, user: tuple[int, int] | None = None) -> None:
+    """Build the layers of a scenario under ``tmp``; as root, for ``user`` (uid, gid) to mount them later
+    (upper/ and work/ then belong to that user, and markers use ``xattr_ns``)."""
+    enc = Encoding("kernel", xattr_ns or default_xattr_ns())
     lowers, upper, work = layer_roots(tmp, len(lowers_spec))
     for root, spec in zip(lowers, lowers_spec):
         build_layer(root, spec, enc)
     if not read_only:
         build_layer(upper, upper_spec or {}, enc)
         os.makedirs(work)
+        if user is not None:
+            own = {os.path.join(upper, p) for p, item in (upper_spec or {}).items() if getattr(item, "owner", None) is not None}
+            for dirpath, dirnames, filenames in os.walk(upper):
+                for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                    if name not in own:
+                        os.chown(name, *user, follow_symlinks=False)
+            os.chown(work, *user)
+    os.chmod(tmp, 0o755)
+
+
+def run(backend: str, tmp: str, lowers_spec: list[dict], ops: list[tuple], *, upper_spec: dict | None = None,
+        read_only: bool = False, encoding: str = "auto", prebuilt: bool = False) -> dict:
+    """Build the layers under ``tmp`` (unless ``prebuilt``), mount on ``backend``, apply ``ops``; everything
+    observable."""
+    lowers, upper, work = layer_roots(tmp, len(lowers_spec))
+    if not prebuilt:
+        prepare(tmp, lowers_spec, upper_spec, read_only=read_only)
     ov = Overlay(lowers, None if read_only else upper, None if read_only else work, backend=backend,
                  encoding=encoding)
     with ov:
@@ -226,3 +261,21 @@ def diff(a: dict, b: dict) -> str:
                 if len(a[key]) != len(b[key]):
                     lines.append(f"  lengths sim={len(a[key])} kernel={len(b[key])}")
     return "\n".join(lines)
+
+
+def compare_prebuilt(cases: list[tuple[str, int, list]]) -> list[str]:
+    """Run each (tmp, number of lowers, ops) on both backends, layers already built under tmp/sim and
+    tmp/kernel (by root, for this user); the divergences, '' for each case where they agree."""
+    out = []
+    for tmp, n, ops in cases:
+        sim = run("sim", os.path.join(tmp, "sim"), [None] * n, ops, prebuilt=True)
+        ker = run("kernel", os.path.join(tmp, "kernel"), [None] * n, ops, prebuilt=True)
+        out.append(diff(sim, ker))
+    return out
+
+
+if __name__ == "__main__":  # python differential.py CASES: what an unprivileged user's run prints back
+    import ast
+    import sys
+    with open(sys.argv[1]) as f:
+        print(repr(compare_prebuilt(ast.literal_eval(f.read()))))

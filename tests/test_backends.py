@@ -158,6 +158,53 @@ def test_errors_carry_errno_and_path(tmp_path, backend):
         assert errno_of(lambda: ov.remove(".")) == "EISDIR"
 
 
+
+def _raises(fn) -> OSError:
+    with pytest.raises(OSError) as info:
+        fn()
+    return info.value
+
+
+def test_a_name_longer_than_name_max_is_enametoolong(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"d/f": "x"}) as ov:
+        ov.write_text("d/" + "n" * 255, "fits")
+        assert ov.read_text("d/" + "n" * 255) == "fits"
+        for fn, path in [(lambda: ov.stat("n" * 256), "n" * 256), (lambda: ov.write_text("m" * 256, "x"), "m" * 256),
+                         (lambda: ov.read_text("n" * 256 + "/f"), "n" * 256 + "/f"), (lambda: ov.mkdir("k" * 256), "k" * 256)]:
+            e = _raises(fn)
+            assert (errno.errorcode[e.errno], e.filename) == ("ENAMETOOLONG", path)
+
+
+def test_symlink_to_an_empty_target_is_enoent_before_any_copy_up(tmp_path, backend):
+    with lesson(tmp_path, backend, lower={"x/f": "x"}) as ov:
+        e = _raises(lambda: ov.symlink("", "x/y"))
+        assert (errno.errorcode[e.errno], e.filename) == ("ENOENT", "x/y")
+        assert not (tmp_path / "upper" / "x").exists()
+
+
+def test_creating_through_a_trailing_slash_is_eisdir(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        ov.symlink("a/", "a")  # a -> a/: open(O_CREAT) follows it, then refuses the trailing slash
+        ov.symlink("b/", "s")  # s -> b/, b missing
+        for fn in (lambda: ov.write_text("a", "x"), lambda: ov.write_text("s", "x"), lambda: ov.touch("s")):
+            assert errno_of(fn) == "EISDIR"
+        assert errno_of(lambda: ov.read_text("a")) == "ELOOP"  # without O_CREAT it keeps following
+        assert errno_of(lambda: ov.touch("a")) == "ELOOP"  # touch tries utime first
+
+
+def test_rename_and_link_errors_name_both_paths_never_a_host_path(tmp_path, backend):
+    with lesson(tmp_path, backend) as ov:
+        for fn in (lambda: ov.rename("in_lower.txt", "nodir/x"), lambda: ov.link("in_lower.txt", "nodir/x")):
+            e = _raises(fn)
+            assert (errno.errorcode[e.errno], e.filename, e.filename2) == ("ENOENT", "in_lower.txt", "nodir/x")
+        e = _raises(lambda: ov.rename("nodir/x", "in_lower.txt"))
+        assert (e.filename, e.filename2) == ("nodir/x", "in_lower.txt")
+        e = _raises(lambda: ov.link("in_lower.txt", "in_upper.txt"))
+        assert (errno.errorcode[e.errno], e.filename, e.filename2) == ("EEXIST", "in_lower.txt", "in_upper.txt")
+        e = _raises(lambda: ov.write_text("x" * 256, "x"))
+        assert str(tmp_path) not in str(e)
+
+
 def test_paths_are_relative_to_the_merged_root(tmp_path, backend):
     with lesson(tmp_path, backend) as ov:
         assert ov.read_text("/in_upper.txt") == ov.read_text("./in_upper.txt") == ov.read_text("in_upper.txt")

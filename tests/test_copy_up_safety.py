@@ -101,10 +101,10 @@ def _copy_in_progress(d: dict[str, Path], half: bool) -> bool:
         pass
     for c in candidates:
         try:
-            size = os.lstat(c).st_size
+            s = os.lstat(c)  # once: the temp may be renamed into upper/ at any moment
         except OSError:
             continue
-        if size >= (BIG // 2 if half else 0) and st.S_ISREG(os.lstat(c).st_mode):
+        if s.st_size >= (BIG // 2 if half else 0) and st.S_ISREG(s.st_mode):
             return True
     return False
 
