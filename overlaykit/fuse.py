@@ -31,6 +31,7 @@ import stat as st
 import sys
 import threading
 import time
+import zlib
 
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
@@ -270,7 +271,13 @@ def build_operations(ov, *, as_root: bool):
             d = dirs[fh] if path is None else _rel(path)
             entries = [(".", attributes(d), 0), ("..", {"st_mode": st.S_IFDIR, "st_ino": 1}, 0)]
             for name in ov.listdir(d):
-                entries.append((name, attributes(name if d == "." else f"{d}/{name}"), 0))
+                try:
+                    attrs = attributes(name if d == "." else f"{d}/{name}")
+                except OSError:
+                    # listed but not found (an xattr whiteout the kernel's readdir does not filter): the
+                    # name stays listed, as on the kernel, with a made-up nonzero number (0 would hide it)
+                    attrs = {"st_mode": st.S_IFREG, "st_ino": zlib.crc32(f"{d}/{name}".encode()) | 1 << 32}
+                entries.append((name, attrs, 0))
             return entries
 
         @engine
