@@ -126,7 +126,10 @@ class Exercise:
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         try:
-            return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+            from .widgets import _bundle
+            # where the widget cannot be drawn (untrusted notebook, static viewer) a sentence, not its repr
+            return _bundle(self.widget(), f"Graded exercise: {self.prompt}\nRun this cell to answer it here "
+                           "(your answer is checked in the notebook).", include=include, exclude=exclude)
         except ImportError:
             return {"text/plain": f"{self.prompt}\n(ipywidgets is not installed: call .grade(answer))",
                     "text/html": f"<b>{html.escape(self.prompt)}</b>{self.folded_html()}"}

@@ -215,3 +215,12 @@ def test_widget_never_shows_a_traceback(monkeypatch, listing):
     listing._ui.input.value = "x"
     listing._ui.check_button.click()
     assert "Could not grade this" in listing._ui.feedback.value
+
+
+def test_the_text_fallback_is_a_sentence_not_the_widgets_repr():
+    """Issue 13.1: where the widget cannot be drawn, its text/plain is what the learner reads."""
+    from overlaykit import grading
+    ex = grading.ListingExercise("Type what `ls -la upper/` shows.", "rm merged/in_lower.txt")
+    text = ex._repr_mimebundle_()["text/plain"]
+    assert "VBox" not in text and "children=" not in text, text
+    assert "Run this cell" in text and "Type what" in text
