@@ -925,15 +925,7 @@ class SimBackend(Backend):
         _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
-        self._writable(p)
-        if name.startswith("trusted.") and not self.root_user:
-            raise _err(errno.EPERM, p)
-        if not self.root_user:
-            self._may(node, os.W_OK, p)
-            ns = self._node_stat(node)
-            if name.startswith("user.") and st.S_ISDIR(ns.st_mode) and ns.st_mode & st.S_ISVTX and \
-                    ns.st_uid != os.geteuid():
-                raise _err(errno.EPERM, p)  # xattr_permission: user.* on a sticky dir is for its owner only
+        self._may_write_xattr(node, name, p)
         try:
             with self._up(self._copy_up(node)) as real:
                 os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
@@ -941,6 +933,20 @@ class SimBackend(Backend):
             raise _err_from(e, p) from None
         finally:
             self.L.refresh_upper(node.path)
+
+    def _may_write_xattr(self, node, name: str, p: str) -> None:
+        """xattr_permission for setxattr and removexattr: trusted.* needs privilege, the caller needs write
+        permission, and user.* on a sticky directory is for its owner only."""
+        self._writable(p)
+        if self.root_user:
+            return
+        if name.startswith("trusted."):
+            raise _err(errno.EPERM, p)
+        self._may(node, os.W_OK, p)
+        ns = self._node_stat(node)
+        if name.startswith("user.") and st.S_ISDIR(ns.st_mode) and ns.st_mode & st.S_ISVTX and \
+                ns.st_uid != os.geteuid():
+            raise _err(errno.EPERM, p)
 
     def getxattr(self, p: str, name: str, follow: bool = True) -> bytes:
         _, _, node = self._resolve(p, follow)
@@ -975,11 +981,7 @@ class SimBackend(Backend):
         _, _, node = self._resolve(p, follow)
         if node is None:
             raise _err(errno.ENOENT, p)
-        self._writable(p)
-        if name.startswith("trusted.") and not self.root_user:
-            raise _err(errno.EPERM, p)
-        if not self.root_user:
-            self._may(node, os.W_OK, p)
+        self._may_write_xattr(node, name, p)
         try:
             layer = node.layer if isinstance(node, Leaf) else node.layers[0]
             if not (self.L.has_upper and layer == 0):
