@@ -77,8 +77,16 @@ def buildah_image(ctx: Path, tmp: Path, dockerfile: str = "Dockerfile", env: dic
                 subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
 
 
+# buildah's chroot runtime sometimes fails to seal its memfd copy of itself (EBUSY, a race in the peer,
+# not a difference in what is built): only that message is worth another try.
+_PEER_FLAKE = "sealing memfd copy: Device or resource busy"
+
+
 def _run(cmd, env):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    for _ in range(3):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        if p.returncode == 0 or _PEER_FLAKE not in p.stdout + p.stderr:
+            break
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p.stdout
