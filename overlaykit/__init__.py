@@ -6,8 +6,9 @@ stays fast.
 from .engine import (DOCKER_MAX_LOWERS, MAX_LOWERS, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT,
                      BackendUnavailable, Change, Overlay, Stat, TraceEvent)
 from .capabilities import capabilities
+from .options import Options
 
-__all__ = ["Overlay", "Stat", "RENAME_NOREPLACE", "RENAME_EXCHANGE", "RENAME_WHITEOUT", "Change", "TraceEvent", "BackendUnavailable", "capabilities", "MAX_LOWERS",
+__all__ = ["Overlay", "Options", "Stat", "RENAME_NOREPLACE", "RENAME_EXCHANGE", "RENAME_WHITEOUT", "Change", "TraceEvent", "BackendUnavailable", "capabilities", "MAX_LOWERS",
            "DOCKER_MAX_LOWERS"]
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from . import arguments, ondisk
 from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
+from .options import Options, same_filesystem
 
 #: The kernel's limit on lower layers (OVL_MAX_STACK in fs/overlayfs/params.h).
 MAX_LOWERS = 500
@@ -325,7 +326,7 @@ class Overlay:
     """
 
     def __init__(self, lowers, upper=None, work=None, *, backend: str = "auto", merged=None,
-                 encoding: str | ondisk.Encoding = "auto", trace: bool = True):
+                 encoding: str | ondisk.Encoding = "auto", trace: bool = True, options=None):
         if isinstance(lowers, (str, os.PathLike)):
             lowers = [lowers]
         self.lowers = tuple(Path(os.path.abspath(x)) for x in lowers)
@@ -333,6 +334,9 @@ class Overlay:
         self.work = Path(os.path.abspath(work)) if work is not None else None
         self.merged = Path(os.path.abspath(merged)) if merged is not None else None
         self.backend = _choose_backend(backend)
+        #: The options asked for (see `overlaykit.options`); `options` is what the mount does with them.
+        self.requested_options = Options.parse(options)
+        self.options: Options = self.requested_options
         self._encoding_request = encoding
         self.encoding: ondisk.Encoding | None = None
         self.tracing = trace
@@ -358,6 +362,9 @@ class Overlay:
             from .sim import validate_config
             validate_config(self)  # the kernel's errno for a bad configuration, before touching anything
         self.encoding = self._pick_encoding()
+        self.options = self.requested_options.resolve(
+            userxattr=self.encoding.xattr_ns == "user", has_upper=self.upper is not None,
+            same_fs=same_filesystem([x for x in (self.upper, self.work, *self.lowers) if x is not None]))
         roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
         self._layers = Layers(roots, self.encoding, self.upper is not None)
         self._lower_layers = Layers([str(x) for x in self.lowers], self.encoding, False)
