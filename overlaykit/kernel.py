@@ -393,11 +393,13 @@ class KernelBackend(Backend):
         super().__init__([str(x) for x in ov.lowers], str(ov.upper) if ov.upper else None,
                          str(ov.work) if ov.work else None, ov.encoding)
         self.merged = str(ov.merged) if getattr(ov, "merged", None) else None
+        self.options = getattr(ov, "requested_options", None)
         self.worker: Worker | None = None
 
     def mount(self) -> None:
         if self.worker is None:
-            self.worker = Worker(self.lowers, self.upper, self.work, self.merged, legacy=self.legacy_mount).start()
+            self.worker = Worker(self.lowers, self.upper, self.work, self.merged, legacy=self.legacy_mount,
+                                 options=self.options.kernel_pairs() if self.options else DEFAULT_OPTIONS).start()
 
     def unmount(self) -> None:
         w, self.worker = self.worker, None

@@ -135,6 +135,20 @@ class Options:
         """The options as mount(8) takes them, every one spelled out (what the kernel backend passes)."""
         return ",".join(f"{k}={self.value(k)}" for k in VALUES)
 
+    def kernel_pairs(self) -> tuple:
+        """(name, value) pairs for mount(2), before `resolve`: what was given, and "off" for the rest that
+        the distribution's Kconfig could otherwise turn on, except where that would conflict with what was
+        given (metacopy=on implies redirect_dir=on; nfs_export=on implies index=on)."""
+        pairs = []
+        for key in ("redirect_dir", "index", "metacopy", "nfs_export", "xino"):
+            if key in self.given:
+                pairs.append((key, self.value(key)))
+            elif key == "redirect_dir" and self.metacopy or key == "index" and self.nfs_export or key == "xino":
+                continue
+            else:
+                pairs.append((key, "off"))
+        return tuple(pairs)
+
     def value(self, key: str) -> str:
         v = getattr(self, key)
         return ("on" if v else "off") if isinstance(v, bool) else v
