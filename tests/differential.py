@@ -227,14 +227,14 @@ def prepare(tmp: str, lowers_spec: list[dict], upper_spec: dict | None, *, read_
 
 
 def run(backend: str, tmp: str, lowers_spec: list[dict], ops: list[tuple], *, upper_spec: dict | None = None,
-        read_only: bool = False, encoding: str = "auto", prebuilt: bool = False) -> dict:
+        read_only: bool = False, encoding: str = "auto", prebuilt: bool = False, options=None) -> dict:
     """Build the layers under ``tmp`` (unless ``prebuilt``), mount on ``backend``, apply ``ops``; everything
     observable."""
     lowers, upper, work = layer_roots(tmp, len(lowers_spec))
     if not prebuilt:
         prepare(tmp, lowers_spec, upper_spec, read_only=read_only)
     ov = Overlay(lowers, None if read_only else upper, None if read_only else work, backend=backend,
-                 encoding=encoding)
+                 encoding=encoding, options=options)
     with ov:
         results = [apply(ov, op) for op in ops]
         merged = snapshot_merged(ov)

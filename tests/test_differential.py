@@ -223,16 +223,20 @@ ops = hs.one_of(
 )
 
 EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "500"))
+#: The mount option sets every random sequence may run under (None: the defaults).
+OPTION_SETS = [None]
 
 
 @needs_kernel
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(top=_layer(True), bottom=_layer(False), upper=_layer(True), sequence=hs.lists(ops, max_size=8))
-def test_random_sequences(top, bottom, upper, sequence):
+@given(top=_layer(True), bottom=_layer(False), upper=_layer(True), sequence=hs.lists(ops, max_size=8),
+       options=hs.sampled_from(OPTION_SETS))
+def test_random_sequences(top, bottom, upper, sequence, options):
     with tempfile.TemporaryDirectory() as tmp:
-        sim = run("sim", os.path.join(tmp, "sim"), [top, bottom], sequence, upper_spec=upper)
-        ker = run("kernel", os.path.join(tmp, "kernel"), [top, bottom], sequence, upper_spec=upper)
-    assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
+        sim = run("sim", os.path.join(tmp, "sim"), [top, bottom], sequence, upper_spec=upper, options=options)
+        ker = run("kernel", os.path.join(tmp, "kernel"), [top, bottom], sequence, upper_spec=upper,
+                  options=options)
+    assert sim == ker, f"options={options} layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
 
 
 # -- unprivileged permission shapes: layers built by root, mounted by the user `learner` -----------------
