@@ -426,53 +426,7 @@ def build(dockerfile, context, store, tag: str, *, log: bool = True, width: int 
 
 
 def docker_diff(container) -> list[tuple[str, str]]:
-    """What ``docker diff`` prints for a container on overlay2: ``(flag, "/path")`` in walk order.
+    """What ``docker diff`` prints for a container on overlay2 (moby's overlay change walker): see
+    `Container.diff`, which this names for the lessons."""
+    return container.diff()
 
-    It follows moby's overlay change walker (``pkg/archive/changes.go`` ``changes`` with
-    ``changes_linux.go`` ``overlayDeletedFile``), which walks only the upper directory:
-    a whiteout is ``D``; an opaque directory that a lower layer also has is ``D`` too (deleted and made
-    again), and the entries under it are ``A``, or ``C`` where some lower layer has the same path;
-    the lower files it hides are never listed. Another entry is ``C`` if a lower layer has the path,
-    else ``A``, and the parents of an ``A`` or ``D`` are listed ``C`` before it. (moby also leaves out
-    a directory whose mode, size and mtime equal the lower one's; here every such directory is ``C``,
-    so the listing does not depend on clock times.)
-    """
-    from .ondisk import WHITEOUT, Layers
-
-    up = Layers([str(container.upper)], container.store.encoding, has_upper=False)
-    lowers = [str(p) for p in container.lowers]
-    out: list[tuple[str, str]] = []
-    listed: set[str] = set()
-
-    def below(p: str) -> bool:
-        return any(os.path.lexists(os.path.join(low, p)) for low in lowers)
-
-    def record(flag: str, p: str) -> None:
-        if flag in ("A", "D"):
-            parts = p.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                parent = "/".join(parts[:i])
-                if parent not in listed:
-                    out.append(("C", "/" + parent))
-                    listed.add(parent)
-        out.append((flag, "/" + p))
-        listed.add(p)
-
-    def visit(d: str) -> None:
-        ents = up.entries(0, d) or {}
-        for name in sorted(ents):
-            p = f"{d}/{name}" if d else name
-            e = ents[name]
-            if e is WHITEOUT:
-                record("D", p)
-                continue
-            is_dir = st.S_ISDIR(e.st_mode)
-            if is_dir and up.is_opaque(0, p) and below(p):
-                record("D", p)
-            else:
-                record("C" if below(p) else "A", p)
-            if is_dir:
-                visit(p)
-
-    visit("")
-    return out

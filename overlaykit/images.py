@@ -1438,6 +1438,18 @@ def image_from_config(name: str, cfg: dict, layers: list[Layer]) -> Image:
 # containers
 
 
+def _lexists_in(root: str, rel: str) -> bool:
+    """Is there an entry at ``rel`` inside the layer directory ``root``, every parent reached without
+    following a symlink (a lower's ``lib -> /usr/lib`` must not send the question to the host)?"""
+    from . import nofollow
+    try:
+        with nofollow.at(root, rel) as real:
+            os.lstat(real)
+        return True
+    except OSError:
+        return False
+
+
 class Container:
     """An image's layers as read-only lowers (top first) plus a fresh upper: what ``docker run`` mounts."""
 
@@ -1468,7 +1480,61 @@ class Container:
         self.overlay.unmount()
 
     def diff(self) -> list[tuple[str, str]]:
-        """``docker diff``: (flag, "/path") with A added, C changed, D deleted; sorted by path."""
+        """What ``docker diff`` prints for this container on overlay2: ``(flag, "/path")`` in walk order.
+
+        It follows moby's overlay change walker (``pkg/archive/changes.go`` ``changes`` with
+        ``changes_linux.go`` ``overlayDeletedFile``), which walks only the upper directory: a whiteout is
+        ``D``; an opaque directory that a lower layer also has is ``D`` too (deleted and made again), and the
+        entries under it are ``A``, or ``C`` where some lower layer has the same path; the lower files it
+        hides are never listed (`changes` lists them).  Another entry is ``C`` if a lower layer has the
+        path, else ``A``, and the parents of an ``A`` or ``D`` are listed ``C`` before it.  (moby also
+        leaves out a directory whose mode, size and mtime equal the lower one's; here every such directory
+        is ``C``, so the listing does not depend on clock times.)  Where moby calls ``os.Stat`` on
+        ``layer/path``, which follows a symlink out of the layer onto the host, each lower is searched
+        without following any symlink.
+        """
+        from .ondisk import WHITEOUT, Layers
+        up = Layers([str(self.upper)], self.store.encoding, has_upper=False)
+        lowers = [str(p) for p in self.lowers]
+        out: list[tuple[str, str]] = []
+        listed: set[str] = set()
+
+        def below(p: str) -> bool:
+            return any(_lexists_in(low, p) for low in lowers)
+
+        def record(flag: str, p: str) -> None:
+            if flag in ("A", "D"):
+                parts = p.split("/")[:-1]
+                for i in range(1, len(parts) + 1):
+                    parent = "/".join(parts[:i])
+                    if parent not in listed:
+                        out.append(("C", "/" + parent))
+                        listed.add(parent)
+            out.append((flag, "/" + p))
+            listed.add(p)
+
+        def visit(d: str) -> None:
+            ents = up.entries(0, d) or {}
+            for name in sorted(ents):
+                p = f"{d}/{name}" if d else name
+                e = ents[name]
+                if e is WHITEOUT:
+                    record("D", p)
+                    continue
+                is_dir = stat.S_ISDIR(e.st_mode)
+                if is_dir and up.is_opaque(0, p) and below(p):
+                    record("D", p)
+                else:
+                    record("C" if below(p) else "A", p)
+                if is_dir:
+                    visit(p)
+
+        visit("")
+        return out
+
+    def changes(self) -> list[tuple[str, str]]:
+        """The merged view's changes against the image, sorted by path: A added, C changed, D deleted,
+        including the lower entries an opaque directory hides (which ``docker diff`` does not list)."""
         from .ondisk import WHITEOUT, Layers, MergedDir
         enc = self.store.encoding
         low = Layers([str(p) for p in self.lowers], enc, has_upper=False)

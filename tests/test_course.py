@@ -161,6 +161,27 @@ def test_docker_diff_follows_mobys_overlay_walker_for_an_opaque_dir(tmp_path):
     assert not any("srcpkgcache" in p for _, p in course.docker_diff(c))
 
 
+def test_docker_diff_never_looks_through_a_lower_symlink_onto_the_host(tmp_path):
+    """moby stats ``layer/path``, following a lower's ``etc -> /etc`` onto the host; a new etc/passwd
+    in the container is added (A), whatever the host has at /etc/passwd."""
+    from overlaykit.images import Container, Store
+    assert os.path.exists("/etc/passwd")
+    store = Store(tmp_path / "store")
+    root = tmp_path / "base"
+    (root / "srv").mkdir(parents=True)
+    (root / "srv/x").write_text("x\n")
+    os.symlink("/etc", root / "etc")
+    from overlaykit.images import Layer
+    base = Layer.from_dir(root, store.encoding)
+    image = store.add_image(course.image_from_layers("t:1", [("ADD rootfs", base)]))
+    with Container(image, store, tmp_path / "c", backend="sim") as c:
+        c.overlay.remove("etc")
+        c.overlay.mkdir("etc")
+        c.overlay.write_text("etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+        diff = c.diff()
+    assert ("A", "/etc/passwd") in diff and ("C", "/etc/passwd") not in diff
+
+
 def test_long_printed_lines_wrap_at_word_boundaries():
     """Issue 13.11: JupyterLab breaks a long printed line mid-word; the package wraps it first."""
     from overlaykit.course import wrap
