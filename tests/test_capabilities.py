@@ -117,3 +117,13 @@ def test_doctor_lists_the_mount_options_of_both_backends(monkeypatch):
     assert "mount options" in text
     assert "  sim     index=on: mounts, but why not" in text.splitlines()
     assert "  kernel  index=on: works" in text.splitlines()
+
+
+def test_readme_lists_what_the_sim_implements_as_SIM_OPTIONS_says():
+    """README's "Mount options" list and capabilities.SIM_OPTIONS are flipped together when a branch merges."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- SIM-OPTIONS", 1)[1].split("\n\n", 1)[0]
+    lines = [x for x in block.splitlines() if x.startswith("- ")]
+    for name, done in C.SIM_OPTIONS.items():
+        line = next(x for x in lines if f"`{name}`" in x)
+        assert ("not yet" not in line) == done, f"README says {line!r}, SIM_OPTIONS[{name!r}] is {done}"
