@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 from . import arguments, ondisk
-from .base import (_CHUNK, _KIND_BITS, BACKENDS, DOCKER_MAX_LOWERS, MAX_LOWERS,  # noqa: F401 (re-exported)
-                   RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Backend, BackendUnavailable, Options,
-                   Stat, backend_entry, mimebundle, normpath, show)
 from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
-from .options import same_filesystem
+# the shared vocabulary lives in base.py; re-exported here for code that imports it from engine
+from .base import (_CHUNK, _KIND_BITS, BACKENDS, DOCKER_MAX_LOWERS, MAX_LOWERS,  # noqa: F401,I001
+                   RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Backend, BackendUnavailable, Stat,
+                   backend_entry, mimebundle, normpath, show)
+from .options import Options, same_filesystem
+
 
 @dataclass(frozen=True)
 class Change:
@@ -891,6 +893,8 @@ class Overlay:
 
 
 _READ_OPS = frozenset({"read", "getxattr", "listdir", "stat", "open", "listxattr", "statfs"})
+
+
 def _lookup_detail(steps, where, p) -> str:
     final = [s for s in steps if s[0] == p]
     looked = ", ".join(f"{layer}: {what}" for _, layer, what in final) or "root"
