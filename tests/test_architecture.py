@@ -110,6 +110,8 @@ def test_backends_do_not_import_the_facade():
     for backend in ("sim", "kernel"):
         assert "engine" not in ANY[backend], f"{backend}.py imports engine.py"
         assert "engine" not in _closure(backend, TOP), f"importing {backend}.py imports engine.py"
+        for dep in ANY[backend]:  # nor does anything the backend imports, even inside a function
+            assert "engine" not in ANY[dep], f"{backend}.py imports {dep}.py, which imports engine.py"
         assert "base" in TOP[backend]
 
 
