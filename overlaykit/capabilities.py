@@ -1,4 +1,5 @@
-"""Which backends this machine allows, and for each one it does not, why (`capabilities`, `doctor`)."""
+"""Which backends this machine allows, and for each one it does not, why (`capabilities`, `doctor`);
+which mount options each backend supports (`BackendInfo.options`, `kernel_options`, `SIM_OPTIONS`)."""
 from __future__ import annotations
 
 import errno
@@ -10,11 +11,64 @@ from functools import lru_cache
 CAP_SYS_ADMIN = 21
 
 
+#: The mount options the simulator implements beyond their defaults (redirect_dir=off, index=off,
+#: metacopy=off, xino=off, nfs_export=off, which it has always implemented).  FLIP an entry to True when
+#: the branch implementing that option merges (redirect -> redirect_dir, metacopy, index -> index):
+#: `doctor`, `BackendInfo.options` and README's "Mount options" read it.
+SIM_OPTIONS = {
+    "redirect_dir": False,
+    "index": False,
+    "metacopy": False,
+    "xino": False,
+    "nfs_export": False,
+}
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     name: str
     available: bool
     reason: str
+
+    @property
+    def options(self) -> dict:
+        """Option name -> `OptionSupport` (turned on): for the kernel, what a real mount here does with it
+        (probed once by mounting, see `kernel_options`); for the sim, whether it is implemented."""
+        if self.name == "sim":
+            return sim_options()
+        from .kernelopts import kernel_options
+        return kernel_options()
+
+
+def sim_options() -> dict:
+    """What the simulator does with each option turned on, for this user: the kernel's rules first
+    (`Options.resolve`: as non-root the sim, like the kernel, uses user.* xattrs, i.e. userxattr), then
+    whether it implements the option (`SIM_OPTIONS`) or behaves as with the default."""
+    from .kernelopts import PROBES, OptionSupport
+    from .ondisk import default_xattr_ns
+    from .options import Options
+    userxattr = default_xattr_ns() == "user"
+    out = {}
+    for name, value in PROBES.items():
+        try:
+            got = Options.parse({name: value}).resolve(userxattr=userxattr, has_upper=True, same_fs=True).value(name)
+        except OSError as e:
+            out[name] = OptionSupport(name, value, False, False, e.strerror)
+            continue
+        if got != value:
+            why = ("all layers on one filesystem: xino has nothing to do" if name == "xino" else
+                   f"with userxattr the kernel falls back to {name}={got}")
+            out[name] = OptionSupport(name, value, True, False, why)
+        else:
+            out[name] = OptionSupport(name, value, True, SIM_OPTIONS[name], "" if SIM_OPTIONS[name] else
+                                      f"not implemented by the simulator yet: it behaves as with {name}=off")
+    return out
+
+
+def kernel_options() -> dict:
+    """What a real overlay mount does here with each option turned on (`overlaykit.kernelopts`)."""
+    from .kernelopts import kernel_options as probe_options
+    return probe_options()
 
 
 def _read(path: str) -> str | None:
@@ -165,4 +219,8 @@ def doctor() -> str:
     ok, why = dot_available()
     lines += ["", "diagrams:", f"  {'dot' :<7} {'available' if ok else 'NOT available'}: {why}"]
     lines += ["", "filesystem front:", fuse_line()]
+    lines += ["", "mount options (each turned on: what the backend does with it):"]
+    for info in caps.values():
+        for name, support in info.options.items():
+            lines.append(f"  {info.name:<7} {support}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import stat as st
 from dataclasses import dataclass
 
 from . import ondisk
+from .base import display_hooks, normpath
 from .ondisk import WHITEOUT, Leaf, MergedDir, kind_of
 
 #: Entries drawn per lane before the rest is summarised as "+k more".
@@ -474,7 +475,6 @@ def _dir_labels(ov) -> dict[str, str]:
 
 def stack_lanes(ov, path: str = ".", *, names: dict[str, str] | None = None) -> list[Lane]:
     """The stack as lanes, top first: merged, upper, lower[0] ... lower[n-1], work; entries in path order."""
-    from .engine import normpath
     top = normpath(path)
     L = _layers_of(ov)
     labels = _lane_labels(ov, names)
@@ -617,7 +617,6 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
     """
     lanes = stack_lanes(ov, path, names=names)
     header = mount_line(ov)
-    from .engine import normpath
     top = normpath(path)
     text = stack_text(lanes, header, limit, top)
     n_merged = len(lanes[0].entries)
@@ -674,7 +673,6 @@ def stack(ov, path: str = ".", *, limit: int | None = LIMIT, names: dict[str, st
 
 def lookup(ov, path) -> Diagram:
     """The layers a lookup of ``path`` visits, top first, component by component, and where it stopped."""
-    from .engine import normpath
     p = normpath(path)
     steps = ov.lookup_steps(p)
     where = ov.layer_of(p)
@@ -773,7 +771,6 @@ def _copy_up_events(trace, target):
         k = next((i for i, e in enumerate(events) if e is ev), len(events))
         before = events[:k]
     else:
-        from .engine import normpath
         p = normpath(target)
         k = max((i for i, e in enumerate(events) if e.kind == "copy-up" and e.path == p
                  and not e.detail.startswith(_PARENTS)), default=None)
@@ -808,7 +805,6 @@ def copy_up(ov, event_or_path) -> Diagram:
             p = parents[-1]
             ev_path, nbytes, src, reason = p, 0, "a lower layer", "parent of a new entry"
         else:
-            from .engine import normpath
             p = normpath(event_or_path) if isinstance(event_or_path, (str, os.PathLike)) else event_or_path.path
             where = ov.layer_of(p) if ov.mounted else None
             text = f"no copy-up of /{p} recorded in the trace" + (f"; it is served by {where}" if where else "")
@@ -882,6 +878,13 @@ def overlay_mimebundle(ov) -> dict:
     d = stack(ov)
     summary = f"Overlay: {mount_line(ov)}" + ("" if ov.mounted else " (not mounted)")
     return _bundle(d, summary)
+
+
+def _overlay_display(ov, include=None, exclude=None) -> dict:
+    return overlay_mimebundle(ov)
+
+
+display_hooks["overlay"] = _overlay_display  # what `Overlay._repr_mimebundle_` shows, once this module loads
 
 
 # ==================================================================================================

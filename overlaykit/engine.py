@@ -17,71 +17,18 @@ import posixpath
 import stat as st
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 from . import arguments, ondisk
 from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
+# the shared vocabulary lives in base.py; re-exported here for code that imports it from engine
+from .base import (_CHUNK, _KIND_BITS, BACKENDS, DOCKER_MAX_LOWERS, MAX_LOWERS,  # noqa: F401,I001
+                   RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Backend, BackendUnavailable, Stat,
+                   backend_entry, mimebundle, normpath, show)
 from .options import Options, same_filesystem
-
-#: The kernel's limit on lower layers (OVL_MAX_STACK in fs/overlayfs/params.h).
-MAX_LOWERS = 500
-#: Docker's overlay2 driver stops at 128 so that its mount options fit in one page.
-DOCKER_MAX_LOWERS = 128
-
-BACKENDS = ("sim", "kernel")
-#: renameat2 flags for `Overlay.rename` (linux/fs.h); os has no names for them.
-RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
-
-
-@dataclass(frozen=True)
-class Stat:
-    """The portable part of a stat result: what both backends report identically."""
-
-    kind: str
-    mode: int
-    size: int
-    nlink: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    target: str | None = None
-    # The rest of stat(2).  Not compared by ``==`` (which keeps meaning "the same portable stat" on both
-    # backends): inode numbers and times are the host's, and only their relations are portable.
-    ino: int = field(default=0, compare=False)
-    dev: int = field(default=0, compare=False)
-    atime_ns: int = field(default=0, compare=False)
-    ctime_ns: int = field(default=0, compare=False)
-    blocks: int = field(default=0, compare=False)
-    rdev: int = field(default=0, compare=False)
-
-    # os.stat_result spellings, so code written for os.stat() reads a Stat too
-    st_ino = property(lambda self: self.ino)
-    st_dev = property(lambda self: self.dev)
-    st_size = property(lambda self: self.size)
-    st_nlink = property(lambda self: self.nlink)
-    st_uid = property(lambda self: self.uid)
-    st_gid = property(lambda self: self.gid)
-    st_atime_ns = property(lambda self: self.atime_ns)
-    st_mtime_ns = property(lambda self: self.mtime_ns)
-    st_ctime_ns = property(lambda self: self.ctime_ns)
-    st_blocks = property(lambda self: self.blocks)
-    st_rdev = property(lambda self: self.rdev)
-    st_mode = property(lambda self: _KIND_BITS.get(self.kind, 0) | self.mode)
-
-    @classmethod
-    def from_os(cls, s: os.stat_result, target: str | None = None, nlink: int | None = None, *,
-                ino: int | None = None, dev: int | None = None) -> "Stat":
-        return cls(kind_of(s.st_mode), st.S_IMODE(s.st_mode), s.st_size,
-                   s.st_nlink if nlink is None else nlink, s.st_uid, s.st_gid, s.st_mtime_ns, target,
-                   s.st_ino if ino is None else ino, s.st_dev if dev is None else dev,
-                   s.st_atime_ns, s.st_ctime_ns, s.st_blocks, s.st_rdev)
-
-
-_KIND_BITS = {"file": st.S_IFREG, "dir": st.S_IFDIR, "symlink": st.S_IFLNK, "fifo": st.S_IFIFO,
-              "socket": st.S_IFSOCK, "char": st.S_IFCHR, "block": st.S_IFBLK}
 
 
 @dataclass(frozen=True)
@@ -196,84 +143,6 @@ class Trace:
         p.text(str(self) if self or self.dropped else "(no steps recorded)")
 
 
-def normpath(path: str | os.PathLike) -> str:
-    """``'/a//b/../c'`` -> ``'a/c'``; the root is ``''``.  Raises ValueError for empty or escaping paths."""
-    p = os.fspath(path)
-    if not isinstance(p, str):
-        p = os.fsdecode(p)
-    q = f"/{p}/"
-    if p and "//" not in q and "/./" not in q and "/../" not in q and "\0" not in p:
-        return p  # already normal: the common case, checked in C
-    if p == "":
-        raise ValueError("empty path: name a file or directory inside the overlay ('.' is its root)")
-    if "\0" in p:
-        raise ValueError(f"path {p!r} contains a NUL byte")
-    parts: list[str] = []
-    for part in p.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                raise ValueError(f"path {p!r} leaves the overlay's root")
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/".join(parts)
-
-
-def show(path: str) -> str:
-    return "/" + path
-
-
-class Backend:
-    """What a backend implements: one method per operation, on normalized paths (``''`` is the root).
-
-    Each raises OSError(errno, strerror, path) exactly as the kernel's system call would.
-    """
-
-    name = "?"
-    keeps_cache_fresh = False  # True when the backend refreshes the shared Layers cache itself
-
-    def __init__(self, lowers: list[str], upper: str | None, work: str | None, encoding: ondisk.Encoding):
-        self.lowers, self.upper, self.work, self.encoding = lowers, upper, work, encoding
-
-    def mount(self) -> None: raise NotImplementedError
-    def unmount(self) -> None: raise NotImplementedError
-    def touch(self, p: str) -> None: raise NotImplementedError
-    def remove(self, p: str) -> None: raise NotImplementedError
-    def mkdir(self, p: str, mode: int) -> None: raise NotImplementedError
-    def rmdir(self, p: str) -> None: raise NotImplementedError
-    def rename(self, src: str, dst: str) -> None: raise NotImplementedError
-    def chmod(self, p: str, mode: int) -> None: raise NotImplementedError
-    def chown(self, p: str, uid: int, gid: int) -> None: raise NotImplementedError
-    def utime(self, p: str, times) -> None: raise NotImplementedError
-    def setxattr(self, p: str, name: str, value: bytes) -> None: raise NotImplementedError
-    def getxattr(self, p: str, name: str) -> bytes: raise NotImplementedError
-    def symlink(self, target: str, p: str) -> None: raise NotImplementedError
-    def link(self, src: str, dst: str) -> None: raise NotImplementedError
-    def truncate(self, p: str, size: int) -> None: raise NotImplementedError
-    def listdir(self, p: str) -> list[str]: raise NotImplementedError
-    def stat(self, p: str, follow: bool) -> Stat: raise NotImplementedError
-    # Open files: ``open`` does open(2) on the merged view (copy-up included) and returns a handle
-    # number; the others act on that handle, whatever has happened to its name since.
-    def open(self, p: str, flags: int, perm: int) -> int: raise NotImplementedError
-    def pread(self, h: int, n: int, offset: int) -> bytes: raise NotImplementedError
-    def pwrite(self, h: int, data: bytes, offset: int) -> int: raise NotImplementedError
-    def fstat(self, h: int) -> Stat: raise NotImplementedError
-    def ftruncate(self, h: int, size: int) -> None: raise NotImplementedError
-    def close(self, h: int) -> None: raise NotImplementedError
-
-    def write_all(self, p: str, flags: int, data: bytes) -> None:
-        """open, write everything, close (a backend may do it as one step, e.g. to stay whole under Ctrl-C)."""
-        h = self.open(p, flags, 0o666)
-        try:
-            view, offset = memoryview(data), 0
-            while offset < len(view):
-                offset += self.pwrite(h, view[offset:offset + _CHUNK].tobytes(), offset)
-        finally:
-            self.close(h)
-
-
 #: Why an operation copies a lower entry up, in the kernel documentation's words.
 COPY_UP_REASON = {
     "write": "opened for write", "append": "opened for append", "open": "opened for write", "truncate": "truncate",
@@ -283,10 +152,6 @@ COPY_UP_REASON = {
     "rename": "rename of a lower entry", "mkdir": "parent of a new entry", "symlink": "parent of a new entry",
     "remove": "parent of a whiteout", "rmdir": "parent of a whiteout",
 }
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly chosen backend that this machine cannot give; the message says why (capabilities())."""
 
 
 def _choose_backend(backend: str) -> str:
@@ -358,9 +223,8 @@ class Overlay:
     def mount(self) -> "Overlay":
         if self._impl is not None:
             return self
-        if self.backend == "sim":
-            from .sim import validate_config
-            validate_config(self)  # the kernel's errno for a bad configuration, before touching anything
+        entry = backend_entry(self.backend)
+        entry.validate(self)  # the sim: the kernel's errno for a bad configuration, before touching anything
         self.encoding = self._pick_encoding()
         self.options = self.requested_options.resolve(
             userxattr=self.encoding.xattr_ns == "user", has_upper=self.upper is not None,
@@ -368,12 +232,7 @@ class Overlay:
         roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
         self._layers = Layers(roots, self.encoding, self.upper is not None)
         self._lower_layers = Layers([str(x) for x in self.lowers], self.encoding, False)
-        if self.backend == "sim":
-            from .sim import SimBackend
-            impl: Backend = SimBackend(self, self._layers)
-        else:
-            from .kernel import KernelBackend
-            impl = KernelBackend(self)
+        impl: Backend = entry.create(self, self._layers)
         from .inuse import claim
         self._inuse = claim(self)  # EBUSY while another live overlay holds this upper/ or work/
         try:
@@ -1030,16 +889,10 @@ class Overlay:
 
     # -- display -----------------------------------------------------------------------------------
     def _repr_mimebundle_(self, include=None, exclude=None):
-        try:
-            from .diagrams import overlay_mimebundle
-        except ImportError:
-            return {"text/plain": repr(self)}
-        return overlay_mimebundle(self)
+        return mimebundle("overlay", self, include, exclude)  # drawn by diagrams.py (base.display_hooks)
 
 
 _READ_OPS = frozenset({"read", "getxattr", "listdir", "stat", "open", "listxattr", "statfs"})
-#: How much one read or write request moves (the kernel backend's helper streams files in these).
-_CHUNK = 1 << 20
 
 
 def _lookup_detail(steps, where, p) -> str:

@@ -169,6 +169,11 @@ def overlay_config(opts: dict) -> dict:
     accepts_options = "options" in inspect.signature(Overlay).parameters
     config = {"lowers": lowers, "upper": upper, "work": work, "userxattr": userxattr}
     if accepts_options:
+        from .options import Options
+        try:
+            Options.parse(kernel_opts)  # a bad value or an unknown name: one sentence now, not at mount
+        except (OSError, ValueError) as e:
+            raise UsageError(f"bad overlay option: {getattr(e, 'strerror', None) or e}") from None
         config["options"] = {k: v for k, v in kernel_opts.items()}
     else:
         for key, value in kernel_opts.items():

@@ -22,7 +22,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from .engine import Backend, Stat
+from .base import Backend, Stat
 from .ondisk import errno_error
 
 #: The directory that holds the ``overlaykit`` package, put on the helper's PYTHONPATH.

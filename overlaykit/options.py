@@ -38,6 +38,10 @@ def redirect_always_follow() -> bool:
     return _module_param("redirect_always_follow", "Y") in ("Y", "y", "1")
 
 
+class UnknownOption(OSError, ValueError):
+    """An option name overlaykit does not know: mount(2) answers EINVAL ("Unknown parameter")."""
+
+
 @dataclass(frozen=True)
 class Options:
     """What a mount does.  ``given`` holds the names the user set explicitly (the kernel's conflicts
@@ -68,7 +72,7 @@ class Options:
     def parse(cls, options=None) -> "Options":
         """``None``, an `Options`, a dict (values as strings or bools) or the kernel's ``"a=b,c=d"``.
 
-        Unknown names raise `ValueError`; a bad value raises `OSError` EINVAL with mount(2)'s message
+        Unknown names raise `UnknownOption` (EINVAL, as mount(2); also a ValueError); a bad value raises `OSError` EINVAL with mount(2)'s message
         ("overlay: Bad value for 'xino'"), as the kernel does at mount time."""
         if options is None:
             return cls()
@@ -88,8 +92,8 @@ class Options:
         for key, value in pairs:
             if key not in VALUES:
                 known = ", ".join(VALUES)
-                raise ValueError(f"unknown overlay option {key!r}: the simulator and the kernel backend "
-                                 f"take {known}")
+                raise UnknownOption(errno.EINVAL, f"unknown overlay option {key!r}: the simulator and the "
+                                                  f"kernel backend take {known}")
             if isinstance(value, bool):
                 value = "on" if value else "off"
             if value not in VALUES[key]:
@@ -102,33 +106,65 @@ class Options:
     def resolve(self, *, userxattr: bool, has_upper: bool, same_fs: bool = True) -> "Options":
         """What the kernel makes of these options on a mount: conflicts raise OSError EINVAL with the
         kernel's message; silent fallbacks (index without an upper, xino on one filesystem, userxattr's
-        nofollow) are applied, as dmesg reports them."""
-        o = self
-        given = self.given
-        if o.nfs_export and o.metacopy and {"nfs_export", "metacopy"} <= given:
-            raise OSError(errno.EINVAL, "overlayfs: conflicting options: nfs_export=on,metacopy=on")
-        if o.metacopy and "redirect_dir" in given and o.redirect_dir != "on":
-            shown = "follow" if o.redirect_dir == "off" and redirect_always_follow() else o.redirect_dir
-            raise OSError(errno.EINVAL, f"overlayfs: conflicting options: metacopy=on,redirect_dir={shown}")
-        if userxattr:
-            if "redirect_dir" in given and o.redirect_dir != "nofollow":
-                raise OSError(errno.EINVAL, f"overlayfs: conflicting options: userxattr,redirect_dir="
-                                            f"{o.redirect_dir}")
-            if o.metacopy and "metacopy" in given:
-                raise OSError(errno.EINVAL, "overlayfs: conflicting options: userxattr,metacopy=on")
-            # userxattr: redirects neither made nor followed, no metacopy, and (no file handles in a
-            # user namespace) index and nfs_export fall back to off.
-            return replace(o, redirect_dir="nofollow", metacopy=False, index=False, nfs_export=False,
-                           xino="off" if same_fs else o.xino)
-        if o.metacopy:
-            o = replace(o, redirect_dir="on")
-        if o.nfs_export:
-            o = replace(o, index=True)
+        nofollow) are applied, as dmesg reports them.  The steps and their order are
+        ``ovl_fs_params_verify``'s (fs/overlayfs/params.c), judged by tests/test_options_kernel.py."""
+        o, given = self, self.given
+        follow_mode = "follow" if redirect_always_follow() else "nofollow"
+        # the kernel's redirect mode: redirect_dir=off is stored as follow (or nofollow) at parse time
+        red = follow_mode if o.redirect_dir == "off" else o.redirect_dir
+        index, metacopy, nfs_export = o.index, o.metacopy, o.nfs_export
+        set_redirect, set_metacopy, set_nfs = "redirect_dir" in given, "metacopy" in given, "nfs_export" in given
+        set_index = "index" in given and has_upper  # index=on is "useless in a non-upper mount, ignore"
         if not has_upper:
-            o = replace(o, index=False, nfs_export=False)
+            index = False
+        # "to make the logic simpler" the kernel turns follow into on without an upper (nothing is created)
+        ro_follow = not has_upper and red == "follow"
+        if ro_follow:
+            red = "on"
+        if metacopy and red != "on":
+            if set_metacopy and set_redirect:
+                raise OSError(errno.EINVAL, f"overlayfs: conflicting options: metacopy=on,redirect_dir={red}")
+            if set_redirect:
+                metacopy = False  # "disabling metacopy due to redirect_dir=..."
+            else:
+                red = "on"
+        if nfs_export and not index:
+            if not has_upper and red != "nofollow":
+                nfs_export = False  # "NFS export requires redirect_dir=nofollow on non-upper mount"
+            elif set_nfs and set_index:
+                raise OSError(errno.EINVAL, "overlayfs: conflicting options: nfs_export=on,index=off")
+            elif set_index:
+                nfs_export = False  # "disabling nfs_export due to index=off"
+            else:
+                index = True
+        if nfs_export and metacopy:
+            if set_nfs and set_metacopy:
+                raise OSError(errno.EINVAL, "overlayfs: conflicting options: nfs_export=on,metacopy=on")
+            if set_metacopy:
+                nfs_export = False
+            else:
+                metacopy = False
+        if userxattr:
+            if set_redirect and red != "nofollow":
+                raise OSError(errno.EINVAL, f"overlayfs: conflicting options: userxattr,redirect_dir={red}")
+            if metacopy and set_metacopy:
+                raise OSError(errno.EINVAL, "overlayfs: conflicting options: userxattr,metacopy=on")
+            red, metacopy = "nofollow", False
+            # and no file handles in a user namespace: index and nfs_export fall back to off (super.c)
+            index = nfs_export = False
+        if ro_follow and red == "on":
+            red = "follow"
+        if not has_upper:
+            index = False  # an index lives in workdir: none without an upper (nfs_export stays, read-only)
+        # keep the user's spelling where it means what the kernel ended with ("off" = follow here)
+        same = red == (follow_mode if o.redirect_dir == "off" else o.redirect_dir)
+        xino = o.xino
         if same_fs:
-            o = replace(o, xino="off")  # "xino=on" is useless with all layers on same fs
-        return o
+            xino = "off"  # "xino=on is useless with all layers on same fs"
+        elif userxattr and xino == "auto":
+            xino = "off"  # auto needs the upper fs's 32-bit file handles, which a user namespace cannot use
+        return replace(o, redirect_dir=o.redirect_dir if same else red, index=index, metacopy=metacopy,
+                       nfs_export=nfs_export, xino=xino)
 
     # -- spelling --------------------------------------------------------------------------------
     def mount_string(self) -> str:

@@ -20,7 +20,7 @@ import os
 import posixpath
 import time
 
-from .engine import Stat
+from .base import Stat
 
 ENDLESS = 1 << 20  # bytes a read of /dev/zero or /dev/urandom gives
 

@@ -17,7 +17,7 @@ import stat as st
 import subprocess
 
 from . import nofollow
-from .engine import MAX_LOWERS, Backend, Stat
+from .base import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
 MAXSYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup

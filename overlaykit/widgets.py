@@ -452,7 +452,7 @@ class OverlayExplorer:
         return snapshot_tree(self.ov.upper) if self.ov.upper is not None else ()
 
     def _apply(self) -> None:
-        from .engine import normpath
+        from .base import normpath
         ov, op = self.ov, self.op.value
         path = self.path.value.strip()
         p = normpath(path)  # ValueError for empty or escaping paths, before anything happens

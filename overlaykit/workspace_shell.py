@@ -34,7 +34,7 @@ import stat as st
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Stat
+from .base import Stat
 from .ondisk import Encoding, default_xattr_ns, kind_of
 from .shell import Shell, _opts
 

@@ -93,3 +93,37 @@ def test_doctor_in_a_sandbox_without_nested_user_namespaces(tmp_path):
     assert "AppArmor" not in kernel_line, r.stdout
     fact = next(line for line in r.stdout.splitlines() if "unprivileged user namespaces" in line)
     assert "no: " in fact and "ENOSPC" in fact, r.stdout
+
+
+def test_sim_options_follow_SIM_OPTIONS_and_the_kernels_rules(monkeypatch):
+    monkeypatch.setattr(C, "SIM_OPTIONS", dict(C.SIM_OPTIONS, index=True, redirect_dir=False))
+    report = C.sim_options()
+    assert set(report) == set(C.SIM_OPTIONS)
+    root = os.geteuid() == 0
+    assert report["redirect_dir"].mounts == root  # userxattr refuses redirect_dir=on
+    if root:
+        assert report["index"].in_effect and not report["redirect_dir"].in_effect
+        assert "not implemented by the simulator" in report["redirect_dir"].note
+    else:
+        assert not report["index"].in_effect and "userxattr" in report["index"].note
+    assert not report["xino"].in_effect and "one filesystem" in report["xino"].note
+
+
+def test_doctor_lists_the_mount_options_of_both_backends(monkeypatch):
+    from overlaykit.kernelopts import OptionSupport
+    monkeypatch.setattr(C.BackendInfo, "options", property(
+        lambda self: {"index": OptionSupport("index", "on", True, self.name == "kernel", "why not")}))
+    text = C.doctor()
+    assert "mount options" in text
+    assert "  sim     index=on: mounts, but why not" in text.splitlines()
+    assert "  kernel  index=on: works" in text.splitlines()
+
+
+def test_readme_lists_what_the_sim_implements_as_SIM_OPTIONS_says():
+    """README's "Mount options" list and capabilities.SIM_OPTIONS are flipped together when a branch merges."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- SIM-OPTIONS", 1)[1].split("\n\n", 1)[0]
+    lines = [x for x in block.splitlines() if x.startswith("- ")]
+    for name, done in C.SIM_OPTIONS.items():
+        line = next(x for x in lines if f"`{name}`" in x)
+        assert ("not yet" not in line) == done, f"README says {line!r}, SIM_OPTIONS[{name!r}] is {done}"

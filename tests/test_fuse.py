@@ -267,9 +267,10 @@ def test_kernel_options_the_engine_lacks_are_refused_by_name(option, tmp_path, c
 
 
 def test_default_kernel_options_and_bad_command_lines(tmp_path, capsys, monkeypatch):
-    assert okfuse.overlay_config({"lowerdir": "a:b", "upperdir": "u", "workdir": "w", "redirect_dir": "off",
-                                  "index": "off", "metacopy": "off", "xino": "off", "userxattr": None}) \
-        == {"lowers": ["a", "b"], "upper": "u", "work": "w", "userxattr": True}
+    defaults = {"redirect_dir": "off", "index": "off", "metacopy": "off", "xino": "off"}
+    assert okfuse.overlay_config({"lowerdir": "a:b", "upperdir": "u", "workdir": "w", **defaults,
+                                  "userxattr": None}) \
+        == {"lowers": ["a", "b"], "upper": "u", "work": "w", "userxattr": True, "options": defaults}
     assert okfuse.parse_args(["overlaykit", "/m", "-o", "rw,lowerdir=a,dev"])["opts"] == \
         {"rw": None, "lowerdir": "a", "dev": None}
     for argv, word in [(["-o", "upperdir=u", "/m"], "lowerdir"), (["-o", "lowerdir=a,bogus=1", "/m"], "bogus"),
@@ -277,6 +278,20 @@ def test_default_kernel_options_and_bad_command_lines(tmp_path, capsys, monkeypa
                        (["a", "b", "c"], "usage")]:
         rc, err = run_main(argv, capsys)
         assert rc == 1 and word in err, (argv, err)
+
+
+@pytest.mark.parametrize("option, word", [("index=maybe", "index"), ("redirect_dir=yes", "redirect_dir"),
+                                          ("xino", "xino"), ("volatile", "volatile")])
+def test_a_bad_overlay_option_is_one_sentence(option, word, tmp_path, capsys, monkeypatch):
+    """A bad value or an option the engine does not know: exit 1 and one line naming it, before any mount."""
+    monkeypatch.setattr(okfuse, "fuse_unavailable", lambda: None)
+    for d in ("l", "u", "w", "m"):
+        (tmp_path / d).mkdir()
+    rc, err = run_main(["-o", f"lowerdir={tmp_path}/l,upperdir={tmp_path}/u,workdir={tmp_path}/w,{option}",
+                        str(tmp_path / "m")], capsys)
+    assert rc == 1 and word in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("overlaykit-fuse: bad overlay option"), err
+    assert not os.listdir(tmp_path / "w"), "refused before anything was mounted"
 
 
 def test_no_fuse_says_so_in_one_sentence(tmp_path, capsys, monkeypatch):
