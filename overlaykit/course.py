@@ -430,3 +430,54 @@ def docker_diff(container) -> list[tuple[str, str]]:
     `Container.diff`, which this names for the lessons."""
     return container.diff()
 
+
+# --------------------------------------------------------------------------------------------------
+# Lesson 12 (corners and costs): what a layer folder really holds, and which options this process may use.
+
+
+def data_on_disk(folder: str | os.PathLike) -> int:
+    """Bytes of file data a layer folder holds on disk (allocated blocks of its regular files, as ``du``
+    counts them), not their sizes: a ``metacopy`` copy-up has the file's full size but no data."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            s = os.lstat(os.path.join(dirpath, name))
+            if st.S_ISREG(s.st_mode):
+                total += s.st_blocks * 512
+    return total
+
+
+#: The overlay xattrs the lessons are about; the kernel's own bookkeeping (origin, impure) is left out.
+LESSON_XATTRS = ("redirect", "metacopy", "opaque", "whiteout")
+
+
+def overlay_marks(path: str | os.PathLike) -> str:
+    """The overlay xattrs on one entry of upper/, namespace left out: ``overlay.redirect='/dir'``."""
+    shown = []
+    for name in sorted(_listxattr(path)):
+        ns, _, rest = name.partition(".")
+        if rest.startswith("overlay.") and rest[len("overlay."):] in LESSON_XATTRS:
+            value = os.getxattr(path, name, follow_symlinks=False)
+            shown.append(f"{rest}={value.decode(errors='replace')!r}" if value else rest)
+    return ", ".join(shown) or "(no overlay xattrs)"
+
+
+def options_refused(options) -> str | None:
+    """Why an overlay mounted by this process would not do what ``options`` ask (None: it would).
+
+    As root the overlay keeps its bookkeeping in ``trusted.*`` xattrs; an ordinary user's overlay (in a user
+    namespace, or the simulator without root) needs ``userxattr``, and with it the kernel refuses
+    ``redirect_dir`` and ``metacopy`` and turns ``index`` off (fs/overlayfs/params.c, as `Options.resolve`).
+    """
+    from .options import Options
+    from .ondisk import default_xattr_ns
+    asked = Options.parse(options)
+    try:
+        got = asked.resolve(userxattr=default_xattr_ns() == "user", has_upper=True)
+    except OSError as e:
+        return f"an ordinary user's overlay uses userxattr, and mount(2) refuses it: {e.strerror}"
+    lost = [k for k in sorted(asked.given) if asked.value(k) != got.value(k)]
+    if lost:
+        return ("an ordinary user's overlay uses userxattr, which turns " + ", ".join(f"{k}=off" for k in lost)
+                + " (no file handles in a user namespace)")
+    return None

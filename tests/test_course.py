@@ -206,3 +206,56 @@ def test_lesson_builds_print_the_same_image_ids_on_every_run(tmp_path, monkeypat
                              log=False)
         ids.append(image.id)
     assert ids[0] == ids[1]
+
+
+# Lesson 12's helpers: disk space of a layer folder, its overlay marks, and which options this process may use.
+
+def test_data_on_disk_counts_allocated_blocks_not_sizes(tmp_path):
+    course.write_tree(tmp_path, {"full.bin": b"x" * 100_000, "d/small": "hi\n"})
+    with open(tmp_path / "sparse.bin", "wb") as f:   # a file with a size and no data, like a metacopy copy-up
+        f.truncate(1_000_000)
+    os.symlink("full.bin", tmp_path / "link")
+    expected = sum(os.lstat(tmp_path / p).st_blocks * 512 for p in ("full.bin", "d/small", "sparse.bin"))
+    assert course.data_on_disk(tmp_path) == expected
+    assert 100_000 <= course.data_on_disk(tmp_path) < 1_000_000
+
+
+def test_overlay_marks_show_the_lessons_xattrs_only(tmp_path):
+    ns = ondisk.default_xattr_ns()
+    d = tmp_path / "renamed"
+    d.mkdir()
+    try:
+        os.setxattr(d, f"{ns}.overlay.redirect", b"/opt/tool")
+        os.setxattr(d, f"{ns}.overlay.origin", b"\x00\xfb")        # kernel bookkeeping: left out
+        os.setxattr(d, f"{ns}.overlay.metacopy", b"")
+    except OSError as e:
+        pytest.skip(f"this filesystem takes no {ns}.* xattrs: {e}")
+    assert course.overlay_marks(d) == "overlay.metacopy, overlay.redirect='/opt/tool'"
+    assert course.overlay_marks(tmp_path) == "(no overlay xattrs)"
+
+
+def test_options_refused_says_what_an_ordinary_users_overlay_cannot_do(monkeypatch):
+    monkeypatch.setattr(ondisk, "default_xattr_ns", lambda: "trusted")     # root: every option works
+    assert course.options_refused("metacopy=on") is None
+    assert course.options_refused({"index": "on", "redirect_dir": "on"}) is None
+    monkeypatch.setattr(ondisk, "default_xattr_ns", lambda: "user")        # an ordinary user: userxattr
+    assert course.options_refused("metacopy=on").endswith("conflicting options: userxattr,metacopy=on")
+    assert "userxattr,redirect_dir=on" in course.options_refused("redirect_dir=on")
+    assert "turns index=off" in course.options_refused("index=on")
+    assert course.options_refused(None) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the option is refused to an ordinary user (userxattr)")
+def test_metacopy_on_a_real_mount_leaves_upper_without_data(tmp_path):
+    from overlaykit import capabilities
+    if not capabilities()["kernel"].available:
+        pytest.skip("no kernel overlay here")
+    lower = course.write_tree(tmp_path / "lower", {"big.bin": b"." * 1_000_000})
+    up, work = course.write_tree(tmp_path / "upper", {}), course.write_tree(tmp_path / "work", {})
+    with Overlay([lower], up, work, backend="kernel", options="metacopy=on") as ov:
+        ov.chown("big.bin", 1000, 1000)
+        assert course.overlay_marks(up / "big.bin") == "overlay.metacopy"
+        assert course.data_on_disk(up) < 100_000 and (up / "big.bin").stat().st_size == 1_000_000
+        ov.write_bytes("big.bin", b"!", append=True)
+        assert course.overlay_marks(up / "big.bin") == "(no overlay xattrs)"
+        assert course.data_on_disk(up) >= 1_000_000
