@@ -481,3 +481,47 @@ def options_refused(options) -> str | None:
         return ("an ordinary user's overlay uses userxattr, which turns " + ", ".join(f"{k}=off" for k in lost)
                 + " (no file handles in a user namespace)")
     return None
+
+
+def drop_from_page_cache(path: str | os.PathLike) -> None:
+    """Ask the kernel to forget the cached pages of one file (written back first): ``posix_fadvise``
+    DONTNEED. Some filesystems (tmpfs) keep their pages whatever one asks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_fraction(path: str | os.PathLike) -> float:
+    """How much of a file is in the page cache now (0.0 to 1.0), as mincore(2) reports it for a mapping of
+    the file: the pages belong to the file's inode, whoever read them (lesson 12: every container of an image)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), str(path))
+            return sum(b & 1 for b in vec.raw) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)

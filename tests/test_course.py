@@ -259,3 +259,17 @@ def test_metacopy_on_a_real_mount_leaves_upper_without_data(tmp_path):
         ov.write_bytes("big.bin", b"!", append=True)
         assert course.overlay_marks(up / "big.bin") == "(no overlay xattrs)"
         assert course.data_on_disk(up) >= 1_000_000
+
+
+def test_cached_fraction_sees_pages_read_through_an_overlay(tmp_path):
+    """The pages a container reads belong to the lower file: the notebook sees them from outside the overlay."""
+    lower = course.write_tree(tmp_path / "lower", {"lib.so": b"x" * 400_000, "empty": b""})
+    course.drop_from_page_cache(lower / "lib.so")
+    if course.cached_fraction(lower / "lib.so") > 0.5:
+        pytest.skip("this filesystem keeps its pages cached (tmpfs)")
+    assert course.cached_fraction(lower / "empty") == 1.0
+    with Overlay([lower], course.write_tree(tmp_path / "upper", {}), course.write_tree(tmp_path / "work", {})) as ov:
+        ov.read_bytes("lib.so")
+    assert course.cached_fraction(lower / "lib.so") == 1.0
+    with pytest.raises(OSError):
+        course.cached_fraction(tmp_path / "missing")
