@@ -1,6 +1,7 @@
 """The notebook helpers: what they print is what learners read, so it must be right and stable."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -210,14 +211,27 @@ def test_lesson_builds_print_the_same_image_ids_on_every_run(tmp_path, monkeypat
 
 # Lesson 12's helpers: disk space of a layer folder, its overlay marks, and which options this process may use.
 
-def test_data_on_disk_counts_allocated_blocks_not_sizes(tmp_path):
+def test_data_on_disk_counts_data_not_sizes_or_holes(tmp_path):
     course.write_tree(tmp_path, {"full.bin": b"x" * 100_000, "d/small": "hi\n"})
-    with open(tmp_path / "sparse.bin", "wb") as f:   # a file with a size and no data, like a metacopy copy-up
+    with open(tmp_path / "sparse.bin", "wb") as f:   # a size and no data, like a metacopy copy-up
         f.truncate(1_000_000)
+    with open(tmp_path / "part.bin", "wb") as f:     # data, a hole, data
+        f.write(b"a" * 8192)
+        f.seek(1 << 20)
+        f.write(b"b" * 8192)
     os.symlink("full.bin", tmp_path / "link")
-    expected = sum(os.lstat(tmp_path / p).st_blocks * 512 for p in ("full.bin", "d/small", "sparse.bin"))
-    assert course.data_on_disk(tmp_path) == expected
-    assert 100_000 <= course.data_on_disk(tmp_path) < 1_000_000
+    got = course.data_on_disk(tmp_path)
+    blocks = sum(os.lstat(tmp_path / p).st_blocks * 512 for p in ("full.bin", "d/small", "sparse.bin", "part.bin"))
+    try:
+        with open(tmp_path / "sparse.bin") as f:
+            os.lseek(f.fileno(), 0, os.SEEK_DATA)
+        seek_data = True
+    except OSError as e:
+        seek_data = e.errno == errno.ENXIO  # ENXIO: SEEK_DATA works, and the file is all hole
+    if seek_data:
+        assert got == 100_000 + 3 + 8192 + 8192
+    else:  # a filesystem without SEEK_DATA: allocated blocks
+        assert got == blocks
 
 
 def test_overlay_marks_show_the_lessons_xattrs_only(tmp_path):
