@@ -6,6 +6,7 @@ every machine.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -430,3 +431,118 @@ def docker_diff(container) -> list[tuple[str, str]]:
     `Container.diff`, which this names for the lessons."""
     return container.diff()
 
+
+# --------------------------------------------------------------------------------------------------
+# Lesson 12 (corners and costs): what a layer folder really holds, and which options this process may use.
+
+
+def data_on_disk(folder: str | os.PathLike) -> int:
+    """Bytes of data a layer folder's regular files hold on disk: their data extents, holes left out
+    (``lseek`` SEEK_DATA/SEEK_HOLE), so a ``metacopy`` copy-up, which has the file's full size but no
+    data, counts 0. Where a filesystem cannot say, a file counts its allocated blocks, as ``du`` does."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            s = os.lstat(p)
+            if st.S_ISREG(s.st_mode):
+                total += _data_bytes(p, s)
+    return total
+
+
+def _data_bytes(path: str, s: os.stat_result) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        n, pos = 0, 0
+        while pos < s.st_size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole from here to the end
+                    break
+                return s.st_blocks * 512  # no SEEK_DATA here
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            n, pos = n + end - start, end
+        return n
+    finally:
+        os.close(fd)
+
+
+#: The overlay xattrs the lessons are about; the kernel's own bookkeeping (origin, impure) is left out.
+LESSON_XATTRS = ("redirect", "metacopy", "opaque", "whiteout")
+
+
+def overlay_marks(path: str | os.PathLike) -> str:
+    """The overlay xattrs on one entry of upper/, namespace left out: ``overlay.redirect='/dir'``."""
+    shown = []
+    for name in sorted(_listxattr(path)):
+        ns, _, rest = name.partition(".")
+        if rest.startswith("overlay.") and rest[len("overlay."):] in LESSON_XATTRS:
+            value = os.getxattr(path, name, follow_symlinks=False)
+            shown.append(f"{rest}={value.decode(errors='replace')!r}" if value else rest)
+    return ", ".join(shown) or "(no overlay xattrs)"
+
+
+def options_refused(options) -> str | None:
+    """Why an overlay mounted by this process would not do what ``options`` ask (None: it would).
+
+    As root the overlay keeps its bookkeeping in ``trusted.*`` xattrs; an ordinary user's overlay (in a user
+    namespace, or the simulator without root) needs ``userxattr``, and with it the kernel refuses
+    ``redirect_dir`` and ``metacopy`` and turns ``index`` off (fs/overlayfs/params.c, as `Options.resolve`).
+    """
+    from .options import Options
+    from .ondisk import default_xattr_ns
+    asked = Options.parse(options)
+    try:
+        got = asked.resolve(userxattr=default_xattr_ns() == "user", has_upper=True)
+    except OSError as e:
+        return f"an ordinary user's overlay uses userxattr, and mount(2) refuses it: {e.strerror}"
+    lost = [k for k in sorted(asked.given) if asked.value(k) != got.value(k)]
+    if lost:
+        return ("an ordinary user's overlay uses userxattr, which turns " + ", ".join(f"{k}=off" for k in lost)
+                + " (no file handles in a user namespace)")
+    return None
+
+
+def drop_from_page_cache(path: str | os.PathLike) -> None:
+    """Ask the kernel to forget the cached pages of one file (written back first): ``posix_fadvise``
+    DONTNEED. Some filesystems (tmpfs) keep their pages whatever one asks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_fraction(path: str | os.PathLike) -> float:
+    """How much of a file is in the page cache now (0.0 to 1.0), as mincore(2) reports it for a mapping of
+    the file: the pages belong to the file's inode, whoever read them (lesson 12: every container of an image)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), str(path))
+            return sum(b & 1 for b in vec.raw) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)

@@ -920,12 +920,19 @@ class Shell:
             self._err("chmod: missing operand")
             return 1, b""
         mode_s, files = args[0], args[1:]
+        recursive = "R" in opts or "recursive" in opts
         status = 0
+
+        def change(p: str, shown: str, kind: str, mode: int) -> None:
+            self.fs.chmod(p, _chmod_mode(mode_s, mode, kind == "dir"))
+
         for f in files:
             p = self.path(f)
             try:
-                current = self.fs.stat(p).mode
-                self.fs.chmod(p, _chmod_mode(mode_s, current))
+                s = self.fs.stat(p)  # an operand that is a symlink: its target (chmod cannot change links)
+                change(p, f, s.kind, s.mode)
+                if recursive and s.kind == "dir":
+                    status |= self._walk_below("chmod", p, f, change, skip_symlinks=True)
             except ValueError:
                 self._err(f"chmod: invalid mode: '{mode_s}'")
                 return 1, b""
@@ -934,15 +941,96 @@ class Shell:
                 status = 1
         return status, b""
 
+    def _walk_below(self, cmd: str, p: str, shown: str, change, *, skip_symlinks: bool) -> int:
+        """Apply ``change(path, shown, kind, mode)`` to everything below directory ``p``, parents first,
+        never following a symlink (coreutils' -R with -P, the default): a symlink met on the way is
+        skipped (chmod) or changed itself (chown). Returns 1 if some entry failed, as coreutils does."""
+        status = 0
+        try:
+            names = sorted(self.fs.listdir(p))
+        except OSError as e:
+            self._err(f"{cmd}: cannot read directory '{shown}': {_nofile(e)}")
+            return 1
+        for name in names:
+            child, child_shown = posixpath.join(p, name), posixpath.join(shown, name)
+            try:
+                s = self._lstat(child)
+                if s.kind == "symlink" and skip_symlinks:
+                    continue
+                change(child, child_shown, s.kind, s.mode)
+            except OSError as e:
+                self._err(f"{cmd}: changing {'permissions' if cmd == 'chmod' else 'ownership'} of "
+                          f"'{child_shown}': {_nofile(e)}")
+                status = 1
+                continue
+            if s.kind == "dir":
+                status |= self._walk_below(cmd, child, child_shown, change, skip_symlinks=skip_symlinks)
+        return status
+
     def _p_chown(self, argv, stdin):
         opts, args = _opts(argv[1:])
+        if len(args) < 2:
+            self._err("chown: missing operand")
+            return 1, b""
         owner, files = args[0], args[1:]
-        user, _, group = owner.partition(":")
-        uid, gid = self._lookup_id("/etc/passwd", user), self._lookup_id("/etc/group", group or user)
+        user, colon, group = owner.partition(":")
+        uid = self._lookup_id("/etc/passwd", user) if user else -1
+        if user and uid == -1:
+            self._err(f"chown: invalid user: '{owner}'")
+            return 1, b""
+        gid = self._lookup_id("/etc/group", group) if group else -1
+        if group and gid == -1:
+            self._err(f"chown: invalid group: '{owner}'")
+            return 1, b""
+        if colon and user and not group:  # `chown user:` sets the user's login group
+            gid = self._login_gid(user)
+        if not hasattr(self.fs, "chown"):
+            return 0, b""
+        recursive = "R" in opts or "recursive" in opts
+        # coreutils: a symlink operand is followed unless -h; with -R (and -P, the default) never
+        no_deref = "h" in opts or "no-dereference" in opts or recursive
+
+        def change(p: str, shown: str, kind: str, mode: int) -> None:
+            if kind == "symlink":
+                self._lchown(p, uid, gid)
+            else:
+                self.fs.chown(p, uid, gid)
+
+        status = 0
         for f in files:
-            if hasattr(self.fs, "chown"):
-                self.fs.chown(self.path(f), uid, gid if group else -1)
-        return 0, b""
+            p = self.path(f)
+            try:
+                s = self._lstat(p) if no_deref else self.fs.stat(p)
+            except OSError as e:
+                self._err(f"chown: cannot access '{f}': {_nofile(e)}")
+                status = 1
+                continue
+            try:
+                change(p, f, s.kind, s.mode)
+            except OSError as e:
+                self._err(f"chown: changing ownership of '{f}': {_nofile(e)}")
+                status = 1
+                continue
+            if recursive and s.kind == "dir":
+                status |= self._walk_below("chown", p, f, change, skip_symlinks=False)
+        return status, b""
+
+    def _lchown(self, p: str, uid: int, gid: int) -> None:
+        """chown a symlink itself, where the filesystem can: the overlay's ``lchown``, or in a build the
+        RunFS callback that changes the link in upper/ after unmount (root only: it checks no permission)."""
+        lchown = getattr(self.fs, "lchown", None)
+        if callable(lchown) and getattr(self.fs, "uid", 0) == 0:
+            lchown(p, uid, gid)
+
+    def _login_gid(self, user: str) -> int:
+        try:
+            for line in self.fs.read_bytes("/etc/passwd").decode().splitlines():
+                fields = line.split(":")
+                if fields[0] == user or (user.isdigit() and len(fields) > 3 and fields[2] == user):
+                    return int(fields[3])
+        except (OSError, ValueError, IndexError):
+            pass
+        return -1
 
     def _lookup_id(self, path, name) -> int:
         if name.isdigit():
@@ -1390,7 +1478,7 @@ def _opts(args, with_value="m"):
     return opts, rest
 
 
-def _chmod_mode(spec: str, current: int) -> int:
+def _chmod_mode(spec: str, current: int, is_dir: bool = False) -> int:
     if re.fullmatch(r"[0-7]{1,4}", spec):
         return int(spec, 8)
     mode = current
@@ -1407,7 +1495,7 @@ def _chmod_mode(spec: str, current: int) -> int:
                 for p in perms:
                     if p in "rwx":
                         bits |= {"r": 4, "w": 2, "x": 1}[p] << shift
-                    elif p == "X" and (current & 0o111):
+                    elif p == "X" and (is_dir or current & 0o111):
                         bits |= 1 << shift
         if "s" in perms:
             bits |= (0o4000 if "u" in who or "a" in who else 0) | (0o2000 if "g" in who or "a" in who else 0)

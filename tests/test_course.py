@@ -1,6 +1,7 @@
 """The notebook helpers: what they print is what learners read, so it must be right and stable."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -206,3 +207,83 @@ def test_lesson_builds_print_the_same_image_ids_on_every_run(tmp_path, monkeypat
                              log=False)
         ids.append(image.id)
     assert ids[0] == ids[1]
+
+
+# Lesson 12's helpers: disk space of a layer folder, its overlay marks, and which options this process may use.
+
+def test_data_on_disk_counts_data_not_sizes_or_holes(tmp_path):
+    course.write_tree(tmp_path, {"full.bin": b"x" * 100_000, "d/small": "hi\n"})
+    with open(tmp_path / "sparse.bin", "wb") as f:   # a size and no data, like a metacopy copy-up
+        f.truncate(1_000_000)
+    with open(tmp_path / "part.bin", "wb") as f:     # data, a hole, data
+        f.write(b"a" * 8192)
+        f.seek(1 << 20)
+        f.write(b"b" * 8192)
+    os.symlink("full.bin", tmp_path / "link")
+    got = course.data_on_disk(tmp_path)
+    blocks = sum(os.lstat(tmp_path / p).st_blocks * 512 for p in ("full.bin", "d/small", "sparse.bin", "part.bin"))
+    try:
+        with open(tmp_path / "sparse.bin") as f:
+            os.lseek(f.fileno(), 0, os.SEEK_DATA)
+        seek_data = True
+    except OSError as e:
+        seek_data = e.errno == errno.ENXIO  # ENXIO: SEEK_DATA works, and the file is all hole
+    if seek_data:
+        assert got == 100_000 + 3 + 8192 + 8192
+    else:  # a filesystem without SEEK_DATA: allocated blocks
+        assert got == blocks
+
+
+def test_overlay_marks_show_the_lessons_xattrs_only(tmp_path):
+    ns = ondisk.default_xattr_ns()
+    d = tmp_path / "renamed"
+    d.mkdir()
+    try:
+        os.setxattr(d, f"{ns}.overlay.redirect", b"/opt/tool")
+        os.setxattr(d, f"{ns}.overlay.origin", b"\x00\xfb")        # kernel bookkeeping: left out
+        os.setxattr(d, f"{ns}.overlay.metacopy", b"")
+    except OSError as e:
+        pytest.skip(f"this filesystem takes no {ns}.* xattrs: {e}")
+    assert course.overlay_marks(d) == "overlay.metacopy, overlay.redirect='/opt/tool'"
+    assert course.overlay_marks(tmp_path) == "(no overlay xattrs)"
+
+
+def test_options_refused_says_what_an_ordinary_users_overlay_cannot_do(monkeypatch):
+    monkeypatch.setattr(ondisk, "default_xattr_ns", lambda: "trusted")     # root: every option works
+    assert course.options_refused("metacopy=on") is None
+    assert course.options_refused({"index": "on", "redirect_dir": "on"}) is None
+    monkeypatch.setattr(ondisk, "default_xattr_ns", lambda: "user")        # an ordinary user: userxattr
+    assert course.options_refused("metacopy=on").endswith("conflicting options: userxattr,metacopy=on")
+    assert "userxattr,redirect_dir=on" in course.options_refused("redirect_dir=on")
+    assert "turns index=off" in course.options_refused("index=on")
+    assert course.options_refused(None) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the option is refused to an ordinary user (userxattr)")
+def test_metacopy_on_a_real_mount_leaves_upper_without_data(tmp_path):
+    from overlaykit import capabilities
+    if not capabilities()["kernel"].available:
+        pytest.skip("no kernel overlay here")
+    lower = course.write_tree(tmp_path / "lower", {"big.bin": b"." * 1_000_000})
+    up, work = course.write_tree(tmp_path / "upper", {}), course.write_tree(tmp_path / "work", {})
+    with Overlay([lower], up, work, backend="kernel", options="metacopy=on") as ov:
+        ov.chown("big.bin", 1000, 1000)
+        assert course.overlay_marks(up / "big.bin") == "overlay.metacopy"
+        assert course.data_on_disk(up) < 100_000 and (up / "big.bin").stat().st_size == 1_000_000
+        ov.write_bytes("big.bin", b"!", append=True)
+        assert course.overlay_marks(up / "big.bin") == "(no overlay xattrs)"
+        assert course.data_on_disk(up) >= 1_000_000
+
+
+def test_cached_fraction_sees_pages_read_through_an_overlay(tmp_path):
+    """The pages a container reads belong to the lower file: the notebook sees them from outside the overlay."""
+    lower = course.write_tree(tmp_path / "lower", {"lib.so": b"x" * 400_000, "empty": b""})
+    course.drop_from_page_cache(lower / "lib.so")
+    if course.cached_fraction(lower / "lib.so") > 0.5:
+        pytest.skip("this filesystem keeps its pages cached (tmpfs)")
+    assert course.cached_fraction(lower / "empty") == 1.0
+    with Overlay([lower], course.write_tree(tmp_path / "upper", {}), course.write_tree(tmp_path / "work", {})) as ov:
+        ov.read_bytes("lib.so")
+    assert course.cached_fraction(lower / "lib.so") == 1.0
+    with pytest.raises(OSError):
+        course.cached_fraction(tmp_path / "missing")

@@ -1,12 +1,14 @@
 """The simulated shell, run against an in-memory fs (tests/memfs.py) and against the real sim Overlay."""
 
+import os
+
 import pytest
 
 from overlaykit import catalogue
 from overlaykit.shell import Shell, ShellSyntaxError, parse
 from memfs import MemFS
 
-COREUTILS = "cat chmod cp echo ln ls mkdir mv rm rmdir touch tar wget curl make apt-get apt-mark groupadd useradd".split()
+COREUTILS = "cat chmod chown cp echo ln ls mkdir mv rm rmdir touch tar wget curl make apt-get apt-mark groupadd useradd".split()
 
 
 @pytest.fixture
@@ -213,3 +215,114 @@ def test_the_lesson_one_run_script_in_the_real_sim_overlay(tmp_path):
     assert binaries <= size < binaries + 2_000_000
     assert (upper / "usr/local/bin/redis-server").stat().st_size == dict(catalogue.REDIS_BINARIES)["redis-server"]
     assert not (upper / "usr/src/redis").exists()
+
+
+# chown -R and chmod -R walk the tree as coreutils does: parents first, never through a symlink.
+
+class OwnedFS(MemFS):
+    """MemFS that records owners (the in-memory fs has none): chown follows links, lchown does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.owners = {}
+
+    def chown(self, p, uid, gid):
+        r, _ = self._get(p)
+        old = self.owners.get(r, (0, 0))
+        self.owners[r] = (old[0] if uid == -1 else uid, old[1] if gid == -1 else gid)
+
+    def lchown(self, p, uid, gid):
+        r, _ = self._get(p, follow=False)
+        old = self.owners.get(r, (0, 0))
+        self.owners[r] = (old[0] if uid == -1 else uid, old[1] if gid == -1 else gid)
+
+
+@pytest.fixture
+def owned(fs):
+    o = OwnedFS()
+    o.nodes = fs.nodes
+    o.write_bytes("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/srv:/bin/sh\n")
+    o.write_bytes("/etc/group", b"root:x:0:\napp:x:1001:\nstaff:x:50:\n")
+    run(o, "mkdir -p /srv/data/sub /outside && echo a > /srv/data/a && echo b > /srv/data/sub/b"
+           " && echo o > /outside/o && ln -s /outside /srv/data/out && ln -s /outside/o /srv/data/o")
+    return o
+
+
+def test_chown_R_changes_every_entry_below_and_links_themselves(owned):
+    r = run(owned, "chown -R app:app /srv")
+    assert r.status == 0, r.output
+    changed = {p for p, ids in owned.owners.items() if ids == (1000, 1001)}
+    assert changed == {"/srv", "/srv/data", "/srv/data/a", "/srv/data/sub", "/srv/data/sub/b",
+                       "/srv/data/out", "/srv/data/o"}
+    assert "/outside" not in owned.owners and "/outside/o" not in owned.owners  # no symlink followed
+
+
+def test_chown_without_R_changes_only_the_operand_and_follows_its_link(owned):
+    assert run(owned, "chown app /srv/data /srv/data/o").status == 0
+    assert owned.owners == {"/srv/data": (1000, 0), "/outside/o": (1000, 0)}
+    assert run(owned, "chown -h :staff /srv/data/out").status == 0
+    assert owned.owners["/srv/data/out"] == (0, 50) and "/outside" not in owned.owners
+
+
+def test_chown_user_colon_takes_the_login_group_and_unknown_names_fail(owned):
+    assert run(owned, "chown app: /srv").status == 0
+    assert owned.owners["/srv"] == (1000, 1001)
+    r = run(owned, "chown nobody /srv")
+    assert (r.status, r.output) == (1, "chown: invalid user: 'nobody'\n")
+    r = run(owned, "chown app:nogroup /srv")
+    assert (r.status, r.output) == (1, "chown: invalid group: 'app:nogroup'\n")
+    r = run(owned, "chown -R app /missing")
+    assert r.status == 1 and "cannot access '/missing'" in r.output
+
+
+def test_chmod_R_walks_the_tree_and_skips_symlinks(owned):
+    owned.chmod("/outside/o", 0o600)
+    r = run(owned, "chmod -R go-rwx,a+X /srv")
+    assert r.status == 0, r.output
+    assert owned.stat("/srv/data/sub").mode == 0o711  # X: directories get x
+    assert owned.stat("/srv/data/sub/b").mode == 0o600  # a file without x stays without
+    assert owned.stat("/outside/o").mode == 0o600 and owned.stat("/outside").mode == 0o755  # not followed
+    assert run(owned, "chmod 0700 /srv/data/sub").status == 0  # without -R: only the operand
+    assert owned.stat("/srv/data/sub").mode == 0o700 and owned.stat("/srv/data/sub/b").mode == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (for coreutils too)")
+def test_chown_R_on_the_sim_overlay_matches_coreutils(tmp_path):
+    """The judge is GNU chown -R on a plain copy of the same tree."""
+    import shutil
+    import subprocess
+    from overlaykit import Overlay
+
+    def make(root):
+        (root / "srv/data/sub").mkdir(parents=True)
+        (root / "outside").mkdir()
+        (root / "bin").mkdir()
+        (root / "bin/chown").write_bytes(catalogue.SIMULATED_MAGIC)
+        (root / "bin/chown").chmod(0o755)
+        (root / "srv/data/a").write_text("a\n")
+        (root / "srv/data/sub/b").write_text("b\n")
+        (root / "outside/o").write_text("o\n")
+        os.symlink("/outside", root / "srv/data/out")
+        os.symlink("../../outside/o", root / "srv/data/o")
+
+    def owners(root):
+        return {str(p.relative_to(root)): (os.lstat(p).st_uid, os.lstat(p).st_gid)
+                for p in sorted(root.rglob("*"))}
+
+    real = tmp_path / "real"
+    make(real)
+    subprocess.run(["chown", "-R", "1000:1001", str(real / "srv")], check=True)
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    make(lower)
+    upper.mkdir(), work.mkdir()
+    with Overlay([lower], upper, work, backend="sim", trace=False) as ov:
+        r = Shell(ov).run("chown -R 1000:1001 /srv")
+        assert r.status == 0, r.output
+        merged = {}
+        for d, dirs, files in ov.walk("."):
+            for name in dirs + files:
+                p = f"{d}/{name}".lstrip("./") if d != "." else name
+                s = ov.lstat(p)
+                merged[p] = (s.uid, s.gid)
+    assert merged == owners(real)
+    shutil.rmtree(real)
