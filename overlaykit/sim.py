@@ -16,7 +16,7 @@ import shutil
 import stat as st
 import subprocess
 
-from . import nofollow
+from . import filehandle, nofollow
 from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
@@ -155,6 +155,8 @@ class SimBackend(Backend):
         fd, self._workdir_fd = self._workdir_fd, None
         if fd is not None:
             os.close(fd)
+        for fd in self.__dict__.pop("_mount_fds", {}).values():
+            os.close(fd)
 
     def _temp(self):
         """``with self._temp() as temp``: a fresh ``#<hex>`` name in work/work, as the kernel names its temps."""
@@ -225,7 +227,7 @@ class SimBackend(Backend):
             if isinstance(node, MergedDir) and not self.root_user:
                 self._check_dir_xattrs_readable(parent, node, p)
             if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
-                self._note_origin(node.path)
+                self._note_origin(node.path, node.layers[1])
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
                 hops += 1
                 if hops > MAXSYMLINKS:
@@ -261,7 +263,7 @@ class SimBackend(Backend):
             if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.path, os.R_OK):
                 raise _err(errno.EACCES, p)
 
-    def _note_origin(self, path: str) -> None:
+    def _note_origin(self, path: str, lower: int | None = None) -> None:
         """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
         merge dir, e.g. made by hand), so that its inode number can stay constant."""
         if path in self._origins_seen:
@@ -276,8 +278,9 @@ class SimBackend(Backend):
                 except OSError as e:
                     if e.errno != errno.ENODATA:
                         return
+            value = self._origin_value(lower, path) if lower is not None else b""
             with self._lend(path), self._up(path) as real:
-                os.setxattr(real, name, b"", follow_symlinks=False)
+                os.setxattr(real, name, value, follow_symlinks=False)
         except OSError:
             return
         self._set_impure(path.rpartition("/")[0])  # ovl_fix_origin marks the parent impure too
@@ -410,7 +413,7 @@ class SimBackend(Backend):
                     os.mkdir(temp, 0o700)
                 else:
                     self._copy_leaf(src, temp, s, data)
-                self._copy_meta(src, temp, s)
+                self._copy_meta(src, temp, s, self._origin_value(layer, path))
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
@@ -440,7 +443,7 @@ class SimBackend(Backend):
         except OSError:
             return False
 
-    def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
+    def _copy_meta(self, src: str, dst: str, s: os.stat_result, origin: bytes = b"") -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
         private = self.encoding.private_prefix
         try:
@@ -456,14 +459,14 @@ class SimBackend(Backend):
                 pass
         if self.root_user:
             os.chown(dst, s.st_uid, s.st_gid, follow_symlinks=False)
-        # Like ovl_copy_up_one: mark the copy with an origin xattr.  An empty value is the kernel's own
-        # spelling of "copied up, origin unknown" (ovl_get_fh), which it writes when it cannot encode a
-        # file handle; the kernel reads it back without complaint.
+        # Like ovl_copy_up_one: mark the copy with an origin xattr: the lower inode's file handle
+        # (filehandle.py), or empty, the kernel's own spelling of "copied up, origin unknown", which it
+        # writes when it cannot encode one (an unprivileged mount); it reads either back without complaint.
         # With index=off the kernel records no origin for a hard-linked lower file (it could not keep the
         # links' inode numbers consistent anyway).
         if st.S_ISDIR(s.st_mode) or s.st_nlink == 1:
             try:
-                os.setxattr(dst, self.encoding.private_prefix + "origin", b"", follow_symlinks=False)
+                os.setxattr(dst, self.encoding.private_prefix + "origin", origin, follow_symlinks=False)
             except OSError:
                 pass  # no xattrs here (some fallback filesystems): upper_changes() then guesses
         if not st.S_ISLNK(s.st_mode):
@@ -1232,9 +1235,12 @@ class SimBackend(Backend):
             return s.st_ino
         with self._up(node.path) as real:
             try:
-                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+                origin = os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
             except OSError:
                 return s.st_ino
+        if origin:  # ovl_check_origin: the lower inode is found by its handle, whatever its name now
+            low = self._decode_origin(origin, s)
+            return low.st_ino if low is not None and low.st_nlink == 1 else s.st_ino
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):
@@ -1243,6 +1249,41 @@ class SimBackend(Backend):
             if isinstance(low, Leaf):
                 return low.lstat.st_ino
         return s.st_ino
+
+    # -- file handles (filehandle.py) ---------------------------------------------------------------
+    def _layer_uuid(self, layer: int) -> bytes:
+        uuids = self.__dict__.setdefault("_uuids", {})
+        if layer not in uuids:
+            uuids[layer] = filehandle.fs_uuid(self.L.roots[layer])
+        return uuids[layer]
+
+    def _origin_value(self, layer: int, path: str) -> bytes:
+        """The ``origin`` xattr the kernel writes for ``path`` of lower layer ``layer`` (ovl_set_origin)."""
+        try:
+            with self.L.at(layer, path) as real:
+                return filehandle.encode(real, self._layer_uuid(layer))
+        except OSError:
+            return b""
+
+    def _decode_origin(self, value: bytes, upper: os.stat_result) -> os.stat_result | None:
+        """ovl_check_origin_fh: the lower inode an ``origin`` handle names, in the first lower layer whose
+        filesystem UUID it carries; None when it names nothing there (or an inode of another type)."""
+        fh = filehandle.Fh.decode(value)
+        if fh is None or fh.upper or not filehandle.can_decode():
+            return None
+        fds = self.__dict__.setdefault("_mount_fds", {})
+        for layer in range(1 if self.L.has_upper else 0, len(self.L.roots)):
+            if self._layer_uuid(layer) != fh.uuid:
+                continue
+            if layer not in fds:
+                try:  # open_by_handle_at takes any fd on the filesystem, but not an O_PATH one
+                    fds[layer] = os.open(self.L.roots[layer], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+            low = filehandle.decoded_stat(fds[layer], fh)
+            if low is not None:
+                return low if st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
+        return None
 
 
 class _Handle:
