@@ -16,7 +16,7 @@ import shutil
 import stat as st
 import subprocess
 
-from . import filehandle, nofollow
+from . import filehandle, index, nofollow
 from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
@@ -129,6 +129,7 @@ class SimBackend(Backend):
         super().__init__([str(x) for x in ov.lowers], str(ov.upper) if ov.upper else None,
                          str(ov.work) if ov.work else None, ov.encoding)
         self.L = layers
+        self.ov = ov  # its resolved options (ov.options) are set by mount() before ours runs
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
@@ -147,6 +148,8 @@ class SimBackend(Backend):
                 self._workdir_fd = nofollow.open_dir(self.work, "work")
             except OSError:
                 self._workdir_fd = None  # copy-ups will say why
+            if self._index_on:
+                self._mount_index()
 
     def unmount(self) -> None:
         for h in list(self.handles):
@@ -464,7 +467,7 @@ class SimBackend(Backend):
         # writes when it cannot encode one (an unprivileged mount); it reads either back without complaint.
         # With index=off the kernel records no origin for a hard-linked lower file (it could not keep the
         # links' inode numbers consistent anyway).
-        if st.S_ISDIR(s.st_mode) or s.st_nlink == 1:
+        if st.S_ISDIR(s.st_mode) or s.st_nlink == 1 or self._index_on:
             try:
                 os.setxattr(dst, self.encoding.private_prefix + "origin", origin, follow_symlinks=False)
             except OSError:
@@ -487,6 +490,10 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
+            name = self._index_name(node)
+            if name:  # index=on: a hard-linked lower file goes through its index entry
+                self._copy_up_indexed(node, name, data)
+                return node.path
             self._install(node.path, node.layer, node.lstat, data)
         except OSError as e:
             raise _err_from(e, node.path) from None
@@ -623,8 +630,11 @@ class SimBackend(Backend):
                     layer = 0
             elif not self.root_user:
                 self._may(node, os.R_OK, p)
-        try:
-            with self.L.at(layer, rel) as real:
+        entry = self._index_name(node) if not writes and isinstance(node, Leaf) and layer != 0 else None
+        if entry and self._index_lstat(entry) is None:
+            entry = None
+        try:  # index=on: a lower alias whose inode was copied up reads its index entry (ovl_lookup_index)
+            with self._index_at(entry) if entry else self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -757,6 +767,9 @@ class SimBackend(Backend):
             raise _err(errno.EISDIR, p)
         self._may(parent, os.W_OK | os.X_OK, p)
         self._check_sticky(parent, node, p)
+        indexed = self._index_name(node) or self._upper_index_name(node) if self._index_on else None
+        if indexed:
+            self._unlink_indexed(node, indexed)
         if node.layer == 0 and self.L.has_upper:
             try:
                 with self._up(node.path) as real:
@@ -778,7 +791,7 @@ class SimBackend(Backend):
         try:
             with self._up(rel) as real:
                 os.mkdir(real, mode)
-            if was_whiteout:
+            if was_whiteout or self._opaque_new_dirs(parent):
                 self._set_opaque(rel)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -1185,11 +1198,16 @@ class SimBackend(Backend):
             result = dataclasses.replace(
                 result, uid=result.uid if result.uid == os.geteuid() else OVERFLOW_UID,
                 gid=result.gid if result.gid == os.getegid() else OVERFLOW_GID)
-        if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0):
+        if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0) \
+                and not self._index_on:  # index=on: a lower alias shows its index entry, which changes
             memo[key] = result  # lower layers do not change while mounted; upper entries may
         return result
 
     def _stat(self, node) -> Stat:
+        if isinstance(node, Leaf) and self._index_on:
+            got = self._index_stat(node)
+            if got is not None:
+                return got
         if isinstance(node, Leaf):
             s = node.lstat
             upper = node.layer == 0 and self.L.has_upper
@@ -1265,7 +1283,7 @@ class SimBackend(Backend):
         except OSError:
             return b""
 
-    def _decode_origin(self, value: bytes, upper: os.stat_result) -> os.stat_result | None:
+    def _decode_origin(self, value: bytes, upper: os.stat_result | None = None) -> os.stat_result | None:
         """ovl_check_origin_fh: the lower inode an ``origin`` handle names, in the first lower layer whose
         filesystem UUID it carries; None when it names nothing there (or an inode of another type)."""
         fh = filehandle.Fh.decode(value)
@@ -1282,8 +1300,165 @@ class SimBackend(Backend):
                     continue
             low = filehandle.decoded_stat(fds[layer], fh)
             if low is not None:
-                return low if st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
+                return low if upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
         return None
+
+    def _opaque_new_dirs(self, parent: MergedDir) -> bool:
+        """ovl_create_upper: a new directory in a merged one is marked opaque at once when lower layers may
+        not be changed offline (``!ovl_allow_offline_changes``: index, nfs_export, metacopy or
+        redirect_dir=on), so that it never merges with a lower directory added later."""
+        o = self.ov.options
+        if not (o.index or o.nfs_export or o.metacopy or o.redirect_dir == "on"):
+            return False
+        return self.L.has_upper and any(i != 0 for i in parent.layers)  # merged once copied up
+
+    # -- index=on (index.py) -------------------------------------------------------------------------
+    @property
+    def _index_on(self) -> bool:
+        return bool(self.upper and self.work and self.L.has_upper and getattr(self.ov.options, "index", False))
+
+    def _mount_index(self) -> None:
+        """ovl_get_indexdir: work/index, the upper root tied to the first lower root and the index dir to
+        the upper root (ESTALE when they were used with other layers), stale entries cleaned; copy-ups
+        are then built in work/index, the kernel's work dir under index=on."""
+        xns = self.encoding.private_prefix
+        index.make_dir(self.work)
+        index_real = os.path.join(self.work, index.NAME)
+        index.verify_or_set(self.upper, xns + "origin",
+                            filehandle.encode(self.lowers[0], self._layer_uuid(1)), "upper root origin")
+        index.verify_or_set(index_real, xns + "upper",
+                            filehandle.encode(self.upper, filehandle.fs_uuid(self.upper), upper=True),
+                            "index dir 'upper' xattr")
+        index.cleanup(index_real, self.encoding.xattr_ns, lambda v: self._decode_origin(v) is not None)
+        fd = nofollow.open_dir(self.work, index.NAME)
+        if self._workdir_fd is not None:
+            os.close(self._workdir_fd)
+        self._workdir_fd = fd
+
+    def _index_at(self, name: str):
+        if self._workdir_fd is None:
+            return nofollow.at(self.work, index.NAME + "/" + name)
+        return nofollow.at("", name, self._workdir_fd)  # the work dir fd is work/index's under index=on
+
+    def _index_lstat(self, name: str) -> os.stat_result | None:
+        try:
+            with self._index_at(name) as real:
+                return os.lstat(real)
+        except FileNotFoundError:
+            return None
+
+    def _index_name(self, node) -> str | None:
+        """ovl_need_index: the index entry name of a hard-linked lower non-directory (None: not indexed)."""
+        if not self._index_on or not isinstance(node, Leaf) or node.layer == 0 or node.lstat.st_nlink < 2:
+            return None
+        value = self._origin_value(node.layer, node.path)
+        return value.hex() if value else None
+
+    def _upper_index_name(self, node) -> str | None:
+        """The index entry an upper non-directory is a name of (same inode), or None."""
+        if not isinstance(node, Leaf) or node.layer != 0:
+            return None
+        try:
+            with self._up(node.path) as real:
+                s = os.lstat(real)
+                if s.st_nlink < 2:
+                    return None
+                origin = os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+        except OSError:
+            return None
+        entry = self._index_lstat(origin.hex()) if origin else None
+        return origin.hex() if entry is not None and entry.st_ino == s.st_ino else None
+
+    def _index_nlink(self, name: str) -> tuple[os.stat_result, int] | None:
+        """The index entry's stat and the merged link count its ``overlay.nlink`` records."""
+        try:
+            with self._index_at(name) as real:
+                s = os.lstat(real)
+                try:
+                    value = os.getxattr(real, self.encoding.private_prefix + "nlink", follow_symlinks=False)
+                except OSError:
+                    value = None
+        except FileNotFoundError:
+            return None
+        return s, index.overlay_nlink(s, value)
+
+    def _set_index_nlink(self, name: str, merged: int) -> None:
+        with self._index_at(name) as real:
+            os.setxattr(real, self.encoding.private_prefix + "nlink",
+                        index.nlink_value(merged, os.lstat(real).st_nlink), follow_symlinks=False)
+
+    def _index_stat(self, node: Leaf) -> Stat | None:
+        """stat of an indexed inode (overlayfs.rst "Inode properties", index=on): the origin's number and
+        the merged link count, for a lower alias (served by the entry) and an upper one alike."""
+        name = self._index_name(node) or self._upper_index_name(node)
+        got = self._index_nlink(name) if name else None
+        if got is None:
+            return None
+        s, merged = got
+        if node.layer != 0:
+            ino = node.lstat.st_ino
+        else:
+            low = self._decode_origin(bytes.fromhex(name), s)
+            ino = self._origin_ino.get(s.st_ino, low.st_ino if low is not None else s.st_ino)
+        return Stat.from_os(s, nlink=merged, ino=ino, dev=self.dev)
+
+    def _copy_up_indexed(self, node: Leaf, name: str, data: bool) -> None:
+        """ovl_copy_up_one with index=on: the first name copied up builds the index entry (in work/index,
+        renamed into place); every name, the first included, is then a hard link to it (ovl_link_up)."""
+        path, s = node.path, node.lstat
+        parent, _, leaf = path.rpartition("/")
+        self._set_impure(parent)
+        if self._index_lstat(name) is None:
+            with self.L.at(node.layer, path) as src, self._temp() as temp:
+                try:
+                    self._copy_leaf(src, temp, s, data)
+                    self._copy_meta(src, temp, s, bytes.fromhex(name))
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", index.nlink_value(s.st_nlink, 1),
+                                follow_symlinks=False)
+                    with self._index_at(name) as dst:
+                        os.rename(temp, dst)
+                except BaseException:
+                    _discard(temp)
+                    raise
+        _, merged = self._index_nlink(name)
+        with self._index_at(name) as entry, self._updir(parent) as up_parent, _parent_times_kept(up_parent):
+            os.link(entry, os.path.join(up_parent, leaf), follow_symlinks=False)
+        self._set_index_nlink(name, merged)  # one more upper name, the same merged count
+        self.L.refresh_upper(path)
+        self._copied_here.add(path)
+        try:
+            with self._up(path) as real:
+                self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+        except OSError:
+            pass
+        if self.handles:
+            self._redirect_readers(node.layer, path)
+
+    def _unlink_indexed(self, node: Leaf, name: str) -> None:
+        """Unlinking a name of an indexed inode: the merged count drops by one (a lower alias is first
+        copied into the index, so the count has a home); at zero the entry goes (ovl_cleanup_index)."""
+        if self._index_lstat(name) is None:  # a lower alias of an inode not copied up yet
+            s = node.lstat
+            with self.L.at(node.layer, node.path) as src, self._temp() as temp:
+                try:
+                    self._copy_leaf(src, temp, s, True)
+                    self._copy_meta(src, temp, s, bytes.fromhex(name))
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", index.nlink_value(s.st_nlink, 1),
+                                follow_symlinks=False)
+                    with self._index_at(name) as dst:
+                        os.rename(temp, dst)
+                except BaseException:
+                    _discard(temp)
+                    raise
+        entry, merged = self._index_nlink(name)
+        upper_names = entry.st_nlink - 1 - (1 if node.layer == 0 else 0)  # left after this unlink
+        if merged - 1 <= 0:
+            with self._index_at(name) as real:
+                os.unlink(real)
+            return
+        with self._index_at(name) as real:  # the count relative to what the upper inode will have
+            os.setxattr(real, self.encoding.private_prefix + "nlink",
+                        index.nlink_value(merged - 1, upper_names + 1), follow_symlinks=False)
 
 
 class _Handle:

@@ -224,7 +224,7 @@ ops = hs.one_of(
 
 EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "500"))
 #: The mount option sets every random sequence may run under (None: the defaults).
-OPTION_SETS = [None]
+OPTION_SETS = [None, "index=on"]
 
 
 @needs_kernel
