@@ -5,12 +5,12 @@ backend must mount what the other wrote with the same inode relations (st_ino of
 after rename + remount)."""
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 
 import pytest
 
-from differential import F, H, layer_roots, prepare
+from differential import F, H, apply, diff, layer_roots, prepare, run
 from overlaykit import Overlay, capabilities, filehandle
 from overlaykit.ondisk import default_xattr_ns
 
@@ -101,3 +101,118 @@ def test_stale_origin_falls_back_to_the_upper_number(tmp_path):
         with Overlay(lowers, upper, work, backend=backend) as ov:
             seen[backend] = ov.lstat("sub/moved").ino
     assert seen["sim"] == seen["kernel"] == os.stat(os.path.join(upper, "sub/moved")).st_ino
+
+
+# -- index=on ---------------------------------------------------------------------------------------------
+needs_root = pytest.mark.skipif(not ROOT, reason="index=on needs file handles: an unprivileged mount falls back "
+                                                 "to index=off (tested below)")
+HARDLINKS = [{"h1": F("h\n"), "h2": H("h1"), "h3": H("h1"), "s": F("s")}]
+INDEX_SCENARIOS = {
+    "chmod one alias": [("chmod", "h1", 0o600)],
+    "write through a second alias": [("chmod", "h1", 0o600), ("write", "h2", "w")],
+    "unlink an alias never copied up": [("remove", "h1")],
+    "unlink every alias": [("chmod", "h1", 0o600), ("remove", "h1"), ("remove", "h2"), ("remove", "h3")],
+    "rename an alias, link another": [("rename", "h1", "x"), ("link", "h2", "y")],
+    "truncate an alias": [("truncate", "h3", 1)],
+    "append to an alias": [("append", "h2", "more")],
+    "unlink a copied-up alias": [("chmod", "h2", 0o600), ("remove", "h2"), ("write", "h3", "z")],
+}
+
+
+def _relations(ov) -> dict:
+    """Each merged name: which inode (by rank of st_ino: the numbers differ between two layer copies), the
+    link count and the content, so a write through one name shows through the others."""
+    names = sorted(ov.listdir("."))
+    stats = {n: ov.lstat(n) for n in names}
+    inos = sorted({s.ino for s in stats.values()})
+    return {n: (inos.index(s.ino), s.nlink, ov.read_bytes(n) if s.kind == "file" else None)
+            for n, s in stats.items()}
+
+
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("name", sorted(INDEX_SCENARIOS))
+def test_index_scenarios_agree(tmp_path, name):
+    """Named hard-link scenarios: sim and kernel give the same results, merged view, upper/, origin and
+    nlink xattrs and work/index entries (differential.run with options="index=on")."""
+    ops = INDEX_SCENARIOS[name]
+    sim = run("sim", str(tmp_path / "sim"), HARDLINKS, ops, options="index=on")
+    ker = run("kernel", str(tmp_path / "kernel"), HARDLINKS, ops, options="index=on")
+    assert sim == ker, f"{name}: sim and kernel disagree\n{diff(sim, ker)}"
+    assert "work/index" in ker["xattrs"]
+
+
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("name", sorted(INDEX_SCENARIOS))
+def test_hard_links_stay_one_inode(tmp_path, name):
+    """The inode relations of every name (number shared, nlink, content) agree, and after a remount each
+    backend shows the same relations over what the other wrote."""
+    ops = INDEX_SCENARIOS[name]
+    seen = {}
+    for writer in ("sim", "kernel"):
+        tmp = tmp_path / writer
+        prepare(str(tmp), HARDLINKS, None)
+        lowers, upper, work = layer_roots(str(tmp), 1)
+        with Overlay(lowers, upper, work, backend=writer, options="index=on") as ov:
+            for op in ops:
+                apply(ov, op)
+            seen[writer, "live"] = _relations(ov)
+        for reader in ("sim", "kernel"):
+            with Overlay(lowers, upper, work, backend=reader, options="index=on") as ov:
+                seen[writer, reader] = _relations(ov)
+    assert len({repr(v) for v in seen.values()}) == 1, seen
+    relations = seen["kernel", "kernel"]
+    survivors = [n for n in ("h1", "h2", "h3", "x", "y") if n in relations]
+    assert len({relations[n][0] for n in survivors}) <= 1  # still one inode
+    assert all(relations[n][1] == len(survivors) for n in survivors)
+
+
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("writer", ["sim", "kernel"])
+def test_other_lower_is_estale(tmp_path, writer):
+    """index=on ties upper/ to the lower root: mounting it over another lower fails with ESTALE on both
+    backends (ovl_verify_origin of the upper root), and with index=off it mounts."""
+    prepare(str(tmp_path), HARDLINKS, None)
+    lowers, upper, work = layer_roots(str(tmp_path), 1)
+    with Overlay(lowers, upper, work, backend=writer, options="index=on") as ov:
+        ov.chmod("h1", 0o600)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "h1").write_text("other")
+    for backend in ("sim", "kernel"):
+        with pytest.raises(OSError) as info:
+            Overlay([str(other)], upper, work, backend=backend, options="index=on").mount()
+        assert info.value.errno == errno.ESTALE, (backend, info.value)
+        with Overlay([str(other)], upper, work, backend=backend) as ov:
+            assert ov.read_text("h1") == "h\n"
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_second_mount_of_an_upper_is_busy(tmp_path, backend):
+    prepare(str(tmp_path), HARDLINKS, None)
+    lowers, upper, work = layer_roots(str(tmp_path), 1)
+    with Overlay(lowers, upper, work, backend=backend, options="index=on"):
+        for other in ("sim", "kernel"):
+            with pytest.raises(OSError) as info:
+                Overlay(lowers, upper, work, backend=other, options="index=on").mount()
+            assert info.value.errno == errno.EBUSY
+
+
+@needs_kernel
+def test_unprivileged_index_falls_back_to_off(tmp_path):
+    """As an unprivileged user (userxattr) the kernel falls back to index=off: both backends then break
+    hard links on copy-up alike and write no work/index."""
+    ops = INDEX_SCENARIOS["write through a second alias"]
+    runs = {}
+    for options in ("index=on", None):
+        for backend in ("sim", "kernel"):
+            runs[backend, options] = run(backend, str(tmp_path / f"{backend}-{options}"), HARDLINKS, ops,
+                                         options=options)
+    assert runs["sim", "index=on"] == runs["kernel", "index=on"], diff(runs["sim", "index=on"],
+                                                                       runs["kernel", "index=on"])
+    if not ROOT:
+        assert runs["kernel", "index=on"] == runs["kernel", None]
+        assert "work/index" not in runs["kernel", "index=on"]["xattrs"]
