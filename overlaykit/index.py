@@ -98,3 +98,16 @@ def cleanup(index_real: str, xns: str, decodes) -> list[str]:
                 os.unlink(real)
             removed.append(name)
     return removed
+
+
+def entry_of(work: str, upper_real: str, xns: str) -> tuple[str, int] | None:
+    """The work/index entry an upper file is a name of (same inode) and its link count, for the trace."""
+    try:
+        s = os.lstat(upper_real)
+        if not st.S_ISREG(s.st_mode) or s.st_nlink < 2:
+            return None
+        name = os.getxattr(upper_real, f"{xns}.overlay.origin", follow_symlinks=False).hex()
+        e = os.lstat(os.path.join(work, NAME, name)) if name else None
+    except OSError:
+        return None
+    return (name, e.st_nlink) if e is not None and e.st_ino == s.st_ino else None

@@ -216,3 +216,20 @@ def test_unprivileged_index_falls_back_to_off(tmp_path):
     if not ROOT:
         assert runs["kernel", "index=on"] == runs["kernel", None]
         assert "work/index" not in runs["kernel", "index=on"]["xattrs"]
+
+
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_trace_says_linked_to_the_index_entry(tmp_path, backend):
+    prepare(str(tmp_path), HARDLINKS, None)
+    lowers, upper, work = layer_roots(str(tmp_path), 1)
+    with Overlay(lowers, upper, work, backend=backend, options="index=on") as ov:
+        ov.chmod("h1", 0o600)
+        ov.chmod("h2", 0o600)
+        events = [e for e in ov.trace if e.kind == "copy-up"]
+    entry = os.listdir(os.path.join(work, "index"))
+    assert len(entry) == 1
+    assert [e.path for e in events] == ["h1", "h2"]
+    assert all(f"linked to the index entry work/index/{entry[0]}" in e.detail for e in events)
+    assert events[0].nbytes == 2 and events[1].nbytes == 0 and "already in the index" in events[1].detail
