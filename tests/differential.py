@@ -60,7 +60,7 @@ class H:
 def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
     """Create ``root`` and the entries of ``spec`` (paths relative to root; parents made 0755)."""
     os.makedirs(root, exist_ok=True)
-    for path in sorted(spec, key=lambda p: (p.count("/"), p)):
+    for path in sorted(spec, key=lambda p: (isinstance(spec[p], H), p.count("/"), p)):  # links last
         item = spec[path]
         real = os.path.join(root, path)
         os.makedirs(os.path.dirname(real), exist_ok=True)
