@@ -16,7 +16,7 @@ import shutil
 import stat as st
 import subprocess
 
-from . import filehandle, index, nofollow
+from . import filehandle, index, nofollow, xino
 from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
@@ -135,6 +135,7 @@ class SimBackend(Backend):
         self.handles: dict[int, _Handle] = {}
         self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
         self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
+        self._ino_dev: dict[int, int] = {}  # a lower inode number reported for an overlay entry -> its st_dev
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
@@ -433,6 +434,7 @@ class SimBackend(Backend):
                 try:
                     with self._up(path) as real:
                         self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                        self._ino_dev[s.st_ino] = s.st_dev
                 except OSError:
                     pass
         if self.handles:
@@ -688,7 +690,10 @@ class SimBackend(Backend):
     def fstat(self, h: int) -> Stat:
         hd = self._h(h)
         s = os.fstat(hd.fd)
-        return Stat.from_os(s, ino=hd.ino if hd.ino is not None else s.st_ino, dev=self.dev)
+        ino, dev = hd.ino if hd.ino is not None else s.st_ino, self.dev
+        if not self._inode_map.same_fs:
+            dev, ino = self._inode_map.map(self._ino_dev.get(ino, s.st_dev), ino, st.S_ISDIR(s.st_mode))
+        return Stat.from_os(s, ino=ino, dev=dev)
 
     def ftruncate(self, h: int, size: int) -> None:
         hd = self._h(h)
@@ -1192,6 +1197,8 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         result = self._stat(node)
+        if not self._inode_map.same_fs:
+            result = self._cross_fs(node, result)
         if not self.root_user and (result.uid != os.geteuid() or result.gid != os.getegid()):
             # An unprivileged mount lives in a user namespace that maps only this user's own ids: any other
             # owner shows as the overflow ids, as through the kernel backend.
@@ -1237,9 +1244,11 @@ class SimBackend(Backend):
         number when copied up, which breaks the link as the kernel does."""
         if isinstance(node, MergedDir):
             lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
-            if lower and lower[0] != node.layers[0]:
+            if lower and lower[0] != node.layers[0] and node.path:  # ovl_get_root: the root is the top's
                 try:
-                    return self._lower_lstat(lower[0], node.path).st_ino
+                    low = self._lower_lstat(lower[0], node.path)
+                    self._ino_dev[low.st_ino] = low.st_dev
+                    return low.st_ino
                 except OSError:
                     pass
             return s.st_ino
@@ -1300,8 +1309,32 @@ class SimBackend(Backend):
                     continue
             low = filehandle.decoded_stat(fds[layer], fh)
             if low is not None:
+                self._ino_dev[low.st_ino] = low.st_dev
                 return low if upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
         return None
+
+    @functools.cached_property
+    def _inode_map(self) -> "xino.InodeMap":
+        """st_dev/st_ino across filesystems (xino.py); a no-op with every layer on one filesystem."""
+        devs = [os.stat(r).st_dev for r in self.L.roots]
+        upper = devs[0] if self.L.has_upper else None
+        mode = getattr(self.ov.options, "xino", "off")
+        if mode == "auto" and upper is not None and not filehandle.can_decode():
+            mode = "off"  # "fs on ... does not support file handles, falling back to xino=off" (no privilege)
+        return xino.InodeMap(upper, devs[1:] if self.L.has_upper else devs, mode, self.dev)
+
+    def _cross_fs(self, node, result: Stat) -> Stat:
+        """What the kernel reports for ``result`` when the layers span filesystems (xino=off/on/auto)."""
+        if isinstance(node, MergedDir):
+            real_dev = self._inode_map_layer_dev(node.layers[0])
+        else:
+            real_dev = node.lstat.st_dev
+        real_dev = self._ino_dev.get(result.ino, real_dev)  # a number taken from a lower inode: its fs
+        dev, ino = self._inode_map.map(real_dev, result.ino, isinstance(node, MergedDir))
+        return dataclasses.replace(result, dev=dev, ino=ino)
+
+    def _inode_map_layer_dev(self, layer: int) -> int:
+        return os.stat(self.L.roots[layer]).st_dev
 
     def _opaque_new_dirs(self, parent: MergedDir) -> bool:
         """ovl_create_upper: a new directory in a merged one is marked opaque at once when lower layers may
@@ -1429,6 +1462,7 @@ class SimBackend(Backend):
         try:
             with self._up(path) as real:
                 self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                self._ino_dev[s.st_ino] = s.st_dev
         except OSError:
             pass
         if self.handles:

@@ -233,3 +233,14 @@ def test_trace_says_linked_to_the_index_entry(tmp_path, backend):
     assert [e.path for e in events] == ["h1", "h2"]
     assert all(f"linked to the index entry work/index/{entry[0]}" in e.detail for e in events)
     assert events[0].nbytes == 2 and events[1].nbytes == 0 and "already in the index" in events[1].detail
+
+
+@needs_kernel
+@pytest.mark.parametrize("options", [None, "index=on"])
+def test_merged_root_reports_the_upper_roots_number(tmp_path, options):
+    """ovl_get_root: the root inode takes the upper root's number, not the lower root's it merges with."""
+    prepare(str(tmp_path), HARDLINKS, None)
+    lowers, upper, work = layer_roots(str(tmp_path), 1)
+    for backend in ("sim", "kernel"):
+        with Overlay(lowers, upper, work, backend=backend, options=options) as ov:
+            assert ov.lstat(".").ino == os.stat(upper).st_ino, backend
