@@ -872,6 +872,9 @@ class SimBackend(Backend):
                 raise _err(errno.EISDIR, src, dst)
         if snode.path == getattr(dnode, "path", None):
             return
+        if self._index_on and isinstance(snode, Leaf) and isinstance(dnode, Leaf) and \
+                self._stat(snode).ino == self._stat(dnode).ino:
+            return  # two names of one indexed inode: vfs_rename does nothing (source and target are one inode)
         has_upper = self.L.has_upper
         if s_dir and not (has_upper and snode.layers == (0,)):
             raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
@@ -883,6 +886,9 @@ class SimBackend(Backend):
         self._check_sticky(sparent, snode, src)
         self._check_sticky(dparent, dnode, dst)
         self._reserved_name(dname, dst)
+        replaced = self._index_name(dnode) or self._upper_index_name(dnode) if self._index_on else None
+        if replaced:  # a name of an indexed inode goes: its merged link count drops (ovl_nlink_start)
+            self._unlink_indexed(dnode, replaced)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
         src_rel = self._copy_up(snode)
         lower_positive = self._lower_positive(sparent, sname)
