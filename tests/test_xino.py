@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from overlaykit import Overlay, capabilities
+from overlaykit import Overlay, capabilities, filehandle
 
 pytestmark = pytest.mark.kernel
 
@@ -80,3 +80,30 @@ def test_cross_filesystem_inode_relations_agree(tmp_path, xino):
         assert not one_device
     if xino != "off" and os.geteuid() == 0:  # one device, lower numbers marked in the high bits
         assert one_device and ker["high bits set"]["before", "g"] and not ker["high bits set"]["after", "new"]
+
+
+@pytest.mark.skipif(not KERNEL.available, reason=f"kernel backend not allowed here: {KERNEL.reason}")
+def test_origin_of_a_tmpfs_lower_carries_its_uuid(tmp_path):
+    """A lower layer on tmpfs (which has an s_uuid, unlike an ext4 made without one): both backends write
+    the same origin, its uuid the tmpfs's (uuid=on, the default) as root, empty without privilege."""
+    if not _second_fs(tmp_path):
+        pytest.skip(f"{SHM} is not a second writable filesystem here")
+    shm = tempfile.mkdtemp(dir=SHM, prefix="overlaykit-origin-")
+    try:
+        with open(os.path.join(shm, "f"), "w") as f:
+            f.write("x")
+        written = {}
+        for backend in ("sim", "kernel"):
+            upper, work = tmp_path / f"{backend}-upper", tmp_path / f"{backend}-work"
+            upper.mkdir()
+            work.mkdir()
+            with Overlay([shm], str(upper), str(work), backend=backend) as ov:
+                ov.chmod("f", 0o600)
+                xns = ov.encoding.private_prefix
+            written[backend] = os.getxattr(upper / "f", xns + "origin")
+        assert written["sim"] == written["kernel"]
+        if os.geteuid() == 0:
+            fh = filehandle.Fh.decode(written["kernel"])
+            assert fh.uuid == filehandle.fs_uuid(shm) != filehandle.NULL_UUID
+    finally:
+        shutil.rmtree(shm)
