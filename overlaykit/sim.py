@@ -16,7 +16,8 @@ import shutil
 import stat as st
 import subprocess
 
-from . import filehandle, index, nofollow, xino
+from . import filehandle, nofollow, xino
+from . import index as inode_index
 from .engine import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
@@ -1361,22 +1362,22 @@ class SimBackend(Backend):
         the upper root (ESTALE when they were used with other layers), stale entries cleaned; copy-ups
         are then built in work/index, the kernel's work dir under index=on."""
         xns = self.encoding.private_prefix
-        index.make_dir(self.work)
-        index_real = os.path.join(self.work, index.NAME)
-        index.verify_or_set(self.upper, xns + "origin",
+        inode_index.make_dir(self.work)
+        index_real = os.path.join(self.work, inode_index.NAME)
+        inode_index.verify_or_set(self.upper, xns + "origin",
                             filehandle.encode(self.lowers[0], self._layer_uuid(1)), "upper root origin")
-        index.verify_or_set(index_real, xns + "upper",
+        inode_index.verify_or_set(index_real, xns + "upper",
                             filehandle.encode(self.upper, filehandle.fs_uuid(self.upper), upper=True),
                             "index dir 'upper' xattr")
-        index.cleanup(index_real, self.encoding.xattr_ns, lambda v: self._decode_origin(v) is not None)
-        fd = nofollow.open_dir(self.work, index.NAME)
+        inode_index.cleanup(index_real, self.encoding.xattr_ns, lambda v: self._decode_origin(v) is not None)
+        fd = nofollow.open_dir(self.work, inode_index.NAME)
         if self._workdir_fd is not None:
             os.close(self._workdir_fd)
         self._workdir_fd = fd
 
     def _index_at(self, name: str):
         if self._workdir_fd is None:
-            return nofollow.at(self.work, index.NAME + "/" + name)
+            return nofollow.at(self.work, inode_index.NAME + "/" + name)
         return nofollow.at("", name, self._workdir_fd)  # the work dir fd is work/index's under index=on
 
     def _index_lstat(self, name: str) -> os.stat_result | None:
@@ -1419,12 +1420,12 @@ class SimBackend(Backend):
                     value = None
         except FileNotFoundError:
             return None
-        return s, index.overlay_nlink(s, value)
+        return s, inode_index.overlay_nlink(s, value)
 
     def _set_index_nlink(self, name: str, merged: int) -> None:
         with self._index_at(name) as real:
             os.setxattr(real, self.encoding.private_prefix + "nlink",
-                        index.nlink_value(merged, os.lstat(real).st_nlink), follow_symlinks=False)
+                        inode_index.nlink_value(merged, os.lstat(real).st_nlink), follow_symlinks=False)
 
     def _index_stat(self, node: Leaf) -> Stat | None:
         """stat of an indexed inode (overlayfs.rst "Inode properties", index=on): the origin's number and
@@ -1452,7 +1453,7 @@ class SimBackend(Backend):
                 try:
                     self._copy_leaf(src, temp, s, data)
                     self._copy_meta(src, temp, s, bytes.fromhex(name))
-                    os.setxattr(temp, self.encoding.private_prefix + "nlink", index.nlink_value(s.st_nlink, 1),
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
                                 follow_symlinks=False)
                     with self._index_at(name) as dst:
                         os.rename(temp, dst)
@@ -1483,7 +1484,7 @@ class SimBackend(Backend):
                 try:
                     self._copy_leaf(src, temp, s, True)
                     self._copy_meta(src, temp, s, bytes.fromhex(name))
-                    os.setxattr(temp, self.encoding.private_prefix + "nlink", index.nlink_value(s.st_nlink, 1),
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
                                 follow_symlinks=False)
                     with self._index_at(name) as dst:
                         os.rename(temp, dst)
@@ -1498,7 +1499,7 @@ class SimBackend(Backend):
             return
         with self._index_at(name) as real:  # the count relative to what the upper inode will have
             os.setxattr(real, self.encoding.private_prefix + "nlink",
-                        index.nlink_value(merged - 1, upper_names + 1), follow_symlinks=False)
+                        inode_index.nlink_value(merged - 1, upper_names + 1), follow_symlinks=False)
 
 
 class _Handle:
