@@ -24,7 +24,6 @@ import re
 import shutil
 import stat as st
 
-
 NAME = "index"
 _NLINK = re.compile(rb"^([UL])([+-]\d+)$")
 
