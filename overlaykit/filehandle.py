@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ def name_to_handle(path: str, dir_fd: int | None = None) -> tuple[int, bytes]:
     return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
 
 
+@functools.lru_cache(maxsize=None)
 def can_decode() -> bool:
     """``ovl_can_decode_fh``'s capability test: CAP_DAC_READ_SEARCH in the initial user namespace
     (open_by_handle_at needs it too).  An unprivileged (userxattr) mount has not got it."""

@@ -1302,6 +1302,11 @@ class SimBackend(Backend):
     def _decode_origin(self, value: bytes, upper: os.stat_result | None = None) -> os.stat_result | None:
         """ovl_check_origin_fh: the lower inode an ``origin`` handle names, in the first lower layer whose
         filesystem UUID it carries; None when it names nothing there (or an inode of another type)."""
+        memo = self.__dict__.setdefault("_decoded", {})  # lower layers do not change while mounted
+        if value in memo:
+            low = memo[value]
+            return low if low is None or upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) \
+                else None
         fh = filehandle.Fh.decode(value)
         if fh is None or fh.upper or not filehandle.can_decode():
             return None
@@ -1315,6 +1320,7 @@ class SimBackend(Backend):
                 except OSError:
                     continue
             low = filehandle.decoded_stat(fds[layer], fh)
+            memo[value] = low
             if low is not None:
                 self._ino_dev[low.st_ino] = low.st_dev
                 return low if upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
