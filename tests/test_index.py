@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -144,6 +145,15 @@ def test_index_scenarios_agree(tmp_path, name):
     assert "work/index" in ker["xattrs"]
 
 
+def _kernel_log() -> list[str]:
+    """dmesg, where the kernel names an index entry it finds invalid, stale or orphaned ([] if unreadable)."""
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return r.stdout.splitlines() if r.returncode == 0 else []
+
+
 @needs_kernel
 @needs_root
 @pytest.mark.parametrize("name", sorted(INDEX_SCENARIOS))
@@ -164,6 +174,8 @@ def test_hard_links_stay_one_inode(tmp_path, name):
             with Overlay(lowers, upper, work, backend=reader, options="index=on") as ov:
                 seen[writer, reader] = _relations(ov)
     assert len({repr(v) for v in seen.values()}) == 1, seen
+    entries = [n for w in ("sim", "kernel") for n in os.listdir(tmp_path / w / "work" / "index")]
+    assert not [line for line in _kernel_log() if any(n in line for n in entries)]  # no index complaint
     relations = seen["kernel", "kernel"]
     aliases = [n for n in ("h2", "h3", "x", "y") if n in relations]  # names the ops never replace
     if aliases:
