@@ -306,3 +306,22 @@ def test_failed_indexed_copy_up_leaves_no_entry_and_no_name(tmp_path, monkeypatc
     with Overlay(lowers, upper, work, backend="sim", options="index=on") as ov:
         assert ov.lstat("h1").ino == ov.lstat("h3").ino
     assert [n for n in os.listdir(os.path.join(work, "index")) if n.startswith("#")] == []
+
+
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_stale_index_entry_is_removed_at_mount(tmp_path, backend):
+    """ovl_indexdir_cleanup: an entry whose origin does not match its name is stale and goes at mount (the
+    kernel logs "failed to verify index"); the upper name linked to it stays."""
+    prepare(str(tmp_path), HARDLINKS, None)
+    lowers, upper, work = layer_roots(str(tmp_path), 1)
+    with Overlay(lowers, upper, work, backend="kernel", options="index=on") as ov:
+        ov.chmod("h1", 0o600)
+    (entry,) = os.listdir(os.path.join(work, "index"))
+    bogus = filehandle.Fh(1, bytes(8)).encode()
+    os.setxattr(os.path.join(work, "index", entry), f"{XNS}.overlay.origin", bogus)
+    with Overlay(lowers, upper, work, backend=backend, options="index=on") as ov:
+        assert ov.read_text("h1") == "h\n"
+    assert os.listdir(os.path.join(work, "index")) == []
+    assert os.path.exists(os.path.join(upper, "h1"))
