@@ -15,6 +15,7 @@ import os
 import shutil
 import stat as st
 import subprocess
+import uuid
 
 from . import filehandle, nofollow, xino
 from . import index as inode_index
@@ -150,6 +151,7 @@ class SimBackend(Backend):
                 self._workdir_fd = nofollow.open_dir(self.work, "work")
             except OSError:
                 self._workdir_fd = None  # copy-ups will say why
+            self._init_uuid()
             if self._index_on:
                 self._mount_index()
 
@@ -1357,6 +1359,22 @@ class SimBackend(Backend):
         if not (o.index or o.nfs_export or o.metacopy or o.redirect_dir == "on"):
             return False
         return self.L.has_upper and any(i != 0 for i in parent.layers)  # merged once copied up
+
+    def _init_uuid(self) -> None:
+        """ovl_init_uuid_xattr (uuid=auto, the default, shown as uuid=on): the first mount of a new overlay
+        (upper root not yet impure) stores a random persistent uuid in ``overlay.uuid`` on the upper root;
+        an existing overlay without one stays uuid=null."""
+        for name in ("uuid", "impure"):
+            try:
+                os.getxattr(self.upper, self.encoding.private_prefix + name, follow_symlinks=False)
+                return
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return
+        try:
+            os.setxattr(self.upper, self.encoding.private_prefix + "uuid", uuid.uuid4().bytes, follow_symlinks=False)
+        except OSError:
+            pass
 
     # -- index=on (index.py) -------------------------------------------------------------------------
     @property

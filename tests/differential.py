@@ -243,6 +243,8 @@ def snapshot_overlay_xattrs(ov: Overlay) -> dict:
                 continue
             if entry != (None, None):
                 out[p] = entry
+    u = get(root, "uuid")  # uuid=auto: a new overlay's persistent uuid (random: its size only)
+    out["uuid"] = None if u is None else len(u)
     index_dir = os.path.join(str(ov.work), "index") if ov.work else None
     if index_dir and os.path.isdir(index_dir):
         entries = []
