@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from . import arguments, ondisk
+from . import arguments, index, ondisk
 from .ondisk import Layers, Leaf, MergedDir, errno_error, kind_of
 # the shared vocabulary lives in base.py; re-exported here for code that imports it from engine
 from .base import (_CHUNK, _KIND_BITS, BACKENDS, DOCKER_MAX_LOWERS, MAX_LOWERS,  # noqa: F401,I001
@@ -878,8 +878,16 @@ class Overlay:
                 if self._truncating and new[0] == "file":  # ovl_copy_up_one: O_TRUNC copies no data
                     nbytes, copied = 0, "0 bytes copied (O_TRUNC: metadata only)"
                 # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
-                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {copied} into work/, "
-                                        "renamed into upper/, from "
+                how = f"{copied} into work/, renamed into upper/"
+                indexed = self.options.index and self.work and index.entry_of(
+                    str(self.work), self._layers.real(0, p), self.encoding.xattr_ns)
+                if indexed:  # index=on: a hard-linked lower file is copied once, into its index entry
+                    first = indexed[1] == 2  # the entry and this name: the copy was made just now
+                    nbytes = nbytes if first else 0
+                    how = (f"{copied} into work/index/, renamed to the index entry, " if first else
+                           "already in the index (0 bytes copied), ") + \
+                        f"linked to the index entry work/index/{indexed[0]} as upper/{p} (index=on keeps hard links)"
+                self._record(TraceEvent(op, "copy-up", p, f"{reason}: {how}, from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
             elif new is not None and (old is None or old[0] == "whiteout"):

@@ -15,8 +15,10 @@ import os
 import shutil
 import stat as st
 import subprocess
+import uuid
 
-from . import nofollow
+from . import filehandle, nofollow, xino
+from . import index as inode_index
 from .base import MAX_LOWERS, Backend, Stat
 from .ondisk import OPAQUE_MARKER, WHITEOUT, WHITEOUT_PREFIX, Layers, Leaf, MergedDir, errno_error
 
@@ -129,11 +131,13 @@ class SimBackend(Backend):
         super().__init__([str(x) for x in ov.lowers], str(ov.upper) if ov.upper else None,
                          str(ov.work) if ov.work else None, ov.encoding)
         self.L = layers
+        self.ov = ov  # its resolved options (ov.options) are set by mount() before ours runs
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
         self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
         self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
+        self._ino_dev: dict[int, int] = {}  # a lower inode number reported for an overlay entry -> its st_dev
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
@@ -147,6 +151,9 @@ class SimBackend(Backend):
                 self._workdir_fd = nofollow.open_dir(self.work, "work")
             except OSError:
                 self._workdir_fd = None  # copy-ups will say why
+            self._init_uuid()
+            if self._index_on:
+                self._mount_index()
 
     def unmount(self) -> None:
         for h in list(self.handles):
@@ -154,6 +161,8 @@ class SimBackend(Backend):
         self.L.close()
         fd, self._workdir_fd = self._workdir_fd, None
         if fd is not None:
+            os.close(fd)
+        for fd in self.__dict__.pop("_mount_fds", {}).values():
             os.close(fd)
 
     def _temp(self):
@@ -225,7 +234,7 @@ class SimBackend(Backend):
             if isinstance(node, MergedDir) and not self.root_user:
                 self._check_dir_xattrs_readable(parent, node, p)
             if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
-                self._note_origin(node.path)
+                self._note_origin(node.path, node.layers[1])
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
                 hops += 1
                 if hops > MAXSYMLINKS:
@@ -261,7 +270,7 @@ class SimBackend(Backend):
             if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.path, os.R_OK):
                 raise _err(errno.EACCES, p)
 
-    def _note_origin(self, path: str) -> None:
+    def _note_origin(self, path: str, lower: int | None = None) -> None:
         """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
         merge dir, e.g. made by hand), so that its inode number can stay constant."""
         if path in self._origins_seen:
@@ -276,8 +285,9 @@ class SimBackend(Backend):
                 except OSError as e:
                     if e.errno != errno.ENODATA:
                         return
+            value = self._origin_value(lower, path) if lower is not None else b""
             with self._lend(path), self._up(path) as real:
-                os.setxattr(real, name, b"", follow_symlinks=False)
+                os.setxattr(real, name, value, follow_symlinks=False)
         except OSError:
             return
         self._set_impure(path.rpartition("/")[0])  # ovl_fix_origin marks the parent impure too
@@ -410,7 +420,7 @@ class SimBackend(Backend):
                     os.mkdir(temp, 0o700)
                 else:
                     self._copy_leaf(src, temp, s, data)
-                self._copy_meta(src, temp, s)
+                self._copy_meta(src, temp, s, self._origin_value(layer, path))
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
@@ -427,6 +437,7 @@ class SimBackend(Backend):
                 try:
                     with self._up(path) as real:
                         self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                        self._ino_dev[s.st_ino] = s.st_dev
                 except OSError:
                     pass
         if self.handles:
@@ -440,7 +451,7 @@ class SimBackend(Backend):
         except OSError:
             return False
 
-    def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
+    def _copy_meta(self, src: str, dst: str, s: os.stat_result, origin: bytes = b"") -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
         private = self.encoding.private_prefix
         try:
@@ -456,14 +467,14 @@ class SimBackend(Backend):
                 pass
         if self.root_user:
             os.chown(dst, s.st_uid, s.st_gid, follow_symlinks=False)
-        # Like ovl_copy_up_one: mark the copy with an origin xattr.  An empty value is the kernel's own
-        # spelling of "copied up, origin unknown" (ovl_get_fh), which it writes when it cannot encode a
-        # file handle; the kernel reads it back without complaint.
+        # Like ovl_copy_up_one: mark the copy with an origin xattr: the lower inode's file handle
+        # (filehandle.py), or empty, the kernel's own spelling of "copied up, origin unknown", which it
+        # writes when it cannot encode one (an unprivileged mount); it reads either back without complaint.
         # With index=off the kernel records no origin for a hard-linked lower file (it could not keep the
         # links' inode numbers consistent anyway).
-        if st.S_ISDIR(s.st_mode) or s.st_nlink == 1:
+        if st.S_ISDIR(s.st_mode) or s.st_nlink == 1 or self._index_on:
             try:
-                os.setxattr(dst, self.encoding.private_prefix + "origin", b"", follow_symlinks=False)
+                os.setxattr(dst, self.encoding.private_prefix + "origin", origin, follow_symlinks=False)
             except OSError:
                 pass  # no xattrs here (some fallback filesystems): upper_changes() then guesses
         if not st.S_ISLNK(s.st_mode):
@@ -484,6 +495,10 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
+            name = self._index_name(node)
+            if name:  # index=on: a hard-linked lower file goes through its index entry
+                self._copy_up_indexed(node, name, data)
+                return node.path
             self._install(node.path, node.layer, node.lstat, data)
         except OSError as e:
             raise _err_from(e, node.path) from None
@@ -620,8 +635,11 @@ class SimBackend(Backend):
                     layer = 0
             elif not self.root_user:
                 self._may(node, os.R_OK, p)
-        try:
-            with self.L.at(layer, rel) as real:
+        entry = self._index_name(node) if not writes and isinstance(node, Leaf) and layer != 0 else None
+        if entry and self._index_lstat(entry) is None:
+            entry = None
+        try:  # index=on: a lower alias whose inode was copied up reads its index entry (ovl_lookup_index)
+            with self._index_at(entry) if entry else self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -675,7 +693,10 @@ class SimBackend(Backend):
     def fstat(self, h: int) -> Stat:
         hd = self._h(h)
         s = os.fstat(hd.fd)
-        return Stat.from_os(s, ino=hd.ino if hd.ino is not None else s.st_ino, dev=self.dev)
+        ino, dev = hd.ino if hd.ino is not None else s.st_ino, self.dev
+        if not self._inode_map.same_fs:
+            dev, ino = self._inode_map.map(self._ino_dev.get(ino, s.st_dev), ino, st.S_ISDIR(s.st_mode))
+        return Stat.from_os(s, ino=ino, dev=dev)
 
     def ftruncate(self, h: int, size: int) -> None:
         hd = self._h(h)
@@ -754,6 +775,9 @@ class SimBackend(Backend):
             raise _err(errno.EISDIR, p)
         self._may(parent, os.W_OK | os.X_OK, p)
         self._check_sticky(parent, node, p)
+        indexed = self._index_name(node) or self._upper_index_name(node) if self._index_on else None
+        if indexed:
+            self._unlink_indexed(node, indexed)
         if node.layer == 0 and self.L.has_upper:
             try:
                 with self._up(node.path) as real:
@@ -775,7 +799,7 @@ class SimBackend(Backend):
         try:
             with self._up(rel) as real:
                 os.mkdir(real, mode)
-            if was_whiteout:
+            if was_whiteout or self._opaque_new_dirs(parent):
                 self._set_opaque(rel)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -851,6 +875,9 @@ class SimBackend(Backend):
                 raise _err(errno.EISDIR, src, dst)
         if snode.path == getattr(dnode, "path", None):
             return
+        if self._index_on and isinstance(snode, Leaf) and isinstance(dnode, Leaf) and \
+                self._stat(snode).ino == self._stat(dnode).ino:
+            return  # two names of one indexed inode: vfs_rename does nothing (source and target are one inode)
         has_upper = self.L.has_upper
         if s_dir and not (has_upper and snode.layers == (0,)):
             raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
@@ -862,6 +889,9 @@ class SimBackend(Backend):
         self._check_sticky(sparent, snode, src)
         self._check_sticky(dparent, dnode, dst)
         self._reserved_name(dname, dst)
+        replaced = self._index_name(dnode) or self._upper_index_name(dnode) if self._index_on else None
+        if replaced:  # a name of an indexed inode goes: its merged link count drops (ovl_nlink_start)
+            self._unlink_indexed(dnode, replaced)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
         src_rel = self._copy_up(snode)
         lower_positive = self._lower_positive(sparent, sname)
@@ -1176,17 +1206,24 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         result = self._stat(node)
+        if not self._inode_map.same_fs:
+            result = self._cross_fs(node, result)
         if not self.root_user and (result.uid != os.geteuid() or result.gid != os.getegid()):
             # An unprivileged mount lives in a user namespace that maps only this user's own ids: any other
             # owner shows as the overflow ids, as through the kernel backend.
             result = dataclasses.replace(
                 result, uid=result.uid if result.uid == os.geteuid() else OVERFLOW_UID,
                 gid=result.gid if result.gid == os.getegid() else OVERFLOW_GID)
-        if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0):
+        if not (self.L.has_upper and (node.layer if isinstance(node, Leaf) else node.layers[0]) == 0) \
+                and not self._index_on:  # index=on: a lower alias shows its index entry, which changes
             memo[key] = result  # lower layers do not change while mounted; upper entries may
         return result
 
     def _stat(self, node) -> Stat:
+        if isinstance(node, Leaf) and self._index_on:
+            got = self._index_stat(node)
+            if got is not None:
+                return got
         if isinstance(node, Leaf):
             s = node.lstat
             upper = node.layer == 0 and self.L.has_upper
@@ -1216,9 +1253,11 @@ class SimBackend(Backend):
         number when copied up, which breaks the link as the kernel does."""
         if isinstance(node, MergedDir):
             lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
-            if lower and lower[0] != node.layers[0]:
+            if lower and lower[0] != node.layers[0] and node.path:  # ovl_get_root: the root is the top's
                 try:
-                    return self._lower_lstat(lower[0], node.path).st_ino
+                    low = self._lower_lstat(lower[0], node.path)
+                    self._ino_dev[low.st_ino] = low.st_dev
+                    return low.st_ino
                 except OSError:
                     pass
             return s.st_ino
@@ -1232,9 +1271,12 @@ class SimBackend(Backend):
             return s.st_ino
         with self._up(node.path) as real:
             try:
-                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+                origin = os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
             except OSError:
                 return s.st_ino
+        if origin:  # ovl_check_origin: the lower inode is found by its handle, whatever its name now
+            low = self._decode_origin(origin, s)
+            return low.st_ino if low is not None and low.st_nlink == 1 else s.st_ino
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):
@@ -1243,6 +1285,245 @@ class SimBackend(Backend):
             if isinstance(low, Leaf):
                 return low.lstat.st_ino
         return s.st_ino
+
+    # -- file handles (filehandle.py) ---------------------------------------------------------------
+    def _layer_uuid(self, layer: int) -> bytes:
+        uuids = self.__dict__.setdefault("_uuids", {})
+        if layer not in uuids:
+            uuids[layer] = filehandle.fs_uuid(self.L.roots[layer])
+        return uuids[layer]
+
+    def _origin_value(self, layer: int, path: str) -> bytes:
+        """The ``origin`` xattr the kernel writes for ``path`` of lower layer ``layer`` (ovl_set_origin)."""
+        try:
+            with self.L.at(layer, path) as real:
+                return filehandle.encode(real, self._layer_uuid(layer))
+        except OSError:
+            return b""
+
+    def _decode_origin(self, value: bytes, upper: os.stat_result | None = None) -> os.stat_result | None:
+        """ovl_check_origin_fh: the lower inode an ``origin`` handle names, in the first lower layer whose
+        filesystem UUID it carries; None when it names nothing there (or an inode of another type)."""
+        memo = self.__dict__.setdefault("_decoded", {})  # lower layers do not change while mounted
+        if value in memo:
+            low = memo[value]
+            return low if low is None or upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) \
+                else None
+        fh = filehandle.Fh.decode(value)
+        if fh is None or fh.upper or not filehandle.can_decode():
+            return None
+        fds = self.__dict__.setdefault("_mount_fds", {})
+        for layer in range(1 if self.L.has_upper else 0, len(self.L.roots)):
+            if self._layer_uuid(layer) != fh.uuid:
+                continue
+            if layer not in fds:
+                try:  # open_by_handle_at takes any fd on the filesystem, but not an O_PATH one
+                    fds[layer] = os.open(self.L.roots[layer], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+            low = filehandle.decoded_stat(fds[layer], fh)
+            memo[value] = low
+            if low is not None:
+                self._ino_dev[low.st_ino] = low.st_dev
+                return low if upper is None or st.S_IFMT(low.st_mode) == st.S_IFMT(upper.st_mode) else None
+        return None
+
+    @functools.cached_property
+    def _inode_map(self) -> "xino.InodeMap":
+        """st_dev/st_ino across filesystems (xino.py); a no-op with every layer on one filesystem."""
+        devs = [os.stat(r).st_dev for r in self.L.roots]
+        upper = devs[0] if self.L.has_upper else None
+        mode = getattr(self.ov.options, "xino", "off")
+        if mode == "auto" and upper is not None and not filehandle.can_decode():
+            mode = "off"  # "fs on ... does not support file handles, falling back to xino=off" (no privilege)
+        return xino.InodeMap(upper, devs[1:] if self.L.has_upper else devs, mode, self.dev)
+
+    def _cross_fs(self, node, result: Stat) -> Stat:
+        """What the kernel reports for ``result`` when the layers span filesystems (xino=off/on/auto)."""
+        if isinstance(node, MergedDir):
+            real_dev = self._inode_map_layer_dev(node.layers[0])
+        else:
+            real_dev = node.lstat.st_dev
+        real_dev = self._ino_dev.get(result.ino, real_dev)  # a number taken from a lower inode: its fs
+        dev, ino = self._inode_map.map(real_dev, result.ino, isinstance(node, MergedDir))
+        return dataclasses.replace(result, dev=dev, ino=ino)
+
+    def _inode_map_layer_dev(self, layer: int) -> int:
+        return os.stat(self.L.roots[layer]).st_dev
+
+    def _opaque_new_dirs(self, parent: MergedDir) -> bool:
+        """ovl_create_upper: a new directory in a merged one is marked opaque at once when lower layers may
+        not be changed offline (``!ovl_allow_offline_changes``: index, nfs_export, metacopy or
+        redirect_dir=on), so that it never merges with a lower directory added later."""
+        o = self.ov.options
+        if not (o.index or o.nfs_export or o.metacopy or o.redirect_dir == "on"):
+            return False
+        return self.L.has_upper and any(i != 0 for i in parent.layers)  # merged once copied up
+
+    def _init_uuid(self) -> None:
+        """ovl_init_uuid_xattr (uuid=auto, the default, shown as uuid=on): the first mount of a new overlay
+        (upper root not yet impure) stores a random persistent uuid in ``overlay.uuid`` on the upper root;
+        an existing overlay without one stays uuid=null."""
+        for name in ("uuid", "impure"):
+            try:
+                os.getxattr(self.upper, self.encoding.private_prefix + name, follow_symlinks=False)
+                return
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return
+        try:
+            os.setxattr(self.upper, self.encoding.private_prefix + "uuid", uuid.uuid4().bytes, follow_symlinks=False)
+        except OSError:
+            pass
+
+    # -- index=on (index.py) -------------------------------------------------------------------------
+    @property
+    def _index_on(self) -> bool:
+        return bool(self.upper and self.work and self.L.has_upper and getattr(self.ov.options, "index", False))
+
+    def _mount_index(self) -> None:
+        """ovl_get_indexdir: work/index, the upper root tied to the first lower root and the index dir to
+        the upper root (ESTALE when they were used with other layers), stale entries cleaned; copy-ups
+        are then built in work/index, the kernel's work dir under index=on."""
+        xns = self.encoding.private_prefix
+        inode_index.make_dir(self.work)
+        index_real = os.path.join(self.work, inode_index.NAME)
+        inode_index.verify_or_set(self.upper, xns + "origin",
+                            filehandle.encode(self.lowers[0], self._layer_uuid(1)), "upper root origin")
+        inode_index.verify_or_set(index_real, xns + "upper",
+                            filehandle.encode(self.upper, filehandle.fs_uuid(self.upper), upper=True),
+                            "index dir 'upper' xattr")
+        inode_index.cleanup(index_real, self.encoding.xattr_ns, lambda v: self._decode_origin(v) is not None)
+        fd = nofollow.open_dir(self.work, inode_index.NAME)
+        if self._workdir_fd is not None:
+            os.close(self._workdir_fd)
+        self._workdir_fd = fd
+
+    def _index_at(self, name: str):
+        if self._workdir_fd is None:
+            return nofollow.at(self.work, inode_index.NAME + "/" + name)
+        return nofollow.at("", name, self._workdir_fd)  # the work dir fd is work/index's under index=on
+
+    def _index_lstat(self, name: str) -> os.stat_result | None:
+        try:
+            with self._index_at(name) as real:
+                return os.lstat(real)
+        except FileNotFoundError:
+            return None
+
+    def _index_name(self, node) -> str | None:
+        """ovl_need_index: the index entry name of a hard-linked lower non-directory (None: not indexed)."""
+        if not self._index_on or not isinstance(node, Leaf) or node.layer == 0 or node.lstat.st_nlink < 2:
+            return None
+        value = self._origin_value(node.layer, node.path)
+        return value.hex() if value else None
+
+    def _upper_index_name(self, node) -> str | None:
+        """The index entry an upper non-directory is a name of (same inode), or None."""
+        if not isinstance(node, Leaf) or node.layer != 0:
+            return None
+        try:
+            with self._up(node.path) as real:
+                s = os.lstat(real)
+                if s.st_nlink < 2:
+                    return None
+                origin = os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
+        except OSError:
+            return None
+        entry = self._index_lstat(origin.hex()) if origin else None
+        return origin.hex() if entry is not None and entry.st_ino == s.st_ino else None
+
+    def _index_nlink(self, name: str) -> tuple[os.stat_result, int] | None:
+        """The index entry's stat and the merged link count its ``overlay.nlink`` records."""
+        try:
+            with self._index_at(name) as real:
+                s = os.lstat(real)
+                try:
+                    value = os.getxattr(real, self.encoding.private_prefix + "nlink", follow_symlinks=False)
+                except OSError:
+                    value = None
+        except FileNotFoundError:
+            return None
+        return s, inode_index.overlay_nlink(s, value)
+
+    def _set_index_nlink(self, name: str, merged: int) -> None:
+        with self._index_at(name) as real:
+            os.setxattr(real, self.encoding.private_prefix + "nlink",
+                        inode_index.nlink_value(merged, os.lstat(real).st_nlink), follow_symlinks=False)
+
+    def _index_stat(self, node: Leaf) -> Stat | None:
+        """stat of an indexed inode (overlayfs.rst "Inode properties", index=on): the origin's number and
+        the merged link count, for a lower alias (served by the entry) and an upper one alike."""
+        name = self._index_name(node) or self._upper_index_name(node)
+        got = self._index_nlink(name) if name else None
+        if got is None:
+            return None
+        s, merged = got
+        if node.layer != 0:
+            ino = node.lstat.st_ino
+        else:
+            low = self._decode_origin(bytes.fromhex(name), s)
+            ino = self._origin_ino.get(s.st_ino, low.st_ino if low is not None else s.st_ino)
+        return Stat.from_os(s, nlink=merged, ino=ino, dev=self.dev)
+
+    def _copy_up_indexed(self, node: Leaf, name: str, data: bool) -> None:
+        """ovl_copy_up_one with index=on: the first name copied up builds the index entry (in work/index,
+        renamed into place); every name, the first included, is then a hard link to it (ovl_link_up)."""
+        path, s = node.path, node.lstat
+        parent, _, leaf = path.rpartition("/")
+        self._set_impure(parent)
+        if self._index_lstat(name) is None:
+            with self.L.at(node.layer, path) as src, self._temp() as temp:
+                try:
+                    self._copy_leaf(src, temp, s, data)
+                    self._copy_meta(src, temp, s, bytes.fromhex(name))
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
+                                follow_symlinks=False)
+                    with self._index_at(name) as dst:
+                        os.rename(temp, dst)
+                except BaseException:
+                    _discard(temp)
+                    raise
+        _, merged = self._index_nlink(name)
+        with self._index_at(name) as entry, self._updir(parent) as up_parent, _parent_times_kept(up_parent):
+            os.link(entry, os.path.join(up_parent, leaf), follow_symlinks=False)
+        self._set_index_nlink(name, merged)  # one more upper name, the same merged count
+        self.L.refresh_upper(path)
+        self._copied_here.add(path)
+        try:
+            with self._up(path) as real:
+                self._origin_ino[os.lstat(real).st_ino] = s.st_ino
+                self._ino_dev[s.st_ino] = s.st_dev
+        except OSError:
+            pass
+        if self.handles:
+            self._redirect_readers(node.layer, path)
+
+    def _unlink_indexed(self, node: Leaf, name: str) -> None:
+        """Unlinking a name of an indexed inode: the merged count drops by one (a lower alias is first
+        copied into the index, so the count has a home); at zero the entry goes (ovl_cleanup_index)."""
+        if self._index_lstat(name) is None:  # a lower alias of an inode not copied up yet
+            s = node.lstat
+            with self.L.at(node.layer, node.path) as src, self._temp() as temp:
+                try:
+                    self._copy_leaf(src, temp, s, True)
+                    self._copy_meta(src, temp, s, bytes.fromhex(name))
+                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
+                                follow_symlinks=False)
+                    with self._index_at(name) as dst:
+                        os.rename(temp, dst)
+                except BaseException:
+                    _discard(temp)
+                    raise
+        entry, merged = self._index_nlink(name)
+        upper_names = entry.st_nlink - 1 - (1 if node.layer == 0 else 0)  # left after this unlink
+        if merged - 1 <= 0:
+            with self._index_at(name) as real:
+                os.unlink(real)
+            return
+        with self._index_at(name) as real:  # the count relative to what the upper inode will have
+            os.setxattr(real, self.encoding.private_prefix + "nlink",
+                        inode_index.nlink_value(merged - 1, upper_names + 1), follow_symlinks=False)
 
 
 class _Handle:

@@ -60,7 +60,7 @@ class H:
 def build_layer(root: str, spec: dict, encoding: Encoding) -> None:
     """Create ``root`` and the entries of ``spec`` (paths relative to root; parents made 0755)."""
     os.makedirs(root, exist_ok=True)
-    for path in sorted(spec, key=lambda p: (p.count("/"), p)):
+    for path in sorted(spec, key=lambda p: (isinstance(spec[p], H), p.count("/"), p)):  # links last
         item = spec[path]
         real = os.path.join(root, path)
         os.makedirs(os.path.dirname(real), exist_ok=True)
@@ -205,6 +205,67 @@ def snapshot_upper(ov: Overlay) -> dict:
     return out
 
 
+def snapshot_overlay_xattrs(ov: Overlay) -> dict:
+    """What origin, nlink and index=on leave on disk, in a form both backends (and any inode numbers)
+    share: per upper entry its ``origin`` ("handle" = a well-formed lower file handle, "empty" = the
+    kernel's "origin unknown", "bad") and ``nlink`` xattr; per work/index entry (temps left out) its
+    kind, link count, ``nlink`` xattr and whether it is named after its own origin."""
+    from overlaykit.filehandle import Fh
+    if ov.upper is None:
+        return {}
+    xns = ov.encoding.private_prefix
+
+    def get(real, name):
+        try:
+            return os.getxattr(real, xns + name, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def origin(value):
+        if value is None:
+            return None
+        if value == b"":
+            return "empty"
+        fh = Fh.decode(value)
+        return "bad" if fh is None or fh.upper else "handle"
+
+    out = {}
+    root = str(ov.upper)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted([""] + dirnames + filenames if dirpath == root else dirnames + filenames):
+            real = os.path.join(dirpath, name) if name else dirpath
+            p = os.path.relpath(real, root)
+            try:
+                if os.path.islink(real) or not os.access(real, os.F_OK):
+                    continue
+                entry = (origin(get(real, "origin")), get(real, "nlink"))
+            except OSError:
+                continue
+            if entry != (None, None):
+                out[p] = entry
+    u = get(root, "uuid")  # uuid=auto: a new overlay's persistent uuid (random: its size only)
+    out["uuid"] = None if u is None else len(u)
+    index_dir = os.path.join(str(ov.work), "index") if ov.work else None
+    if index_dir and os.path.isdir(index_dir):
+        entries = []
+        for name in sorted(os.listdir(index_dir)):
+            if name.startswith("#"):
+                continue  # build temps and the kernel's shared whiteout: the work dir's scratch
+            real = os.path.join(index_dir, name)
+            s = os.lstat(real)
+            o = get(real, "origin")
+            entries.append((kind_name(s.st_mode), s.st_nlink, get(real, "nlink"),
+                            o is not None and o.hex() == name))
+        upper = get(index_dir, "upper")
+        fh = Fh.decode(upper) if upper else None
+        out["work/index"] = ("upper root handle" if fh is not None and fh.upper else origin(upper), sorted(entries))
+    return out
+
+
+def kind_name(mode: int) -> str:
+    return "whiteout" if st.S_ISCHR(mode) else "dir" if st.S_ISDIR(mode) else "file" if st.S_ISREG(mode) else "other"
+
+
 def prepare(tmp: str, lowers_spec: list[dict], upper_spec: dict | None, *, read_only: bool = False,
             xattr_ns: str | None = None, user: tuple[int, int] | None = None) -> None:
     """Build the layers of a scenario under ``tmp``; as root, for ``user`` (uid, gid) to mount them later
@@ -240,14 +301,16 @@ def run(backend: str, tmp: str, lowers_spec: list[dict], ops: list[tuple], *, up
         merged = snapshot_merged(ov)
         changes = [(c.path, c.kind, c.type) for c in ov.upper_changes()]
         upper_disk = snapshot_upper(ov)
+        overlay_xattrs = snapshot_overlay_xattrs(ov)
         trace = [(e.op, e.kind, e.path) for e in ov.trace if e.kind != "lookup"]
-    return {"results": results, "merged": merged, "upper": upper_disk, "changes": changes, "trace": trace}
+    return {"results": results, "merged": merged, "upper": upper_disk, "changes": changes, "trace": trace,
+            "xattrs": overlay_xattrs}
 
 
 def diff(a: dict, b: dict) -> str:
     """A readable account of where two runs disagree ('' when they agree)."""
     lines = []
-    for key in ("results", "merged", "upper", "changes", "trace"):
+    for key in ("results", "merged", "upper", "changes", "trace", "xattrs"):
         if a[key] != b[key]:
             lines.append(f"--- {key} differ")
             if isinstance(a[key], dict):

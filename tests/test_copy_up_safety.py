@@ -228,8 +228,8 @@ def test_eacces_while_copying_a_parent_directory_leaves_no_half_directory(tmp_pa
     d = small_layers(tmp_path)
     real_meta = sim_module.SimBackend._copy_meta
 
-    def refuse_b(self, src, dst, s):
-        real_meta(self, src, dst, s)
+    def refuse_b(self, src, dst, s, *more):
+        real_meta(self, src, dst, s, *more)
         if st.S_ISDIR(s.st_mode) and os.path.realpath(src).endswith("/lower/a/b"):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 

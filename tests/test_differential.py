@@ -191,7 +191,16 @@ def _layer(draw_top: bool):
         hs.sampled_from(XATTR_NAMESPACES).map(W), hs.just(D(xwhiteouts=True)),
         *([hs.just(W()), hs.just(D(opaque=True))] if draw_top else []),
     )
-    return hs.dictionaries(paths, item, max_size=5).map(_consistent)
+    return hs.dictionaries(paths, item, max_size=5).map(_consistent).flatmap(_maybe_linked)
+
+
+def _maybe_linked(spec: dict):
+    """Sometimes one more name for a file of the layer: a hard link (index=on keeps such links together)."""
+    files = sorted(p for p, item in spec.items() if isinstance(item, F))
+    if not files:
+        return hs.just(spec)
+    return hs.one_of(hs.just(spec), hs.tuples(hs.sampled_from(files), paths).map(
+        lambda pair: _consistent({**spec, pair[1]: H(pair[0])}) if pair[1] not in spec else spec))
 
 
 def _consistent(spec: dict) -> dict:
@@ -202,6 +211,11 @@ def _consistent(spec: dict) -> dict:
         if parent and (parent in out and not isinstance(out[parent], D)):
             continue
         out[p] = spec[p]
+    links = {p: item for p, item in out.items() if isinstance(item, H)}
+    for p, item in links.items():  # hard links last, and only to a file of this layer
+        del out[p]
+        if isinstance(out.get(item.other), F) and not any(item.other.startswith(q + "/") for q in links):
+            out[p] = item
     return out
 
 
@@ -224,7 +238,7 @@ ops = hs.one_of(
 
 EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "500"))
 #: The mount option sets every random sequence may run under (None: the defaults).
-OPTION_SETS = [None]
+OPTION_SETS = [None, "index=on"]
 
 
 @needs_kernel

@@ -467,3 +467,27 @@ def test_differential_scenario_through_fuse(tmp_path, name):
     for key in got:
         assert got[key] == want[key], f"{name}: {key} through overlaykit-fuse differs from the engine's\n" \
             f"fuse:   {got[key]}\nengine: {want[key]}"
+
+
+@needs_fuse
+@pytest.mark.skipif(not ROOT, reason="index=on needs file handles: an unprivileged mount falls back to index=off")
+def test_hard_links_stay_together_with_index_on(stack):
+    """overlaykit-fuse -o index=on: a write through one name of a lower hard-link pair shows through the
+    other, and both keep one inode with two links, as on the kernel's overlay (copy-up via work/index)."""
+    make, mount = stack
+    lowers, upper, work, mnt = make("index")
+    low = os.path.join(lowers[-1], "pair-a")
+    with open(low, "w") as f:
+        f.write("one\n")
+    os.link(low, os.path.join(lowers[-1], "pair-b"))
+    m = mount(overlaykit_fuse_argv(lowers, upper, work, mnt, ",index=on"), mnt)
+    try:
+        with open(os.path.join(mnt, "pair-a"), "a") as f:
+            f.write("two\n")
+        with open(os.path.join(mnt, "pair-b")) as f:
+            assert f.read() == "one\ntwo\n"
+        a, b = os.lstat(os.path.join(mnt, "pair-a")), os.lstat(os.path.join(mnt, "pair-b"))
+        assert (a.st_ino, a.st_nlink) == (b.st_ino, b.st_nlink) and a.st_nlink == 2
+    finally:
+        m.unmount()
+    assert len(os.listdir(os.path.join(work, "index"))) == 1

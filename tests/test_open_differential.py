@@ -100,18 +100,17 @@ def test_open_file_cases_agree(tmp_path):
 PATHS = [".", "f", "g", "g2", "d", "d/x", "m", "m/low", "m/up", "u", "ud", "big"]
 
 
-def inode_relations(backend: str, tmp: str) -> dict:
+def inode_relations(backend: str, tmp: str, options=None) -> dict:
     """Which numbers stay, which paths share them, and st_dev, through copy-ups and a remount."""
     lowers, upper, work = layers(tmp, backend)
     ident = {}
 
     def look(ov, when):
         for p in PATHS + (["new", "nd"] if when != "before" else []):
-            if p != "big" or when != "after remount":  # big was renamed before the remount
-                s = ov.lstat(p)
-                ident[when, p] = (s.dev, s.ino)
+            s = ov.lstat("big-moved" if p == "big" and when == "after remount" else p)
+            ident[when, p] = (s.dev, s.ino)
 
-    with Overlay(lowers, upper, work, backend=backend) as ov:
+    with Overlay(lowers, upper, work, backend=backend, options=options) as ov:
         look(ov, "before")
         ov.chmod("f", 0o600)             # a plain copy-up
         ov.write_text("g", "new")        # a hard-linked one (O_TRUNC)
@@ -124,17 +123,13 @@ def inode_relations(backend: str, tmp: str) -> dict:
         before = ov.lstat("big").ino
         ov.rename("big", "big-moved")
         ident["renamed", "big"] = (0, ov.lstat("big-moved").ino == before)
-    with Overlay(lowers, upper, work, backend=backend) as ov:
+    with Overlay(lowers, upper, work, backend=backend, options=options) as ov:
         look(ov, "after remount")
     whens = ("before", "after copy-up", "after remount")
     paths = PATHS + ["new", "nd"]
-    # (after a remount the kernel finds a renamed file's origin by its file handle; the sim, which writes
-    # no file handles, cannot: so the renamed one is compared within its mount only)
+    # after a remount the kernel finds a renamed file's origin by its file handle ("big" is "big-moved"
+    # then): as root its number survives; an unprivileged mount writes no handle and so cannot keep it
     renamed = ident.pop(("renamed", "big"))[1]
-    for p in ("big",):
-        paths.remove(p)
-        for w in whens:
-            ident.pop((w, p), None)
     return {
         "renamed keeps its number": renamed,
         # one st_dev across the tree of a mount (a new mount may get a new anonymous device)
@@ -159,6 +154,20 @@ def test_inode_relations_agree(tmp_path):
     assert kernel["kept through copy-up"]["f"] and kernel["kept through copy-up"]["d"]
     assert not kernel["kept through copy-up"]["g"]  # index=off: a hard link's copy-up gets a new number
     assert kernel["shared"]["before"] == [("g", "g2")] and kernel["shared"]["after copy-up"] == []
+    assert kernel["kept through remount"]["big"] == (os.geteuid() == 0)  # found again by its file handle
+
+
+def test_inode_relations_agree_with_index_on(tmp_path):
+    """overlayfs.rst "Inode properties" with index=on: a hard-linked file keeps its number through copy-up
+    and its links stay one inode (as root; an unprivileged mount falls back to index=off)."""
+    sim = inode_relations("sim", str(tmp_path), "index=on")
+    kernel = inode_relations("kernel", str(tmp_path), "index=on")
+    sim.pop("same st_dev after remount")
+    kernel.pop("same st_dev after remount")
+    assert sim == kernel
+    root = os.geteuid() == 0
+    assert kernel["kept through copy-up"]["g"] == root
+    assert (("g", "g2") in kernel["shared"]["after copy-up"]) == root
 
 
 # -- random sequences of open-file calls ------------------------------------------------------------------
