@@ -137,6 +137,7 @@ class SimBackend(Backend):
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
+        self.options = ov.options  # resolved at mount: metacopy, redirect_dir ...
         self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -239,6 +240,7 @@ class SimBackend(Backend):
                 todo.extend(parts)
                 continue
             if last:
+                self._check_metacopy_allowed(node, p)
                 return parent, name, node
             if isinstance(node, Leaf):
                 raise _err(errno.ENOTDIR, p)
@@ -393,7 +395,7 @@ class SimBackend(Backend):
         except OSError:
             pass
 
-    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, meta: bool = False) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -409,8 +411,8 @@ class SimBackend(Backend):
                 if is_dir:
                     os.mkdir(temp, 0o700)
                 else:
-                    self._copy_leaf(src, temp, s, data)
-                self._copy_meta(src, temp, s)
+                    self._copy_leaf(src, temp, s, data, meta)
+                self._copy_meta(src, temp, s, meta)
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
@@ -429,7 +431,7 @@ class SimBackend(Backend):
                         self._origin_ino[os.lstat(real).st_ino] = s.st_ino
                 except OSError:
                     pass
-        if self.handles:
+        if self.handles and not meta:  # a metacopy upper holds no data: readers go on reading the lower file
             self._redirect_readers(layer, path)
 
     def _has_origin(self, path: str) -> bool:
@@ -440,8 +442,9 @@ class SimBackend(Backend):
         except OSError:
             return False
 
-    def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
-        """Owner, xattrs, mode and times, in the kernel's order (times last)."""
+    def _copy_meta(self, src: str, dst: str, s: os.stat_result, meta: bool = False) -> None:
+        """Owner, xattrs, mode and times, in the kernel's order (times last); ``meta``: the copy holds no
+        data yet and is marked ``overlay.metacopy`` (empty value, after the origin, as ovl_copy_up_metadata)."""
         private = self.encoding.private_prefix
         try:
             names = os.listxattr(src, follow_symlinks=False)
@@ -466,15 +469,23 @@ class SimBackend(Backend):
                 os.setxattr(dst, self.encoding.private_prefix + "origin", b"", follow_symlinks=False)
             except OSError:
                 pass  # no xattrs here (some fallback filesystems): upper_changes() then guesses
+        if meta:
+            os.setxattr(dst, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
         if not st.S_ISLNK(s.st_mode):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
 
-    def _copy_up(self, node, data: bool = True) -> str:
-        """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/)."""
+    def _copy_up(self, node, data: bool = True, meta: bool = False) -> str:
+        """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/).
+
+        ``data=False``: a truncating open, no data copied.  ``meta=True``: the caller changes metadata only
+        (chmod, chown, utimes, xattrs, link, rename): with metacopy=on a regular file is copied up without
+        its data (ovl_need_meta_copy_up).  A metacopy file that needs its data gets it here."""
         if isinstance(node, MergedDir):
             return self._upper_dir(node)
         if node.layer == 0 and self.L.has_upper:
+            if not meta and self._is_metacopy(node):
+                self._metacopy_fill(node, data)
             return node.path
         self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
@@ -484,15 +495,22 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
-            self._install(node.path, node.layer, node.lstat, data)
+            self._install(node.path, node.layer, node.lstat, data,
+                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode))
         except OSError as e:
             raise _err_from(e, node.path) from None
         return node.path
 
-    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True) -> None:
+    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True, meta: bool = False) -> None:
         mode = s.st_mode
         if st.S_ISREG(mode) and not data:  # O_TRUNC: ovl_copy_up_one copies size 0
             os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif st.S_ISREG(mode) and meta:  # metacopy: the lower's size, no data blocks (ovl_set_size)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, s.st_size)
+            finally:
+                os.close(fd)
         elif st.S_ISREG(mode):
             with _open_lower(src) as fd_in:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -506,6 +524,119 @@ class SimBackend(Backend):
             os.mkfifo(dst, 0o600)
         else:
             os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
+
+    # -- metacopy=on: metadata-only copy-up, data found below ------------------------------------------
+    def _upper_xattr(self, path: str, name: str) -> bytes | None:
+        """``overlay.<name>`` of upper entry ``path`` (None if absent), read by name from its parent."""
+        try:
+            with self._up(path) as real:
+                return os.getxattr(real, self.encoding.private_prefix + name, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _is_metacopy(self, node) -> bool:
+        """Is ``node`` an upper regular file copied up without its data (``overlay.metacopy`` set)?"""
+        if not (isinstance(node, Leaf) and node.layer == 0 and self.L.has_upper and st.S_ISREG(node.lstat.st_mode)):
+            return False
+        key = ("metacopy", node.path)
+        hit = self.L.memo.get(key)
+        if hit is None:
+            hit = self.L.memo[key] = self._upper_xattr(node.path, "metacopy") is not None
+        return hit
+
+    def _metacopy_data(self, node) -> Leaf | None:
+        """The lower file that holds a metacopy file's data: ovl_lookup goes on below the upper file, at
+        the path its ``overlay.redirect`` names (absolute from the root, or a name in the same parent) or
+        else at the same path, to the first regular file that is not itself metacopy."""
+        key = ("metacopy-data", node.path)
+        if key in self.L.memo:
+            return self.L.memo[key]
+        found = None
+        path, layer = node.path, 0
+        for _ in range(len(self.L.roots)):
+            raw = self._upper_xattr(path, "redirect") if layer == 0 else self._layer_xattr(layer, path, "redirect")
+            redirect = os.fsdecode(raw) if raw else None
+            if redirect:
+                parent = path.rpartition("/")[0]
+                path = redirect.strip("/") if redirect.startswith("/") else _join(parent, redirect)
+            found = self._lookup_below(path, layer)
+            if found is None or not st.S_ISREG(found.lstat.st_mode):
+                found = None
+                break
+            if self._layer_xattr(found.layer, found.path, "metacopy") is None:
+                break
+            layer = found.layer  # a metacopy file in a lower layer too (an earlier overlay's upper): go on
+        self.L.memo[key] = found
+        return found
+
+    def _layer_xattr(self, layer: int, path: str, name: str) -> bytes | None:
+        try:
+            with self.L.at(layer, path) as real:
+                return os.getxattr(real, self.encoding.private_prefix + name, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _lookup_below(self, path: str, layer: int) -> Leaf | None:
+        """``path`` looked up in the layers below ``layer`` only (whiteouts and opaque dirs there count)."""
+        node = self.L.root(tuple(range(layer + 1, len(self.L.roots))))
+        for name in path.split("/"):
+            if not isinstance(node, MergedDir) or not node.layers:
+                return None
+            node = self.L.child(node, name)
+        return node if isinstance(node, Leaf) else None
+
+    def _metacopy_fill(self, node: Leaf, data: bool = True) -> None:
+        """ovl_copy_up_meta_inode_data: copy the data into the metacopy file's own upper inode (its hard
+        links and its inode number stay), then remove ``overlay.metacopy``.  That removal is the commit:
+        until it, the file is still metacopy and its data is read from below, so a kill part-way leaves
+        a file the kernel reads right (the next write-open copies again, from the start).  ``data=False``
+        (O_TRUNC): nothing to copy, the file is emptied first."""
+        lower = self._metacopy_data(node)
+        if lower is None and data:
+            raise _err(errno.EIO, node.path)
+        with self._up(node.path) as real:
+            caps = None
+            try:
+                caps = os.getxattr(real, "security.capability", follow_symlinks=False)
+            except OSError:
+                pass
+            fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if not data:
+                    os.ftruncate(fd, 0)
+                elif lower.lstat.st_size:
+                    with self.L.at(lower.layer, lower.path) as src, _open_lower(src) as fd_in:
+                        _copy_data(fd_in, fd)
+            finally:
+                os.close(fd)
+            if caps is not None:  # writing cleared it; the kernel puts it back
+                os.setxattr(real, "security.capability", caps, follow_symlinks=False)
+            os.removexattr(real, self.encoding.private_prefix + "metacopy", follow_symlinks=False)
+        self.L.refresh_upper(node.path)
+        if self.handles and lower is not None:
+            self._redirect_readers(lower.layer, lower.path, node.path)
+
+    def _set_file_redirect(self, rel: str, old_parent: str, old_name: str, samedir: bool) -> None:
+        """ovl_set_redirect for a metacopy file about to be renamed or linked, so its data is still found:
+        the old name within the same directory, else the absolute old path; a redirect already there is
+        kept when it still holds (same directory, or absolute), else made absolute."""
+        node = self.L.lookup(rel)
+        if not self._is_metacopy(node):
+            return
+        raw = self._upper_xattr(rel, "redirect")
+        old = os.fsdecode(raw) if raw else None
+        if old and (samedir or old.startswith("/")):
+            return
+        value = old_name if samedir else "/" + _join(old_parent, old or old_name)
+        with self._up(rel) as real:
+            os.setxattr(real, self.encoding.private_prefix + "redirect", os.fsencode(value), follow_symlinks=False)
+        self.L.refresh_upper(rel)
+
+    def _check_metacopy_allowed(self, node, p: str) -> None:
+        """Without metacopy=on the kernel refuses to follow a metacopy file found in upper/ (EPERM,
+        "refusing to follow metacopy origin")."""
+        if not self.options.metacopy and self._is_metacopy(node):
+            raise _err(errno.EPERM, p)
 
     def _clear_whiteout(self, d: MergedDir, name: str) -> bool:
         ents = self.L.entries(0, d.path)
@@ -615,11 +746,17 @@ class SimBackend(Backend):
             if writes:
                 self._writable(p)
                 self._may(node, os.W_OK, p)
-                if layer != 0 or not self.L.has_upper:
+                if layer != 0 or not self.L.has_upper or self._is_metacopy(node):
                     self._copy_up(node, data=not flags & os.O_TRUNC)
                     layer = 0
             elif not self.root_user:
                 self._may(node, os.R_OK, p)
+        meta = None
+        if not writes and self._is_metacopy(node):  # no data in upper yet: ovl_open opens the lower data
+            lower = self._metacopy_data(node)
+            if lower is None:
+                raise _err(errno.EIO, p)
+            meta, layer, rel = rel, lower.layer, lower.path
         try:
             with self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
@@ -629,10 +766,10 @@ class SimBackend(Backend):
             if writes:
                 self.L.refresh_upper(rel)
         try:
-            ino = self._stat(self.L.lookup(rel)).ino
+            ino = self._stat(self.L.lookup(meta or rel)).ino
         except (OSError, AttributeError):
             ino = None
-        return self._keep(_Handle(fd, layer, rel, flags, ino))
+        return self._keep(_Handle(fd, layer, rel, flags, ino, meta))
 
     def _keep(self, h: "_Handle") -> int:
         self._next_handle = getattr(self, "_next_handle", 0) + 1
@@ -645,19 +782,20 @@ class SimBackend(Backend):
         except KeyError:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
 
-    def _redirect_readers(self, layer: int, path: str) -> None:
+    def _redirect_readers(self, layer: int, path: str, upper_path: str | None = None) -> None:
         """After ``path`` of ``layer`` was copied up: handles opened read-only on the lower file read the
         upper copy from now on (ovl_real_fdget_meta reopens the real file when the inode was copied up,
         so on Linux 4.19+ an fd opened before a copy-up sees what is written after it)."""
         for h in self.handles.values():
             if (h.layer, h.path) == (layer, path):
+                target = upper_path or path
                 try:
-                    with self._up(path) as real:
+                    with self._up(target) as real:
                         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except OSError:
                     continue
                 os.close(h.fd)
-                h.fd, h.layer = fd, 0
+                h.fd, h.layer, h.path, h.meta = fd, 0, target, None
 
     def pread(self, h: int, n: int, offset: int) -> bytes:
         try:
@@ -675,6 +813,13 @@ class SimBackend(Backend):
     def fstat(self, h: int) -> Stat:
         hd = self._h(h)
         s = os.fstat(hd.fd)
+        if hd.meta is not None:  # the overlay inode's attributes are the upper file's, its blocks the data's
+            try:
+                with self._up(hd.meta) as real:
+                    blocks, s = s.st_blocks, os.lstat(real)
+                return dataclasses.replace(Stat.from_os(s, ino=hd.ino, dev=self.dev), blocks=blocks)
+            except OSError:
+                pass
         return Stat.from_os(s, ino=hd.ino if hd.ino is not None else s.st_ino, dev=self.dev)
 
     def ftruncate(self, h: int, size: int) -> None:
@@ -716,7 +861,7 @@ class SimBackend(Backend):
         # Setting both times to "now" needs only write access; anything else needs the owner (utimensat(2)).
         self._owner_or_writable(node, p, times is None and (ns is None or tuple(ns) == ("now", "now")))
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 if ns is not None and any(isinstance(v, str) for v in ns):
                     from ._nsworker import utimensat
                     utimensat(real, ns, False)
@@ -863,7 +1008,9 @@ class SimBackend(Backend):
         self._check_sticky(dparent, dnode, dst)
         self._reserved_name(dname, dst)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
-        src_rel = self._copy_up(snode)
+        src_rel = self._copy_up(snode, meta=True)
+        if not s_dir:
+            self._set_file_redirect(src_rel, sparent.path, sname, sparent.path == dparent.path)
         lower_positive = self._lower_positive(sparent, sname)
         self._upper_dir(dparent)
         dparent = self._refresh(dparent)
@@ -897,7 +1044,7 @@ class SimBackend(Backend):
         if not self.root_user and self._node_stat(node).st_uid != os.geteuid():
             raise _err(errno.EPERM, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 _chmod_nofollow(real, mode)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -914,7 +1061,7 @@ class SimBackend(Backend):
                                        and (gid == -1 or gid in os.getgroups() or gid == os.getegid())):
             raise _err(errno.EPERM, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.chown(real, uid, gid, follow_symlinks=False)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -927,7 +1074,7 @@ class SimBackend(Backend):
             raise _err(errno.ENOENT, p)
         self._may_write_xattr(node, name, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -987,7 +1134,7 @@ class SimBackend(Backend):
             if not (self.L.has_upper and layer == 0):
                 with self.L.at(layer, node.path) as real:
                     os.getxattr(real, self._escape(name), follow_symlinks=False)
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.removexattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -1050,7 +1197,11 @@ class SimBackend(Backend):
                 raise _err(errno.EXDEV, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
-        s_rel, d_rel = self._copy_up(snode), self._copy_up(dnode)
+        s_rel, d_rel = self._copy_up(snode, meta=True), self._copy_up(dnode, meta=True)
+        if not isinstance(snode, MergedDir):
+            self._set_file_redirect(s_rel, sparent.path, sname, sparent.path == dparent.path)
+        if not isinstance(dnode, MergedDir):
+            self._set_file_redirect(d_rel, dparent.path, dname, sparent.path == dparent.path)
         try:
             with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
                 renameat2(s_real, d_real, RENAME_EXCHANGE)
@@ -1096,7 +1247,9 @@ class SimBackend(Backend):
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
         self._reserved_name(dname, dst)
-        src_rel = self._copy_up(snode)
+        src_rel = self._copy_up(snode, meta=True)
+        sparent_path, _, sname = snode.path.rpartition("/")
+        self._set_file_redirect(src_rel, sparent_path, sname, False)  # ovl_set_link_redirect: absolute
         self._create_prep(self._refresh(dparent), dname, dst)
         dst_rel = _join(dparent.path, dname)
         try:
@@ -1196,7 +1349,12 @@ class SimBackend(Backend):
                 if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
-            return Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
+            result = Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
+            if self._is_metacopy(node):  # ovl_getattr: st_blocks of the lower data, the upper has none
+                lower = self._metacopy_data(node)
+                if lower is not None:
+                    result = dataclasses.replace(result, blocks=lower.lstat.st_blocks)
+            return result
         layer = node.layers[0]
         s = None
         if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
@@ -1235,6 +1393,8 @@ class SimBackend(Backend):
                 os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
             except OSError:
                 return s.st_ino
+        if self._is_metacopy(node) and (lower := self._metacopy_data(node)) is not None:
+            return lower.lstat.st_ino
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):
@@ -1248,10 +1408,11 @@ class SimBackend(Backend):
 class _Handle:
     """An open file of the sim: the real fd (in upper/ or a lower layer) and where it was opened."""
 
-    __slots__ = ("fd", "layer", "path", "flags", "ino")
+    __slots__ = ("fd", "layer", "path", "flags", "ino", "meta")
 
-    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None):
+    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None, meta: str | None = None):
         self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
+        self.meta = meta  # a metacopy file read from its lower data: the upper path that holds its metadata
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:
