@@ -632,6 +632,13 @@ class SimBackend(Backend):
             os.setxattr(real, self.encoding.private_prefix + "redirect", os.fsencode(value), follow_symlinks=False)
         self.L.refresh_upper(rel)
 
+    def _offline_changes_allowed(self) -> bool:
+        """ovl_allow_offline_changes: with redirect_dir=on, metacopy, index or xino=on lower layers may not
+        change offline, and a new directory in a merged one is made opaque at once (ovl_create_upper), so
+        that a later lower directory of the same name cannot show through."""
+        o = self.options
+        return not (o.index or o.metacopy or o.redirect_dir == "on" or o.xino == "on")
+
     def _check_metacopy_allowed(self, node, p: str) -> None:
         """Without metacopy=on the kernel refuses to follow a metacopy file found in upper/ (EPERM,
         "refusing to follow metacopy origin")."""
@@ -920,7 +927,7 @@ class SimBackend(Backend):
         try:
             with self._up(rel) as real:
                 os.mkdir(real, mode)
-            if was_whiteout:
+            if was_whiteout or (not self._offline_changes_allowed() and any(i != 0 for i in parent.layers)):
                 self._set_opaque(rel)
         except OSError as e:
             raise _err_from(e, p) from None
