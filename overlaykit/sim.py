@@ -412,7 +412,9 @@ class SimBackend(Backend):
                     os.mkdir(temp, 0o700)
                 else:
                     self._copy_leaf(src, temp, s, data, meta)
-                self._copy_meta(src, temp, s, meta)
+                if meta:  # ovl_copy_up_metadata: the copy holds no data yet (empty value, as the kernel's)
+                    os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
+                self._copy_meta(src, temp, s)
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
@@ -442,9 +444,8 @@ class SimBackend(Backend):
         except OSError:
             return False
 
-    def _copy_meta(self, src: str, dst: str, s: os.stat_result, meta: bool = False) -> None:
-        """Owner, xattrs, mode and times, in the kernel's order (times last); ``meta``: the copy holds no
-        data yet and is marked ``overlay.metacopy`` (empty value, after the origin, as ovl_copy_up_metadata)."""
+    def _copy_meta(self, src: str, dst: str, s: os.stat_result) -> None:
+        """Owner, xattrs, mode and times, in the kernel's order (times last)."""
         private = self.encoding.private_prefix
         try:
             names = os.listxattr(src, follow_symlinks=False)
@@ -469,8 +470,6 @@ class SimBackend(Backend):
                 os.setxattr(dst, self.encoding.private_prefix + "origin", b"", follow_symlinks=False)
             except OSError:
                 pass  # no xattrs here (some fallback filesystems): upper_changes() then guesses
-        if meta:
-            os.setxattr(dst, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
         if not st.S_ISLNK(s.st_mode):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
