@@ -265,3 +265,38 @@ if __name__ == "__main__":  # run by the learner from test_unprivileged_mounts_r
     from pathlib import Path as _P
     _check_refusal(_P(sys.argv[1]))
     print("refused")
+
+
+def _disk_usage(root) -> int:
+    """Bytes of blocks under ``root`` (what du counts)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
+@needs_root_kernel
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_chown_r_duplicates_the_layer_unless_metacopy(tmp_path, backend):
+    """The lesson's point: ``RUN chown -R`` copies every file's data into the new layer; with metacopy=on
+    only metadata (and a few xattr blocks) land in upper/."""
+    lower = tmp_path / "lower"
+    for i in range(8):
+        (lower / f"lib/pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (lower / f"lib/pkg{i % 3}/lib{i}.so").write_bytes(os.urandom(512 << 10))
+    data = 8 * (512 << 10)
+    used = {}
+    for opts in (None, MC):
+        up, wk = tmp_path / f"upper-{opts}", tmp_path / f"work-{opts}"
+        up.mkdir()
+        wk.mkdir()
+        with Overlay([lower], up, wk, backend=backend, options=opts) as ov:
+            for dirpath, dirs, files in ov.walk("."):
+                for n in dirs + files:
+                    ov.chown(f"{dirpath}/{n}", 1000, 1000)
+            assert ov.stat("lib/pkg1/lib4.so").uid == 1000
+            assert ov.read_bytes("lib/pkg1/lib4.so") == (lower / "lib/pkg1/lib4.so").read_bytes()
+        used[opts] = _disk_usage(up)
+    assert used[None] >= data
+    assert used[MC] < data // 20
