@@ -1032,7 +1032,7 @@ class Overlay:
                 copied = f"{nbytes} bytes copied"
                 if self._truncating and new[0] == "file":  # ovl_copy_up_one: O_TRUNC copies no data
                     nbytes, copied = 0, "0 bytes copied (O_TRUNC: metadata only)"
-                elif len(new) > 3 and new[3]:  # ovl_need_meta_copy_up: a metadata change copies no data with metacopy=on
+                elif len(new) > 3 and new[3]:  # ovl_need_meta_copy_up: with metacopy=on, no data
                     nbytes, copied = 0, "copied metadata only (metacopy=on): 0 bytes of data"
                 # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
                 self._record(TraceEvent(op, "copy-up", p, f"{reason}: {copied} into work/, "

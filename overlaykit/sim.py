@@ -2,8 +2,9 @@
 
 Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
 ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
-index=off, metacopy=off, xino=off.  Where this file and the kernel disagree, the kernel is right and
-the differential tests (tests/test_differential.py) say where.
+index=off, metacopy=off, xino=off; and metacopy=on (metadata-only copy-up, see the "metacopy" section).
+Where this file and the kernel disagree, the kernel is right and the differential tests
+(tests/test_differential.py) say where.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from differential import D, F, H, diff, layer_roots, prepare, run
+from differential import F, H, diff, layer_roots, prepare, run
 from overlaykit import Overlay, capabilities
 
 pytestmark = pytest.mark.kernel
@@ -300,3 +300,21 @@ def test_chown_r_duplicates_the_layer_unless_metacopy(tmp_path, backend):
         used[opts] = _disk_usage(up)
     assert used[None] >= data
     assert used[MC] < data // 20
+
+
+@needs_root_kernel
+def test_rename_exchange_of_metacopy_files(tmp_path):
+    """RENAME_EXCHANGE copies both sides up metadata only and gives each the redirect to its data."""
+    from differential import snapshot_merged, snapshot_upper
+    seen = {}
+    for backend in ("sim", "kernel"):
+        t = str(tmp_path / backend)
+        prepare(t, [{"a": F("aaa" * 100), "d/b": F("bbb"), "c": F("ccc")}], {})
+        with _mount(t, backend) as ov:
+            ov.rename("a", "d/b", flags=2)  # RENAME_EXCHANGE
+            ov.chmod("c", 0o600)
+            ov.rename("c", "d/b", flags=2)
+            assert ov.read_bytes("c") == b"aaa" * 100 and ov.read_bytes("d/b") == b"ccc"
+            seen[backend] = (snapshot_upper(ov), snapshot_merged(ov))
+    assert seen["sim"] == seen["kernel"]
+    assert {p: e[6] for p, e in seen["kernel"][0].items() if e[0] == "file"} == {"a": "/d/b", "c": "/a", "d/b": "/c"}
