@@ -134,6 +134,7 @@ class SimBackend(Backend):
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
         self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
+        self._lower_metacopy: dict = {}  # lower files found to be metacopy (or not): see _is_metacopy
         self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
@@ -396,7 +397,8 @@ class SimBackend(Backend):
         except OSError:
             pass
 
-    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, meta: bool = False) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, meta: bool = False,
+                 data_from: tuple | None = None) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -412,7 +414,11 @@ class SimBackend(Backend):
                 if is_dir:
                     os.mkdir(temp, 0o700)
                 else:
-                    self._copy_leaf(src, temp, s, data, meta)
+                    if data_from is not None and data and not meta:
+                        with self.L.at(*data_from) as data_src:
+                            self._copy_leaf(data_src, temp, s, data, meta)
+                    else:
+                        self._copy_leaf(src, temp, s, data, meta)
                 if meta:  # ovl_copy_up_metadata: the copy holds no data yet (empty value, as the kernel's)
                     os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
                 self._copy_meta(src, temp, s)
@@ -435,7 +441,7 @@ class SimBackend(Backend):
                 except OSError:
                     pass
         if self.handles and not meta:  # a metacopy upper holds no data: readers go on reading the lower file
-            self._redirect_readers(layer, path)
+            self._redirect_readers(*(data_from or (layer, path)), path)
 
     def _has_origin(self, path: str) -> bool:
         try:
@@ -495,8 +501,14 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
+            data_from = None
+            if self._is_metacopy(node):  # a metacopy file in a lower layer: its data is further down
+                lower = self._metacopy_data(node)
+                if lower is None:
+                    raise _err(errno.EIO, node.path)
+                data_from = (lower.layer, lower.path)
             self._install(node.path, node.layer, node.lstat, data,
-                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode))
+                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode), data_from)
         except OSError as e:
             raise _err_from(e, node.path) from None
         return node.path
@@ -535,13 +547,16 @@ class SimBackend(Backend):
             return None
 
     def _is_metacopy(self, node) -> bool:
-        """Is ``node`` an upper regular file copied up without its data (``overlay.metacopy`` set)?"""
-        if not (isinstance(node, Leaf) and node.layer == 0 and self.L.has_upper and st.S_ISREG(node.lstat.st_mode)):
+        """Is ``node`` a regular file without its data (``overlay.metacopy`` set): one copied up with
+        metacopy=on, or one in a lower layer that was such an upper (an earlier overlay's, a committed layer)?"""
+        if not (isinstance(node, Leaf) and st.S_ISREG(node.lstat.st_mode)):
             return False
-        key = ("metacopy", node.path)
-        hit = self.L.memo.get(key)
+        upper = node.layer == 0 and self.L.has_upper
+        memo = self.L.memo if upper else self._lower_metacopy  # lower layers do not change while mounted
+        key = ("metacopy", node.layer, node.path)
+        hit = memo.get(key)
         if hit is None:
-            hit = self.L.memo[key] = self._upper_xattr(node.path, "metacopy") is not None
+            hit = memo[key] = self._layer_xattr(node.layer, node.path, "metacopy") is not None
         return hit
 
     def _metacopy_data(self, node) -> Leaf | None:
@@ -552,9 +567,9 @@ class SimBackend(Backend):
         if key in self.L.memo:
             return self.L.memo[key]
         found = None
-        path, layer = node.path, 0
+        path, layer = node.path, node.layer
         for _ in range(len(self.L.roots)):
-            raw = self._upper_xattr(path, "redirect") if layer == 0 else self._layer_xattr(layer, path, "redirect")
+            raw = self._layer_xattr(layer, path, "redirect")
             redirect = os.fsdecode(raw) if raw else None
             if redirect:
                 parent = path.rpartition("/")[0]
@@ -594,6 +609,10 @@ class SimBackend(Backend):
         lower = self._metacopy_data(node)
         if lower is None and data:
             raise _err(errno.EIO, node.path)
+        if not data and self._metacopy_empty(node):
+            if self.handles and lower is not None:
+                self._redirect_readers(lower.layer, lower.path, node.path)
+            return
         with self._up(node.path) as real:
             caps = None
             try:
@@ -615,6 +634,38 @@ class SimBackend(Backend):
         self.L.refresh_upper(node.path)
         if self.handles and lower is not None:
             self._redirect_readers(lower.layer, lower.path, node.path)
+
+    def _metacopy_empty(self, node: Leaf) -> bool:
+        """O_TRUNC of a metacopy file with one link: an empty copy of it (owner, xattrs but overlay.metacopy,
+        mode, times) is built in work/work and renamed over it, so no kill can leave the states between
+        emptying it and dropping the mark (a metacopy file of size 0 that still reads the lower data, or a
+        full-size file of zeros).  With more links it is done in place (False), as the kernel does."""
+        parent, _, name = node.path.rpartition("/")
+        private = self.encoding.private_prefix
+        with self._up(node.path) as real:
+            s = os.lstat(real)
+            if s.st_nlink != 1:
+                return False
+            with self._temp() as temp:
+                try:
+                    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+                    os.chown(temp, s.st_uid, s.st_gid, follow_symlinks=False)
+                    for xname in os.listxattr(real, follow_symlinks=False):
+                        if xname != private + "metacopy":
+                            os.setxattr(temp, xname, os.getxattr(real, xname, follow_symlinks=False),
+                                        follow_symlinks=False)
+                    os.chmod(temp, st.S_IMODE(s.st_mode))
+                    os.utime(temp, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
+                    with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
+                        os.rename(temp, os.path.join(up_parent, name))
+                except BaseException:
+                    _discard(temp)
+                    raise
+            new_ino = os.lstat(real).st_ino
+        if s.st_ino in self._origin_ino:  # the overlay inode keeps its number
+            self._origin_ino[new_ino] = self._origin_ino[s.st_ino]
+        self.L.refresh_upper(node.path)
+        return True
 
     def _set_file_redirect(self, rel: str, old_parent: str, old_name: str, samedir: bool) -> None:
         """ovl_set_redirect for a metacopy file about to be renamed or linked, so its data is still found:
@@ -763,7 +814,7 @@ class SimBackend(Backend):
             lower = self._metacopy_data(node)
             if lower is None:
                 raise _err(errno.EIO, p)
-            meta, layer, rel = rel, lower.layer, lower.path
+            meta, layer, rel = (layer, rel), lower.layer, lower.path
         try:
             with self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
@@ -773,7 +824,7 @@ class SimBackend(Backend):
             if writes:
                 self.L.refresh_upper(rel)
         try:
-            ino = self._stat(self.L.lookup(meta or rel)).ino
+            ino = self._stat(self.L.lookup(meta[1] if meta else rel)).ino
         except (OSError, AttributeError):
             ino = None
         return self._keep(_Handle(fd, layer, rel, flags, ino, meta))
@@ -822,7 +873,7 @@ class SimBackend(Backend):
         s = os.fstat(hd.fd)
         if hd.meta is not None:  # the overlay inode's attributes are the upper file's, its blocks the data's
             try:
-                with self._up(hd.meta) as real:
+                with self.L.at(*hd.meta) as real:
                     blocks, s = s.st_blocks, os.lstat(real)
                 return dataclasses.replace(Stat.from_os(s, ino=hd.ino, dev=self.dev), blocks=blocks)
             except OSError:
@@ -1351,7 +1402,10 @@ class SimBackend(Backend):
             s = node.lstat
             upper = node.layer == 0 and self.L.has_upper
             if not (upper or st.S_ISLNK(s.st_mode)):
-                return Stat.from_os(s, dev=self.dev)
+                result = Stat.from_os(s, dev=self.dev)
+                if self._is_metacopy(node) and (lower := self._metacopy_data(node)) is not None:
+                    result = dataclasses.replace(result, blocks=lower.lstat.st_blocks)
+                return result
             with self.L.at(node.layer, node.path) as real:
                 if upper:
                     s = os.lstat(real)  # upper entries change under us
@@ -1417,9 +1471,9 @@ class _Handle:
 
     __slots__ = ("fd", "layer", "path", "flags", "ino", "meta")
 
-    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None, meta: str | None = None):
+    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None, meta: tuple | None = None):
         self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
-        self.meta = meta  # a metacopy file read from its lower data: the upper path that holds its metadata
+        self.meta = meta  # a metacopy file read from its data below: (layer, path) of the file with its metadata
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:

@@ -318,3 +318,56 @@ def test_rename_exchange_of_metacopy_files(tmp_path):
             seen[backend] = (snapshot_upper(ov), snapshot_merged(ov))
     assert seen["sim"] == seen["kernel"]
     assert {p: e[6] for p, e in seen["kernel"][0].items() if e[0] == "file"} == {"a": "/d/b", "c": "/a", "d/b": "/c"}
+
+
+def _layered(t: Path) -> None:
+    """lower0/b is a metacopy file (an earlier overlay's upper, committed as a layer): mode 0600, no data;
+    its data is lower1/b.  lower0/r is one renamed there: redirect "/data/r0" to lower1/data/r0."""
+    prepare(str(t), [{"keep": F("k")}, {"b": F(BIG), "data/r0": F("renamed data\n")}], {})
+    top = t / "lower0"
+    for name, size, redirect in (("b", len(BIG), None), ("r", 13, b"/data/r0")):
+        with open(top / name, "wb") as f:
+            f.truncate(size)
+        os.chmod(top / name, 0o600)
+        os.setxattr(top / name, "trusted.overlay.metacopy", b"")
+        if redirect:
+            os.setxattr(top / name, "trusted.overlay.redirect", redirect)
+
+
+LAYERED_OPS = [("stat", "b"), ("read", "b"), ("read", "r"), ("chmod", "b", 0o640), ("read", "b"),
+               ("append", "b", "+"), ("read", "b"), ("chown", "r", 1, 1), ("rename", "r", "r2"), ("read", "r2")]
+
+
+@needs_root_kernel
+def test_a_metacopy_file_in_a_lower_layer_finds_its_data_below(tmp_path):
+    """A lower layer may hold metacopy files (a committed upper): the merged view shows their metadata with
+    the data of the layer below (following their redirect), copy-up takes that data, not the holes."""
+    seen = {}
+    for backend in ("sim", "kernel"):
+        t = tmp_path / backend
+        _layered(t)
+        seen[backend] = run(backend, str(t), [None, None], LAYERED_OPS, options=MC, prebuilt=True)
+        with _mount2(t, backend) as ov:
+            low = os.stat(t / "lower0" / "b")
+            s = ov.stat("r2")
+            assert (s.size, s.mode, s.uid) == (13, 0o600, 1)
+            assert ov.read_bytes("r2") == b"renamed data\n"
+            assert ov.stat("b").ino == low.st_ino
+            assert ov.read_bytes("b") == BIG + b"+"
+    assert seen["sim"] == seen["kernel"], diff(seen["sim"], seen["kernel"])
+    assert seen["kernel"]["results"][1] == seen["kernel"]["results"][4]  # the data, not zeros
+
+
+@needs_root_kernel
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_a_lower_metacopy_file_without_metacopy_is_refused(tmp_path, backend):
+    _layered(tmp_path)
+    with _mount2(tmp_path, backend, options=None) as ov:
+        with pytest.raises(PermissionError):
+            ov.read_bytes("b")
+        assert ov.read_bytes("keep") == b"k"
+
+
+def _mount2(t, backend, options=MC):
+    lowers, upper, work = layer_roots(str(t), 2)
+    return Overlay(lowers, upper, work, backend=backend, options=options)
