@@ -1454,8 +1454,9 @@ class SimBackend(Backend):
                 os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
             except OSError:
                 return s.st_ino
-        if self._is_metacopy(node) and (lower := self._metacopy_data(node)) is not None:
-            return lower.lstat.st_ino
+        if (self._is_metacopy(node) or self._upper_xattr(node.path, "redirect") is not None) \
+                and (lower := self._metacopy_data(node)) is not None:
+            return lower.lstat.st_ino  # moved or linked with metacopy=on: its redirect names the origin
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):

@@ -371,3 +371,23 @@ def test_a_lower_metacopy_file_without_metacopy_is_refused(tmp_path, backend):
 def _mount2(t, backend, options=MC):
     lowers, upper, work = layer_roots(str(t), 2)
     return Overlay(lowers, upper, work, backend=backend, options=options)
+
+
+@needs_root_kernel
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_moved_and_linked_files_keep_their_inode_number_after_remount(tmp_path, backend):
+    """A metacopy file renamed or linked, even once its data followed, keeps its lower inode number (its
+    origin's) after a remount: the sim finds that origin through the file's redirect."""
+    prepare(str(tmp_path), [LOWER], {})
+    ino = {n: os.stat(tmp_path / "lower0" / n).st_ino for n in ("f", "small", "d/g")}
+    pairs = {"f2": "f", "g2": "d/g", "small": "small", "s2": "small"}
+    with _mount(tmp_path, backend) as ov:
+        ov.chmod("f", 0o600)
+        ov.rename("f", "f2")
+        ov.write_bytes("f2", b"+", append=True)
+        ov.rename("d/g", "g2")
+        ov.link("small", "s2")
+        ov.write_bytes("s2", b"+", append=True)
+        assert {p: ov.stat(p).ino for p in pairs} == {p: ino[q] for p, q in pairs.items()}
+    with _mount(tmp_path, backend) as ov:
+        assert {p: ov.stat(p).ino for p in pairs} == {p: ino[q] for p, q in pairs.items()}
