@@ -506,7 +506,7 @@ class SimBackend(Backend):
                 lower = self._metacopy_data(node)
                 if lower is None:
                     raise _err(errno.EIO, node.path)
-                data_from = (lower.layer, lower.path)
+                data_from = (lower.layer, _in_layer(lower))
             self._install(node.path, node.layer, node.lstat, data,
                           meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode), data_from)
         except OSError as e:
@@ -556,31 +556,34 @@ class SimBackend(Backend):
         key = ("metacopy", node.layer, node.path)
         hit = memo.get(key)
         if hit is None:
-            hit = memo[key] = self._layer_xattr(node.layer, node.path, "metacopy") is not None
+            hit = memo[key] = self._layer_xattr(node.layer, _in_layer(node), "metacopy") is not None
         return hit
 
     def _metacopy_data(self, node) -> Leaf | None:
         """The lower file that holds a metacopy file's data: ovl_lookup goes on below the upper file, at
         the path its ``overlay.redirect`` names (absolute from the root, or a name in the same parent) or
         else at the same path, to the first regular file that is not itself metacopy."""
-        key = ("metacopy-data", node.path)
+        key = ("metacopy-data", node.layer, node.path)
         if key in self.L.memo:
             return self.L.memo[key]
-        found = None
+        found, current = None, node
         path, layer = node.path, node.layer
         for _ in range(len(self.L.roots)):
-            raw = self._layer_xattr(layer, path, "redirect")
+            raw = self._layer_xattr(layer, _in_layer(current), "redirect")
             redirect = os.fsdecode(raw) if raw else None
-            if redirect:
-                parent = path.rpartition("/")[0]
-                path = redirect.strip("/") if redirect.startswith("/") else _join(parent, redirect)
-            found = self._lookup_below(path, layer)
+            parent, _, name = path.rpartition("/")
+            if redirect and redirect.startswith("/"):  # from the root of the layers below
+                path = redirect.strip("/")
+                found = self._lookup_below(path, layer)
+            else:  # in the parent's own lower stack, by the redirect's name or its own
+                path = _join(parent, redirect or name)
+                found = self._child_below(parent, redirect or name, layer)
             if found is None or not st.S_ISREG(found.lstat.st_mode):
                 found = None
                 break
-            if self._layer_xattr(found.layer, found.path, "metacopy") is None:
+            if not self._is_metacopy(found):
                 break
-            layer = found.layer  # a metacopy file in a lower layer too (an earlier overlay's upper): go on
+            current, layer = found, found.layer  # a metacopy file in a lower layer too (a committed upper)
         self.L.memo[key] = found
         return found
 
@@ -590,6 +593,15 @@ class SimBackend(Backend):
                 return os.getxattr(real, self.encoding.private_prefix + name, follow_symlinks=False)
         except OSError:
             return None
+
+    def _child_below(self, parent_path: str, name: str, layer: int) -> Leaf | None:
+        """``name`` in the merged directory ``parent_path``, looked up only in its layers below ``layer``."""
+        parent = self.L.lookup(parent_path)
+        below = tuple(i for i in parent.layers if i > layer) if isinstance(parent, MergedDir) else ()
+        if not below:
+            return None
+        node = self.L.child(MergedDir(parent.path, below), name)  # (with per-layer dir paths: parent.only(below))
+        return node if isinstance(node, Leaf) else None
 
     def _lookup_below(self, path: str, layer: int) -> Leaf | None:
         """``path`` looked up in the layers below ``layer`` only (whiteouts and opaque dirs there count)."""
@@ -611,7 +623,7 @@ class SimBackend(Backend):
             raise _err(errno.EIO, node.path)
         if not data and self._metacopy_empty(node):
             if self.handles and lower is not None:
-                self._redirect_readers(lower.layer, lower.path, node.path)
+                self._redirect_readers(lower.layer, _in_layer(lower), node.path)
             return
         with self._up(node.path) as real:
             caps = None
@@ -624,7 +636,7 @@ class SimBackend(Backend):
                 if not data:
                     os.ftruncate(fd, 0)
                 elif lower.lstat.st_size:
-                    with self.L.at(lower.layer, lower.path) as src, _open_lower(src) as fd_in:
+                    with self.L.at(lower.layer, _in_layer(lower)) as src, _open_lower(src) as fd_in:
                         _copy_data(fd_in, fd)
             finally:
                 os.close(fd)
@@ -633,7 +645,7 @@ class SimBackend(Backend):
             os.removexattr(real, self.encoding.private_prefix + "metacopy", follow_symlinks=False)
         self.L.refresh_upper(node.path)
         if self.handles and lower is not None:
-            self._redirect_readers(lower.layer, lower.path, node.path)
+            self._redirect_readers(lower.layer, _in_layer(lower), node.path)
 
     def _metacopy_empty(self, node: Leaf) -> bool:
         """O_TRUNC of a metacopy file with one link: an empty copy of it (owner, xattrs but overlay.metacopy,
@@ -814,7 +826,7 @@ class SimBackend(Backend):
             lower = self._metacopy_data(node)
             if lower is None:
                 raise _err(errno.EIO, p)
-            meta, layer, rel = (layer, rel), lower.layer, lower.path
+            meta, layer, rel = (layer, rel), lower.layer, _in_layer(lower)
         try:
             with self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
@@ -1475,6 +1487,11 @@ class _Handle:
     def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None, meta: tuple | None = None):
         self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
         self.meta = meta  # a metacopy file read from its data below: (layer, path) of the file with its metadata
+
+
+def _in_layer(leaf: Leaf) -> str:
+    """Where a file is inside its own layer (its merged path; under a redirected directory, that layer's)."""
+    return leaf.path
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:
