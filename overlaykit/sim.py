@@ -548,7 +548,11 @@ class SimBackend(Backend):
 
     def _is_metacopy(self, node) -> bool:
         """Is ``node`` a regular file without its data (``overlay.metacopy`` set): one copied up with
-        metacopy=on, or one in a lower layer that was such an upper (an earlier overlay's, a committed layer)?"""
+        metacopy=on, or one in a lower layer that was such an upper (an earlier overlay's, a committed layer)?
+        Without metacopy=on none is: lookup refused them (see `_check_metacopy_allowed`)."""
+        return self.options.metacopy and self._has_metacopy_mark(node)
+
+    def _has_metacopy_mark(self, node) -> bool:
         if not (isinstance(node, Leaf) and st.S_ISREG(node.lstat.st_mode)):
             return False
         upper = node.layer == 0 and self.L.has_upper
@@ -705,7 +709,7 @@ class SimBackend(Backend):
     def _check_metacopy_allowed(self, node, p: str) -> None:
         """Without metacopy=on the kernel refuses to follow a metacopy file found in upper/ (EPERM,
         "refusing to follow metacopy origin")."""
-        if not self.options.metacopy and self._is_metacopy(node):
+        if not self.options.metacopy and self._has_metacopy_mark(node):
             raise _err(errno.EPERM, p)
 
     def _clear_whiteout(self, d: MergedDir, name: str) -> bool:
