@@ -704,6 +704,8 @@ class Overlay:
         """Copied-up entries carry the kernel's origin xattr; without it an upper entry is new, even when it
         hides a lower one (like the lesson's in_both.txt, put there by hand)."""
         origin = _has_xattr(self._layers.real(0, p), self.encoding.private_prefix + "origin")
+        if st.S_ISREG(up.st_mode) and self._metacopy(p):
+            return "metadata-only"  # metacopy=on: the data is still the lower file's, only metadata was copied
         low = lowers.lookup(p) if lowers.roots else None
         if origin is False or (origin is None and low is None):
             return "new"
@@ -792,7 +794,12 @@ class Overlay:
         if op in _READ_OPS:
             return result
         self._invalidate(impl)
-        if isinstance(moved, Leaf) and layers.name(moved.layer) != "upper":
+        if isinstance(moved, Leaf) and layers.name(moved.layer) != "upper" and \
+                self.options.metacopy and st.S_ISREG(moved.lstat.st_mode):
+            self._record(TraceEvent(op, "copy-up", paths[0], f"rename of a lower entry: copied metadata only "
+                                    f"(metacopy=on): 0 bytes of data from {layers.name(moved.layer)}, "
+                                    f"overlay.redirect written, then renamed to {show(paths[1])}"))
+        elif isinstance(moved, Leaf) and layers.name(moved.layer) != "upper":
             self._record(TraceEvent(op, "copy-up", paths[0], f"rename of a lower entry: "
                                     f"{moved.lstat.st_size if st.S_ISREG(moved.lstat.st_mode) else 0} bytes "
                                     f"copied from {layers.name(moved.layer)}, then renamed to {show(paths[1])}",
@@ -850,7 +857,14 @@ class Overlay:
         if e is ondisk.WHITEOUT:
             return ("whiteout",)
         kind = kind_of(e.st_mode)
-        return (kind, kind == "dir" and layers.is_opaque(0, p), (e.st_ino, e.st_size, e.st_mtime_ns))
+        return (kind, kind == "dir" and layers.is_opaque(0, p), (e.st_ino, e.st_size, e.st_mtime_ns),
+                kind == "file" and self._metacopy(p))
+
+    def _metacopy(self, p: str) -> bool:
+        """Does upper file ``p`` carry ``overlay.metacopy`` (copied up without its data, metacopy=on)?"""
+        if not self.options.metacopy and "metacopy" not in self.requested_options.given:
+            return False  # none are made, and a mount without metacopy=on refuses to look one up
+        return _has_xattr(self._layers.real(0, p), self.encoding.private_prefix + "metacopy") is True
 
     def _trace_changes(self, op: str, p: str, before: dict) -> None:
         if self.upper is None:
@@ -877,6 +891,8 @@ class Overlay:
                 copied = f"{nbytes} bytes copied"
                 if self._truncating and new[0] == "file":  # ovl_copy_up_one: O_TRUNC copies no data
                     nbytes, copied = 0, "0 bytes copied (O_TRUNC: metadata only)"
+                elif len(new) > 3 and new[3]:  # ovl_need_meta_copy_up: with metacopy=on, no data
+                    nbytes, copied = 0, "copied metadata only (metacopy=on): 0 bytes of data"
                 # Both backends build the copy in work/work and rename it into upper/ (ovl_copy_up_workdir).
                 how = f"{copied} into work/, renamed into upper/"
                 indexed = self.options.index and self.work and index.entry_of(
@@ -890,6 +906,12 @@ class Overlay:
                 self._record(TraceEvent(op, "copy-up", p, f"{reason}: {how}, from "
                                              f"{lowers.name(low.layer if isinstance(low, Leaf) else low.layers[0])}",
                                              nbytes=nbytes))
+            elif old is not None and new is not None and old[0] == new[0] == "file" and old[3] and not new[3]:
+                # ovl_copy_up_meta_inode_data: the data follows into the same upper inode
+                nbytes = 0 if self._truncating else old[2][1]
+                self._record(TraceEvent(op, "copy-up", p, f"{COPY_UP_REASON.get(op, op)}: data copied up: "
+                                        f"{nbytes} bytes{' (O_TRUNC)' if self._truncating else ''} into the "
+                                        "metadata-only copy in upper/, overlay.metacopy removed", nbytes=nbytes))
             elif new is not None and (old is None or old[0] == "whiteout"):
                 self._record(TraceEvent(op, "create", p, f"new {new[0]} in upper/"))
             elif new is None and old is not None:

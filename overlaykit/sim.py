@@ -2,8 +2,9 @@
 
 Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
 ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
-index=off, metacopy=off, xino=off.  Where this file and the kernel disagree, the kernel is right and
-the differential tests (tests/test_differential.py) say where.
+index=off, metacopy=off, xino=off; and metacopy=on (metadata-only copy-up, see the "metacopy" section).
+Where this file and the kernel disagree, the kernel is right and the differential tests
+(tests/test_differential.py) say where.
 """
 from __future__ import annotations
 
@@ -136,11 +137,13 @@ class SimBackend(Backend):
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
         self._copied_here: set[str] = set()  # non-directories this mount copied up (see _ino)
+        self._lower_metacopy: dict = {}  # lower files found to be metacopy (or not): see _is_metacopy
         self._origin_ino: dict[int, int] = {}  # upper inode -> its origin's number, for this mount's copy-ups
         self._ino_dev: dict[int, int] = {}  # a lower inode number reported for an overlay entry -> its st_dev
         # One st_dev for the whole merged tree, as the kernel's overlay reports with all layers on one
         # filesystem and xino=off (its own anonymous device); ours is the top layer's device.
         self.dev = os.stat(self.upper or self.lowers[0]).st_dev
+        self.options = ov.options  # resolved at mount: metacopy, redirect_dir ...
         self._workdir_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -248,6 +251,7 @@ class SimBackend(Backend):
                 todo.extend(parts)
                 continue
             if last:
+                self._check_metacopy_allowed(node, p)
                 return parent, name, node
             if isinstance(node, Leaf):
                 raise _err(errno.ENOTDIR, p)
@@ -403,7 +407,8 @@ class SimBackend(Backend):
         except OSError:
             pass
 
-    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, meta: bool = False,
+                 data_from: tuple | None = None) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -419,7 +424,13 @@ class SimBackend(Backend):
                 if is_dir:
                     os.mkdir(temp, 0o700)
                 else:
-                    self._copy_leaf(src, temp, s, data)
+                    if data_from is not None and data and not meta:
+                        with self.L.at(*data_from) as data_src:
+                            self._copy_leaf(data_src, temp, s, data, meta)
+                    else:
+                        self._copy_leaf(src, temp, s, data, meta)
+                if meta:  # ovl_copy_up_metadata: the copy holds no data yet (empty value, as the kernel's)
+                    os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
                 self._copy_meta(src, temp, s, self._origin_value(layer, path))
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
@@ -440,8 +451,8 @@ class SimBackend(Backend):
                         self._ino_dev[s.st_ino] = s.st_dev
                 except OSError:
                     pass
-        if self.handles:
-            self._redirect_readers(layer, path)
+        if self.handles and not meta:  # a metacopy upper holds no data: readers go on reading the lower file
+            self._redirect_readers(*(data_from or (layer, path)), path)
 
     def _has_origin(self, path: str) -> bool:
         try:
@@ -481,11 +492,17 @@ class SimBackend(Backend):
             os.chmod(dst, st.S_IMODE(s.st_mode))
         os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
 
-    def _copy_up(self, node, data: bool = True) -> str:
-        """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/)."""
+    def _copy_up(self, node, data: bool = True, meta: bool = False) -> str:
+        """Copy a lower entry into upper/ (parents first), returning its path (relative to upper/).
+
+        ``data=False``: a truncating open, no data copied.  ``meta=True``: the caller changes metadata only
+        (chmod, chown, utimes, xattrs, link, rename): with metacopy=on a regular file is copied up without
+        its data (ovl_need_meta_copy_up).  A metacopy file that needs its data gets it here."""
         if isinstance(node, MergedDir):
             return self._upper_dir(node)
         if node.layer == 0 and self.L.has_upper:
+            if not meta and self._is_metacopy(node):
+                self._metacopy_fill(node, data)
             return node.path
         self._check_copyable(node)
         parent_path = node.path.rpartition("/")[0]
@@ -499,15 +516,28 @@ class SimBackend(Backend):
             if name:  # index=on: a hard-linked lower file goes through its index entry
                 self._copy_up_indexed(node, name, data)
                 return node.path
-            self._install(node.path, node.layer, node.lstat, data)
+            data_from = None
+            if self._is_metacopy(node):  # a metacopy file in a lower layer: its data is further down
+                lower = self._metacopy_data(node)
+                if lower is None:
+                    raise _err(errno.EIO, node.path)
+                data_from = (lower.layer, _in_layer(lower))
+            self._install(node.path, node.layer, node.lstat, data,
+                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode), data_from)
         except OSError as e:
             raise _err_from(e, node.path) from None
         return node.path
 
-    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True) -> None:
+    def _copy_leaf(self, src: str, dst: str, s: os.stat_result, data: bool = True, meta: bool = False) -> None:
         mode = s.st_mode
         if st.S_ISREG(mode) and not data:  # O_TRUNC: ovl_copy_up_one copies size 0
             os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif st.S_ISREG(mode) and meta:  # metacopy: the lower's size, no data blocks (ovl_set_size)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, s.st_size)
+            finally:
+                os.close(fd)
         elif st.S_ISREG(mode):
             with _open_lower(src) as fd_in:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -521,6 +551,174 @@ class SimBackend(Backend):
             os.mkfifo(dst, 0o600)
         else:
             os.mknod(dst, st.S_IFMT(mode) | 0o600, s.st_rdev)
+
+    # -- metacopy=on: metadata-only copy-up, data found below ------------------------------------------
+    def _upper_xattr(self, path: str, name: str) -> bytes | None:
+        """``overlay.<name>`` of upper entry ``path`` (None if absent), read by name from its parent."""
+        try:
+            with self._up(path) as real:
+                return os.getxattr(real, self.encoding.private_prefix + name, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _is_metacopy(self, node) -> bool:
+        """Is ``node`` a regular file without its data (``overlay.metacopy`` set): one copied up with
+        metacopy=on, or one in a lower layer that was such an upper (an earlier overlay's, a committed layer)?
+        Without metacopy=on none is: lookup refused them (see `_check_metacopy_allowed`)."""
+        return self.options.metacopy and self._has_metacopy_mark(node)
+
+    def _has_metacopy_mark(self, node) -> bool:
+        if not (isinstance(node, Leaf) and st.S_ISREG(node.lstat.st_mode)):
+            return False
+        upper = node.layer == 0 and self.L.has_upper
+        memo = self.L.memo if upper else self._lower_metacopy  # lower layers do not change while mounted
+        key = ("metacopy", node.layer, node.path)
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = self._layer_xattr(node.layer, _in_layer(node), "metacopy") is not None
+        return hit
+
+    def _metacopy_data(self, node) -> Leaf | None:
+        """The lower file that holds a metacopy file's data: ovl_lookup goes on below the upper file, at
+        the path its ``overlay.redirect`` names (absolute from the root, or a name in the same parent) or
+        else at the same path, to the first regular file that is not itself metacopy."""
+        key = ("metacopy-data", node.layer, node.path)
+        if key in self.L.memo:
+            return self.L.memo[key]
+        found, current = None, node
+        path, layer = node.path, node.layer
+        for _ in range(len(self.L.roots)):
+            raw = self._layer_xattr(layer, _in_layer(current), "redirect")
+            redirect = os.fsdecode(raw) if raw else None
+            parent, _, name = path.rpartition("/")
+            if redirect and redirect.startswith("/"):  # from the root of the layers below
+                path = redirect.strip("/")
+                found = self._lookup_below(path, layer)
+            else:  # in the parent's own lower stack, by the redirect's name or its own
+                path = _join(parent, redirect or name)
+                found = self._child_below(parent, redirect or name, layer)
+            if found is None or not st.S_ISREG(found.lstat.st_mode):
+                found = None
+                break
+            if not self._is_metacopy(found):
+                break
+            current, layer = found, found.layer  # a metacopy file in a lower layer too (a committed upper)
+        self.L.memo[key] = found
+        return found
+
+    def _layer_xattr(self, layer: int, path: str, name: str) -> bytes | None:
+        try:
+            with self.L.at(layer, path) as real:
+                return os.getxattr(real, self.encoding.private_prefix + name, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _child_below(self, parent_path: str, name: str, layer: int) -> Leaf | None:
+        """``name`` in the merged directory ``parent_path``, looked up only in its layers below ``layer``."""
+        parent = self.L.lookup(parent_path)
+        below = tuple(i for i in parent.layers if i > layer) if isinstance(parent, MergedDir) else ()
+        if not below:
+            return None
+        node = self.L.child(MergedDir(parent.path, below), name)  # (with per-layer dir paths: parent.only(below))
+        return node if isinstance(node, Leaf) else None
+
+    def _lookup_below(self, path: str, layer: int) -> Leaf | None:
+        """``path`` looked up in the layers below ``layer`` only (whiteouts and opaque dirs there count)."""
+        node = self.L.root(tuple(range(layer + 1, len(self.L.roots))))
+        for name in path.split("/"):
+            if not isinstance(node, MergedDir) or not node.layers:
+                return None
+            node = self.L.child(node, name)
+        return node if isinstance(node, Leaf) else None
+
+    def _metacopy_fill(self, node: Leaf, data: bool = True) -> None:
+        """ovl_copy_up_meta_inode_data: copy the data into the metacopy file's own upper inode (its hard
+        links and its inode number stay), then remove ``overlay.metacopy``.  That removal is the commit:
+        until it, the file is still metacopy and its data is read from below, so a kill part-way leaves
+        a file the kernel reads right (the next write-open copies again, from the start).  ``data=False``
+        (O_TRUNC): nothing to copy, the file is emptied first."""
+        lower = self._metacopy_data(node)
+        if lower is None and data:
+            raise _err(errno.EIO, node.path)
+        if not data and self._metacopy_empty(node):
+            if self.handles and lower is not None:
+                self._redirect_readers(lower.layer, _in_layer(lower), node.path)
+            return
+        with self._up(node.path) as real:
+            caps = None
+            try:
+                caps = os.getxattr(real, "security.capability", follow_symlinks=False)
+            except OSError:
+                pass
+            fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if not data:
+                    os.ftruncate(fd, 0)
+                elif lower.lstat.st_size:
+                    with self.L.at(lower.layer, _in_layer(lower)) as src, _open_lower(src) as fd_in:
+                        _copy_data(fd_in, fd)
+            finally:
+                os.close(fd)
+            if caps is not None:  # writing cleared it; the kernel puts it back
+                os.setxattr(real, "security.capability", caps, follow_symlinks=False)
+            os.removexattr(real, self.encoding.private_prefix + "metacopy", follow_symlinks=False)
+        self.L.refresh_upper(node.path)
+        if self.handles and lower is not None:
+            self._redirect_readers(lower.layer, _in_layer(lower), node.path)
+
+    def _metacopy_empty(self, node: Leaf) -> bool:
+        """O_TRUNC of a metacopy file with one link: an empty copy of it (owner, xattrs but overlay.metacopy,
+        mode, times) is built in work/work and renamed over it, so no kill can leave the states between
+        emptying it and dropping the mark (a metacopy file of size 0 that still reads the lower data, or a
+        full-size file of zeros).  With more links it is done in place (False), as the kernel does."""
+        parent, _, name = node.path.rpartition("/")
+        private = self.encoding.private_prefix
+        with self._up(node.path) as real:
+            s = os.lstat(real)
+            if s.st_nlink != 1:
+                return False
+            with self._temp() as temp:
+                try:
+                    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+                    os.chown(temp, s.st_uid, s.st_gid, follow_symlinks=False)
+                    for xname in os.listxattr(real, follow_symlinks=False):
+                        if xname != private + "metacopy":
+                            os.setxattr(temp, xname, os.getxattr(real, xname, follow_symlinks=False),
+                                        follow_symlinks=False)
+                    os.chmod(temp, st.S_IMODE(s.st_mode))
+                    os.utime(temp, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
+                    with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
+                        os.rename(temp, os.path.join(up_parent, name))
+                except BaseException:
+                    _discard(temp)
+                    raise
+            new_ino = os.lstat(real).st_ino
+        if s.st_ino in self._origin_ino:  # the overlay inode keeps its number
+            self._origin_ino[new_ino] = self._origin_ino[s.st_ino]
+        self.L.refresh_upper(node.path)
+        return True
+
+    def _set_file_redirect(self, rel: str, old_parent: str, old_name: str, samedir: bool) -> None:
+        """ovl_set_redirect for a metacopy file about to be renamed or linked, so its data is still found:
+        the old name within the same directory, else the absolute old path; a redirect already there is
+        kept when it still holds (same directory, or absolute), else made absolute."""
+        node = self.L.lookup(rel)
+        if not self._is_metacopy(node):
+            return
+        raw = self._upper_xattr(rel, "redirect")
+        old = os.fsdecode(raw) if raw else None
+        if old and (samedir or old.startswith("/")):
+            return
+        value = old_name if samedir else "/" + _join(old_parent, old or old_name)
+        with self._up(rel) as real:
+            os.setxattr(real, self.encoding.private_prefix + "redirect", os.fsencode(value), follow_symlinks=False)
+        self.L.refresh_upper(rel)
+
+    def _check_metacopy_allowed(self, node, p: str) -> None:
+        """Without metacopy=on the kernel refuses to follow a metacopy file found in upper/ (EPERM,
+        "refusing to follow metacopy origin")."""
+        if not self.options.metacopy and self._has_metacopy_mark(node):
+            raise _err(errno.EPERM, p)
 
     def _clear_whiteout(self, d: MergedDir, name: str) -> bool:
         ents = self.L.entries(0, d.path)
@@ -630,7 +828,7 @@ class SimBackend(Backend):
             if writes:
                 self._writable(p)
                 self._may(node, os.W_OK, p)
-                if layer != 0 or not self.L.has_upper:
+                if layer != 0 or not self.L.has_upper or self._is_metacopy(node):
                     self._copy_up(node, data=not flags & os.O_TRUNC)
                     layer = 0
             elif not self.root_user:
@@ -638,6 +836,12 @@ class SimBackend(Backend):
         entry = self._index_name(node) if not writes and isinstance(node, Leaf) and layer != 0 else None
         if entry and self._index_lstat(entry) is None:
             entry = None
+        meta = None
+        if entry is None and not writes and self._is_metacopy(node):  # no data in upper yet: ovl_open opens the lower data
+            lower = self._metacopy_data(node)
+            if lower is None:
+                raise _err(errno.EIO, p)
+            meta, layer, rel = (layer, rel), lower.layer, _in_layer(lower)
         try:  # index=on: a lower alias whose inode was copied up reads its index entry (ovl_lookup_index)
             with self._index_at(entry) if entry else self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
@@ -647,10 +851,10 @@ class SimBackend(Backend):
             if writes:
                 self.L.refresh_upper(rel)
         try:
-            ino = self._stat(self.L.lookup(rel)).ino
+            ino = self._stat(self.L.lookup(meta[1] if meta else rel)).ino
         except (OSError, AttributeError):
             ino = None
-        return self._keep(_Handle(fd, layer, rel, flags, ino))
+        return self._keep(_Handle(fd, layer, rel, flags, ino, meta))
 
     def _keep(self, h: "_Handle") -> int:
         self._next_handle = getattr(self, "_next_handle", 0) + 1
@@ -663,19 +867,20 @@ class SimBackend(Backend):
         except KeyError:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
 
-    def _redirect_readers(self, layer: int, path: str) -> None:
+    def _redirect_readers(self, layer: int, path: str, upper_path: str | None = None) -> None:
         """After ``path`` of ``layer`` was copied up: handles opened read-only on the lower file read the
         upper copy from now on (ovl_real_fdget_meta reopens the real file when the inode was copied up,
         so on Linux 4.19+ an fd opened before a copy-up sees what is written after it)."""
         for h in self.handles.values():
             if (h.layer, h.path) == (layer, path):
+                target = upper_path or path
                 try:
-                    with self._up(path) as real:
+                    with self._up(target) as real:
                         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except OSError:
                     continue
                 os.close(h.fd)
-                h.fd, h.layer = fd, 0
+                h.fd, h.layer, h.path, h.meta = fd, 0, target, None
 
     def pread(self, h: int, n: int, offset: int) -> bytes:
         try:
@@ -696,6 +901,13 @@ class SimBackend(Backend):
         ino, dev = hd.ino if hd.ino is not None else s.st_ino, self.dev
         if not self._inode_map.same_fs:
             dev, ino = self._inode_map.map(self._ino_dev.get(ino, s.st_dev), ino, st.S_ISDIR(s.st_mode))
+        if hd.meta is not None:  # the overlay inode's attributes are the upper file's, its blocks the data's
+            try:
+                with self.L.at(*hd.meta) as real:
+                    blocks, s = s.st_blocks, os.lstat(real)
+                return dataclasses.replace(Stat.from_os(s, ino=ino, dev=dev), blocks=blocks)
+            except OSError:
+                pass
         return Stat.from_os(s, ino=ino, dev=dev)
 
     def ftruncate(self, h: int, size: int) -> None:
@@ -737,7 +949,7 @@ class SimBackend(Backend):
         # Setting both times to "now" needs only write access; anything else needs the owner (utimensat(2)).
         self._owner_or_writable(node, p, times is None and (ns is None or tuple(ns) == ("now", "now")))
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 if ns is not None and any(isinstance(v, str) for v in ns):
                     from ._nsworker import utimensat
                     utimensat(real, ns, False)
@@ -893,7 +1105,9 @@ class SimBackend(Backend):
         if replaced:  # a name of an indexed inode goes: its merged link count drops (ovl_nlink_start)
             self._unlink_indexed(dnode, replaced)
         old_opaque = s_dir and self.L.is_opaque(0, snode.path)
-        src_rel = self._copy_up(snode)
+        src_rel = self._copy_up(snode, meta=True)
+        if not s_dir:
+            self._set_file_redirect(src_rel, sparent.path, sname, sparent.path == dparent.path)
         lower_positive = self._lower_positive(sparent, sname)
         self._upper_dir(dparent)
         dparent = self._refresh(dparent)
@@ -927,7 +1141,7 @@ class SimBackend(Backend):
         if not self.root_user and self._node_stat(node).st_uid != os.geteuid():
             raise _err(errno.EPERM, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 _chmod_nofollow(real, mode)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -944,7 +1158,7 @@ class SimBackend(Backend):
                                        and (gid == -1 or gid in os.getgroups() or gid == os.getegid())):
             raise _err(errno.EPERM, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.chown(real, uid, gid, follow_symlinks=False)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -957,7 +1171,7 @@ class SimBackend(Backend):
             raise _err(errno.ENOENT, p)
         self._may_write_xattr(node, name, p)
         try:
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.setxattr(real, self._escape(name), value, flags, follow_symlinks=False)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -1017,7 +1231,7 @@ class SimBackend(Backend):
             if not (self.L.has_upper and layer == 0):
                 with self.L.at(layer, node.path) as real:
                     os.getxattr(real, self._escape(name), follow_symlinks=False)
-            with self._up(self._copy_up(node)) as real:
+            with self._up(self._copy_up(node, meta=True)) as real:
                 os.removexattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -1080,7 +1294,11 @@ class SimBackend(Backend):
                 raise _err(errno.EXDEV, src, dst)
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
-        s_rel, d_rel = self._copy_up(snode), self._copy_up(dnode)
+        s_rel, d_rel = self._copy_up(snode, meta=True), self._copy_up(dnode, meta=True)
+        if not isinstance(snode, MergedDir):
+            self._set_file_redirect(s_rel, sparent.path, sname, sparent.path == dparent.path)
+        if not isinstance(dnode, MergedDir):
+            self._set_file_redirect(d_rel, dparent.path, dname, sparent.path == dparent.path)
         try:
             with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
                 renameat2(s_real, d_real, RENAME_EXCHANGE)
@@ -1126,7 +1344,9 @@ class SimBackend(Backend):
         if isinstance(snode, MergedDir):
             raise _err(errno.EPERM, src, dst)
         self._reserved_name(dname, dst)
-        src_rel = self._copy_up(snode)
+        src_rel = self._copy_up(snode, meta=True)
+        sparent_path, _, sname = snode.path.rpartition("/")
+        self._set_file_redirect(src_rel, sparent_path, sname, False)  # ovl_set_link_redirect: absolute
         self._create_prep(self._refresh(dparent), dname, dst)
         dst_rel = _join(dparent.path, dname)
         try:
@@ -1228,12 +1448,20 @@ class SimBackend(Backend):
             s = node.lstat
             upper = node.layer == 0 and self.L.has_upper
             if not (upper or st.S_ISLNK(s.st_mode)):
-                return Stat.from_os(s, dev=self.dev)
+                result = Stat.from_os(s, dev=self.dev)
+                if self._is_metacopy(node) and (lower := self._metacopy_data(node)) is not None:
+                    result = dataclasses.replace(result, blocks=lower.lstat.st_blocks)
+                return result
             with self.L.at(node.layer, node.path) as real:
                 if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
-            return Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
+            result = Stat.from_os(s, target, ino=self._ino(node, s), dev=self.dev)
+            if self._is_metacopy(node):  # ovl_getattr: st_blocks of the lower data, the upper has none
+                lower = self._metacopy_data(node)
+                if lower is not None:
+                    result = dataclasses.replace(result, blocks=lower.lstat.st_blocks)
+            return result
         layer = node.layers[0]
         s = None
         if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
@@ -1277,6 +1505,9 @@ class SimBackend(Backend):
         if origin:  # ovl_check_origin: the lower inode is found by its handle, whatever its name now
             low = self._decode_origin(origin, s)
             return low.st_ino if low is not None and low.st_nlink == 1 else s.st_ino
+        if (self._is_metacopy(node) or self._upper_xattr(node.path, "redirect") is not None) \
+                and (lower := self._metacopy_data(node)) is not None:
+            return lower.lstat.st_ino  # moved or linked with metacopy=on: its redirect names the origin
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):
@@ -1529,10 +1760,16 @@ class SimBackend(Backend):
 class _Handle:
     """An open file of the sim: the real fd (in upper/ or a lower layer) and where it was opened."""
 
-    __slots__ = ("fd", "layer", "path", "flags", "ino")
+    __slots__ = ("fd", "layer", "path", "flags", "ino", "meta")
 
-    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None):
+    def __init__(self, fd: int, layer: int, path: str, flags: int, ino: int | None = None, meta: tuple | None = None):
         self.fd, self.layer, self.path, self.flags, self.ino = fd, layer, path, flags, ino
+        self.meta = meta  # a metacopy file read from its data below: (layer, path) of the file with its metadata
+
+
+def _in_layer(leaf: Leaf) -> str:
+    """Where a file is inside its own layer (its merged path; under a redirected directory, that layer's)."""
+    return leaf.path
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:

@@ -200,7 +200,7 @@ def snapshot_upper(ov: Overlay) -> dict:
                         h = hashlib.sha256(f.read()).hexdigest()[:12]
                 except PermissionError:  # a copied-up file of mode 000, say
                     h = "unreadable"
-                out[p] = ("file", oct(st.S_IMODE(s.st_mode)), s.st_size, s.st_nlink, h)
+                out[p] = ("file", oct(st.S_IMODE(s.st_mode)), s.st_size, s.st_nlink, h) + file_marks(real, enc)
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
     return out
 
@@ -264,6 +264,31 @@ def snapshot_overlay_xattrs(ov: Overlay) -> dict:
 
 def kind_name(mode: int) -> str:
     return "whiteout" if st.S_ISCHR(mode) else "dir" if st.S_ISDIR(mode) else "file" if st.S_ISREG(mode) else "other"
+
+
+def file_marks(real: str, enc: Encoding) -> tuple:
+    """What metacopy=on leaves on an upper file: ``overlay.metacopy`` present, the file's
+    ``overlay.redirect`` (where its data is found after a rename or link) and whether it holds no data
+    at all (SEEK_DATA finds none: portable, unlike st_blocks, which an xattr block can make non-zero)."""
+    def xattr(name):
+        try:
+            return os.getxattr(real, f"{enc.xattr_ns}.overlay.{name}", follow_symlinks=False)
+        except OSError:
+            return None
+    metacopy = xattr("metacopy") is not None
+    redirect = xattr("redirect")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return (metacopy, redirect, "unreadable")
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+        no_data = False
+    except OSError:  # ENXIO: nothing but a hole (or an empty file)
+        no_data = True
+    finally:
+        os.close(fd)
+    return (metacopy, redirect and redirect.decode(errors="replace"), no_data)
 
 
 def prepare(tmp: str, lowers_spec: list[dict], upper_spec: dict | None, *, read_only: bool = False,

@@ -296,3 +296,68 @@ def test_leftovers_in_work_do_not_reach_the_merged_view(tmp_path):
         assert ov.listdir() == ["a", "top.txt"]
         ov.write_text("top.txt", "x", append=True)
         assert ov.read_text("top.txt") == "top\nx"
+
+
+# -- metacopy=on: the data of a metacopy file follows into the same upper inode --------------------
+CHILD_METACOPY = textwrap.dedent("""
+    import sys, time
+    from overlaykit import Overlay
+    lower, upper, work, backend, op = sys.argv[1:]
+    ov = Overlay([lower], upper, work, backend=backend, trace=False, options="metacopy=on").mount()
+    print("ready", flush=True)
+    if op == "append":
+        ov.write_bytes("data/big.bin", b"TAIL", append=True)
+    else:
+        ov.write_bytes("data/big.bin", b"NEW")
+    print("done", flush=True)
+    time.sleep(600)
+""")
+
+
+def _metacopy_data_half_in(up: Path) -> bool:
+    try:
+        return os.lstat(up).st_blocks * 512 >= BIG // 2
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (ROOT and KERNEL.available), reason="metacopy=on needs root (trusted xattrs)")
+@pytest.mark.parametrize("op", ["append", "write"])
+@pytest.mark.parametrize("moment", ["start", "half", "done"])
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_a_kill_while_a_metacopy_file_gets_its_data_leaves_a_file_read_right(fast_tmp, backend, moment, op):
+    """ovl_copy_up_meta_inode_data copies into the metacopy file's own upper inode and removes
+    ``overlay.metacopy`` last: killed before that, the file is still metacopy, its upper bytes unused, and
+    both judges read the lower data (with the chmod'ed mode); after it, the whole new data.  A truncating
+    write (the sim replaces the file by an empty copy built in work/work) leaves old, empty or new."""
+    d = big_layers(fast_tmp)
+    with Overlay([d["lower"]], d["upper"], d["work"], backend=backend, trace=False, options="metacopy=on") as ov:
+        ov.chmod("data/big.bin", 0o600)
+    up = d["upper"] / "data" / "big.bin"
+    assert os.getxattr(up, "trusted.overlay.metacopy") == b"" and os.lstat(up).st_blocks * 512 < BIG // 2
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", CHILD_METACOPY, str(d["lower"]), str(d["upper"]), str(d["work"]),
+                              backend, op], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        if moment == "done":
+            assert child.stdout.readline().strip() == "done"
+        else:
+            deadline = time.monotonic() + 10
+            while moment == "half" and not _metacopy_data_half_in(up) and child.poll() is None \
+                    and time.monotonic() < deadline:
+                pass
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    time.sleep(0.2)
+    for judge in ("sim", "kernel"):
+        with Overlay([d["lower"]], d["upper"], d["work"], backend=judge, trace=False, options="metacopy=on") as ov:
+            h, s = digest(ov.read_bytes("data/big.bin")), ov.stat("data/big.bin")
+        sizes = {OLD: BIG, NEW[op]: len(b"NEW") if op == "write" else BIG + 4, EMPTY: 0}
+        assert h in ({OLD, NEW[op], EMPTY} if op == "write" else {OLD, NEW[op]}) and s.mode == 0o600, (judge, moment)
+        assert s.size == sizes[h], (judge, moment)  # size and data agree
+        if moment == "done":
+            assert h == NEW[op]

@@ -491,3 +491,35 @@ def test_hard_links_stay_together_with_index_on(stack):
     finally:
         m.unmount()
     assert len(os.listdir(os.path.join(work, "index"))) == 1
+
+
+@needs_fuse
+@pytest.mark.skipif(not ROOT or not capabilities()["kernel"].available,
+                    reason="metacopy=on needs root (trusted xattrs) and a kernel overlay to judge")
+def test_chmod_through_overlaykit_fuse_with_metacopy_copies_no_data(tmp_path):
+    """``chmod`` on overlaykit-fuse -o metacopy=on leaves a data-less upper file marked overlay.metacopy,
+    and the kernel's overlay then reads the lower data through it, with the new mode."""
+    data = bytes(range(256)) * 400
+    lower, upper, work, mnt = (str(tmp_path / n) for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, mnt):
+        os.makedirs(d)
+    with open(os.path.join(lower, "f"), "wb") as f:
+        f.write(data)
+    os.chmod(tmp_path, 0o755)
+    m = FuseMount(overlaykit_fuse_argv([lower], upper, work, mnt, ",metacopy=on"), mnt, str(tmp_path))
+    try:
+        os.chmod(os.path.join(mnt, "f"), 0o600)
+        with open(os.path.join(mnt, "f"), "rb") as f:
+            assert f.read() == data
+    finally:
+        m.unmount()
+    real = os.path.join(upper, "f")
+    assert os.getxattr(real, "trusted.overlay.metacopy") == b"" and os.lstat(real).st_size == len(data)
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):  # ENXIO: nothing but a hole
+            os.lseek(fd, 0, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    with Overlay([lower], upper, work, backend="kernel", options="metacopy=on") as ov:
+        assert ov.read_bytes("f") == data and ov.stat("f").mode == 0o600
