@@ -199,6 +199,8 @@ def _parse_tar(chunks, *, what: str = "layer", scanned=None
         # symlink): the same entry _entry_from_member would make, built without its checks' overhead
         name, t, tsize, tmode, uid, gid, mtime, tlink, _maj, _min, off, pax_xattrs = m
         kind = fast_types.get(t)
+        if kind == "dir" and name[-1:] == "/":  # tar writes directories as "name/"
+            name = name[:-1]
         if (kind is not None and pax_xattrs is None and 0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX
                 and len(name) <= _NAME_MAX and name.isascii() and ".." not in name and "//" not in name
                 and "/./" not in name and "\x00" not in name and name[:1] not in ("/", ".", "")
@@ -781,6 +783,7 @@ class _Applier:
         self._masked = umask | 0o7000
         self._ids = (os.geteuid(), os.getegid())
         self._dir_gid: dict[str, int] = {}  # real directory -> its group (from stat, or set by us)
+        self._dir_attrs: dict[str, tuple] = {}  # real directory -> (uid, gid, mode) we gave it
         try:
             if any(n.startswith("system.posix_acl_default") for n in os.listxattr(self.root)):
                 self._masked = 0o7777
@@ -791,6 +794,7 @@ class _Applier:
         """A directory or symlink went away: every cached resolution may be stale."""
         self._dirs = {".": self.root}
         self._dir_gid = {}
+        self._dir_attrs = {}
 
     def _needs_chown(self, e: LayerEntry, parent: str) -> bool:
         """Would a new file in ``parent`` be owned by someone other than ``e.uid:e.gid`` (as root)?"""
@@ -817,6 +821,7 @@ class _Applier:
             if not create:
                 return None
             os.mkdir(cur, 0o755)
+            self._dir_attrs.pop(cur, None)
             self._dirs[rel] = cur
             return cur
         if stat.S_ISLNK(st.st_mode):
@@ -851,6 +856,7 @@ class _Applier:
                 if not create:
                     return None
                 os.mkdir(cur, 0o755)
+                self._dir_attrs.pop(cur, None)
                 stack.append(comp)
                 continue
             if stat.S_ISLNK(st.st_mode):
@@ -956,11 +962,13 @@ class _Applier:
             if self._dirs.get(e.path) != p:  # not already known to be this very directory
                 try:
                     os.mkdir(p, 0o700)
+                    self._dir_attrs.pop(p, None)
                 except FileExistsError:
                     st = os.lstat(p)
                     if not stat.S_ISDIR(st.st_mode):
                         self._remove(p)
                         os.mkdir(p, 0o700)
+                        self._dir_attrs.pop(p, None)
                 self._dirs[e.path] = p
             self._attrs(p, e)
             return
@@ -987,13 +995,18 @@ class _Applier:
         """Owner, mode, xattrs and times of ``p`` (a path, or an open fd of a regular file)."""
         link = e.type == "symlink"
         follow = {} if fd_based else {"follow_symlinks": False}
+        if e.type == "dir" and not e.xattrs and self._dir_attrs.get(p) == (e.uid, e.gid, e.mode):
+            self.dir_times[p] = (e.mtime, e.mtime)  # owner and mode already set, by a lower layer's entry
+            return
         if self.as_root:
             os.chown(p, e.uid, e.gid, **follow)
             if e.type == "dir":
                 self._dir_gid[p] = e.gid
         if not link:
             os.chmod(p, e.mode)
-        for k, v in sorted(e.xattrs.items()):
+        if e.type == "dir":
+            self._dir_attrs[p] = (e.uid, e.gid, e.mode)
+        for k, v in sorted(e.xattrs.items()) if e.xattrs else ():
             if k.startswith(_OVERLAY_XATTR_PREFIXES):
                 self.warnings.append(f"dropped overlay xattr {k} on {e.path}")
                 continue

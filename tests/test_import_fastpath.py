@@ -183,3 +183,44 @@ def test_flatten_modes_are_exact_for_an_unprivileged_user_too(tmp_path):
             assert stat.S_IMODE(os.lstat(p).st_mode) == extra["mode"], (umask, name)
             if extra["mode"] & 0o400 or os.geteuid() == 0:
                 assert p.read_text() == payload
+
+
+def test_a_directory_declared_again_gets_the_upper_layers_attributes_even_after_removal(tmp_path):
+    """Directory owner/mode are set once and skipped when a higher layer declares the same ones: the
+    record of what was set must die with the directory (whiteout, opaque parent, replacement)."""
+    ids = {"uid": 5, "gid": 6} if os.geteuid() == 0 else {}
+
+    def tar(*members):
+        out = []
+        for m in members:
+            extra = dict(m[3]) if len(m) > 3 else {}
+            out.append((*m[:3], extra))
+        return Layer.from_tar(make_tar(*out))
+
+    def layer_with_ids(members):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name, kind, mode, mtime in members:
+                ti = tarfile.TarInfo(name)
+                ti.mode, ti.mtime = mode, mtime
+                ti.uid, ti.gid = ids.get("uid", 0), ids.get("gid", 0)
+                if kind == "dir":
+                    ti.type = tarfile.DIRTYPE
+                    tf.addfile(ti)
+                else:
+                    tf.addfile(ti, io.BytesIO(b""))
+        return Layer.from_tar(buf.getvalue())
+
+    layers = [
+        layer_with_ids([("d", "dir", 0o700, 10), ("d/sub", "dir", 0o711, 11), ("e", "dir", 0o750, 12)]),
+        tar(("d/.wh.sub", "file"), (".wh.e", "file")),                     # both removed
+        tar(("d/sub/x", "file", "x"), ("e/y", "file", "y")),               # both made again, implicitly
+        layer_with_ids([("d/sub", "dir", 0o711, 20), ("e", "dir", 0o750, 21)]),  # declared as in layer 0
+        layer_with_ids([("d", "dir", 0o700, 30)]),                          # same attributes, new mtime
+    ]
+    flatten(layers, tmp_path / "root")
+    for rel, mode, mtime in (("d", 0o700, 30), ("d/sub", 0o711, 20), ("e", 0o750, 21)):
+        st_ = os.lstat(tmp_path / "root" / rel)
+        assert (stat.S_IMODE(st_.st_mode), st_.st_mtime) == (mode, mtime), rel
+        if ids:
+            assert (st_.st_uid, st_.st_gid) == (5, 6), rel
