@@ -398,12 +398,9 @@ class Layer:
 
     @classmethod
     def from_source(cls, src: "tarstream.Source", *, compression: str | None = None,
-                    max_size: int = MAX_LAYER_BYTES, what: str = "layer", digest: str | None = None,
-                    hasher: "tarstream.RegionHash | None" = None) -> "Layer":
-        """A layer whose blob is ``src`` (parsed here in one streaming pass).
-
-        An uncompressed blob in a file is parsed by seeking from header to header while a worker thread
-        hashes it (``hasher``: its hash, queued ahead by the caller, e.g. for every layer of an image)."""
+                    max_size: int = MAX_LAYER_BYTES, what: str = "layer", digest: str | None = None) -> "Layer":
+        """A layer whose blob is ``src`` (parsed here in one streaming pass; an uncompressed blob in a
+        file with ``tarstream.scan_file``, which seeks past the data of large files)."""
         detected = tarstream.detect(src.pread(4, 0))
         if compression is None:
             compression = detected
@@ -411,10 +408,8 @@ class Layer:
             raise LayerError(f"layer declared {compression} but its bytes look like {detected}")
         if compression == "none" and isinstance(src, tarstream.FileSource):
             if src.size > max_size:
-                if hasher is not None:
-                    hasher.close()
                 raise LayerError(f"{what}: {src.size}+ bytes exceeds the limit of {max_size}")
-            parsed = _parse_tar(None, what=what, scanned=tarstream.scan_file(src, what=what, hasher=hasher))
+            parsed = _parse_tar(None, what=what, scanned=tarstream.scan_file(src, what=what))
         else:
             chunks = tarstream.decompressed(src.chunks(), compression, max_size=max_size, what=what)
             parsed = _parse_tar(chunks, what=what)

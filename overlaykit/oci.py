@@ -161,24 +161,11 @@ def load(path, *, max_layer_size: int = MAX_LAYER_BYTES) -> list[Image]:
 
 
 def _layer(src: tarstream.Source, compression: str | None, what: str, max_size: int,
-           digest: str | None = None, hasher: tarstream.RegionHash | None = None) -> Layer:
+           digest: str | None = None) -> Layer:
     try:
-        return Layer.from_source(src, compression=compression, max_size=max_size, what=what, digest=digest,
-                                 hasher=hasher)
+        return Layer.from_source(src, compression=compression, max_size=max_size, what=what, digest=digest)
     except LayerError as e:
         raise LayerError(f"{what}: {e}") from None
-
-
-def _hashers(sources, max_size: int) -> dict:
-    """The sha256 of every uncompressed layer in the archive file, queued now on the worker threads, so
-    the layers are hashed (two at a time on two cores) while their headers are parsed one by one."""
-    out = {}
-    for key, lsrc in sources:
-        if (key not in out and isinstance(lsrc, tarstream.FileSource) and lsrc.size <= max_size
-                and tarstream.detect(lsrc.pread(4, 0)) == "none"):
-            out[key] = tarstream.RegionHash(lsrc)
-    tarstream.hash_regions(list(out.values()))
-    return out
 
 
 def _load_docker(src: _Source, max_size: int) -> list[Image]:
@@ -202,16 +189,9 @@ def _load_docker(src: _Source, max_size: int) -> list[Image]:
         for i, lp in enumerate(m["Layers"]):
             if not isinstance(lp, str):
                 raise LayerError(f"{src.path}: manifest.json entry {n}: layer {i} is not a path")
-        hashers = _hashers([(lp, src.source(lp, "layer")) for lp in m["Layers"] if lp not in cache], max_size)
-        try:
-            for lp in m["Layers"]:
-                if lp not in cache:
-                    cache[lp] = _layer(src.source(lp, "layer"), None, f"{src.path}: layer {lp}", max_size,
-                                       hasher=hashers.pop(lp, None))
-                layers.append(cache[lp])
-        finally:
-            for h in hashers.values():
-                h.close()
+            if lp not in cache:
+                cache[lp] = _layer(src.source(lp, "layer"), None, f"{src.path}: layer {lp}", max_size)
+            layers.append(cache[lp])
         tags = [t for t in m.get("RepoTags") or [] if isinstance(t, str)]
         name = tags[0] if tags else sha256_digest(cfg_bytes)
         try:

@@ -436,17 +436,23 @@ def _num(b: bytes, what: str, offset: int) -> int:
 
 
 class _FileReader:
-    """``_Reader`` over an uncompressed tar in a file: it reads ahead in chunks, but seeks past file data
-    instead of reading it (the sha256 is a ``RegionHash`` computed on a worker thread meanwhile)."""
+    """``_Reader`` over an uncompressed tar in a file: it reads ahead in chunks and hashes each chunk as
+    it reads it, but seeks past the data of large files, whose bytes it then hashes in big reads.
 
-    __slots__ = ("_fd", "_start", "_size", "_buf", "_pos", "_base", "hash", "eof", "_what")
+    No thread: a hashing thread overlaps with parsing on an idle core, but on a busy machine every
+    hand-over of the GIL to it stalls the parser for a scheduler wake-up, and a second copy of every
+    byte is more work in all."""
 
-    def __init__(self, src: "FileSource", hasher: "RegionHash"):
+    __slots__ = ("_fd", "_start", "_size", "_buf", "_pos", "_base", "_hashed", "_h", "hash", "eof", "_what")
+
+    def __init__(self, src: "FileSource"):
         self._fd, self._start, self._size = src.file.fd, src.offset, src.size
         self._buf = b""
         self._pos = 0
         self._base = 0
-        self.hash = hasher
+        self._hashed = 0  # the sha256 covers bytes [0, _hashed)
+        self._h = hashlib.sha256()
+        self.hash = self
         self.eof = False
         self._what = repr(src)
 
@@ -454,14 +460,34 @@ class _FileReader:
     def offset(self) -> int:
         return self._base + self._pos
 
+    def _shrank(self, at: int):
+        return _layer_error(f"{self._what}: file shrank while reading (at byte {at} of {self._size})")
+
+    def _hash_to(self, end: int) -> None:
+        """Hash the bytes skipped so far, up to ``end``, in large reads."""
+        pos = self._hashed
+        if pos >= end:
+            return
+        buf = bytearray(min(end - pos, _GAP_CHUNK))
+        mv = memoryview(buf)
+        while pos < end:
+            n = os.preadv(self._fd, [mv[:min(end - pos, len(buf))]], self._start + pos)
+            if n <= 0:
+                raise self._shrank(pos)
+            self._h.update(mv[:n])
+            pos += n
+        self._hashed = pos
+
     def read(self, n: int) -> bytes:
         if len(self._buf) - self._pos < n:
             base = self._base + self._pos
             want = min(max(n, _READ_AHEAD), self._size - base)
+            self._hash_to(base)
             data = os.pread(self._fd, want, self._start + base) if want > 0 else b""
             if len(data) < want:
-                raise _layer_error(f"{self._what}: file shrank while reading (at byte {base + len(data)} "
-                                   f"of {self._size})")
+                raise self._shrank(base + len(data))
+            self._h.update(data)
+            self._hashed = base + len(data)
             if len(data) < n:
                 self.eof = True
             self._buf, self._pos, self._base = data, 0, base
@@ -482,115 +508,28 @@ class _FileReader:
         return n
 
     def drain(self) -> int:
+        self._hash_to(self._size)
         self.eof = True
         return self._size
 
-
-_READ_AHEAD = 1 << 18
-
-
-class RegionHash:
-    """sha256 of a ``FileSource`` region, computed on a worker thread (``hexdigest`` waits for it).
-
-    The workers read into one reused buffer and hash it with the GIL released, so hashing a layer
-    overlaps with parsing its headers, and, for an image, the layers are hashed two at a time on a
-    machine with two cores (``hash_regions``). Memory: one buffer per worker."""
-
-    def __init__(self, src: "FileSource"):
-        self.src = src
-        self._done = threading.Event()
-        self._digest: str | None = None
-        self._error: BaseException | None = None
-        self.cancelled = False
-
-    def _run(self, buf: bytearray) -> None:
-        try:
-            if not self.cancelled:
-                h = hashlib.sha256()
-                fd, off, left = self.src.file.fd, self.src.offset, self.src.size
-                mv = memoryview(buf)
-                while left > 0 and not self.cancelled:
-                    n = os.preadv(fd, [mv[:min(left, len(buf))]], off)
-                    if n <= 0:
-                        raise _layer_error(f"{self.src}: file shrank while reading "
-                                           f"(at byte {self.src.size - left} of {self.src.size})")
-                    h.update(mv[:n])
-                    off += n
-                    left -= n
-                self._digest = h.hexdigest()
-        except BaseException as e:  # re-raised in the thread that asks for the digest
-            self._error = e
-        finally:
-            self._done.set()
-
+    # the reader is its own ``hash``
     def hexdigest(self) -> str:
-        _ensure_started(self)
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._digest  # type: ignore[return-value]
+        self._hash_to(self._size)
+        return self._h.hexdigest()
 
     def close(self) -> None:
-        """Stop early (the layer failed to parse): the worker moves on to the next region."""
-        if self._digest is None and self._error is None:
-            self.cancelled = True
+        pass
 
 
-_HASH_BUFFER = 8 << 20  # large: a worker needs the GIL once per buffer, and may wait 5 ms for it
-_HASH_WORKERS = max(1, min(2, os.cpu_count() or 1))
-_hash_jobs: "queue.SimpleQueue[RegionHash]" = queue.SimpleQueue()
-_hash_threads: list = []
-_hash_lock = threading.Lock()
+_READ_AHEAD = 1 << 18
+_GAP_CHUNK = 4 << 20
 
 
-def _forget_workers() -> None:  # a forked child has none of its parent's threads
-    global _hash_jobs, _hash_lock
-    _hash_threads.clear()
-    _hash_jobs = queue.SimpleQueue()
-    _hash_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_workers)
-
-
-def _hash_worker() -> None:
-    buf = bytearray(_HASH_BUFFER)
-    while True:
-        _hash_jobs.get()._run(buf)
-
-
-def _ensure_started(job: RegionHash) -> None:
-    if getattr(job, "_queued", False):
-        return
-    hash_regions([job])
-
-
-def hash_regions(jobs: list[RegionHash]) -> list[RegionHash]:
-    """Queue the hashes (in order) on the worker threads, started on first use."""
-    with _hash_lock:
-        for job in jobs:
-            if not getattr(job, "_queued", False):
-                job._queued = True  # type: ignore[attr-defined]
-                _hash_jobs.put(job)
-        want = min(_HASH_WORKERS, _hash_jobs.qsize() + len(_hash_threads))
-        while len(_hash_threads) < want:
-            t = threading.Thread(target=_hash_worker, name="overlaykit-sha256", daemon=True)
-            t.start()
-            _hash_threads.append(t)
-    return jobs
-
-
-def scan_file(src: "FileSource", *, what: str = "layer", hasher: RegionHash | None = None
-              ) -> tuple[list[tuple], int, str]:
-    """``scan`` of an uncompressed tar that is a region of a file: the headers are read, the file data
-    is seeked past, and the sha256 comes from a ``RegionHash`` (``hasher``, queued earlier, or a new one)."""
-    hasher = hasher or RegionHash(src)
-    _ensure_started(hasher)
-    r = _FileReader(src, hasher)
-    try:
-        return _scan(r)
-    finally:
-        hasher.close()
+def scan_file(src: "FileSource", *, what: str = "layer") -> tuple[list[tuple], int, str]:
+    """``scan`` of an uncompressed tar that is a region of a file: the same members, size and sha256,
+    without copying the data of large files through Python twice (it is seeked past, then hashed in
+    large reads)."""
+    return _scan(_FileReader(src))
 
 
 def scan(chunks: Iterator[bytes], *, what: str = "layer") -> tuple[list[tuple], int, str]:
