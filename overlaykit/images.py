@@ -913,19 +913,11 @@ class _Applier:
                 self._remove(d + "/" + name)
 
     def add(self, e: LayerEntry, layer: Layer) -> None:
-        if e.path == ".":
-            return  # the destination's own attributes belong to the caller
         t = e.type
-        if t in ("char", "block"):
-            if self.devices == "error":
-                raise LayerError(f"entry {e.path!r}: device node {e.devmajor}:{e.devminor} not allowed")
-            if self.devices == "skip" or not self.as_root:
-                self.warnings.append(f"skipped {t} device {e.path}")
-                return
-        parent_rel, _, base = e.path.rpartition("/")
-        parent = self._dirs.get(parent_rel or ".") or self.resolve(parent_rel or ".", create=True)
-        p = parent + "/" + base
         if t == "file":  # the common case, kept lean: one open, fd-based attributes
+            parent_rel, _, base = e.path.rpartition("/")
+            parent = self._dirs.get(parent_rel or ".") or self.resolve(parent_rel or ".", create=True)
+            p = parent + "/" + base
             exact = not (e.mode & self._masked) and not e.xattrs
             try:
                 fd = os.open(p, _CREATE_FLAGS, e.mode if exact else 0o600)
@@ -941,7 +933,8 @@ class _Applier:
                 if e.xattrs:
                     self._attrs(fd, e, fd_based=True)
                 else:
-                    if self.as_root and self._needs_chown(e, parent):
+                    if self.as_root and (e.uid != self._ids[0] or e.gid != self._ids[1]
+                                         or self._dir_gid.get(parent) != e.gid) and self._needs_chown(e, parent):
                         os.chown(fd, e.uid, e.gid)
                     if not exact:
                         os.chmod(fd, e.mode)
@@ -953,6 +946,17 @@ class _Applier:
             finally:
                 os.close(fd)
             return
+        if e.path == ".":
+            return  # the destination's own attributes belong to the caller
+        if t in ("char", "block"):
+            if self.devices == "error":
+                raise LayerError(f"entry {e.path!r}: device node {e.devmajor}:{e.devminor} not allowed")
+            if self.devices == "skip" or not self.as_root:
+                self.warnings.append(f"skipped {t} device {e.path}")
+                return
+        parent_rel, _, base = e.path.rpartition("/")
+        parent = self._dirs.get(parent_rel or ".") or self.resolve(parent_rel or ".", create=True)
+        p = parent + "/" + base
         if t == "dir":
             if self._dirs.get(e.path) != p:  # not already known to be this very directory
                 try:

@@ -707,8 +707,10 @@ class DataReader:
                     raise _layer_error(f"{self.src.file.path}: file shrank while reading")
                 self._buf, self._buf_off, lo = memoryview(data), offset, 0
             mv = self._buf[lo:lo + size]
-            while mv:
-                mv = mv[os.write(fd, mv):]
+            n = os.write(fd, mv)
+            while n < len(mv):  # a short write: the rest
+                mv = mv[n:]
+                n = os.write(fd, mv)
             return
         if self.src is not None:
             data = self.src.pread(size, offset)
