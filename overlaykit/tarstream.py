@@ -482,12 +482,14 @@ class _FileReader:
         if len(self._buf) - self._pos < n:
             base = self._base + self._pos
             want = min(max(n, _READ_AHEAD), self._size - base)
-            self._hash_to(base)
+            self._hash_to(base)  # data skipped before base
             data = os.pread(self._fd, want, self._start + base) if want > 0 else b""
             if len(data) < want:
                 raise self._shrank(base + len(data))
-            self._h.update(data)
-            self._hashed = base + len(data)
+            done = self._hashed - base  # the start of data may be the old buffer's tail, hashed already
+            if done < len(data):
+                self._h.update(memoryview(data)[done:] if done else data)
+                self._hashed = base + len(data)
             if len(data) < n:
                 self.eof = True
             self._buf, self._pos, self._base = data, 0, base

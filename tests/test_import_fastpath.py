@@ -72,8 +72,32 @@ def full_entries(entries):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(MEMBER, max_size=10), st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]),
-       st.sampled_from(["whole", "no-eof", "truncated", "garbage"]), st.integers(0, 10_000))
-def test_scan_file_and_parse_agree_with_the_streaming_paths(tmp_path, members, fmt, damage, cut):
+       st.sampled_from(["whole", "no-eof", "truncated", "garbage"]), st.integers(0, 10_000),
+       st.sampled_from([(1 << 18, 4 << 20), (700, 1000), (512, 513)]))
+def test_scan_file_and_parse_agree_with_the_streaming_paths(tmp_path, members, fmt, damage, cut, buffers):
+    saved = tarstream._READ_AHEAD, tarstream._GAP_CHUNK
+    tarstream._READ_AHEAD, tarstream._GAP_CHUNK = buffers  # small: reads straddle every boundary
+    try:
+        check_scan_file(tmp_path, members, fmt, damage, cut)
+    finally:
+        tarstream._READ_AHEAD, tarstream._GAP_CHUNK = saved
+
+
+def test_a_read_across_the_read_ahead_boundary_is_hashed_once(tmp_path, monkeypatch):
+    """Found by the test above: an extension header read across the end of the read-ahead re-read (and
+    re-hashed) the old buffer's tail, so the diff_id was wrong."""
+    data = build([("./a", "file", b"", 0, 0, 0, "./a", False), ("l" * 300 + "/f", "file", b"\0", 0, 0, 0, "a", False),
+                  ("a", "symlink", b"", 0, 0, 0, "x" * 120, False)], tarfile.GNU_FORMAT)
+    for cut in (len(data), 5633 % len(data), 3000):
+        src = in_file(tmp_path, data[:cut], pad=1536)
+        assert outcome(lambda: tarstream.scan_file(src)) == outcome(
+            lambda: tarstream.scan(tarstream.MemorySource(data[:cut]).chunks()))
+    monkeypatch.setattr(tarstream, "_READ_AHEAD", 700)
+    src = in_file(tmp_path, data, pad=0)
+    assert tarstream.scan_file(src)[2] == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_scan_file(tmp_path, members, fmt, damage, cut):
     data = build(members, fmt)
     if damage == "no-eof":
         data = data[:-1024] if len(data) > 1024 else data
