@@ -243,14 +243,8 @@ _MEMBER_TYPES = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "
 _FAST_TYPES = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink"}
 
 
-def _entry_setters():
-    sets = [LayerEntry.__dict__[f].__set__ for f in ("path", "type", "size", "mode", "uid", "gid", "mtime",
-                                                      "linkname", "xattrs", "devmajor", "devminor")]
-    return sets
-
-
 def _new_entry(path, kind, size, mode, uid, gid, mtime, linkname, _new=object.__new__, _cls=LayerEntry,
-               _s=_entry_setters(), _empty=None) -> LayerEntry:
+               _s=[LayerEntry.__dict__[f.name].__set__ for f in dataclasses.fields(LayerEntry)]) -> LayerEntry:
     """``LayerEntry(path, kind, size, mode, uid, gid, mtime, linkname)`` (no xattrs, no device numbers),
     twice as fast: the frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
     e = _new(_cls)

@@ -2,8 +2,10 @@
 
 An image can be many times larger than the memory of a Binder session, so a layer never lives in memory
 whole: its blob is a ``Source`` (a region of an open file, or a small ``bytes``), decompressed chunk by
-chunk, and parsed by ``scan`` in one pass that also hashes it (the diff_id). Data of regular files is
-found again by offset (``pread`` on an uncompressed blob, one forward pass through a compressed one).
+chunk, and parsed by ``scan`` in one pass that also hashes it (the diff_id); an uncompressed blob in a file
+is parsed by ``scan_file``, which seeks past the data of large files rather than stream it through the
+parser. Data of regular files is found again by offset (``pread`` on an uncompressed blob, small files
+written from a 1 MiB window; one forward pass through a compressed blob).
 
 ``scan`` reads the tar formats layer tools write (ustar, PAX local and global headers, GNU long names;
 v7 directories) with ``struct``-free slicing: the standard library's ``tarfile`` spends most of its time
