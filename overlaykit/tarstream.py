@@ -2,8 +2,10 @@
 
 An image can be many times larger than the memory of a Binder session, so a layer never lives in memory
 whole: its blob is a ``Source`` (a region of an open file, or a small ``bytes``), decompressed chunk by
-chunk, and parsed by ``scan`` in one pass that also hashes it (the diff_id). Data of regular files is
-found again by offset (``pread`` on an uncompressed blob, one forward pass through a compressed one).
+chunk, and parsed by ``scan`` in one pass that also hashes it (the diff_id); an uncompressed blob in a file
+is parsed by ``scan_file``, which seeks past the data of large files rather than stream it through the
+parser. Data of regular files is found again by offset (``pread`` on an uncompressed blob, small files
+written from a 1 MiB window; one forward pass through a compressed blob).
 
 ``scan`` reads the tar formats layer tools write (ustar, PAX local and global headers, GNU long names;
 v7 directories) with ``struct``-free slicing: the standard library's ``tarfile`` spends most of its time
@@ -435,6 +437,105 @@ def _num(b: bytes, what: str, offset: int) -> int:
         return _nti(b, what, offset)
 
 
+class _FileReader:
+    """``_Reader`` over an uncompressed tar in a file: it reads ahead in chunks and hashes each chunk as
+    it reads it, but seeks past the data of large files, whose bytes it then hashes in big reads.
+
+    No thread: a hashing thread overlaps with parsing on an idle core, but on a busy machine every
+    hand-over of the GIL to it stalls the parser for a scheduler wake-up, and a second copy of every
+    byte is more work in all."""
+
+    __slots__ = ("_fd", "_start", "_size", "_buf", "_pos", "_base", "_hashed", "_h", "hash", "eof", "_what")
+
+    def __init__(self, src: "FileSource"):
+        self._fd, self._start, self._size = src.file.fd, src.offset, src.size
+        self._buf = b""
+        self._pos = 0
+        self._base = 0
+        self._hashed = 0  # the sha256 covers bytes [0, _hashed)
+        self._h = hashlib.sha256()
+        self.hash = self
+        self.eof = False
+        self._what = repr(src)
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _shrank(self, at: int):
+        return _layer_error(f"{self._what}: file shrank while reading (at byte {at} of {self._size})")
+
+    def _hash_to(self, end: int) -> None:
+        """Hash the bytes skipped so far, up to ``end``, in large reads."""
+        pos = self._hashed
+        if pos >= end:
+            return
+        buf = bytearray(min(end - pos, _GAP_CHUNK))
+        mv = memoryview(buf)
+        while pos < end:
+            n = os.preadv(self._fd, [mv[:min(end - pos, len(buf))]], self._start + pos)
+            if n <= 0:
+                raise self._shrank(pos)
+            self._h.update(mv[:n])
+            pos += n
+        self._hashed = pos
+
+    def read(self, n: int) -> bytes:
+        if len(self._buf) - self._pos < n:
+            base = self._base + self._pos
+            want = min(max(n, _READ_AHEAD), self._size - base)
+            self._hash_to(base)  # data skipped before base
+            data = os.pread(self._fd, want, self._start + base) if want > 0 else b""
+            if len(data) < want:
+                raise self._shrank(base + len(data))
+            done = self._hashed - base  # the start of data may be the old buffer's tail, hashed already
+            if done < len(data):
+                self._h.update(memoryview(data)[done:] if done else data)
+                self._hashed = base + len(data)
+            if len(data) < n:
+                self.eof = True
+            self._buf, self._pos, self._base = data, 0, base
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        have = len(self._buf) - self._pos
+        if have >= n:
+            self._pos += n
+            return n
+        here = self._base + self._pos
+        n = min(n, self._size - here)
+        self._buf, self._pos, self._base = b"", 0, here + n
+        if self._base >= self._size:
+            self.eof = True
+        return n
+
+    def drain(self) -> int:
+        self._hash_to(self._size)
+        self.eof = True
+        return self._size
+
+    # the reader is its own ``hash``
+    def hexdigest(self) -> str:
+        self._hash_to(self._size)
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        pass
+
+
+_READ_AHEAD = 1 << 18
+_GAP_CHUNK = 4 << 20
+
+
+def scan_file(src: "FileSource", *, what: str = "layer") -> tuple[list[tuple], int, str]:
+    """``scan`` of an uncompressed tar that is a region of a file: the same members, size and sha256,
+    without copying the data of large files through Python twice (it is seeked past, then hashed in
+    large reads)."""
+    return _scan(_FileReader(src))
+
+
 def scan(chunks: Iterator[bytes], *, what: str = "layer") -> tuple[list[tuple], int, str]:
     """Every member of an uncompressed tar stream; also its total size and sha256 (the diff_id).
 
@@ -584,16 +685,36 @@ def _checksum_ok(hdr: bytes) -> bool:
 # -------------------------------------------------------------------------------------------------- data
 
 
+_WINDOW = 1 << 20
+_WINDOW_FILE_MAX = 1 << 16
+
+
 class DataReader:
     """File data of one layer, asked for in increasing offsets (tar order), written to an fd."""
 
     def __init__(self, tar_source: Source | None, chunks: Iterator[bytes] | None):
         self.src = tar_source
         self._r = _Reader(chunks, hashed=False) if chunks is not None else None
+        self._buf = memoryview(b"")  # a window of a FileSource: small files are written from it, one
+        self._buf_off = 0            # pread for many files instead of one each
 
     def copy_to(self, fd: int, offset: int, size: int) -> None:
         if isinstance(self.src, FileSource):
-            self.src.copy_to(fd, offset, size)
+            if size > _WINDOW_FILE_MAX:
+                self.src.copy_to(fd, offset, size)
+                return
+            lo = offset - self._buf_off
+            if lo < 0 or lo + size > len(self._buf):
+                want = max(size, min(_WINDOW, self.src.size - offset))
+                data = self.src.pread(want, offset)
+                if len(data) < size:
+                    raise _layer_error(f"{self.src.file.path}: file shrank while reading")
+                self._buf, self._buf_off, lo = memoryview(data), offset, 0
+            mv = self._buf[lo:lo + size]
+            n = os.write(fd, mv)
+            while n < len(mv):  # a short write: the rest
+                mv = mv[n:]
+                n = os.write(fd, mv)
             return
         if self.src is not None:
             data = self.src.pread(size, offset)
