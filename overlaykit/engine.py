@@ -368,6 +368,8 @@ class Overlay:
         roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
         self._layers = Layers(roots, self.encoding, self.upper is not None)
         self._lower_layers = Layers([str(x) for x in self.lowers], self.encoding, False)
+        # ovl_lookup follows overlay.redirect unless the mount says nofollow (userxattr forces it)
+        self._layers.redirect_follow = self._lower_layers.redirect_follow = self.options.follows_redirects
         if self.backend == "sim":
             from .sim import SimBackend
             impl: Backend = SimBackend(self, self._layers)
