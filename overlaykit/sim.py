@@ -899,12 +899,15 @@ class SimBackend(Backend):
         finally:
             self.L.refresh_upper(rel)
 
-    def rename(self, src: str, dst: str) -> None:
+    def _rename_parents(self, src: str, dst: str) -> None:
         for q in (src, dst):  # renameat2 walks to both parents before it looks either name up
             head = q.rstrip("/").rpartition("/")[0]
             node = self._resolve(head, True)[2] if head else None
             if head and not isinstance(node, MergedDir):
                 raise _err(errno.ENOENT if node is None else errno.ENOTDIR, src, dst)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rename_parents(src, dst)
         sparent, sname, snode = self._resolve(src, False)
         dparent, dname, dnode = self._resolve(dst, False)
         if not src or not dst:
@@ -956,19 +959,27 @@ class SimBackend(Backend):
             # same name at the destination cannot show through; the mark stays even if the rename fails.
             self._set_opaque(src_rel)
             self.L.refresh_upper(snode.path, subtree=True)
-        self._clear_whiteout(dparent, dname)
+        over_whiteout = self._clear_whiteout(dparent, dname)
         dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:
             self._remove_upper_dir(dst_path)
+        # A moved lower directory leaves its whiteout the kernel's way, in the same rename(RENAME_WHITEOUT):
+        # even a rename that fails (ENOTEMPTY) then touches the old parent, as on the kernel's upper fs.
+        whiteout_in_rename = s_redirect and lower_positive and not over_whiteout and self.root_user \
+            and self.encoding.kind == "kernel"
         try:
             with self._up(src_rel) as src_real, self._up(dst_path) as dst_real:
-                os.rename(src_real, dst_real)
+                if whiteout_in_rename:
+                    from ._nsworker import RENAME_WHITEOUT, renameat2
+                    renameat2(src_real, dst_real, RENAME_WHITEOUT)
+                else:
+                    os.rename(src_real, dst_real)
         except OSError as e:
             raise _err_from(e, src, dst) from None
         finally:
             self.L.refresh_upper(snode.path, subtree=True)
             self.L.refresh_upper(dst_path, subtree=True)
-        if lower_positive:
+        if lower_positive and not whiteout_in_rename:
             self._whiteout(self._refresh(sparent), sname)
 
     def chmod(self, p: str, mode: int) -> None:
@@ -1110,6 +1121,7 @@ class SimBackend(Backend):
         from ._nsworker import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
         if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == RENAME_EXCHANGE | RENAME_NOREPLACE:
             raise _err(errno.EINVAL, src, dst)
+        self._rename_parents(src, dst)
         if flags == RENAME_NOREPLACE:
             _, _, dnode = self._resolve(dst, False)
             _, _, snode = self._resolve(src, False)

@@ -324,3 +324,55 @@ def test_unprivileged_mounts_refuse_redirect_dir_on_and_do_not_follow():
     # mount(2) refuses redirect_dir=on with userxattr; a redirect met in upper/ whose target exists in a
     # lower is refused (EPERM, "refusing to follow redirect"), not ignored; directories cannot move
     assert out["kernel"] == ["EINVAL", "EPERM", ["f"], "EXDEV"], out
+
+
+# -- random directory moves ----------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+_paths = hs.lists(hs.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map("/".join)
+_item = hs.one_of(hs.just(D()), hs.just(D()), hs.sampled_from(["x", "y"]).map(F), hs.just(D(opaque=True)),
+                  hs.just(W()))
+
+
+#: the bottom layer always has directories to move, one with a subdirectory
+_BASE = {"a": D(), "b": D(), "a/c": D(), "a/c/a": F("x"), "b/b": F("y")}
+
+
+def _tree(top: bool):
+    items = _item if top else hs.one_of(hs.just(D()), hs.sampled_from(["x", "y"]).map(F))
+    trees = hs.dictionaries(_paths, items, max_size=6)
+    return trees.map(_consistent) if top else trees.map(lambda t: _consistent({**_BASE, **t}))
+
+
+def _consistent(spec: dict) -> dict:
+    out = {}
+    for p in sorted(spec, key=lambda x: x.count("/")):
+        parts = p.split("/")
+        if any(not isinstance(out.get("/".join(parts[:i]), D()), D) for i in range(1, len(parts))):
+            continue
+        out[p] = spec[p]
+    return out
+
+
+_ops = hs.one_of(
+    hs.tuples(hs.just("rename"), _paths, _paths), hs.tuples(hs.just("rename"), _paths, _paths),
+    *[hs.tuples(hs.just("rename"), hs.sampled_from(["a", "b", "a/c", "b/a", "c/c", "c"]),
+                hs.lists(hs.sampled_from(["a", "b", "c"]), min_size=1, max_size=2).map("/".join))] * 4,
+    hs.tuples(hs.just("rename2"), _paths, _paths, hs.sampled_from([RENAME_EXCHANGE, RENAME_NOREPLACE])),
+    hs.tuples(hs.just("mkdir"), _paths), hs.tuples(hs.just("rmdir"), _paths), hs.tuples(hs.just("remove"), _paths),
+    hs.tuples(hs.just("write"), _paths, hs.just("w")), hs.tuples(hs.just("append"), _paths, hs.just("+")),
+    hs.tuples(hs.just("listdir"), _paths), hs.tuples(hs.just("chmod"), _paths, hs.just(0o700)),
+)
+
+EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "200"))
+
+
+@needs_kernel
+@as_root
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(top=_tree(True), bottom=_tree(False), upper=_tree(True), sequence=hs.lists(_ops, min_size=1, max_size=8))
+def test_random_directory_moves(top, bottom, upper, sequence):
+    with tempfile.TemporaryDirectory() as tmp:
+        sim, ker = _run_both(tmp, [top, bottom], sequence, upper)
+    assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
