@@ -127,6 +127,13 @@ def _xattr(path: str, name: str) -> bytes | None:
         return None
 
 
+def _xattr_names(path: str) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+
+
 def probe(workdir: str | os.PathLike, xattr_ns: str | None = None) -> Encoding:
     """Pick the kernel encoding if this process can write it in ``workdir``'s filesystem, else the fallback.
 
@@ -463,7 +470,12 @@ class Layers:
         enc = self.encoding
         try:  # the xattr is read by name from the parent, so a dir without search permission still tells
             with self.at(index, path) as real:
-                value = _xattr(real, enc.opaque_xattr) == b"y"
+                # one listxattr tells about opaque and redirect (most directories have neither)
+                names = _xattr_names(real)
+                value = enc.opaque_xattr in names and _xattr(real, enc.opaque_xattr) == b"y"
+                redirect = enc.private_prefix + "redirect"
+                if redirect not in names:
+                    self._redirect[index][path] = None
             if not value and enc.kind == "fallback":
                 with self.at_dir(index, path) as real:
                     value = os.path.lexists(os.path.join(real, OPAQUE_MARKER))
@@ -498,27 +510,42 @@ class Layers:
         """ovl_lookup: each layer of the parent's stack in turn, top first, looked up by ``name`` -- or, once
         a directory carries ``overlay.redirect``, by the name (relative) or the path from the layer roots
         (absolute, "/a/b") it gives; an opaque directory, a whiteout or a non-directory stops the merge."""
-        d = _Lookup(name)
+        d: _Lookup | None = None  # made at the first layer that has the name: most have not
         stack, bases = parent.layers, parent.lpaths or None
+        ppath = parent.path
         follow = self.redirect_follow
         bottom = len(self.roots) - 1
         has_upper = self.has_upper
         found: list[int] = []
         where: list[str] = []
-        i = 0
-        while not d.stop and i < len(stack):
+        nm = name
+        i, n = 0, len(stack)
+        while i < n:
             index = stack[i]
-            upper = has_upper and index == 0
-            base = parent.path if bases is None else bases[i]
-            d.last = i == len(stack) - 1 if not follow else (not upper and index == bottom)
-            if d.name[0] != "/":
-                hit = self._lookup_single(index, base, d.name, d, 0, "", upper)
-            else:
-                hit = self._lookup_abs(index, d, upper)
+            base = ppath if bases is None else bases[i]
             i += 1
+            if nm[0] != "/":
+                ents = self.entries(index, base)
+                e = ents.get(nm) if ents else None
+                if e is None:
+                    if visited is not None:
+                        visited.append((index, "absent"))
+                    continue
+                if d is None:
+                    d = _Lookup(nm)
+                upper = has_upper and index == 0
+                d.last = i == n if not follow else (not upper and index == bottom)
+                hit = self._lookup_single(index, base, nm, d, 0, "", upper, e)
+            else:
+                upper = has_upper and index == 0
+                d.last = i == n if not follow else (not upper and index == bottom)
+                hit = self._lookup_abs(index, d, upper)
+            nm = d.name
             if visited is not None:
                 visited.append((index, d.seen))
             if hit is None:
+                if d.stop:
+                    break
                 continue
             lp, e = hit
             if not st.S_ISDIR(e.st_mode):
@@ -533,7 +560,7 @@ class Layers:
                 # an absolute redirect: the layers below this one are looked up from their roots
                 d.from_root = True
                 stack, bases = tuple(range(index + 1, len(self.roots))), ("",) * (len(self.roots) - index - 1)
-                i = 0
+                i, n = 0, len(stack)
         if found:
             lpaths = tuple(where) if any(w != path for w in where) else ()
             return MergedDir(path, tuple(found), d.opaque_dir, lpaths)
@@ -561,11 +588,13 @@ class Layers:
             rem -= len(comp) + 1
 
     def _lookup_single(self, index: int, base: str, name: str, d: "_Lookup", prelen: int, post: str,
-                       upper: bool):
-        """ovl_lookup_single: ``name`` in directory ``base`` of layer ``index``: (path in the layer, lstat)
-        or None; whiteouts, non-directories, opaque directories and redirects update the lookup ``d``."""
-        ents = self.entries(index, base)
-        e = ents.get(name) if ents else None
+                       upper: bool, e=None):
+        """ovl_lookup_single: ``name`` in directory ``base`` of layer ``index`` (``e``: its entry, when the
+        caller has it): (path in the layer, lstat) or None; whiteouts, non-directories, opaque directories
+        and redirects update the lookup ``d``."""
+        if e is None:
+            ents = self.entries(index, base)
+            e = ents.get(name) if ents else None
         if e is None:
             d.seen = "absent"
             return None

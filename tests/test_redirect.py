@@ -376,3 +376,23 @@ def test_random_directory_moves(top, bottom, upper, sequence):
     with tempfile.TemporaryDirectory() as tmp:
         sim, ker = _run_both(tmp, [top, bottom], sequence, upper)
     assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
+
+
+@needs_kernel
+@as_root
+@pytest.mark.parametrize("backend", ["sim", "kernel"])
+def test_the_trace_says_where_the_redirect_points(tmp_path, backend):
+    tmp = str(tmp_path)
+    prepare(tmp, LOWERS, {})
+    lowers = [os.path.join(tmp, f"lower{i}") for i in range(2)]
+    with Overlay(lowers, os.path.join(tmp, "upper"), os.path.join(tmp, "work"), backend=backend, options=ON) as ov:
+        ov.rename("a", "c")
+        first = [str(e) for e in ov.last_events() if e.kind == "redirect"]
+        ov.mkdir("q")
+        ov.rename("c", "q/c")
+        second = [str(e) for e in ov.last_events() if e.kind == "redirect"]
+        ov.rename("q/c", "q/d")  # keeps its absolute redirect: nothing new written
+        third = [e for e in ov.last_events() if e.kind == "redirect"]
+    assert len(first) == 1 and "redirect to a written" in first[0] and first[0].split()[2] == "c:", first
+    assert len(second) == 1 and "redirect to /a written" in second[0], second
+    assert third == []
