@@ -300,7 +300,7 @@ def _visibility(L: ondisk.Layers, i: int, p: str) -> tuple[str, str, str]:
                 return "whiteout", L.name(j), q
             if what == "opaque dir":
                 return "opaque", L.name(j), q
-            if what == "dir":
+            if what == "dir" or what.startswith("dir, redirect"):
                 first_dir = j if first_dir is None else first_dir
             elif what != "absent":
                 return "shadowed", L.name(j), q

@@ -6,6 +6,7 @@ throws random operation sequences over random layer stacks at both backends.  Ze
 from __future__ import annotations
 
 import ast
+import errno
 import os
 import pwd
 import random
