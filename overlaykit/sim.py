@@ -2,7 +2,7 @@
 
 Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
 ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
-index=off, metacopy=off, xino=off.  Where this file and the kernel disagree, the kernel is right and
+index=off, metacopy=off, xino=off; and redirect_dir=on (ovl_set_redirect: a lower directory that moves).  Where this file and the kernel disagree, the kernel is right and
 the differential tests (tests/test_differential.py) say where.
 """
 from __future__ import annotations
