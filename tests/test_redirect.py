@@ -382,7 +382,12 @@ EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "200"))
 def test_random_directory_moves(top, bottom, upper, sequence):
     with tempfile.TemporaryDirectory() as tmp:
         sim, ker = _run_both(tmp, [top, bottom], sequence, upper)
-    assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
+        assert sim == ker, f"layers={[top, bottom]} upper={upper} ops={sequence}\n{diff(sim, ker)}"
+        # and each backend mounts what the other wrote, seeing the same merged tree
+        for reader, writer, seen in (("kernel", "sim", sim), ("sim", "kernel", ker)):
+            again = run(reader, os.path.join(tmp, writer), [top, bottom], [], prebuilt=True, options=ON)
+            assert again["merged"] == seen["merged"], f"{reader} mounting what {writer} wrote: layers=" \
+                f"{[top, bottom]} upper={upper} ops={sequence}\n{diff({**again, 'results': []}, {**seen, 'results': []})}"
 
 
 @needs_kernel
