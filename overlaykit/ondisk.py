@@ -624,7 +624,9 @@ class Layers:
                 d.opaque = d.opaque_dir = True
                 d.seen = "opaque dir"
             return lp, e
-        redirect = self.redirect(index, lp)
+        redirect = self._redirect[index].get(lp, "")  # known absent (None) after is_opaque's listxattr
+        if redirect is not None:
+            redirect = self.redirect(index, lp)
         if redirect is not None:
             if redirect[0] == "/":
                 d.stop = False

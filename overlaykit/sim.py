@@ -2,8 +2,9 @@
 
 Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
 ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
-index=off, metacopy=off, xino=off; and redirect_dir=on (ovl_set_redirect: a lower directory that moves).  Where this file and the kernel disagree, the kernel is right and
-the differential tests (tests/test_differential.py) say where.
+index=off, metacopy=off, xino=off; and redirect_dir=on (ovl_set_redirect: a lower directory that moves).
+Where this file and the kernel disagree, the kernel is right and the differential tests
+(tests/test_differential.py, tests/test_redirect.py) say where.
 """
 from __future__ import annotations
 
@@ -346,7 +347,7 @@ class SimBackend(Backend):
             src = node.where(node.layers[0])
             s = self._lower_lstat(node.layers[0], src)
             self._check_mapped(s, node.path)
-            self._install(node.path, node.layers[0], s, src=src)
+            self._install(node.path, node.layers[0], s, lpath=src)
         return d.path
 
     def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
@@ -399,7 +400,7 @@ class SimBackend(Backend):
         except OSError:
             pass
 
-    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, src: str | None = None) -> None:
+    def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, lpath: str | None = None) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -410,7 +411,8 @@ class SimBackend(Backend):
         # vfs_rename needs write permission on a directory that changes parent (its ".."); the unprivileged
         # mounter has it on a dir it owns whatever the mode, so this process lends itself u+w for the rename
         lend_w = is_dir and not self.root_user and not s.st_mode & 0o200
-        with self.L.at(layer, path if src is None else src) as src, self._temp() as temp:
+        # ``lpath``: where the entry is in its layer, when a redirect put it elsewhere than ``path``
+        with self.L.at(layer, path if lpath is None else lpath) as src, self._temp() as temp:
             try:
                 if is_dir:
                     os.mkdir(temp, 0o700)
@@ -490,7 +492,7 @@ class SimBackend(Backend):
         self._upper_dir(parent)
         self._check_mapped(node.lstat, node.path)
         try:
-            self._install(node.path, node.layer, node.lstat, data, src=node.where())
+            self._install(node.path, node.layer, node.lstat, data, lpath=node.where())
         except OSError as e:
             raise _err_from(e, node.path) from None
         return node.path

@@ -408,3 +408,15 @@ def test_the_trace_says_where_the_redirect_points(tmp_path, backend):
     assert len(first) == 1 and "redirect to a written" in first[0] and first[0].split()[2] == "c:", first
     assert len(second) == 1 and "redirect to /a written" in second[0], second
     assert third == []
+
+
+@needs_kernel
+def test_exchange_of_upper_dirs_marks_them_opaque_with_default_options(tmp_path):
+    """ovl_rename (RENAME_EXCHANGE): a pure upper dir that lands in a merged parent is marked opaque first,
+    with or without redirect_dir, and each new parent of an entry with an origin is marked impure."""
+    lowers = [{"x/f": F("f"), "y/g": F("g")}]
+    ops = [("mkdir", "n"), ("mkdir", "x/m"), ("write", "x/m/h", "h"), ("rename2", "n", "x/m", RENAME_EXCHANGE),
+           ("listdir", "x"), ("rename2", "x/f", "n", RENAME_EXCHANGE), ("listdir", "x/f")]
+    sim = run("sim", str(tmp_path / "sim"), lowers, ops)
+    ker = run("kernel", str(tmp_path / "kernel"), lowers, ops)
+    assert sim == ker, diff(sim, ker)
