@@ -420,3 +420,23 @@ def test_exchange_of_upper_dirs_marks_them_opaque_with_default_options(tmp_path)
     sim = run("sim", str(tmp_path / "sim"), lowers, ops)
     ker = run("kernel", str(tmp_path / "kernel"), lowers, ops)
     assert sim == ker, diff(sim, ker)
+
+
+@needs_kernel
+@as_root
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_redirect_in_the_last_layer_is_not_read(tmp_path, layer):
+    """ovl_lookup reads no overlay xattr of a directory in the last layer it looks in: an invalid redirect
+    there is harmless (EINVAL one layer up), and a valid one leads nowhere."""
+    res = {}
+    for backend in ("sim", "kernel"):
+        tmp = str(tmp_path / backend)
+        prepare(tmp, [{"d/top": F("t")}, {"d/f": F("f"), "e/g": F("g")}], None, read_only=True)
+        os.setxattr(os.path.join(tmp, f"lower{layer}", "d"), "trusted.overlay.redirect", b"a/b")
+        with Overlay([os.path.join(tmp, "lower0"), os.path.join(tmp, "lower1")], backend=backend) as ov:
+            try:
+                res[backend] = ("ok", ov.listdir("d"))
+            except OSError as e:
+                res[backend] = ("err", errno.errorcode[e.errno])
+    assert res["sim"] == res["kernel"]
+    assert res["kernel"] == (("err", "EINVAL") if layer == 0 else ("ok", ["f", "top"]))
