@@ -513,9 +513,6 @@ class Layers:
         d: _Lookup | None = None  # made at the first layer that has the name: most have not
         stack, bases = parent.layers, parent.lpaths or None
         ppath = parent.path
-        follow = self.redirect_follow
-        bottom = len(self.roots) - 1
-        has_upper = self.has_upper
         found: list[int] = []
         where: list[str] = []
         nm = name
@@ -531,14 +528,34 @@ class Layers:
                     if visited is not None:
                         visited.append((index, "absent"))
                     continue
+                if d is None and e is not WHITEOUT and not st.S_ISDIR(e.st_mode):  # a file, found first
+                    if visited is not None:
+                        visited.append((index, _kind_name(e.st_mode)))
+                    return Leaf(path, index, e) if bases is None or base == ppath else \
+                        Leaf(path, index, e, f"{base}/{nm}" if base else nm)
+                upper = index == 0 and self.has_upper
+                last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
+                if e is not WHITEOUT and st.S_ISDIR(e.st_mode) and (d is None or d.redirect is None):
+                    # the common case, inline: a directory that neither stops the merge nor redirects it
+                    lp = f"{base}/{nm}" if base else nm
+                    if not last and not upper and self.is_xwhiteouts_dir(index, lp, -1):
+                        self.xwhiteout_layers.add(index)
+                    if last or (not self.is_opaque(index, lp) and self._redirect[index].get(lp, "") is None):
+                        if d is None:
+                            d = _Lookup(nm)
+                        d.is_dir = True
+                        found.append(index)
+                        where.append(lp)
+                        if visited is not None:
+                            visited.append((index, "dir"))
+                        continue
                 if d is None:
                     d = _Lookup(nm)
-                upper = has_upper and index == 0
-                d.last = i == n if not follow else (not upper and index == bottom)
+                d.last = last
                 hit = self._lookup_single(index, base, nm, d, 0, "", upper, e)
             else:
-                upper = has_upper and index == 0
-                d.last = i == n if not follow else (not upper and index == bottom)
+                upper = index == 0 and self.has_upper
+                d.last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
                 hit = self._lookup_abs(index, d, upper)
             nm = d.name
             if visited is not None:
@@ -552,7 +569,7 @@ class Layers:
                 return Leaf(path, index, e, None if lp == path else lp)
             found.append(index)
             where.append(lp)
-            if not upper and d.redirect is not None and not follow:
+            if not upper and d.redirect is not None and not self.redirect_follow:
                 raise OSError(errno.EPERM, "overlayfs: refusing to follow redirect", self.real(index, lp))
             if d.stop:
                 break
@@ -562,7 +579,7 @@ class Layers:
                 stack, bases = tuple(range(index + 1, len(self.roots))), ("",) * (len(self.roots) - index - 1)
                 i, n = 0, len(stack)
         if found:
-            lpaths = tuple(where) if any(w != path for w in where) else ()
+            lpaths = () if where.count(path) == len(where) else tuple(where)
             return MergedDir(path, tuple(found), d.opaque_dir, lpaths)
         return None
 
