@@ -529,10 +529,10 @@ class Layers:
                         visited.append((index, "absent"))
                     continue
                 if d is None and e is not WHITEOUT and not st.S_ISDIR(e.st_mode):  # a file, found first
+                    lp = None if bases is None or base == ppath else f"{base}/{nm}" if base else nm
                     if visited is not None:
-                        visited.append((index, _kind_name(e.st_mode)))
-                    return Leaf(path, index, e) if bases is None or base == ppath else \
-                        Leaf(path, index, e, f"{base}/{nm}" if base else nm)
+                        visited.append((index, _kind_name(e.st_mode) + (f" at /{lp}" if lp else "")))
+                    return Leaf(path, index, e, lp)
                 upper = index == 0 and self.has_upper
                 last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
                 if e is not WHITEOUT and st.S_ISDIR(e.st_mode) and (d is None or d.redirect is None):
@@ -547,7 +547,7 @@ class Layers:
                         found.append(index)
                         where.append(lp)
                         if visited is not None:
-                            visited.append((index, "dir"))
+                            visited.append((index, "dir" if lp == path else f"dir at /{lp}"))
                         continue
                 if d is None:
                     d = _Lookup(nm)
@@ -558,8 +558,8 @@ class Layers:
                 d.last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
                 hit = self._lookup_abs(index, d, upper)
             nm = d.name
-            if visited is not None:
-                visited.append((index, d.seen))
+            if visited is not None:  # where a redirect led, say where in the layer the entry was found
+                visited.append((index, d.seen if hit is None or hit[0] == path else f"{d.seen} at /{hit[0]}"))
             if hit is None:
                 if d.stop:
                     break

@@ -440,3 +440,21 @@ def test_a_redirect_in_the_last_layer_is_not_read(tmp_path, layer):
                 res[backend] = ("err", errno.errorcode[e.errno])
     assert res["sim"] == res["kernel"]
     assert res["kernel"] == (("err", "EINVAL") if layer == 0 else ("ok", ["f", "top"]))
+
+
+@as_root
+def test_diagrams_of_a_redirected_dir(tmp_path):
+    """The stack and lookup diagrams show a moved directory and say where its lookup was redirected."""
+    from overlaykit import diagrams
+    tmp = str(tmp_path)
+    prepare(tmp, LOWERS, {})
+    lowers = [os.path.join(tmp, f"lower{i}") for i in range(2)]
+    with Overlay(lowers, os.path.join(tmp, "upper"), os.path.join(tmp, "work"), backend="sim", options=ON) as ov:
+        ov.rename("a", "c")
+        steps = ov.lookup_steps("c/f")
+        text = str(diagrams.lookup(ov, "c/f"))
+        lanes = diagrams.stack_lanes(ov, "c")
+    assert ("c", "upper", "dir, redirect to a") in steps and ("c", "lower[0]", "dir at /a") in steps
+    assert ("c/f", "lower[0]", "file at /a/f") in steps
+    assert "/c in upper: dir, redirect to a" in text and "/c/f in lower[0]: file at /a/f" in text
+    assert lanes
