@@ -1265,12 +1265,14 @@ class SimBackend(Backend):
             raise _err(errno.ENOTDIR, p)
         self._may(node, os.R_OK, p)
         names = self.L.names(node)
-        if not self.root_user and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and \
-                self.L.is_impure(node.path):
+        if len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and self.L.is_impure(node.path):
             # An impure merged dir: ovl_iterate looks every upper name up (for d_ino) and drops those whose
-            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk)
+            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk),
+            # or (root too) on a directory whose redirect is refused (nofollow: EPERM) or invalid (EINVAL)
             upper_names = self.L.entries(0, node.path) or {}
-            names = [n for n in names if n not in upper_names or self._looks_up(_join(node.path, n))]
+            names = [n for n in names if n not in upper_names or
+                     (self.root_user and not st.S_ISDIR(getattr(upper_names[n], "st_mode", 0)))
+                     or self._looks_up(_join(node.path, n))]
         return names
 
     def _looks_up(self, path: str) -> bool:

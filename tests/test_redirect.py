@@ -458,3 +458,24 @@ def test_diagrams_of_a_redirected_dir(tmp_path):
     assert ("c/f", "lower[0]", "file at /a/f") in steps
     assert "/c in upper: dir, redirect to a" in text and "/c/f in lower[0]: file at /a/f" in text
     assert lanes
+
+
+@needs_kernel
+@as_root
+@pytest.mark.parametrize("options", ["redirect_dir=follow", "redirect_dir=nofollow", "redirect_dir=off", None])
+def test_other_redirect_modes_on_what_redirect_dir_on_wrote(tmp_path, options):
+    """follow (and off, with redirect_always_follow=Y) follow redirects but make none (EXDEV); nofollow refuses
+    to follow one that leads somewhere (EPERM, "refusing to follow redirect")."""
+    ops = [("listdir", "."), ("listdir", "c"), ("read", "c/f"), ("listdir", "q/d"), ("read", "q/d/g"),
+           ("rename", "x", "x2"), ("rename", "c", "c3"), ("mkdir", "n"), ("rename", "n", "q/n")]
+    out = {}
+    for backend in ("sim", "kernel"):
+        tmp = str(tmp_path / backend)
+        run(backend, tmp, LOWERS, [("rename", "a", "c"), ("mkdir", "q"), ("rename", "c/sub", "q/d")], options=ON)
+        out[backend] = run(backend, tmp, LOWERS, ops, prebuilt=True, options=options)
+    assert out["sim"] == out["kernel"], diff(out["sim"], out["kernel"])
+    results = dict(zip((f"{op[0]} {op[1]}" for op in ops), out["kernel"]["results"]))
+    if options == "redirect_dir=nofollow":
+        assert results["listdir c"] == ("err", "EPERM")
+    else:
+        assert results["listdir c"] == ("ok", ["f", "h"]) and results["rename x"] == ("err", "EXDEV")
