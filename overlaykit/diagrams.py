@@ -259,7 +259,11 @@ def _layers_of(ov) -> ondisk.Layers:
     """Fresh read-only view of ov's layer dirs (works mounted or not, on either backend)."""
     enc = ov.encoding or ondisk.Encoding("fallback", ondisk.default_xattr_ns())  # reads both formats
     roots = ([str(ov.upper)] if ov.upper else []) + [str(x) for x in ov.lowers]
-    return ondisk.Layers(roots, enc, ov.upper is not None)
+    layers = ondisk.Layers(roots, enc, ov.upper is not None)
+    options = getattr(ov, "options", None)
+    if options is not None and ov.encoding is not None:  # as the mount looks up (redirect_dir=nofollow or not)
+        layers.redirect_follow = options.follows_redirects
+    return layers
 
 
 def _join(d: str, name: str) -> str:
@@ -299,9 +303,9 @@ def _visibility(L: ondisk.Layers, i: int, p: str) -> tuple[str, str, str]:
                 break
             if what == "whiteout":
                 return "whiteout", L.name(j), q
-            if what == "opaque dir":
+            if what.startswith("opaque dir"):
                 return "opaque", L.name(j), q
-            if what == "dir":
+            if what == "dir" or what.startswith(("dir, redirect", "dir at ")):
                 first_dir = j if first_dir is None else first_dir
             elif what != "absent":
                 return "shadowed", L.name(j), q

@@ -232,6 +232,8 @@ class Overlay:
         roots = ([str(self.upper)] if self.upper else []) + [str(x) for x in self.lowers]
         self._layers = Layers(roots, self.encoding, self.upper is not None)
         self._lower_layers = Layers([str(x) for x in self.lowers], self.encoding, False)
+        # ovl_lookup follows overlay.redirect unless the mount says nofollow (userxattr forces it)
+        self._layers.redirect_follow = self._lower_layers.redirect_follow = self.options.follows_redirects
         impl: Backend = entry.create(self, self._layers)
         from .inuse import claim
         self._inuse = claim(self)  # EBUSY while another live overlay holds this upper/ or work/
@@ -772,6 +774,7 @@ class Overlay:
         # The observer reads the layer directories with this process's rights; the kernel uses the
         # mounter's.  Whatever it cannot read shortens the trace, never changes the operation's outcome.
         moved = self._observe(op, paths[0], lambda: layers.lookup(paths[0])) if op == "rename" else None
+        redirects = {p: self._upper_redirect(p) for p in paths} if op == "rename" else None
         for p in paths:
             self._observe(op, p, lambda: self._trace_lookup(op, p))
             if op not in _READ_OPS:
@@ -781,7 +784,12 @@ class Overlay:
         except OSError as e:
             if op not in _READ_OPS:
                 self._invalidate(impl)
-            if e.errno == errno.EXDEV:
+            if e.errno == errno.EXDEV and self.options.creates_redirects:
+                self._record(TraceEvent(op, "exdev", paths[0],
+                                        "directory exists in a lower layer and its redirect would be longer than "
+                                        "the overlay module's redirect_max (or upper/ keeps no xattrs): the kernel "
+                                        "refuses to rename it (EXDEV) — tools like mv fall back to copy + delete"))
+            elif e.errno == errno.EXDEV:
                 self._record(TraceEvent(op, "exdev", paths[0],
                                         "directory exists in a lower layer; with redirect_dir=off the kernel "
                                         "refuses to rename it (EXDEV) — tools like mv fall back to copy + delete"))
@@ -807,7 +815,31 @@ class Overlay:
         for p in paths:
             if before[p] is not None:
                 self._observe(op, p, lambda: self._trace_changes(op, p, before[p]))
+        if redirects is not None:
+            self._trace_redirects(op, paths, redirects)
         return result
+
+    def _upper_redirect(self, p: str) -> str | None:
+        """The ``overlay.redirect`` of upper entry ``p`` (redirect_dir), or None."""
+        if self.upper is None or not p:
+            return None
+        try:
+            value = os.getxattr(self._layers.real(0, p), self.encoding.private_prefix + "redirect",
+                                follow_symlinks=False)
+        except OSError:
+            return None
+        return os.fsdecode(value)
+
+    def _trace_redirects(self, op: str, paths: list[str], before: dict) -> None:
+        """A directory that moved with a new ``overlay.redirect`` (redirect_dir=on): say where its lower
+        contents are now found (a rename moves ``paths[0]`` to ``paths[1]``; an exchange also back)."""
+        for old, new in ((paths[0], paths[-1]), (paths[-1], paths[0])):
+            value = self._upper_redirect(new)
+            if value is not None and value != before.get(old) and old != new:
+                where = f"{show(value.lstrip('/'))} of the lower layers" if value.startswith("/") else \
+                    f"the name {value!r} in the same parent of the lower layers"
+                self._record(TraceEvent(op, "redirect", new, f"redirect to {value} written (redirect_dir=on): only "
+                                        f"the directory was copied up; its lower contents stay at {where}"))
 
     def _trace_lookup(self, op: str, p: str) -> None:
         steps = self._lookup_steps(p)

@@ -127,6 +127,13 @@ def _xattr(path: str, name: str) -> bytes | None:
         return None
 
 
+def _xattr_names(path: str) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+
+
 def probe(workdir: str | os.PathLike, xattr_ns: str | None = None) -> Encoding:
     """Pick the kernel encoding if this process can write it in ``workdir``'s filesystem, else the fallback.
 
@@ -195,15 +202,34 @@ class Leaf:
     path: str
     layer: int
     lstat: os.stat_result
+    #: Where it is in its layer when that differs from ``path`` (a child of a redirected directory).
+    lpath: str | None = None
+
+    def where(self, index: int | None = None) -> str:
+        """Its path inside its layer."""
+        return self.path if self.lpath is None else self.lpath
 
 
 @dataclass(frozen=True)
 class MergedDir:
-    """A directory; ``layers`` are the indexes of the layers whose same-named directories merge, top first."""
+    """A directory; ``layers`` are the indexes of the layers whose directories merge, top first.
+
+    With ``overlay.redirect`` (redirect_dir) a directory is found at different paths in different
+    layers: ``lpaths`` then holds each layer's path, aligned with ``layers`` (empty: ``path`` in all)."""
 
     path: str
     layers: tuple[int, ...]
     opaque_stop: bool = False  # the merge stopped at an opaque directory
+    lpaths: tuple[str, ...] = ()
+
+    def where(self, index: int) -> str:
+        """Its path inside layer ``index`` (one of ``layers``)."""
+        return self.lpaths[self.layers.index(index)] if self.lpaths else self.path
+
+    def only(self, layers: tuple[int, ...]) -> "MergedDir":
+        """The same directory restricted to some of its layers (e.g. the lower ones)."""
+        lpaths = tuple(self.where(i) for i in layers) if self.lpaths else ()
+        return MergedDir(self.path, layers, self.opaque_stop, lpaths)
 
 
 class Layers:
@@ -222,6 +248,7 @@ class Layers:
         self.has_upper = has_upper
         self._dirs: list[dict[str, dict | None]] = [{} for _ in self.roots]
         self._opaque: list[dict[str, bool]] = [{} for _ in self.roots]
+        self._redirect: list[dict[str, str | None]] = [{} for _ in self.roots]
         # Names that are xattr whiteouts, per layer and directory: lookups treat them as whiteouts, but
         # readdir lists them unless the layer's directory is marked overlay.opaque="x" (see names()).
         self._xwh: list[dict[str, set[str]]] = [{} for _ in self.roots]
@@ -286,6 +313,7 @@ class Layers:
         if self.has_upper:
             self._dirs[0] = {}
             self._opaque[0] = {}
+            self._redirect[0] = {}
             self._xwh[0] = {}
             self._drop_derived()
 
@@ -307,14 +335,15 @@ class Layers:
             self.invalidate_upper()
             return
         self._drop_derived()
-        dirs, opaque, xwh = self._dirs[0], self._opaque[0], self._xwh[0]
+        dirs, opaque, xwh, redirect = self._dirs[0], self._opaque[0], self._xwh[0], self._redirect[0]
         if subtree:
             prefix = path + "/"
-            for cache in (dirs, opaque, xwh):
+            for cache in (dirs, opaque, xwh, redirect):
                 for key in [k for k in cache if k == path or k.startswith(prefix)]:
                     del cache[key]
         else:
             opaque.pop(path, None)
+            redirect.pop(path, None)
         parent, _, name = path.rpartition("/")
         ents = dirs.get(parent, False)
         if ents is False:
@@ -441,7 +470,12 @@ class Layers:
         enc = self.encoding
         try:  # the xattr is read by name from the parent, so a dir without search permission still tells
             with self.at(index, path) as real:
-                value = _xattr(real, enc.opaque_xattr) == b"y"
+                # one listxattr tells about opaque and redirect (most directories have neither)
+                names = _xattr_names(real)
+                value = enc.opaque_xattr in names and _xattr(real, enc.opaque_xattr) == b"y"
+                redirect = enc.private_prefix + "redirect"
+                if redirect not in names:
+                    self._redirect[index][path] = None
             if not value and enc.kind == "fallback":
                 with self.at_dir(index, path) as real:
                     value = os.path.lexists(os.path.join(real, OPAQUE_MARKER))
@@ -473,38 +507,172 @@ class Layers:
         return self._child(parent, name, path, visited)
 
     def _child(self, parent: MergedDir, name: str, path: str, visited: list | None) -> Leaf | MergedDir | None:
+        """ovl_lookup: each layer of the parent's stack in turn, top first, looked up by ``name`` -- or, once
+        a directory carries ``overlay.redirect``, by the name (relative) or the path from the layer roots
+        (absolute, "/a/b") it gives; an opaque directory, a whiteout or a non-directory stops the merge."""
+        d: _Lookup | None = None  # made at the first layer that has the name: most have not
+        stack, bases = parent.layers, parent.lpaths or None
+        ppath = parent.path
         found: list[int] = []
-        for index in parent.layers:
-            ents = self.entries(index, parent.path)
-            e = ents.get(name) if ents else None
-            if e is None:
-                if visited is not None:
-                    visited.append((index, "absent"))
-                continue
-            if e is WHITEOUT:
-                if visited is not None:
-                    visited.append((index, "whiteout"))
-                break
-            if st.S_ISDIR(e.st_mode):
-                last = self.last_layer(parent)
-                found.append(index)
-                if self.is_xwhiteouts_dir(index, path, last):
-                    self.xwhiteout_layers.add(index)
-                if self.is_opaque(index, path):
+        where: list[str] = []
+        nm = name
+        i, n = 0, len(stack)
+        while i < n:
+            index = stack[i]
+            base = ppath if bases is None else bases[i]
+            i += 1
+            if nm[0] != "/":
+                ents = self.entries(index, base)
+                e = ents.get(nm) if ents else None
+                if e is None:
                     if visited is not None:
-                        visited.append((index, "opaque dir"))
-                    return MergedDir(path, tuple(found), True)
-                if visited is not None:
-                    visited.append((index, "dir"))
+                        visited.append((index, "absent"))
+                    continue
+                if d is None and e is not WHITEOUT and not st.S_ISDIR(e.st_mode):  # a file, found first
+                    lp = None if bases is None or base == ppath else f"{base}/{nm}" if base else nm
+                    if visited is not None:
+                        visited.append((index, _kind_name(e.st_mode) + (f" at /{lp}" if lp else "")))
+                    return Leaf(path, index, e, lp)
+                upper = index == 0 and self.has_upper
+                last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
+                if e is not WHITEOUT and st.S_ISDIR(e.st_mode) and (d is None or d.redirect is None):
+                    # the common case, inline: a directory that neither stops the merge nor redirects it
+                    lp = f"{base}/{nm}" if base else nm
+                    if not last and not upper and self.is_xwhiteouts_dir(index, lp, -1):
+                        self.xwhiteout_layers.add(index)
+                    if last or (not self.is_opaque(index, lp) and self._redirect[index].get(lp, "") is None):
+                        if d is None:
+                            d = _Lookup(nm)
+                        d.is_dir = True
+                        found.append(index)
+                        where.append(lp)
+                        if visited is not None:
+                            visited.append((index, "dir" if lp == path else f"dir at /{lp}"))
+                        continue
+                if d is None:
+                    d = _Lookup(nm)
+                d.last = last
+                hit = self._lookup_single(index, base, nm, d, 0, "", upper, e)
+            else:
+                upper = index == 0 and self.has_upper
+                d.last = (not upper and index == len(self.roots) - 1) if self.redirect_follow else i == n
+                hit = self._lookup_abs(index, d, upper)
+            nm = d.name
+            if visited is not None:  # where a redirect led, say where in the layer the entry was found
+                visited.append((index, d.seen if hit is None or hit[0] == path else f"{d.seen} at /{hit[0]}"))
+            if hit is None:
+                if d.stop:
+                    break
                 continue
-            if visited is not None:
-                visited.append((index, _kind_name(e.st_mode) if not found else f"{_kind_name(e.st_mode)} (hidden)"))
-            if not found:
-                return Leaf(path, index, e)
-            break
+            lp, e = hit
+            if not st.S_ISDIR(e.st_mode):
+                return Leaf(path, index, e, None if lp == path else lp)
+            found.append(index)
+            where.append(lp)
+            if not upper and d.redirect is not None and not self.redirect_follow:
+                raise OSError(errno.EPERM, "overlayfs: refusing to follow redirect", self.real(index, lp))
+            if d.stop:
+                break
+            if d.redirect is not None and d.redirect[0] == "/" and not d.from_root:
+                # an absolute redirect: the layers below this one are looked up from their roots
+                d.from_root = True
+                stack, bases = tuple(range(index + 1, len(self.roots))), ("",) * (len(self.roots) - index - 1)
+                i, n = 0, len(stack)
         if found:
-            return MergedDir(path, tuple(found))
+            lpaths = () if where.count(path) == len(where) else tuple(where)
+            return MergedDir(path, tuple(found), d.opaque_dir, lpaths)
         return None
+
+    def _lookup_abs(self, index: int, d: "_Lookup", upper: bool):
+        """ovl_lookup_layer for an absolute redirect: walk its components from the layer root (a component
+        may redirect again: the rest of the walk in this layer goes on, the next layers use the new name)."""
+        rem = len(d.name) - 1
+        base = ""
+        hit = None
+        while True:
+            name = d.name
+            s = len(name) - rem
+            nxt = name.find("/", s)
+            if nxt < 0:
+                nxt = len(name)
+            comp = name[s:nxt]
+            hit = self._lookup_single(index, base, comp, d, s, name[nxt:], upper)
+            if hit is None or nxt == len(name):
+                return hit
+            if not st.S_ISDIR(hit[1].st_mode):
+                return hit
+            base = hit[0]
+            rem -= len(comp) + 1
+
+    def _lookup_single(self, index: int, base: str, name: str, d: "_Lookup", prelen: int, post: str,
+                       upper: bool, e=None):
+        """ovl_lookup_single: ``name`` in directory ``base`` of layer ``index`` (``e``: its entry, when the
+        caller has it): (path in the layer, lstat) or None; whiteouts, non-directories, opaque directories
+        and redirects update the lookup ``d``."""
+        if e is None:
+            ents = self.entries(index, base)
+            e = ents.get(name) if ents else None
+        if e is None:
+            d.seen = "absent"
+            return None
+        if e is WHITEOUT:
+            d.stop = d.opaque = True
+            d.seen = "whiteout"
+            return None
+        lp = f"{base}/{name}" if base else name
+        if not st.S_ISDIR(e.st_mode):
+            d.stop = True
+            if d.is_dir:
+                d.seen = f"{_kind_name(e.st_mode)} (hidden)"
+                return None
+            d.seen = _kind_name(e.st_mode)
+            return lp, e
+        d.seen = "dir"
+        last_element = not post
+        if last_element:
+            d.is_dir = True
+        if d.last:
+            return lp, e
+        if last_element and not upper and self.is_xwhiteouts_dir(index, lp, -1):
+            self.xwhiteout_layers.add(index)
+        if self.is_opaque(index, lp):
+            d.stop = True
+            if last_element:
+                d.opaque = d.opaque_dir = True
+                d.seen = "opaque dir"
+            return lp, e
+        redirect = self._redirect[index].get(lp, "")  # known absent (None) after is_opaque's listxattr
+        if redirect is not None:
+            redirect = self.redirect(index, lp)
+        if redirect is not None:
+            if redirect[0] == "/":
+                d.stop = False
+                d.name = redirect + post
+            else:
+                d.name = d.name[:prelen] + redirect + post
+            d.redirect = d.name
+            d.seen = f"dir, redirect to {redirect}"
+        return lp, e
+
+    def redirect(self, index: int, path: str) -> str | None:
+        """The ``overlay.redirect`` of directory ``path`` in layer ``index`` (None without one).  A value
+        the kernel calls invalid (empty, "//" in an absolute one, "/" in a relative one) fails the
+        lookup with EINVAL, as ovl_get_redirect_xattr does."""
+        cache = self._redirect[index]
+        try:
+            value = cache[path]
+        except KeyError:
+            try:
+                with self.at(index, path) as real:
+                    raw = _xattr(real, self.encoding.private_prefix + "redirect")
+            except OSError:
+                raw = None
+            value = cache[path] = None if raw is None else os.fsdecode(raw)
+        if value is None:
+            return None
+        if not value or (value[0] == "/" and "" in value[1:].split("/")) or (value[0] != "/" and "/" in value):
+            raise OSError(errno.EINVAL, f"overlayfs: invalid redirect ({value})", self.real(index, path))
+        return value
 
     def names(self, d: MergedDir) -> list[str]:
         """Visible names of a merged directory: the topmost occurrence of each name decides.
@@ -519,7 +687,7 @@ class Layers:
             if cached is not None:
                 return list(cached)
         if len(d.layers) == 1 and d.path:
-            names = sorted(self.entries(d.layers[0], d.path) or ())
+            names = sorted(self.entries(d.layers[0], d.where(d.layers[0])) or ())
         else:
             names = self.visible_names(d, readdir=True)
         if canonical:
@@ -537,18 +705,19 @@ class Layers:
         """
         seen: dict[str, bool] = {}
         for index in d.layers:
-            if isinstance(self.entries(index, d.path), _SearchOnly):  # readdir needs read permission
-                raise PermissionError(13, os.strerror(13), self.real(index, d.path))
+            if isinstance(self.entries(index, d.where(index)), _SearchOnly):  # readdir needs read permission
+                raise PermissionError(13, os.strerror(13), self.real(index, d.where(index)))
         marked = False
         if readdir and d.path:
             parent = self.lookup(d.path.rpartition("/")[0])
             last = self.last_layer(parent) if isinstance(parent, MergedDir) else len(self.roots) - 1
-            marked = any(self.is_xwhiteouts_dir(i, d.path, last) for i in d.layers)
+            marked = any(self.is_xwhiteouts_dir(i, d.where(i), last) for i in d.layers)
         for index in d.layers:
-            ents = self.entries(index, d.path)
+            lp = d.where(index)
+            ents = self.entries(index, lp)
             if not ents:
                 continue
-            xwh = self._xwh[index].get(d.path, ())
+            xwh = self._xwh[index].get(lp, ())
             if self.has_upper and index == 0:
                 filtered = readdir and bool(xwh) and self.is_impure(d.path)
             else:
@@ -576,6 +745,18 @@ class Layers:
                 return None
             node = self.child(node, name)
         return node
+
+
+class _Lookup:
+    """The state ovl_lookup carries from layer to layer (struct ovl_lookup_data)."""
+
+    __slots__ = ("name", "is_dir", "opaque", "opaque_dir", "stop", "last", "redirect", "from_root", "seen")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.is_dir = self.opaque = self.opaque_dir = self.stop = self.last = self.from_root = False
+        self.redirect: str | None = None
+        self.seen = "absent"
 
 
 class _SearchOnly(dict):

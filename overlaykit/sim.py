@@ -2,9 +2,11 @@
 
 Every rule here follows Documentation/filesystems/overlayfs.rst and fs/overlayfs (ovl_lookup,
 ovl_copy_up, ovl_rename, ovl_remove_and_whiteout ...) with the default options: redirect_dir=off,
-index=off, metacopy=off, xino=off; and metacopy=on (metadata-only copy-up, see the "metacopy" section).
-Where this file and the kernel disagree, the kernel is right and the differential tests
-(tests/test_differential.py) say where.
+index=off, metacopy=off, xino=off; and, with the options, redirect_dir=on (ovl_set_redirect: a lower
+directory that moves), metacopy=on (metadata-only copy-up, see the "metacopy" section) and index=on (hard
+links kept together through work/index, see index.py).  Where this file and the kernel disagree, the
+kernel is right and the differential tests (tests/test_differential.py, tests/test_redirect.py,
+tests/test_metacopy.py, tests/test_index.py) say where.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _sysctl(path: str, default: int) -> int:
 #: The ids a user namespace shows for owners it does not map (kernel.overflowuid / overflowgid).
 OVERFLOW_UID = _sysctl("/proc/sys/kernel/overflowuid", 65534)
 OVERFLOW_GID = _sysctl("/proc/sys/kernel/overflowgid", 65534)
+#: The longest absolute overlay.redirect the kernel writes (module parameter redirect_max, 256 by default)
+REDIRECT_MAX = _sysctl("/sys/module/overlay/parameters/redirect_max", 256)
 
 
 def _join(parent: str, name: str) -> str:
@@ -133,6 +137,7 @@ class SimBackend(Backend):
                          str(ov.work) if ov.work else None, ov.encoding)
         self.L = layers
         self.ov = ov  # its resolved options (ov.options) are set by mount() before ours runs
+        self.ov_options = getattr(ov, "options", None)  # resolved at mount (see overlaykit.options)
         self.root_user = os.geteuid() == 0
         self._origins_seen: set[str] = set()
         self.handles: dict[int, _Handle] = {}
@@ -224,7 +229,9 @@ class SimBackend(Backend):
                 self._may(parent, os.X_OK, p)  # search permission on every directory walked through
             try:
                 node = L.child(parent, name)
-            except PermissionError:
+            except PermissionError as e:
+                if e.errno == errno.EPERM:  # ovl_lookup: "refusing to follow redirect" (redirect_dir=nofollow)
+                    raise _err(errno.EPERM, p) from None
                 if self.root_user:
                     raise _err(errno.EACCES, p) from None
                 raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator may not search a layer's "
@@ -242,7 +249,7 @@ class SimBackend(Backend):
                 hops += 1
                 if hops > MAXSYMLINKS:
                     raise _err(errno.ELOOP, p)
-                with L.at(node.layer, node.path) as real:
+                with L.at(node.layer, node.where()) as real:
                     target = os.readlink(real)
                 if target.startswith("/"):
                     stack = [L.root()]
@@ -270,8 +277,8 @@ class SimBackend(Backend):
         for index in node.layers:
             if index == last or (index == 0 and self.L.has_upper):
                 continue
-            s = self._lower_lstat(index, node.path)
-            if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.path, os.R_OK):
+            s = self._lower_lstat(index, node.where(index))
+            if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.where(index), os.R_OK):
                 raise _err(errno.EACCES, p)
 
     def _note_origin(self, path: str, lower: int | None = None) -> None:
@@ -306,13 +313,13 @@ class SimBackend(Backend):
         if self.root_user or node is None:
             return
         layer = node.layer if isinstance(node, Leaf) else node.layers[0]
-        if not self._access(layer, node.path, mode):
+        if not self._access(layer, node.where(layer), mode):
             raise _err(errno.EACCES, p)
         if mode & os.W_OK and not (layer == 0 and self.L.has_upper):
             # ovl_permission: to write a lower entry the mounter must be able to read it, for the copy-up
             s = self._node_stat(node)
             if not (st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode) or st.S_ISFIFO(s.st_mode) or st.S_ISSOCK(s.st_mode)) \
-                    and (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(layer, node.path, os.R_OK):
+                    and (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(layer, node.where(layer), os.R_OK):
                 raise _err(errno.EACCES, p)
 
     def _access(self, layer: int, path: str, mode: int) -> bool:
@@ -352,9 +359,10 @@ class SimBackend(Backend):
             node = self.L.lookup(sub)
             if not isinstance(node, MergedDir):  # upper/ was changed behind our back
                 raise _err(errno.ENOENT, sub)
-            s = self._lower_lstat(node.layers[0], node.path)
+            src = node.where(node.layers[0])
+            s = self._lower_lstat(node.layers[0], src)
             self._check_mapped(s, node.path)
-            self._install(node.path, node.layers[0], s)
+            self._install(node.path, node.layers[0], s, lpath=src)
         return d.path
 
     def _lower_lstat(self, layer: int, path: str) -> os.stat_result:
@@ -370,7 +378,7 @@ class SimBackend(Backend):
         s = node.lstat
         if self.root_user or not st.S_ISREG(s.st_mode) or s.st_uid != os.geteuid():
             return
-        if not self._access(node.layer, node.path, os.R_OK) and not self._owner_may_read(node):
+        if not self._access(node.layer, node.where(), os.R_OK) and not self._owner_may_read(node):
             raise OSError(errno.EACCES, f"{os.strerror(errno.EACCES)}: the simulator cannot copy up a lower file "
                           f"it may not read (mode {st.S_IMODE(s.st_mode):04o}) where user namespaces are off; the "
                           "kernel can, as it copies up with the rights of the user who mounted, which include "
@@ -379,7 +387,7 @@ class SimBackend(Backend):
 
     def _owner_may_read(self, node: Leaf) -> bool:
         try:
-            with self.L.at(node.layer, node.path) as real:
+            with self.L.at(node.layer, node.where()) as real:
                 return _readable_as_owner(real)
         except OSError:
             return False
@@ -408,7 +416,7 @@ class SimBackend(Backend):
             pass
 
     def _install(self, path: str, layer: int, s: os.stat_result, data: bool = True, meta: bool = False,
-                 data_from: tuple | None = None) -> None:
+                 data_from: tuple | None = None, lpath: str | None = None) -> None:
         """Copy ``path`` of layer ``layer`` into upper/ the way ovl_copy_up_workdir does: build the copy
         (data, owner, xattrs, mode, times) under a temporary ``#<hex>`` name in work/work, then rename
         the finished entry into upper/.  A kill or an error part-way leaves nothing in upper/ (and
@@ -419,7 +427,8 @@ class SimBackend(Backend):
         # vfs_rename needs write permission on a directory that changes parent (its ".."); the unprivileged
         # mounter has it on a dir it owns whatever the mode, so this process lends itself u+w for the rename
         lend_w = is_dir and not self.root_user and not s.st_mode & 0o200
-        with self.L.at(layer, path) as src, self._temp() as temp:
+        # ``lpath``: where the entry is in its layer, when a redirect put it elsewhere than ``path``
+        with self.L.at(layer, path if lpath is None else lpath) as src, self._temp() as temp:
             try:
                 if is_dir:
                     os.mkdir(temp, 0o700)
@@ -431,7 +440,7 @@ class SimBackend(Backend):
                         self._copy_leaf(src, temp, s, data, meta)
                 if meta:  # ovl_copy_up_metadata: the copy holds no data yet (empty value, as the kernel's)
                     os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
-                self._copy_meta(src, temp, s, self._origin_value(layer, path))
+                self._copy_meta(src, temp, s, self._origin_value(layer, path if lpath is None else lpath))
                 if lend_w:
                     _chmod_nofollow(temp, st.S_IMODE(s.st_mode) | 0o200)
                 with self._updir(parent) as up_parent, _parent_times_kept(up_parent):
@@ -452,7 +461,7 @@ class SimBackend(Backend):
                 except OSError:
                     pass
         if self.handles and not meta:  # a metacopy upper holds no data: readers go on reading the lower file
-            self._redirect_readers(*(data_from or (layer, path)), path)
+            self._redirect_readers(*(data_from or (layer, path if lpath is None else lpath)), path)
 
     def _has_origin(self, path: str) -> bool:
         try:
@@ -523,7 +532,8 @@ class SimBackend(Backend):
                     raise _err(errno.EIO, node.path)
                 data_from = (lower.layer, _in_layer(lower))
             self._install(node.path, node.layer, node.lstat, data,
-                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode), data_from)
+                          meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode), data_from,
+                          lpath=node.where())
         except OSError as e:
             raise _err_from(e, node.path) from None
         return node.path
@@ -619,7 +629,7 @@ class SimBackend(Backend):
         below = tuple(i for i in parent.layers if i > layer) if isinstance(parent, MergedDir) else ()
         if not below:
             return None
-        node = self.L.child(MergedDir(parent.path, below), name)  # (with per-layer dir paths: parent.only(below))
+        node = self.L.child(parent.only(below), name)
         return node if isinstance(node, Leaf) else None
 
     def _lookup_below(self, path: str, layer: int) -> Leaf | None:
@@ -734,7 +744,7 @@ class SimBackend(Backend):
         lower = tuple(i for i in parent.layers if not (self.L.has_upper and i == 0))
         if self.L.has_upper and parent.layers and parent.layers[0] == 0 and parent.opaque_stop and len(parent.layers) == 1:
             return False
-        return bool(lower) and self.L.child(MergedDir(parent.path, lower), name) is not None
+        return bool(lower) and self.L.child(parent.only(lower), name) is not None
 
     def _refresh(self, parent: MergedDir) -> MergedDir:
         node = self.L.lookup(parent.path)
@@ -779,7 +789,7 @@ class SimBackend(Backend):
                 raise _err(errno.EISDIR, p)
             if not (isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode)):
                 return
-            with self.L.at(node.layer, node.path) as real:
+            with self.L.at(node.layer, node.where()) as real:
                 target = os.readlink(real)
             q = target.lstrip("/") if target.startswith("/") else _join(parent.path, target)
             if not q:
@@ -842,6 +852,8 @@ class SimBackend(Backend):
             if lower is None:
                 raise _err(errno.EIO, p)
             meta, layer, rel = (layer, rel), lower.layer, _in_layer(lower)
+        if not (layer == 0 and self.L.has_upper or meta):
+            rel = node.where(layer)  # under a redirected directory the file sits elsewhere in its layer
         try:  # index=on: a lower alias whose inode was copied up reads its index entry (ovl_lookup_index)
             with self._index_at(entry) if entry else self.L.at(layer, rel) as real:
                 fd = os.open(real, real_flags)
@@ -976,7 +988,7 @@ class SimBackend(Backend):
     def _node_stat(self, node) -> os.stat_result:
         if isinstance(node, Leaf):
             return node.lstat
-        return self._lower_lstat(node.layers[0], node.path)
+        return self._lower_lstat(node.layers[0], node.where(node.layers[0]))
 
     def remove(self, p: str) -> None:
         parent, name, node = self._resolve(p, False)
@@ -1013,6 +1025,13 @@ class SimBackend(Backend):
                 os.mkdir(real, mode)
             if was_whiteout or self._opaque_new_dirs(parent):
                 self._set_opaque(rel)
+            elif not self._offline_changes_allowed() and any(i != 0 for i in parent.layers):
+                # ovl_create_upper: with redirect_dir=on (or index, metacopy, nfs_export) a new dir in a
+                # merged one is made opaque ("just an optimization": a failure is ignored)
+                try:
+                    self._set_opaque(rel)
+                except OSError:
+                    pass
         except OSError as e:
             raise _err_from(e, p) from None
         finally:
@@ -1033,7 +1052,9 @@ class SimBackend(Backend):
         self._check_sticky(parent, node, p)
         lower_positive = self._lower_positive(parent, name)
         if node.layers[0] == 0 and self.L.has_upper:
-            if lower_positive:  # ovl_remove_and_whiteout clears the whiteouts inside first
+            # ovl_remove_and_whiteout clears the whiteouts inside first; so does ovl_remove_upper for a
+            # redirected merge dir ("Redirect dir can be !ovl_lower_positive && OVL_TYPE_MERGE")
+            if lower_positive or (len(node.layers) > 1 and self._upper_redirect(node.path) is not None):
                 self._remove_upper_dir(node.path)
             else:  # ovl_remove_upper: a plain rmdir of the upper dir; leftover whiteouts make it ENOTEMPTY
                 try:
@@ -1059,12 +1080,76 @@ class SimBackend(Backend):
             os.rmdir(real)
         self.L.refresh_upper(path, subtree=True)
 
-    def rename(self, src: str, dst: str) -> None:
+    # -- redirect_dir ------------------------------------------------------------------------------
+    def _creates_redirects(self) -> bool:
+        return self.ov_options is not None and self.ov_options.creates_redirects
+
+    def _offline_changes_allowed(self) -> bool:
+        """ovl_allow_offline_changes: no index, metacopy, redirect_dir=on or nfs_export on this mount."""
+        o = self.ov_options
+        return o is None or not (o.index or o.metacopy or o.redirect_dir == "on" or o.nfs_export)
+
+    def _upper_redirect(self, path: str) -> str | None:
+        """The ``overlay.redirect`` of upper directory ``path`` (ovl_dentry_get_redirect), or None."""
+        try:
+            with self._up(path) as real:
+                return os.fsdecode(os.getxattr(real, self.encoding.private_prefix + "redirect",
+                                               follow_symlinks=False))
+        except OSError:
+            return None
+
+    def _redirect_value(self, path: str, samedir: bool) -> str | None:
+        """What ovl_set_redirect writes for directory ``path`` (still at its old place) before it moves:
+        nothing when it keeps its redirect (same parent, or already absolute); its old name when it stays
+        in its parent; else the absolute path of its lower part, built from its own and its ancestors'
+        redirects (ovl_get_redirect), EXDEV when longer than the module's redirect_max."""
+        current = self._upper_redirect(path)
+        if current is not None and (samedir or current.startswith("/")):
+            return None
+        if samedir:
+            return path.rpartition("/")[2]
+        room = REDIRECT_MAX
+        parts: list[str] = []
+        d = path
+        while d:
+            name = self._upper_redirect(d) if d != path else current
+            if name is None:
+                name = d.rpartition("/")[2]
+            if len(name.encode()) + (name[0] != "/") > room:
+                return ""
+            room -= len(name.encode())
+            parts.append(name)
+            if name.startswith("/"):
+                break
+            room -= 1
+            parts.append("/")
+            d = d.rpartition("/")[0]
+        return "".join(reversed(parts))
+
+    def _set_redirect(self, rel: str, samedir: bool, src: str, dst: str) -> None:
+        value = self._redirect_value(rel, samedir)
+        if value is None:
+            return
+        if not value:
+            raise _err(errno.EXDEV, src, dst)  # "If path is too long, fall back to userspace move"
+        try:
+            with self._lend(rel), self._up(rel) as real:
+                os.setxattr(real, self.encoding.private_prefix + "redirect", os.fsencode(value),
+                            follow_symlinks=False)
+        except OSError:
+            raise _err(errno.EXDEV, src, dst) from None  # no xattrs here: mv copies instead
+        finally:
+            self.L.refresh_upper(rel)
+
+    def _rename_parents(self, src: str, dst: str) -> None:
         for q in (src, dst):  # renameat2 walks to both parents before it looks either name up
             head = q.rstrip("/").rpartition("/")[0]
             node = self._resolve(head, True)[2] if head else None
             if head and not isinstance(node, MergedDir):
                 raise _err(errno.ENOENT if node is None else errno.ENOTDIR, src, dst)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rename_parents(src, dst)
         sparent, sname, snode = self._resolve(src, False)
         dparent, dname, dnode = self._resolve(dst, False)
         if not src or not dst:
@@ -1091,7 +1176,8 @@ class SimBackend(Backend):
                 self._stat(snode).ino == self._stat(dnode).ino:
             return  # two names of one indexed inode: vfs_rename does nothing (source and target are one inode)
         has_upper = self.L.has_upper
-        if s_dir and not (has_upper and snode.layers == (0,)):
+        s_redirect = s_dir and not (has_upper and snode.layers == (0,))  # ovl_type_merge_or_lower
+        if s_redirect and not self._creates_redirects():
             raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
         d_merge_or_lower = isinstance(dnode, MergedDir) and not (has_upper and dnode.layers == (0,))
         if d_merge_or_lower and self.L.visible_names(dnode):
@@ -1111,26 +1197,39 @@ class SimBackend(Backend):
         lower_positive = self._lower_positive(sparent, sname)
         self._upper_dir(dparent)
         dparent = self._refresh(dparent)
-        if s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
+        samedir = sparent.path == dparent.path
+        if not samedir and self._has_origin(src_rel):
+            self._set_impure(dparent.path)  # ovl_rename: a moved entry with an origin makes its new parent impure
+        if s_redirect:
+            # redirect_dir=on: the directory alone was copied up; overlay.redirect tells lookup where its
+            # lower part now is (ovl_set_redirect, before the real rename)
+            self._set_redirect(src_rel, samedir, src, dst)
+        elif s_dir and not old_opaque and any(i != 0 for i in dparent.layers):
             # ovl_rename marks the moved dir opaque *before* the real rename, so that a lower dir of the
             # same name at the destination cannot show through; the mark stays even if the rename fails.
             self._set_opaque(src_rel)
             self.L.refresh_upper(snode.path, subtree=True)
-        self._clear_whiteout(dparent, dname)
-        if sparent.path != dparent.path and self._has_origin(src_rel):
-            self._set_impure(dparent.path)  # ovl_rename: a moved entry with an origin makes its new parent impure
+        over_whiteout = self._clear_whiteout(dparent, dname)
         dst_path = _join(dparent.path, dname)
         if d_merge_or_lower and dnode.layers[0] == 0:
             self._remove_upper_dir(dst_path)
+        # A moved lower directory leaves its whiteout the kernel's way, in the same rename(RENAME_WHITEOUT):
+        # even a rename that fails (ENOTEMPTY) then touches the old parent, as on the kernel's upper fs.
+        whiteout_in_rename = s_redirect and lower_positive and not over_whiteout and self.root_user \
+            and self.encoding.kind == "kernel"
         try:
             with self._up(src_rel) as src_real, self._up(dst_path) as dst_real:
-                os.rename(src_real, dst_real)
+                if whiteout_in_rename:
+                    from ._nsworker import RENAME_WHITEOUT, renameat2
+                    renameat2(src_real, dst_real, RENAME_WHITEOUT)
+                else:
+                    os.rename(src_real, dst_real)
         except OSError as e:
             raise _err_from(e, src, dst) from None
         finally:
             self.L.refresh_upper(snode.path, subtree=True)
             self.L.refresh_upper(dst_path, subtree=True)
-        if lower_positive:
+        if lower_positive and not whiteout_in_rename:
             self._whiteout(self._refresh(sparent), sname)
 
     def chmod(self, p: str, mode: int) -> None:
@@ -1197,7 +1296,8 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
-            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
+            layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+            with self.L.at(layer, node.where(layer)) as real:
                 return os.getxattr(real, self._escape(name), follow_symlinks=False)
         except OSError as e:
             raise _err_from(e, p) from None
@@ -1209,7 +1309,8 @@ class SimBackend(Backend):
         if node is None:
             raise _err(errno.ENOENT, p)
         try:
-            with self.L.at(node.layer if isinstance(node, Leaf) else node.layers[0], node.path) as real:
+            layer = node.layer if isinstance(node, Leaf) else node.layers[0]
+            with self.L.at(layer, node.where(layer)) as real:
                 names = os.listxattr(real, follow_symlinks=False)
         except OSError as e:
             raise _err(e.errno, p) from None
@@ -1229,7 +1330,7 @@ class SimBackend(Backend):
         try:
             layer = node.layer if isinstance(node, Leaf) else node.layers[0]
             if not (self.L.has_upper and layer == 0):
-                with self.L.at(layer, node.path) as real:
+                with self.L.at(layer, node.where(layer)) as real:
                     os.getxattr(real, self._escape(name), follow_symlinks=False)
             with self._up(self._copy_up(node, meta=True)) as real:
                 os.removexattr(real, self._escape(name), follow_symlinks=False)
@@ -1270,6 +1371,7 @@ class SimBackend(Backend):
         from ._nsworker import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
         if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == RENAME_EXCHANGE | RENAME_NOREPLACE:
             raise _err(errno.EINVAL, src, dst)
+        self._rename_parents(src, dst)
         if flags == RENAME_NOREPLACE:
             _, _, dnode = self._resolve(dst, False)
             _, _, snode = self._resolve(src, False)
@@ -1289,16 +1391,32 @@ class SimBackend(Backend):
             return
         if snode.path.startswith(dnode.path + "/") or dnode.path.startswith(snode.path + "/"):
             raise _err(errno.EINVAL, src, dst)
-        for node in (snode, dnode):  # redirect_dir=off: a lower or merged directory cannot move
-            if isinstance(node, MergedDir) and not (self.L.has_upper and node.layers == (0,)):
-                raise _err(errno.EXDEV, src, dst)
+        moves_lower = [isinstance(node, MergedDir) and not (self.L.has_upper and node.layers == (0,))
+                       for node in (snode, dnode)]
+        if any(moves_lower) and not self._creates_redirects():
+            raise _err(errno.EXDEV, src, dst)  # redirect_dir=off: a lower or merged directory cannot move
         self._may(sparent, os.W_OK | os.X_OK, src)
         self._may(dparent, os.W_OK | os.X_OK, dst)
+        opaque = [isinstance(node, MergedDir) and self.L.is_opaque(0, node.path) for node in (snode, dnode)]
         s_rel, d_rel = self._copy_up(snode, meta=True), self._copy_up(dnode, meta=True)
-        if not isinstance(snode, MergedDir):
-            self._set_file_redirect(s_rel, sparent.path, sname, sparent.path == dparent.path)
+        sparent, dparent = self._refresh(sparent), self._refresh(dparent)
+        samedir = sparent.path == dparent.path
+        if not isinstance(snode, MergedDir):  # metacopy=on: a moved metacopy file keeps finding its data
+            self._set_file_redirect(s_rel, sparent.path, sname, samedir)
         if not isinstance(dnode, MergedDir):
-            self._set_file_redirect(d_rel, dparent.path, dname, sparent.path == dparent.path)
+            self._set_file_redirect(d_rel, dparent.path, dname, samedir)
+        if not samedir:  # ovl_rename: an entry with an origin makes its new parent impure
+            if self._has_origin(s_rel):
+                self._set_impure(dparent.path)
+            if self._has_origin(d_rel):
+                self._set_impure(sparent.path)
+        for node, rel, lower, was_opaque, new_parent in ((snode, s_rel, moves_lower[0], opaque[0], dparent),
+                                                         (dnode, d_rel, moves_lower[1], opaque[1], sparent)):
+            if lower:
+                self._set_redirect(rel, samedir, src, dst)
+            elif isinstance(node, MergedDir) and not was_opaque and any(i != 0 for i in new_parent.layers):
+                self._set_opaque(rel)
+                self.L.refresh_upper(rel, subtree=True)
         try:
             with self._up(s_rel) as s_real, self._up(d_rel) as d_real:
                 renameat2(s_real, d_real, RENAME_EXCHANGE)
@@ -1368,7 +1486,7 @@ class SimBackend(Backend):
             return
         mode = s.st_mode
         if not st.S_ISREG(mode) or mode & st.S_ISUID or (mode & (st.S_ISGID | st.S_IXGRP)) == (st.S_ISGID | st.S_IXGRP) \
-                or not self._access(node.layer, node.path, os.R_OK | os.W_OK):
+                or not self._access(node.layer, node.where(), os.R_OK | os.W_OK):
             raise _err(errno.EPERM, src, dst)
 
     def truncate(self, p: str, size: int) -> None:
@@ -1401,12 +1519,14 @@ class SimBackend(Backend):
             raise _err(errno.ENOTDIR, p)
         self._may(node, os.R_OK, p)
         names = self.L.names(node)
-        if not self.root_user and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and \
-                self.L.is_impure(node.path):
+        if len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper and self.L.is_impure(node.path):
             # An impure merged dir: ovl_iterate looks every upper name up (for d_ino) and drops those whose
-            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk)
+            # lookup fails, e.g. on a lower directory the unprivileged mounter may not read (see _resolve_walk),
+            # or (root too) on a directory whose redirect is refused (nofollow: EPERM) or invalid (EINVAL)
             upper_names = self.L.entries(0, node.path) or {}
-            names = [n for n in names if n not in upper_names or self._looks_up(_join(node.path, n))]
+            names = [n for n in names if n not in upper_names or
+                     (self.root_user and not st.S_ISDIR(getattr(upper_names[n], "st_mode", 0)))
+                     or self._looks_up(_join(node.path, n))]
         return names
 
     def _looks_up(self, path: str) -> bool:
@@ -1452,7 +1572,7 @@ class SimBackend(Backend):
                 if self._is_metacopy(node) and (lower := self._metacopy_data(node)) is not None:
                     result = dataclasses.replace(result, blocks=lower.lstat.st_blocks)
                 return result
-            with self.L.at(node.layer, node.path) as real:
+            with self.L.at(node.layer, node.where()) as real:
                 if upper:
                     s = os.lstat(real)  # upper entries change under us
                 target = os.readlink(real) if st.S_ISLNK(s.st_mode) else None
@@ -1464,13 +1584,14 @@ class SimBackend(Backend):
             return result
         layer = node.layers[0]
         s = None
+        where = node.where(layer)
         if node.path and not (layer == 0 and self.L.has_upper):  # a lower dir: its parent's listing has it
-            parent, _, name = node.path.rpartition("/")
+            parent, _, name = where.rpartition("/")
             s = (self.L.entries(layer, parent) or {}).get(name)
             if s is WHITEOUT or s is None or s.st_uid == -1:  # -1: only readdir's d_type was known
                 s = None
         if s is None:
-            s = self._lower_lstat(layer, node.path)
+            s = self._lower_lstat(layer, where)
         return Stat.from_os(s, nlink=1 if len(node.layers) > 1 else None, ino=self._ino(node, s), dev=self.dev)
 
     def _ino(self, node, s: os.stat_result) -> int:
@@ -1483,7 +1604,7 @@ class SimBackend(Backend):
             lower = [i for i in node.layers if not (self.L.has_upper and i == 0)]
             if lower and lower[0] != node.layers[0] and node.path:  # ovl_get_root: the root is the top's
                 try:
-                    low = self._lower_lstat(lower[0], node.path)
+                    low = self._lower_lstat(lower[0], node.where(lower[0]))
                     self._ino_dev[low.st_ino] = low.st_dev
                     return low.st_ino
                 except OSError:
@@ -1511,7 +1632,7 @@ class SimBackend(Backend):
         parent_path, _, name = node.path.rpartition("/")
         parent = self.L.lookup(parent_path)
         if isinstance(parent, MergedDir):
-            low = self.L.child(MergedDir(parent.path, tuple(i for i in parent.layers if i != 0)), name) \
+            low = self.L.child(parent.only(tuple(i for i in parent.layers if i != 0)), name) \
                 if any(i != 0 for i in parent.layers) else None
             if isinstance(low, Leaf):
                 return low.lstat.st_ino
@@ -1646,7 +1767,7 @@ class SimBackend(Backend):
         """ovl_need_index: the index entry name of a hard-linked lower non-directory (None: not indexed)."""
         if not self._index_on or not isinstance(node, Leaf) or node.layer == 0 or node.lstat.st_nlink < 2:
             return None
-        value = self._origin_value(node.layer, node.path)
+        value = self._origin_value(node.layer, node.where())
         return value.hex() if value else None
 
     def _upper_index_name(self, node) -> str | None:
@@ -1704,7 +1825,7 @@ class SimBackend(Backend):
         parent, _, leaf = path.rpartition("/")
         self._set_impure(parent)
         if self._index_lstat(name) is None:
-            with self.L.at(node.layer, path) as src, self._temp() as temp:
+            with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
                 try:
                     self._copy_leaf(src, temp, s, data)
                     self._copy_meta(src, temp, s, bytes.fromhex(name))
@@ -1735,7 +1856,7 @@ class SimBackend(Backend):
         copied into the index, so the count has a home); at zero the entry goes (ovl_cleanup_index)."""
         if self._index_lstat(name) is None:  # a lower alias of an inode not copied up yet
             s = node.lstat
-            with self.L.at(node.layer, node.path) as src, self._temp() as temp:
+            with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
                 try:
                     self._copy_leaf(src, temp, s, True)
                     self._copy_meta(src, temp, s, bytes.fromhex(name))
@@ -1769,7 +1890,7 @@ class _Handle:
 
 def _in_layer(leaf: Leaf) -> str:
     """Where a file is inside its own layer (its merged path; under a redirected directory, that layer's)."""
-    return leaf.path
+    return leaf.where()
 
 
 def _copy_data(fd_in: int, fd_out: int) -> None:

@@ -131,6 +131,8 @@ def apply(ov: Overlay, op: tuple):
         return outcome(lambda: ov.setxattr(args[0], "user.note", args[1].encode()))
     if name == "getxattr":
         return outcome(lambda: ov.getxattr(args[0], args[1]))
+    if name == "rename2":  # renameat2 with flags (RENAME_NOREPLACE, RENAME_EXCHANGE)
+        return outcome(lambda: ov.rename(args[0], args[1], flags=args[2]))
     if name == "lstat":
         return outcome(lambda: ov.stat(args[0], follow_symlinks=False))
     if name == "read":
@@ -191,7 +193,8 @@ def snapshot_upper(ov: Overlay) -> dict:
             if enc.is_whiteout(dirpath, name):
                 out[p] = ("whiteout",)
             elif st.S_ISDIR(s.st_mode):  # plus: did it keep the fixed time of the layers (copy-up restores it)?
-                out[p] = ("dir", oct(st.S_IMODE(s.st_mode)), enc.is_opaque(real), s.st_mtime_ns == FIXED_TIME)
+                out[p] = ("dir", oct(st.S_IMODE(s.st_mode)), enc.is_opaque(real), s.st_mtime_ns == FIXED_TIME) \
+                    + redirect_of(real, enc)
             elif st.S_ISLNK(s.st_mode):
                 out[p] = ("symlink", os.readlink(real))
             else:
@@ -289,6 +292,14 @@ def file_marks(real: str, enc: Encoding) -> tuple:
     finally:
         os.close(fd)
     return (metacopy, redirect and redirect.decode(errors="replace"), no_data)
+
+
+def redirect_of(real: str, enc: Encoding) -> tuple:
+    """``("redirect", value)`` for a directory carrying ``overlay.redirect`` (redirect_dir=on), else ()."""
+    try:
+        return ("redirect", os.getxattr(real, enc.private_prefix + "redirect", follow_symlinks=False).decode())
+    except OSError:
+        return ()
 
 
 def prepare(tmp: str, lowers_spec: list[dict], upper_spec: dict | None, *, read_only: bool = False,

@@ -523,3 +523,31 @@ def test_chmod_through_overlaykit_fuse_with_metacopy_copies_no_data(tmp_path):
         os.close(fd)
     with Overlay([lower], upper, work, backend="kernel", options="metacopy=on") as ov:
         assert ov.read_bytes("f") == data and ov.stat("f").mode == 0o600
+
+
+@needs_fuse
+@pytest.mark.skipif(not ROOT, reason="redirect_dir=on needs trusted.* xattrs (root): userxattr mounts refuse it")
+def test_mv_a_lower_dir_through_fuse_with_redirect_dir_on(tmp_path):
+    """``mv dir newdir`` on overlaykit-fuse -o redirect_dir=on renames (no copy: mv would fall back to one on
+    EXDEV), writes the kernel's redirect, and the kernel's overlay mounts the result."""
+    os.chmod(tmp_path, 0o755)
+    lower, upper, work, mnt = (str(tmp_path / x) for x in ("lower", "upper", "work", "merged"))
+    for d in (lower + "/dir/sub", upper, work, mnt):
+        os.makedirs(d)
+    Path(lower, "dir", "f").write_text("f\n")
+    Path(lower, "dir", "sub", "g").write_text("g\n")
+    m = FuseMount(overlaykit_fuse_argv([lower], upper, work, mnt, ",redirect_dir=on"), mnt, str(tmp_path))
+    try:
+        r = subprocess.run(["mv", f"{mnt}/dir", f"{mnt}/newdir"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        listed = sorted(os.listdir(mnt)), sorted(os.listdir(f"{mnt}/newdir"))
+    finally:
+        m.unmount()
+    assert listed == (["newdir"], ["f", "sub"])
+    assert os.getxattr(f"{upper}/newdir", "trusted.overlay.redirect") == b"dir"
+    assert os.listdir(f"{upper}/newdir") == []  # the directory alone was copied up, not its contents
+    if not capabilities()["kernel"].available:
+        pytest.skip(f"kernel overlay not allowed here: {capabilities()['kernel'].reason}")
+    with Overlay([lower], upper, work, backend="kernel", options="redirect_dir=on") as ov:
+        assert ov.listdir(".") == ["newdir"]
+        assert ov.listdir("newdir") == ["f", "sub"] and ov.read_bytes("newdir/sub/g") == b"g\n"
