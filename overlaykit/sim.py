@@ -244,7 +244,7 @@ class SimBackend(Backend):
             if isinstance(node, MergedDir) and not self.root_user:
                 self._check_dir_xattrs_readable(parent, node, p)
             if isinstance(node, MergedDir) and len(node.layers) > 1 and node.layers[0] == 0 and self.L.has_upper:
-                self._note_origin(node.path, node.layers[1])
+                self._note_origin(node.path, node.layers[1], node.where(node.layers[1]))
             if isinstance(node, Leaf) and st.S_ISLNK(node.lstat.st_mode) and (follow or not last):
                 hops += 1
                 if hops > MAXSYMLINKS:
@@ -281,7 +281,7 @@ class SimBackend(Backend):
             if (s.st_uid, s.st_gid) != (os.geteuid(), os.getegid()) and not self._access(index, node.where(index), os.R_OK):
                 raise _err(errno.EACCES, p)
 
-    def _note_origin(self, path: str, lower: int | None = None) -> None:
+    def _note_origin(self, path: str, lower: int | None = None, lpath: str | None = None) -> None:
         """ovl_lookup records a missing origin on an upper dir that merges with a lower one (a "legacy"
         merge dir, e.g. made by hand), so that its inode number can stay constant."""
         if path in self._origins_seen:
@@ -296,7 +296,7 @@ class SimBackend(Backend):
                 except OSError as e:
                     if e.errno != errno.ENODATA:
                         return
-            value = self._origin_value(lower, path) if lower is not None else b""
+            value = self._origin_value(lower, path if lpath is None else lpath) if lower is not None else b""
             with self._lend(path), self._up(path) as real:
                 os.setxattr(real, name, value, follow_symlinks=False)
         except OSError:
