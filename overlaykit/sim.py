@@ -523,7 +523,12 @@ class SimBackend(Backend):
         try:
             name = self._index_name(node)
             if name:  # index=on: a hard-linked lower file goes through its index entry
-                self._copy_up_indexed(node, name, data)
+                metacopy = meta and self.options.metacopy and st.S_ISREG(node.lstat.st_mode)
+                self._copy_up_indexed(node, name, data, metacopy)
+                if not meta:  # the entry may be a metacopy one, made by a chmod through another name
+                    up = self.L.lookup(node.path)
+                    if isinstance(up, Leaf) and up.layer == 0 and self._is_metacopy(up):
+                        self._metacopy_fill(up, data)
                 return node.path
             data_from = None
             if self._is_metacopy(node):  # a metacopy file in a lower layer: its data is further down
@@ -844,8 +849,8 @@ class SimBackend(Backend):
             elif not self.root_user:
                 self._may(node, os.R_OK, p)
         entry = self._index_name(node) if not writes and isinstance(node, Leaf) and layer != 0 else None
-        if entry and self._index_lstat(entry) is None:
-            entry = None
+        if entry and (self._index_lstat(entry) is None or self._index_is_metacopy(entry)):
+            entry = None  # not copied up, or copied up without data: the lower alias holds the same data
         meta = None
         if entry is None and not writes and self._is_metacopy(node):  # no data in upper yet: ovl_open opens the lower data
             lower = self._metacopy_data(node)
@@ -1818,7 +1823,7 @@ class SimBackend(Backend):
             ino = self._origin_ino.get(s.st_ino, low.st_ino if low is not None else s.st_ino)
         return Stat.from_os(s, nlink=merged, ino=ino, dev=self.dev)
 
-    def _copy_up_indexed(self, node: Leaf, name: str, data: bool) -> None:
+    def _copy_up_indexed(self, node: Leaf, name: str, data: bool, meta: bool = False) -> None:
         """ovl_copy_up_one with index=on: the first name copied up builds the index entry (in work/index,
         renamed into place); every name, the first included, is then a hard link to it (ovl_link_up)."""
         path, s = node.path, node.lstat
@@ -1827,7 +1832,9 @@ class SimBackend(Backend):
         if self._index_lstat(name) is None:
             with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
                 try:
-                    self._copy_leaf(src, temp, s, data)
+                    self._copy_leaf(src, temp, s, data, meta)
+                    if meta:  # metacopy=on with index=on: the index entry itself holds no data yet
+                        os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
                     self._copy_meta(src, temp, s, bytes.fromhex(name))
                     os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
                                 follow_symlinks=False)
@@ -1850,6 +1857,14 @@ class SimBackend(Backend):
             pass
         if self.handles:
             self._redirect_readers(node.layer, path)
+
+    def _index_is_metacopy(self, name: str) -> bool:
+        try:
+            with self._index_at(name) as real:
+                os.getxattr(real, self.encoding.private_prefix + "metacopy", follow_symlinks=False)
+            return True
+        except OSError:
+            return False
 
     def _unlink_indexed(self, node: Leaf, name: str) -> None:
         """Unlinking a name of an indexed inode: the merged count drops by one (a lower alias is first

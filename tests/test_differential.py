@@ -239,7 +239,7 @@ ops = hs.one_of(
 
 EXAMPLES = int(os.environ.get("OVERLAYKIT_DIFF_EXAMPLES", "500"))
 #: The mount option sets every random sequence may run under (None: the defaults).
-OPTION_SETS = [None, "index=on", "redirect_dir=on", "metacopy=on"]
+OPTION_SETS = [None, "index=on", "redirect_dir=on", "metacopy=on", "metacopy=on,index=on"]
 
 
 def _run_or_refused(backend: str, tmp: str, *args, **kw) -> dict:

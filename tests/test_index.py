@@ -145,6 +145,18 @@ def test_index_scenarios_agree(tmp_path, name):
     assert "work/index" in ker["xattrs"]
 
 
+@needs_kernel
+@needs_root
+@pytest.mark.parametrize("name", sorted(INDEX_SCENARIOS))
+def test_index_scenarios_agree_with_metacopy_on(tmp_path, name):
+    """The same scenarios with metacopy=on too: the index entry of a chmod-ed alias is a metacopy file
+    (no data), a lower alias then reads its own data, and a write through any name fills the one inode."""
+    ops = INDEX_SCENARIOS[name]
+    sim = run("sim", str(tmp_path / "sim"), HARDLINKS, ops, options="index=on,metacopy=on")
+    ker = run("kernel", str(tmp_path / "kernel"), HARDLINKS, ops, options="index=on,metacopy=on")
+    assert sim == ker, f"{name}: sim and kernel disagree\n{diff(sim, ker)}"
+
+
 def _kernel_log() -> list[str]:
     """dmesg, where the kernel names an index entry it finds invalid, stale or orphaned ([] if unreadable)."""
     try:
