@@ -16,10 +16,10 @@ CAP_SYS_ADMIN = 21
 #: the branch implementing that option merges (redirect -> redirect_dir, metacopy, index -> index):
 #: `doctor`, `BackendInfo.options` and README's "Mount options" read it.
 SIM_OPTIONS = {
-    "redirect_dir": False,
-    "index": False,
-    "metacopy": False,
-    "xino": False,
+    "redirect_dir": True,
+    "index": True,
+    "metacopy": True,
+    "xino": True,
     "nfs_export": False,
 }
 
@@ -60,8 +60,9 @@ def sim_options() -> dict:
                    f"with userxattr the kernel falls back to {name}={got}")
             out[name] = OptionSupport(name, value, True, False, why)
         else:
-            out[name] = OptionSupport(name, value, True, SIM_OPTIONS[name], "" if SIM_OPTIONS[name] else
-                                      f"not implemented by the simulator yet: it behaves as with {name}=off")
+            out[name] = OptionSupport(name, value, SIM_OPTIONS[name], SIM_OPTIONS[name], "" if SIM_OPTIONS[name]
+                                      else f"not modelled by the simulator: its mount refuses {name}={value} "
+                                           f"(EOPNOTSUPP); use the kernel backend")
     return out
 
 

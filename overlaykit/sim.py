@@ -153,6 +153,12 @@ class SimBackend(Backend):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def mount(self) -> None:
+        from .capabilities import SIM_OPTIONS
+        o = self.ov_options
+        for name, done in SIM_OPTIONS.items():  # never a silent wrong answer: refuse what is not modelled
+            if o is not None and not done and o.value(name) not in ("off", "nofollow"):
+                raise OSError(errno.EOPNOTSUPP, f"the simulator does not model {name}={o.value(name)}; "
+                                                f"the kernel backend does (backend='kernel')")
         if self.work:  # the kernel keeps its scratch area in work/work (mode 000)
             _reset_workdir(os.path.join(self.work, "work"), 0o000 if self.root_user else 0o700)
             try:  # where copy-ups are built; held open like the layer roots

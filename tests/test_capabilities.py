@@ -96,17 +96,33 @@ def test_doctor_in_a_sandbox_without_nested_user_namespaces(tmp_path):
 
 
 def test_sim_options_follow_SIM_OPTIONS_and_the_kernels_rules(monkeypatch):
-    monkeypatch.setattr(C, "SIM_OPTIONS", dict(C.SIM_OPTIONS, index=True, redirect_dir=False))
+    monkeypatch.setattr(C, "SIM_OPTIONS", dict(C.SIM_OPTIONS, index=True, redirect_dir=False))  # as if not modelled
     report = C.sim_options()
     assert set(report) == set(C.SIM_OPTIONS)
     root = os.geteuid() == 0
-    assert report["redirect_dir"].mounts == root  # userxattr refuses redirect_dir=on
+    assert not report["redirect_dir"].mounts  # userxattr refuses it; as root, the sim refuses what it does not model
     if root:
         assert report["index"].in_effect and not report["redirect_dir"].in_effect
-        assert "not implemented by the simulator" in report["redirect_dir"].note
+        assert "not modelled by the simulator" in report["redirect_dir"].note
     else:
         assert not report["index"].in_effect and "userxattr" in report["index"].note
     assert not report["xino"].in_effect and "one filesystem" in report["xino"].note
+
+
+def test_the_sim_refuses_an_option_it_does_not_model(tmp_path):
+    """nfs_export=on is not simulated: the mount says so (EOPNOTSUPP) rather than behave as with off."""
+    from overlaykit import Overlay
+    for d in ("l", "u", "w"):
+        (tmp_path / d).mkdir()
+    assert not C.SIM_OPTIONS["nfs_export"]
+    ov = Overlay([tmp_path / "l"], tmp_path / "u", tmp_path / "w", backend="sim", options="nfs_export=on")
+    if os.geteuid() == 0:
+        with pytest.raises(OSError) as e:
+            ov.mount()
+        assert e.value.errno == errno.EOPNOTSUPP and "kernel backend" in str(e.value)
+    else:  # userxattr: the kernel's own fallback turns nfs_export off, so there is nothing to refuse
+        with ov:
+            assert not ov.options.nfs_export
 
 
 def test_doctor_lists_the_mount_options_of_both_backends(monkeypatch):
