@@ -301,8 +301,8 @@ def test_failed_indexed_copy_up_leaves_no_entry_and_no_name(tmp_path, monkeypatc
     lowers, upper, work = layer_roots(str(tmp_path), 1)
     real_copy = sim_module.SimBackend._copy_leaf
 
-    def fail_after_copy(self, src, dst, s, data=True):
-        real_copy(self, src, dst, s, data)
+    def fail_after_copy(self, src, dst, s, *args):
+        real_copy(self, src, dst, s, *args)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with Overlay(lowers, upper, work, backend="sim", options="index=on") as ov:
