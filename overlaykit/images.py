@@ -764,6 +764,8 @@ class _Applier:
         self.as_root = os.geteuid() == 0
         self.reader: tarstream.DataReader | None = None
         self._dirs: dict[str, str] = {".": self.root}
+        self._via_link = False  # some cached resolution went through a symlink
+        self._prunes = 64       # partial forgets left before each removal forgets the whole cache again
         # A regular file is created with its final mode when open(2) gives exactly that mode (no umask
         # bit and no set-id/sticky bit in it, no default ACL in the tree), and owned by us without a
         # chown when it should be and its directory's group is ours: two system calls fewer a file.
@@ -779,11 +781,23 @@ class _Applier:
         except OSError:
             self._masked = 0o7777
 
-    def _forget(self) -> None:
-        """A directory or symlink went away: every cached resolution may be stale."""
+    def _forget(self, p: str | None = None) -> None:
+        """The directory or symlink ``p`` went away (None: anything may have): drop what may be stale.
+
+        While no cached resolution went through a symlink, every cached path is its own real path, so
+        only those at or below ``p`` are stale; a few such partial forgets keep the cache of a big tree
+        (a whole forget costs a mkdir and lstat per directory later), many fall back to whole ones."""
+        if p is not None and not self._via_link and self._prunes > 0:
+            self._prunes -= 1
+            pre = p + "/"
+            self._dirs = {k: v for k, v in self._dirs.items() if v != p and not v.startswith(pre)}
+            self._dir_gid = {k: v for k, v in self._dir_gid.items() if k != p and not k.startswith(pre)}
+            self._dir_attrs = {k: v for k, v in self._dir_attrs.items() if k != p and not k.startswith(pre)}
+            return
         self._dirs = {".": self.root}
         self._dir_gid = {}
         self._dir_attrs = {}
+        self._via_link = False
 
     def _needs_chown(self, e: LayerEntry, parent: str) -> bool:
         """Would a new file in ``parent`` be owned by someone other than ``e.uid:e.gid`` (as root)?"""
@@ -814,6 +828,7 @@ class _Applier:
             self._dirs[rel] = cur
             return cur
         if stat.S_ISLNK(st.st_mode):
+            self._via_link = True
             stack = [c for c in parent[len(self.root):].split("/") if c]
             real = self._walk(stack, [comp], create, rel)
             if real is not None:
@@ -885,7 +900,7 @@ class _Applier:
             os.unlink(p)
             if not stat.S_ISLNK(st.st_mode):
                 return
-        self._forget()
+        self._forget(p)
         # directory times still to be set below p must not be: p may come back as a symlink, and
         # os.utime(follow_symlinks=False) only holds for the last component of a path
         pre = p + "/"
@@ -1130,8 +1145,16 @@ def _check_destination(dest: Path):
 
 
 def _apply_layers(layers, root: Path, devices: str) -> list[str]:
+    """Every layer in turn through one ``_Applier`` (its directory cache carries over).
+
+    Directory times are set once, after the last layer: a directory's final time is that of the
+    highest layer that lists it (the layers above may add to it or remove from it, which leaves it
+    as that layer had it, as umoci leaves it), and a directory that most layers list again (the
+    parents of what each adds) costs one ``utime`` instead of one a layer. A directory entry that
+    repeats a known directory with the same owner and mode only records its time."""
     warnings: list[str] = []
-    ap = _Applier(root, devices=devices)  # one for all layers: its directory cache carries over
+    ap = _Applier(root, devices=devices)
+    i, layer = -1, None
     for i, layer in enumerate(layers):
         ap.warnings = []
         ap.reader = None
@@ -1139,20 +1162,39 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
         e = None
         try:
             for e in entries:
-                if e.type == "opaque":
+                t = e.type
+                if t == "opaque":
                     ap.clear_dir(e.path)
             for e in entries:
                 if e.type == "whiteout":
                     ap.remove(e.path)
             ap.reader = layer.data_reader()
+            dirs, dir_attrs, dir_times, add = ap._dirs, ap._dir_attrs, ap.dir_times, ap.add
             for e in entries:
-                if not e.is_removal:
-                    ap.add(e, layer)
+                t = e.type
+                if t == "dir":
+                    path = e.path
+                    real = dirs.get(path)
+                    if real is not None and not e.xattrs and dir_attrs.get(real) == (e.uid, e.gid, e.mode):
+                        parent_rel, _, base = path.rpartition("/")
+                        parent = dirs.get(parent_rel or ".")
+                        if parent is not None and real == parent + "/" + base:  # not a symlink to a dir
+                            dir_times[real] = (e.mtime, e.mtime)
+                            continue
+                    add(e, layer)
+                    dirs, dir_attrs, dir_times = ap._dirs, ap._dir_attrs, ap.dir_times  # a removal renews them
+                elif t != "whiteout" and t != "opaque":
+                    add(e, layer)
+                    dirs, dir_attrs, dir_times = ap._dirs, ap._dir_attrs, ap.dir_times
             e = None
-            ap.finish()
         except (OSError, LayerError) as err:
             raise ApplyError.wrap(err, i, layer, e) from err
         warnings.extend(ap.warnings)
+    if layer is not None:
+        try:
+            ap.finish()
+        except (OSError, LayerError) as err:
+            raise ApplyError.wrap(err, i, layer, None) from err
     return warnings
 
 
