@@ -1155,6 +1155,8 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
     warnings: list[str] = []
     ap = _Applier(root, devices=devices)
     i, layer = -1, None
+    as_root, (uid, gid) = ap.as_root, ap._ids
+    os_open, utime, close = os.open, os.utime, os.close
     for i, layer in enumerate(layers):
         ap.warnings = []
         ap.reader = None
@@ -1168,11 +1170,43 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
             for e in entries:
                 if e.type == "whiteout":
                     ap.remove(e.path)
-            ap.reader = layer.data_reader()
+            ap.reader = reader = layer.data_reader()
+            copy_to, offsets = reader.copy_to, layer._offsets
             dirs, dir_attrs, dir_times, add = ap._dirs, ap._dir_attrs, ap.dir_times, ap.add
+            masked, dir_gid = ap._masked, ap._dir_gid
             for e in entries:
                 t = e.type
-                if t == "dir":
+                if t == "file":
+                    # add()'s common case inline: a file made with its final mode and owner (see
+                    # _Applier.__init__) in a known directory, where no file is yet; else add() does it all
+                    path = e.path
+                    parent_rel, _, base = path.rpartition("/")
+                    parent = dirs.get(parent_rel or ".")
+                    mode = e.mode
+                    if (parent is None or mode & masked or e.xattrs
+                            or as_root and (e.uid != uid or e.gid != gid or dir_gid.get(parent) != gid)):
+                        add(e, layer)
+                        dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                        masked = ap._masked
+                        continue
+                    try:
+                        fd = os_open(parent + "/" + base, _CREATE_FLAGS, mode)
+                    except FileExistsError:
+                        add(e, layer)
+                        dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                        continue
+                    try:
+                        if e.size:
+                            copy_to(fd, *offsets[path])
+                        mtime = e.mtime
+                        try:
+                            utime(fd, (mtime, mtime))
+                        except (OverflowError, ValueError, OSError) as err:
+                            if isinstance(err, OSError) and err.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                                raise
+                    finally:
+                        close(fd)
+                elif t == "dir":
                     path = e.path
                     real = dirs.get(path)
                     if real is not None and not e.xattrs and dir_attrs.get(real) == (e.uid, e.gid, e.mode):
@@ -1182,10 +1216,12 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
                             dir_times[real] = (e.mtime, e.mtime)
                             continue
                     add(e, layer)
-                    dirs, dir_attrs, dir_times = ap._dirs, ap._dir_attrs, ap.dir_times  # a removal renews them
+                    dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                    masked = ap._masked  # (a removal renews the caches; an ACL xattr widens the mask)
                 elif t != "whiteout" and t != "opaque":
                     add(e, layer)
-                    dirs, dir_attrs, dir_times = ap._dirs, ap._dir_attrs, ap.dir_times
+                    dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                    masked = ap._masked
             e = None
         except (OSError, LayerError) as err:
             raise ApplyError.wrap(err, i, layer, e) from err
