@@ -765,7 +765,7 @@ class _Applier:
         self.reader: tarstream.DataReader | None = None
         self._dirs: dict[str, str] = {".": self.root}
         self._via_link = False  # some cached resolution went through a symlink
-        self._prunes = 64       # partial forgets left before each removal forgets the whole cache again
+        self._prunes = 1 << 20  # cache items partial forgets may still look at (then: whole forgets)
         # A regular file is created with its final mode when open(2) gives exactly that mode (no umask
         # bit and no set-id/sticky bit in it, no default ACL in the tree), and owned by us without a
         # chown when it should be and its directory's group is ours: two system calls fewer a file.
@@ -785,10 +785,11 @@ class _Applier:
         """The directory or symlink ``p`` went away (None: anything may have): drop what may be stale.
 
         While no cached resolution went through a symlink, every cached path is its own real path, so
-        only those at or below ``p`` are stale; a few such partial forgets keep the cache of a big tree
-        (a whole forget costs a mkdir and lstat per directory later), many fall back to whole ones."""
+        only those at or below ``p`` are stale. Partial forgets keep the cache of a big tree (a whole
+        forget costs a mkdir and an lstat per directory later); their cost is bounded by ``_prunes``,
+        then removals forget the whole cache, as they always did."""
         if p is not None and not self._via_link and self._prunes > 0:
-            self._prunes -= 1
+            self._prunes -= len(self._dirs) + len(self._dir_gid) + len(self._dir_attrs)
             pre = p + "/"
             self._dirs = {k: v for k, v in self._dirs.items() if v != p and not v.startswith(pre)}
             self._dir_gid = {k: v for k, v in self._dir_gid.items() if k != p and not k.startswith(pre)}
