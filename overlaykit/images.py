@@ -7,8 +7,10 @@ names are relative to the root, AUFS metadata is skipped) we follow it; everythi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import gc
 import gzip
 import hashlib
 import io
@@ -172,6 +174,20 @@ def normalize_path(name: str, *, what: str = "entry") -> str:
             raise LayerError(f"{what} {name!r}: component longer than {_NAME_MAX} bytes")
         parts.append(comp)
     return "/".join(parts) or "."
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while a layer is parsed: the parse makes no cycles, but its hundreds
+    of thousands of new objects (entries, member tuples) would set off collections that walk them all
+    again and again, a fifth of an import's time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _parent(path: str) -> str:
@@ -400,13 +416,14 @@ class Layer:
             compression = detected
         elif compression != detected:
             raise LayerError(f"layer declared {compression} but its bytes look like {detected}")
-        if compression == "none" and isinstance(src, tarstream.FileSource):
-            if src.size > max_size:
-                raise LayerError(f"{what}: {src.size}+ bytes exceeds the limit of {max_size}")
-            parsed = _parse_tar(None, what=what, scanned=tarstream.scan_file(src, what=what))
-        else:
-            chunks = tarstream.decompressed(src.chunks(), compression, max_size=max_size, what=what)
-            parsed = _parse_tar(chunks, what=what)
+        with _gc_paused():
+            if compression == "none" and isinstance(src, tarstream.FileSource):
+                if src.size > max_size:
+                    raise LayerError(f"{what}: {src.size}+ bytes exceeds the limit of {max_size}")
+                parsed = _parse_tar(None, what=what, scanned=tarstream.scan_file(src, what=what))
+            else:
+                chunks = tarstream.decompressed(src.chunks(), compression, max_size=max_size, what=what)
+                parsed = _parse_tar(chunks, what=what)
         layer = cls._make(src, src if compression == "none" else None, compression, parsed,
                           digest=digest if compression != "none" else None)
         layer._max_size = max_size
@@ -764,6 +781,8 @@ class _Applier:
         self.as_root = os.geteuid() == 0
         self.reader: tarstream.DataReader | None = None
         self._dirs: dict[str, str] = {".": self.root}
+        self._via_link = False  # some cached resolution went through a symlink
+        self._prunes = 1 << 20  # cache items partial forgets may still look at (then: whole forgets)
         # A regular file is created with its final mode when open(2) gives exactly that mode (no umask
         # bit and no set-id/sticky bit in it, no default ACL in the tree), and owned by us without a
         # chown when it should be and its directory's group is ours: two system calls fewer a file.
@@ -779,11 +798,24 @@ class _Applier:
         except OSError:
             self._masked = 0o7777
 
-    def _forget(self) -> None:
-        """A directory or symlink went away: every cached resolution may be stale."""
+    def _forget(self, p: str | None = None) -> None:
+        """The directory or symlink ``p`` went away (None: anything may have): drop what may be stale.
+
+        While no cached resolution went through a symlink, every cached path is its own real path, so
+        only those at or below ``p`` are stale. Partial forgets keep the cache of a big tree (a whole
+        forget costs a mkdir and an lstat per directory later); their cost is bounded by ``_prunes``,
+        then removals forget the whole cache, as they always did."""
+        if p is not None and not self._via_link and self._prunes > 0:
+            self._prunes -= len(self._dirs) + len(self._dir_gid) + len(self._dir_attrs)
+            pre = p + "/"
+            self._dirs = {k: v for k, v in self._dirs.items() if v != p and not v.startswith(pre)}
+            self._dir_gid = {k: v for k, v in self._dir_gid.items() if k != p and not k.startswith(pre)}
+            self._dir_attrs = {k: v for k, v in self._dir_attrs.items() if k != p and not k.startswith(pre)}
+            return
         self._dirs = {".": self.root}
         self._dir_gid = {}
         self._dir_attrs = {}
+        self._via_link = False
 
     def _needs_chown(self, e: LayerEntry, parent: str) -> bool:
         """Would a new file in ``parent`` be owned by someone other than ``e.uid:e.gid`` (as root)?"""
@@ -814,6 +846,7 @@ class _Applier:
             self._dirs[rel] = cur
             return cur
         if stat.S_ISLNK(st.st_mode):
+            self._via_link = True
             stack = [c for c in parent[len(self.root):].split("/") if c]
             real = self._walk(stack, [comp], create, rel)
             if real is not None:
@@ -885,7 +918,7 @@ class _Applier:
             os.unlink(p)
             if not stat.S_ISLNK(st.st_mode):
                 return
-        self._forget()
+        self._forget(p)
         # directory times still to be set below p must not be: p may come back as a symlink, and
         # os.utime(follow_symlinks=False) only holds for the last component of a path
         pre = p + "/"
@@ -1130,8 +1163,18 @@ def _check_destination(dest: Path):
 
 
 def _apply_layers(layers, root: Path, devices: str) -> list[str]:
+    """Every layer in turn through one ``_Applier`` (its directory cache carries over).
+
+    Directory times are set once, after the last layer: a directory's final time is that of the
+    highest layer that lists it (the layers above may add to it or remove from it, which leaves it
+    as that layer had it, as umoci leaves it), and a directory that most layers list again (the
+    parents of what each adds) costs one ``utime`` instead of one a layer. A directory entry that
+    repeats a known directory with the same owner and mode only records its time."""
     warnings: list[str] = []
-    ap = _Applier(root, devices=devices)  # one for all layers: its directory cache carries over
+    ap = _Applier(root, devices=devices)
+    i, layer = -1, None
+    as_root, (uid, gid) = ap.as_root, ap._ids
+    os_open, utime, close = os.open, os.utime, os.close
     for i, layer in enumerate(layers):
         ap.warnings = []
         ap.reader = None
@@ -1139,20 +1182,73 @@ def _apply_layers(layers, root: Path, devices: str) -> list[str]:
         e = None
         try:
             for e in entries:
-                if e.type == "opaque":
+                t = e.type
+                if t == "opaque":
                     ap.clear_dir(e.path)
             for e in entries:
                 if e.type == "whiteout":
                     ap.remove(e.path)
-            ap.reader = layer.data_reader()
+            ap.reader = reader = layer.data_reader()
+            copy_to, offsets = reader.copy_to, layer._offsets
+            dirs, dir_attrs, dir_times, add = ap._dirs, ap._dir_attrs, ap.dir_times, ap.add
+            masked, dir_gid = ap._masked, ap._dir_gid
             for e in entries:
-                if not e.is_removal:
-                    ap.add(e, layer)
+                t = e.type
+                if t == "file":
+                    # add()'s common case inline: a file made with its final mode and owner (see
+                    # _Applier.__init__) in a known directory, where no file is yet; else add() does it all
+                    path = e.path
+                    parent_rel, _, base = path.rpartition("/")
+                    parent = dirs.get(parent_rel or ".")
+                    mode = e.mode
+                    if (parent is None or mode & masked or e.xattrs
+                            or as_root and (e.uid != uid or e.gid != gid or dir_gid.get(parent) != gid)):
+                        add(e, layer)
+                        dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                        masked = ap._masked
+                        continue
+                    try:
+                        fd = os_open(parent + "/" + base, _CREATE_FLAGS, mode)
+                    except FileExistsError:
+                        add(e, layer)
+                        dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                        continue
+                    try:
+                        if e.size:
+                            copy_to(fd, *offsets[path])
+                        mtime = e.mtime
+                        try:
+                            utime(fd, (mtime, mtime))
+                        except (OverflowError, ValueError, OSError) as err:
+                            if isinstance(err, OSError) and err.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                                raise
+                    finally:
+                        close(fd)
+                elif t == "dir":
+                    path = e.path
+                    real = dirs.get(path)
+                    if real is not None and not e.xattrs and dir_attrs.get(real) == (e.uid, e.gid, e.mode):
+                        parent_rel, _, base = path.rpartition("/")
+                        parent = dirs.get(parent_rel or ".")
+                        if parent is not None and real == parent + "/" + base:  # not a symlink to a dir
+                            dir_times[real] = (e.mtime, e.mtime)
+                            continue
+                    add(e, layer)
+                    dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                    masked = ap._masked  # (a removal renews the caches; an ACL xattr widens the mask)
+                elif t != "whiteout" and t != "opaque":
+                    add(e, layer)
+                    dirs, dir_attrs, dir_times, dir_gid = ap._dirs, ap._dir_attrs, ap.dir_times, ap._dir_gid
+                    masked = ap._masked
             e = None
-            ap.finish()
         except (OSError, LayerError) as err:
             raise ApplyError.wrap(err, i, layer, e) from err
         warnings.extend(ap.warnings)
+    if layer is not None:
+        try:
+            ap.finish()
+        except (OSError, LayerError) as err:
+            raise ApplyError.wrap(err, i, layer, None) from err
     return warnings
 
 

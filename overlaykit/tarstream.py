@@ -560,8 +560,14 @@ def _scan(r: "_Reader") -> tuple[list[tuple], int, str]:
         pax = None
         longname = longlink = None
         while True:  # extension headers, then the member's own
-            off = r.offset
-            hdr = r.read(BLOCK)
+            # r.offset and r.read(BLOCK) inline while the header is in the reader's buffer (the common case)
+            pos = r._pos
+            off = r._base + pos
+            if pos + BLOCK <= len(r._buf):
+                hdr = r._buf[pos:pos + BLOCK]
+                r._pos = pos + BLOCK
+            else:
+                hdr = r.read(BLOCK)
             if len(hdr) < BLOCK:
                 if not hdr and first:
                     raise _layer_error("layer tar is empty (not even an end-of-archive marker)")
@@ -660,10 +666,14 @@ def _scan(r: "_Reader") -> tuple[list[tuple], int, str]:
         if t == b"0" or t == b"\0" or t == b"7":
             if name.endswith("/") and t == b"\0":
                 t = b"5"  # a v7 directory
-        data_off = r.offset
+        data_off = r._base + r._pos
         if size and t not in _NO_DATA_TYPES:
             pad = size + (-size % BLOCK)
-            got = r.skip(pad)
+            if r._pos + pad <= len(r._buf):  # r.skip(pad) inline, within the buffer
+                r._pos += pad
+                got = pad
+            else:
+                got = r.skip(pad)
             if got < size:
                 raise _layer_error(f"entry {name!r}: truncated archive (declares {size} bytes, {got} present)")
         append((name, t, size, mode, uid, gid, mtime, linkname, devmajor, devminor, data_off, xattrs))

@@ -249,3 +249,19 @@ def test_inspect_dive_numbers_match_dive_on_a_buildah_image(built, tmp_path):
     r = inspect(image)
     assert (r.dive_wasted_bytes, r.dive_efficiency) == (theirs["inefficientBytes"],
                                                         pytest.approx(theirs["efficiencyScore"]))
+
+
+def test_directory_times_after_higher_layers_change_them_are_umocis(tmp_path):
+    """A directory that a higher layer adds to or removes from without listing it keeps the time of the
+    highest layer that lists it, as umoci leaves it (flatten used to leave the time of the flatten)."""
+    image = _conflict_image(
+        [("d", "dir", None, {"mtime": 1000}), ("d/a", "file", "a"), ("e", "dir", None, {"mtime": 2000}),
+         ("e/a", "file", "a"), ("e/sub", "dir", None, {"mtime": 3000}), ("e/sub/x", "file", "x")],
+        [("d/b", "file", "b"), ("e/.wh.a", "file"), ("e/sub", "dir", None, {"mtime": 4000}),
+         ("e/sub/y", "file", "y")])
+    oci.save(image, tmp_path / "layout", format="oci-layout")
+    theirs = umoci_unpack(tmp_path / "layout", "conflict:1", tmp_path / "bundle")
+    flatten(image, tmp_path / "ours")
+    for rel in ("d", "e", "e/sub"):
+        assert os.lstat(tmp_path / "ours" / rel).st_mtime == os.lstat(theirs / rel).st_mtime, rel
+    assert [os.lstat(tmp_path / "ours" / rel).st_mtime for rel in ("d", "e", "e/sub")] == [1000, 2000, 4000]
