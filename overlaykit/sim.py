@@ -1836,19 +1836,7 @@ class SimBackend(Backend):
         parent, _, leaf = path.rpartition("/")
         self._set_impure(parent)
         if self._index_lstat(name) is None:
-            with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
-                try:
-                    self._copy_leaf(src, temp, s, data, meta)
-                    if meta:  # metacopy=on with index=on: the index entry itself holds no data yet
-                        os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
-                    self._copy_meta(src, temp, s, bytes.fromhex(name))
-                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
-                                follow_symlinks=False)
-                    with self._index_at(name) as dst:
-                        os.rename(temp, dst)
-                except BaseException:
-                    _discard(temp)
-                    raise
+            self._make_index_entry(node, name, data, meta)
         _, merged = self._index_nlink(name)
         with self._index_at(name) as entry, self._updir(parent) as up_parent, _parent_times_kept(up_parent):
             os.link(entry, os.path.join(up_parent, leaf), follow_symlinks=False)
@@ -1864,6 +1852,24 @@ class SimBackend(Backend):
         if self.handles:
             self._redirect_readers(node.layer, path)
 
+    def _make_index_entry(self, node: Leaf, name: str, data: bool, meta: bool = False) -> None:
+        """Copy lower ``node`` into work/index/``name`` (built under a temporary name, renamed into place),
+        with its origin and a merged link count of the lower's; ``meta``: no data yet (metacopy=on)."""
+        s = node.lstat
+        with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
+            try:
+                self._copy_leaf(src, temp, s, data, meta)
+                if meta:  # metacopy=on with index=on: the index entry itself holds no data yet
+                    os.setxattr(temp, self.encoding.private_prefix + "metacopy", b"", follow_symlinks=False)
+                self._copy_meta(src, temp, s, bytes.fromhex(name))
+                os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
+                            follow_symlinks=False)
+                with self._index_at(name) as dst:
+                    os.rename(temp, dst)
+            except BaseException:
+                _discard(temp)
+                raise
+
     def _index_is_metacopy(self, name: str) -> bool:
         try:
             with self._index_at(name) as real:
@@ -1876,18 +1882,7 @@ class SimBackend(Backend):
         """Unlinking a name of an indexed inode: the merged count drops by one (a lower alias is first
         copied into the index, so the count has a home); at zero the entry goes (ovl_cleanup_index)."""
         if self._index_lstat(name) is None:  # a lower alias of an inode not copied up yet
-            s = node.lstat
-            with self.L.at(node.layer, node.where()) as src, self._temp() as temp:
-                try:
-                    self._copy_leaf(src, temp, s, True)
-                    self._copy_meta(src, temp, s, bytes.fromhex(name))
-                    os.setxattr(temp, self.encoding.private_prefix + "nlink", inode_index.nlink_value(s.st_nlink, 1),
-                                follow_symlinks=False)
-                    with self._index_at(name) as dst:
-                        os.rename(temp, dst)
-                except BaseException:
-                    _discard(temp)
-                    raise
+            self._make_index_entry(node, name, True)
         entry, merged = self._index_nlink(name)
         upper_names = entry.st_nlink - 1 - (1 if node.layer == 0 else 0)  # left after this unlink
         if merged - 1 <= 0:
