@@ -470,12 +470,7 @@ class SimBackend(Backend):
             self._redirect_readers(*(data_from or (layer, path if lpath is None else lpath)), path)
 
     def _has_origin(self, path: str) -> bool:
-        try:
-            with self._up(path) as real:
-                os.getxattr(real, self.encoding.private_prefix + "origin", follow_symlinks=False)
-            return True
-        except OSError:
-            return False
+        return self._upper_xattr(path, "origin") is not None
 
     def _copy_meta(self, src: str, dst: str, s: os.stat_result, origin: bytes = b"") -> None:
         """Owner, xattrs, mode and times, in the kernel's order (times last)."""
