@@ -118,9 +118,11 @@ def _finished(d: dict[str, Path], op: str) -> bool:
     return {"append": s.st_size == BIG + 4, "write": s.st_size == 3, "chmod": st.S_IMODE(s.st_mode) == 0o600}[op]
 
 
-def run_and_kill(d: dict[str, Path], backend: str, op: str, moment: str) -> None:
+def kill_child_at(script: str, d: dict[str, Path], backend: str, op: str, moment: str, reached) -> None:
+    """Run ``script`` on the layers in a child, SIGKILL it once ``reached()`` is true (or it ended, or 10 s
+    passed; with moment "done", after it said so)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(d["lower"]), str(d["upper"]), str(d["work"]),
+    child = subprocess.Popen([sys.executable, "-c", script, str(d["lower"]), str(d["upper"]), str(d["work"]),
                               backend, op], stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
@@ -128,16 +130,19 @@ def run_and_kill(d: dict[str, Path], backend: str, op: str, moment: str) -> None
             assert child.stdout.readline().strip() == "done"
         else:
             deadline = time.monotonic() + 10
-            while not _copy_in_progress(d, half=moment == "half") and not _finished(d, op) \
-                    and time.monotonic() < deadline:
-                if child.poll() is not None:
-                    break
+            while not reached() and child.poll() is None and time.monotonic() < deadline:
+                pass
         child.send_signal(signal.SIGKILL)
     finally:
         child.kill()
         child.wait()
         child.stdout.close()
     time.sleep(0.2)  # a kernel backend's helper notices its parent is gone and unmounts
+
+
+def run_and_kill(d: dict[str, Path], backend: str, op: str, moment: str) -> None:
+    kill_child_at(CHILD, d, backend, op, moment,
+                  lambda: _copy_in_progress(d, half=moment == "half") or _finished(d, op))
 
 
 def merged_state(d: dict[str, Path], backend: str) -> tuple[str, int]:
@@ -335,24 +340,7 @@ def test_a_kill_while_a_metacopy_file_gets_its_data_leaves_a_file_read_right(fas
         ov.chmod("data/big.bin", 0o600)
     up = d["upper"] / "data" / "big.bin"
     assert os.getxattr(up, "trusted.overlay.metacopy") == b"" and os.lstat(up).st_blocks * 512 < BIG // 2
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-c", CHILD_METACOPY, str(d["lower"]), str(d["upper"]), str(d["work"]),
-                              backend, op], stdout=subprocess.PIPE, env=env, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        if moment == "done":
-            assert child.stdout.readline().strip() == "done"
-        else:
-            deadline = time.monotonic() + 10
-            while moment == "half" and not _metacopy_data_half_in(up) and child.poll() is None \
-                    and time.monotonic() < deadline:
-                pass
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stdout.close()
-    time.sleep(0.2)
+    kill_child_at(CHILD_METACOPY, d, backend, op, moment, lambda: moment != "half" or _metacopy_data_half_in(up))
     for judge in ("sim", "kernel"):
         with Overlay([d["lower"]], d["upper"], d["work"], backend=judge, trace=False, options="metacopy=on") as ov:
             h, s = digest(ov.read_bytes("data/big.bin")), ov.stat("data/big.bin")
